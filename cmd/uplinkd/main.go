@@ -1,0 +1,176 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Command uplinkd makes one Linux gateway use several Internet uplinks at
+// once. See README.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/uplinkd/uplinkd/control"
+	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/plan"
+)
+
+// usageError is a mistake in the command line or the config: exit 2.
+type usageError struct{ error }
+
+const usage = `uplinkd: use several Internet uplinks at once.
+
+Usage:
+  uplinkd run  -c FILE     apply the config and keep it applied until SIGTERM/SIGINT
+  uplinkd plan -c FILE     print the kernel state as ip/nft/sysctl commands; touches nothing
+  uplinkd down [-c FILE]   remove everything uplinkd installed (the config names custom numbers)
+  uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
+`
+
+func main() {
+	err := run(os.Args[1:], os.Stdout, os.Stderr)
+	var ue usageError
+	switch {
+	case err == nil:
+	case errors.As(err, &ue):
+		fmt.Fprintln(os.Stderr, "uplinkd:", err)
+		os.Exit(2)
+	default:
+		fmt.Fprintln(os.Stderr, "uplinkd:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return usageError{errors.New("no command")}
+	}
+	cmd, args := args[0], args[1:]
+	switch cmd {
+	case "run":
+		return cmdRun(args, stderr)
+	case "plan":
+		return cmdPlan(args, stdout, stderr)
+	case "down":
+		return cmdDown(args, stderr)
+	case "lab":
+		return cmdLab(args, stdout, stderr)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return usageError{fmt.Errorf("unknown command %q", cmd)}
+}
+
+// parseFlags parses a subcommand's flags; extra arguments are an error.
+func parseFlags(fs *flag.FlagSet, args []string, stderr io.Writer) error {
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Errorf("%s: unexpected arguments %q", fs.Name(), fs.Args())}
+	}
+	return nil
+}
+
+// loadConfig reads the config named by -c; a bad config is a usage error.
+func loadConfig(file string) (*config.Config, error) {
+	if file == "" {
+		return nil, usageError{errors.New("-c FILE is required")}
+	}
+	c, err := config.Load(file)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	return c, nil
+}
+
+// agentFor opens the current namespace and checks cfg against it.
+func agentFor(cfg *config.Config, log *slog.Logger) (*control.Agent, *control.Env, error) {
+	env, err := control.OpenEnv(netns.None())
+	if err != nil {
+		return nil, nil, err
+	}
+	a, err := control.NewAgent(cfg, env, log)
+	if err != nil {
+		env.Close()
+		return nil, nil, usageError{err}
+	}
+	return a, env, nil
+}
+
+func cmdPlan(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
+	file := fs.String("c", "", "config `file`")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*file)
+	if err != nil {
+		return err
+	}
+	a, env, err := agentFor(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	plan.Render(stdout, a.Desired(), cfg.Routing.Protocol)
+	return nil
+}
+
+func cmdRun(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	file := fs.String("c", "", "config `file`")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*file)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	a, env, err := agentFor(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := a.Run(ctx); err != nil {
+		return err
+	}
+	log.Info("stopped; kernel state left in place (uplinkd down removes it)")
+	return nil
+}
+
+func cmdDown(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("down", flag.ContinueOnError)
+	file := fs.String("c", "", "config `file` (optional: only its routing numbers and state_dir are used)")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	cfg := config.Default()
+	if *file != "" {
+		c, err := loadConfig(*file)
+		if err != nil {
+			return err
+		}
+		cfg = *c
+	}
+	env, err := control.OpenEnv(netns.None())
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	return control.Down(&cfg, env)
+}

@@ -1,0 +1,177 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/nat"
+	"github.com/uplinkd/uplinkd/control/plan"
+	"github.com/uplinkd/uplinkd/control/routing"
+	"github.com/uplinkd/uplinkd/control/sysctl"
+)
+
+// Agent keeps the kernel state of one config applied in one namespace.
+type Agent struct {
+	cfg   *config.Config
+	env   *Env
+	log   *slog.Logger
+	lines []plan.Line
+}
+
+// NewAgent checks cfg against the kernel (interfaces, addresses) and
+// returns an agent that has not touched anything yet.
+func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
+	lines, err := plan.Resolve(cfg, env)
+	if err != nil {
+		return nil, err
+	}
+	return &Agent{cfg: cfg, env: env, log: log, lines: lines}, nil
+}
+
+// Lines returns the lines as the agent last saw them.
+func (a *Agent) Lines() []plan.Line { return append([]plan.Line(nil), a.lines...) }
+
+// Desired is the kernel state the agent wants now.
+func (a *Agent) Desired() plan.State { return plan.Build(a.cfg, a.lines) }
+
+// Report says what one Apply changed.
+type Report struct {
+	Sysctls int
+	Routing routing.Result
+	NAT     bool
+}
+
+// Changed reports whether the kernel was changed.
+func (r Report) Changed() bool { return r.Sysctls > 0 || r.Routing.Changed() || r.NAT }
+
+func (r Report) String() string {
+	return fmt.Sprintf("sysctls %d, %s, nat replaced %v", r.Sysctls, r.Routing, r.NAT)
+}
+
+// refresh follows the addresses of lines whose address is not fixed in
+// the config (DHCP, PPPoE).
+func (a *Agent) refresh() {
+	for i := range a.lines {
+		l := &a.lines[i]
+		if l.Prefix.IsValid() {
+			continue
+		}
+		var addr netip.Prefix
+		if addrs, err := a.env.Addrs(l.Interface); err == nil {
+			addr, _ = plan.LineAddress(addrs, l.GatewayAddr)
+		}
+		if addr != l.Address {
+			a.log.Info("line address changed", "line", l.Name, "interface", l.Interface, "from", l.Address, "to", addr)
+			l.Address = addr
+		}
+	}
+}
+
+// Apply brings the kernel to the desired state: sysctls, then routes and
+// rules, then NAT. It goes on after errors and returns them all.
+func (a *Agent) Apply() (Report, error) {
+	a.refresh()
+	want := a.Desired()
+	var rep Report
+	var errs []error
+	var err error
+	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, want.Sysctls, a.cfg.StateDir); err != nil {
+		errs = append(errs, err)
+	}
+	k := &routing.Netlink{H: a.env.NL, Protocol: a.cfg.Routing.Protocol}
+	if rep.Routing, err = routing.Reconcile(k, want); err != nil {
+		errs = append(errs, err)
+	}
+	if rep.NAT, err = nat.Apply(a.env.NFT, want.NAT); err != nil {
+		errs = append(errs, err)
+	}
+	return rep, errors.Join(errs...)
+}
+
+// Down removes everything uplinkd installed in env's namespace, as far as
+// cfg names it (protocol tag, nftables table, state dir), and nothing
+// else: rules and routes with the tag, the table, and the saved sysctls
+// are put back.
+func Down(cfg *config.Config, env *Env) error {
+	var errs []error
+	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol}
+	if _, err := routing.Remove(k); err != nil {
+		errs = append(errs, fmt.Errorf("removing rules and routes: %w", err))
+	}
+	if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := sysctl.Restore(env.Sysctl, cfg.StateDir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Timing of the run loop.
+const (
+	settle        = 50 * time.Millisecond // events closer than this are one change
+	fullReconcile = 5 * time.Second       // a reconcile even without events
+	retryAfter    = time.Second           // after a failed reconcile
+)
+
+// Run applies the state, then keeps it applied until ctx ends: on every
+// change of links, addresses, uplinkd's rules or routes (netlink events)
+// and every fullReconcile. The kernel state stays when Run returns, so
+// forwarding goes on; Down removes it. A first Apply that fails is
+// rolled back, so nothing is left half-applied.
+func (a *Agent) Run(ctx context.Context) error {
+	rep, err := a.Apply()
+	if err != nil {
+		if derr := Down(a.cfg, a.env); derr != nil {
+			err = errors.Join(err, fmt.Errorf("rolling back: %w", derr))
+		}
+		return fmt.Errorf("applying: %w", err)
+	}
+	a.log.Info("applied", "changes", rep.String())
+
+	events, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.log)
+	if err != nil {
+		return err
+	}
+	tick := time.NewTicker(fullReconcile)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		case <-events:
+			time.Sleep(settle)
+			drain(events)
+		}
+		rep, err := a.Apply()
+		if rep.Changed() {
+			a.log.Info("reconciled", "changes", rep.String())
+		}
+		if err != nil {
+			a.log.Error("reconciling", "err", err)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(retryAfter):
+			}
+		}
+	}
+}
+
+func drain(c <-chan struct{}) {
+	for {
+		select {
+		case <-c:
+		default:
+			return
+		}
+	}
+}

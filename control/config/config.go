@@ -1,0 +1,353 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package config reads and checks uplinkd's YAML configuration. A Config
+// that Load returns is complete (defaults filled in) and consistent; what
+// can only be checked against the kernel (interfaces, their addresses) is
+// checked by Resolve, with the same file:line:field errors.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"net/netip"
+	"os"
+	"reflect"
+	"regexp"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// MaxUplinks is the number of lines uplinkd steers between; it bounds the
+// datapath's line table.
+const MaxUplinks = 16
+
+// NAT modes.
+const (
+	NATMasquerade = "masquerade" // source address follows the line's address (DHCP, PPPoE)
+	NATSNAT       = "snat"       // fixed source address, the line's configured address
+	NATNone       = "none"       // the lines route public LAN addresses
+)
+
+// Firewall modes.
+const (
+	FirewallStateful = "stateful" // the seed's keep_state: replies pass, new connections from the lines into the LAN do not
+	FirewallNone     = "none"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	LAN      LAN      `yaml:"lan"`
+	Uplinks  []Uplink `yaml:"uplinks"`
+	NAT      string   `yaml:"nat"`
+	Firewall string   `yaml:"firewall"`
+	Routing  Routing  `yaml:"routing"`
+	// StateDir holds what uplinkd must remember between runs to undo its
+	// changes (the sysctl values it replaced).
+	StateDir string `yaml:"state_dir"`
+
+	file string
+	pos  positions
+}
+
+// LAN names the interfaces that face the clients.
+type LAN struct {
+	Interfaces []string `yaml:"interfaces"`
+}
+
+// Uplink is one Internet line.
+type Uplink struct {
+	Name      string `yaml:"name"`
+	Interface string `yaml:"interface"`
+	Gateway   string `yaml:"gateway"`
+	// Address is the line's own address with its prefix length. Empty:
+	// the interface's address in the gateway's subnet, followed as it
+	// changes.
+	Address string `yaml:"address"`
+	Weight  int    `yaml:"weight"`
+	// Table, Mark: zero means the default numbering (see Routing).
+	Table int    `yaml:"table"`
+	Mark  uint32 `yaml:"mark"`
+
+	// Parsed forms, filled by Load.
+	GatewayAddr netip.Addr   `yaml:"-"`
+	Prefix      netip.Prefix `yaml:"-"` // zero when Address is empty
+}
+
+// Routing holds the numbers of the kernel objects uplinkd creates. The
+// defaults are the seed's: main at priority 50, line n's source rule and
+// table at 200+n, the multipath rule and table at 222.
+type Routing struct {
+	MainPriority      int    `yaml:"main_priority"`
+	FwmarkPriority    int    `yaml:"fwmark_priority"` // line n's fwmark rule at FwmarkPriority+n
+	SourcePriority    int    `yaml:"source_priority"` // line n's source rule at SourcePriority+n
+	MultipathPriority int    `yaml:"multipath_priority"`
+	TableBase         int    `yaml:"table_base"` // line n's table is TableBase+n unless set per line
+	MultipathTable    int    `yaml:"multipath_table"`
+	MarkMask          uint32 `yaml:"mark_mask"` // the fwmark bits uplinkd owns
+	// Protocol tags every rule and route uplinkd creates; uplinkd owns
+	// exactly the rules and routes with this protocol number.
+	Protocol int    `yaml:"protocol"`
+	NFTTable string `yaml:"nft_table"` // uplinkd's own nftables table (family inet)
+}
+
+// Defaults for the Routing block.
+const (
+	DefaultMainPriority      = 50
+	DefaultFwmarkPriority    = 100
+	DefaultSourcePriority    = 200
+	DefaultMultipathPriority = 222
+	DefaultTableBase         = 200
+	DefaultMultipathTable    = 222
+	DefaultMarkMask          = 0x1f000000
+	DefaultProtocol          = 0x55
+	DefaultNFTTable          = "uplinkd"
+	DefaultStateDir          = "/run/uplinkd"
+)
+
+// Default returns a Config with no lines and every default filled in.
+func Default() Config {
+	return Config{
+		NAT:      NATMasquerade,
+		Firewall: FirewallStateful,
+		StateDir: DefaultStateDir,
+		Routing: Routing{
+			MainPriority:      DefaultMainPriority,
+			FwmarkPriority:    DefaultFwmarkPriority,
+			SourcePriority:    DefaultSourcePriority,
+			MultipathPriority: DefaultMultipathPriority,
+			TableBase:         DefaultTableBase,
+			MultipathTable:    DefaultMultipathTable,
+			MarkMask:          DefaultMarkMask,
+			Protocol:          DefaultProtocol,
+			NFTTable:          DefaultNFTTable,
+		},
+	}
+}
+
+// Load reads, parses and checks a config file.
+func Load(file string) (*Config, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	return Parse(file, data)
+}
+
+// Parse parses and checks config text; file names it in errors. All
+// problems are reported at once, joined.
+func Parse(file string, data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, yamlError(file, err)
+	}
+	c := Default()
+	c.file, c.pos = file, positions{}
+	if len(root.Content) == 0 {
+		return nil, &FieldError{File: file, Msg: "empty config: at least lan and uplinks are needed"}
+	}
+	d := &decoder{file: file, pos: c.pos}
+	d.decode(root.Content[0], reflect.ValueOf(&c).Elem(), "")
+	if len(d.errs) > 0 {
+		return nil, errors.Join(d.errs...)
+	}
+	if err := c.check(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// Errorf returns an error about one field, naming the file and the field's
+// line: "uplinkd.yaml:7: uplinks[1].interface: ...".
+func (c *Config) Errorf(field, format string, args ...any) error {
+	line, ok := c.pos[field]
+	for f := field; !ok && f != ""; {
+		f = parent(f)
+		line, ok = c.pos[f]
+	}
+	return &FieldError{File: c.file, Line: line, Field: field, Msg: fmt.Sprintf(format, args...)}
+}
+
+// File is the path the config was read from.
+func (c *Config) File() string { return c.file }
+
+func parent(field string) string {
+	for i := len(field) - 1; i >= 0; i-- {
+		if field[i] == '.' || field[i] == '[' {
+			return field[:i]
+		}
+	}
+	return ""
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
+
+// check fills per-line defaults and checks everything that needs no
+// kernel.
+func (c *Config) check() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, c.Errorf(field, format, args...))
+	}
+	r := &c.Routing
+
+	if len(c.LAN.Interfaces) == 0 {
+		bad("lan.interfaces", "at least one LAN interface is needed")
+	}
+	if n := len(c.Uplinks); n < 1 || n > MaxUplinks {
+		bad("uplinks", "want 1 to %d lines, got %d", MaxUplinks, n)
+	}
+	switch c.NAT {
+	case NATMasquerade, NATSNAT, NATNone:
+	default:
+		bad("nat", "want masquerade, snat or none, got %q", c.NAT)
+	}
+	switch c.Firewall {
+	case FirewallStateful, FirewallNone:
+	default:
+		bad("firewall", "want stateful or none, got %q", c.Firewall)
+	}
+	if c.StateDir == "" {
+		bad("state_dir", "must not be empty")
+	}
+	if !nameRE.MatchString(r.NFTTable) {
+		bad("routing.nft_table", "want 1 to 15 characters of [a-z0-9-], got %q", r.NFTTable)
+	}
+	if r.Protocol < 5 || r.Protocol > 255 {
+		// 0..4 are the kernel's own (unspec, redirect, kernel, boot, static).
+		bad("routing.protocol", "want 5..255, got %d", r.Protocol)
+	}
+	if r.MarkMask == 0 {
+		bad("routing.mark_mask", "must not be 0")
+	}
+
+	lanIf := map[string]bool{}
+	for i, ifname := range c.LAN.Interfaces {
+		if !validIfname(ifname) {
+			bad(fmt.Sprintf("lan.interfaces[%d]", i), "not a valid interface name: %q", ifname)
+		}
+		lanIf[ifname] = true
+	}
+
+	names, ifaces := map[string]string{}, map[string]string{}
+	tables, marks := map[int]string{}, map[uint32]string{}
+	shift := bits.TrailingZeros32(r.MarkMask)
+	for i := range c.Uplinks {
+		u := &c.Uplinks[i]
+		f := fmt.Sprintf("uplinks[%d]", i)
+		if !nameRE.MatchString(u.Name) {
+			bad(f+".name", "want 1 to 15 characters of [a-z0-9-], got %q", u.Name)
+		} else if prev, dup := names[u.Name]; dup {
+			bad(f+".name", "%q is also the name of %s", u.Name, prev)
+		} else {
+			names[u.Name] = f
+		}
+		switch {
+		case !validIfname(u.Interface):
+			bad(f+".interface", "not a valid interface name: %q", u.Interface)
+		case lanIf[u.Interface]:
+			bad(f+".interface", "%s is also a LAN interface", u.Interface)
+		case ifaces[u.Interface] != "":
+			bad(f+".interface", "%s is also the interface of %s (one line per interface)", u.Interface, ifaces[u.Interface])
+		default:
+			ifaces[u.Interface] = f
+		}
+		gw, err := netip.ParseAddr(u.Gateway)
+		switch {
+		case u.Gateway == "":
+			bad(f+".gateway", "missing: the address of the line's router")
+		case err != nil || !gw.Is4():
+			bad(f+".gateway", "want an IPv4 address, got %q", u.Gateway)
+		default:
+			u.GatewayAddr = gw
+		}
+		if u.Address != "" {
+			p, err := netip.ParsePrefix(u.Address)
+			switch {
+			case err != nil || !p.Addr().Is4():
+				bad(f+".address", "want an IPv4 address with prefix length (203.0.113.2/24), got %q", u.Address)
+			case u.GatewayAddr.IsValid() && !p.Contains(u.GatewayAddr):
+				bad(f+".gateway", "%s is outside the line's subnet %s", u.GatewayAddr, p.Masked())
+			case p.Addr() == u.GatewayAddr:
+				bad(f+".address", "%s is the gateway's own address", p.Addr())
+			default:
+				u.Prefix = p
+			}
+		} else if c.NAT == NATSNAT {
+			bad(f+".address", "nat: snat needs each line's address")
+		}
+		if u.Weight == 0 {
+			u.Weight = 1
+		} else if u.Weight < 1 || u.Weight > 255 {
+			bad(f+".weight", "want 1..255, got %d", u.Weight)
+		}
+		// A defaulted number is reported on the line itself, saying where
+		// the number came from.
+		tf, tdesc := f+".table", "table"
+		if u.Table == 0 {
+			u.Table = r.TableBase + i + 1
+			tf, tdesc = f, "its default table (routing.table_base + position)"
+		}
+		switch {
+		case u.Table <= 0 || u.Table >= 253 && u.Table <= 255 || u.Table > 0xffffffff:
+			bad(tf, "%s %d is reserved or out of range (1..252, 256..)", tdesc, u.Table)
+		case u.Table == r.MultipathTable:
+			bad(tf, "%s %d is also the multipath table", tdesc, u.Table)
+		case tables[u.Table] != "":
+			bad(tf, "%s %d is also the table of %s", tdesc, u.Table, tables[u.Table])
+		default:
+			tables[u.Table] = f
+		}
+		mf, mdesc := f+".mark", "mark"
+		if u.Mark == 0 {
+			u.Mark = uint32(i+1) << shift
+			mf, mdesc = f, "its default mark (position in routing.mark_mask)"
+		}
+		switch {
+		case u.Mark&^r.MarkMask != 0 || u.Mark == 0:
+			bad(mf, "%s %#x does not fit in mark_mask %#x", mdesc, u.Mark, r.MarkMask)
+		case marks[u.Mark] != "":
+			bad(mf, "%s %#x is also the mark of %s", mdesc, u.Mark, marks[u.Mark])
+		default:
+			marks[u.Mark] = f
+		}
+	}
+
+	n := len(c.Uplinks)
+	prio := func(field string, v int) {
+		if v < 1 || v > 32765 {
+			bad(field, "want a priority in 1..32765, got %d", v)
+		}
+	}
+	prio("routing.main_priority", r.MainPriority)
+	prio("routing.fwmark_priority", r.FwmarkPriority+n)
+	prio("routing.source_priority", r.SourcePriority+n)
+	prio("routing.multipath_priority", r.MultipathPriority)
+	if r.MainPriority >= r.FwmarkPriority || r.MainPriority >= r.SourcePriority {
+		bad("routing.main_priority", "%d must come before the fwmark (%d) and source (%d) rules", r.MainPriority, r.FwmarkPriority+1, r.SourcePriority+1)
+	}
+	if r.FwmarkPriority+n >= r.MultipathPriority || r.SourcePriority+n >= r.MultipathPriority {
+		bad("routing.multipath_priority", "%d must come after the fwmark (..%d) and source (..%d) rules", r.MultipathPriority, r.FwmarkPriority+n, r.SourcePriority+n)
+	}
+	if overlap(r.FwmarkPriority, r.SourcePriority, n) {
+		bad("routing.source_priority", "the source rules (%d..%d) overlap the fwmark rules (%d..%d)", r.SourcePriority+1, r.SourcePriority+n, r.FwmarkPriority+1, r.FwmarkPriority+n)
+	}
+	if r.MultipathTable <= 0 || r.MultipathTable >= 253 && r.MultipathTable <= 255 {
+		bad("routing.multipath_table", "table %d is reserved or out of range", r.MultipathTable)
+	}
+	return errors.Join(errs...)
+}
+
+func overlap(a, b, n int) bool { return a < b+n && b < a+n }
+
+func validIfname(s string) bool {
+	if s == "" || len(s) > 15 || s == "." || s == ".." {
+		return false
+	}
+	for _, r := range s {
+		if r == '/' || r == ':' || r <= ' ' || r > '~' {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,129 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package config
+
+import (
+	"strings"
+	"testing"
+)
+
+const seed = `lan:
+  interfaces: [eth0]
+uplinks:
+  - name: dsl1
+    interface: eth1
+    gateway: 203.0.113.1
+    address: 203.0.113.2/24
+    weight: 4
+  - name: dsl2
+    interface: eth2
+    gateway: 198.51.100.1
+nat: masquerade
+`
+
+func TestParseSeedDefaults(t *testing.T) {
+	c, err := Parse("seed.yaml", []byte(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.Routing
+	if r.MainPriority != 50 || r.SourcePriority != 200 || r.MultipathPriority != 222 || r.MultipathTable != 222 {
+		t.Errorf("routing defaults are not the seed's: %+v", r)
+	}
+	u1, u2 := c.Uplinks[0], c.Uplinks[1]
+	if u1.Table != 201 || u2.Table != 202 {
+		t.Errorf("tables = %d, %d; want 201, 202", u1.Table, u2.Table)
+	}
+	if u1.Weight != 4 || u2.Weight != 1 {
+		t.Errorf("weights = %d, %d; want 4, 1 (default)", u1.Weight, u2.Weight)
+	}
+	if u1.Mark != 0x01000000 || u2.Mark != 0x02000000 || u1.Mark&r.MarkMask != u1.Mark {
+		t.Errorf("marks = %#x, %#x with mask %#x", u1.Mark, u2.Mark, r.MarkMask)
+	}
+	if u1.Prefix.String() != "203.0.113.2/24" || u2.Prefix.IsValid() {
+		t.Errorf("prefixes = %v, %v", u1.Prefix, u2.Prefix)
+	}
+	if u1.GatewayAddr.String() != "203.0.113.1" {
+		t.Errorf("gateway = %v", u1.GatewayAddr)
+	}
+	if c.NAT != "masquerade" || c.Firewall != "stateful" || c.StateDir != DefaultStateDir {
+		t.Errorf("nat %q firewall %q state_dir %q", c.NAT, c.Firewall, c.StateDir)
+	}
+}
+
+func TestParseOverrides(t *testing.T) {
+	c, err := Parse("o.yaml", []byte(seed+`routing:
+  main_priority: 10
+  table_base: 100
+  mark_mask: 0xf0
+  protocol: 200
+  nft_table: gw
+state_dir: /tmp/x
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Uplinks[0].Table != 101 || c.Uplinks[1].Mark != 0x20 || c.Routing.Protocol != 200 || c.Routing.NFTTable != "gw" || c.StateDir != "/tmp/x" {
+		t.Errorf("overrides not applied: %+v %+v", c.Routing, c.Uplinks)
+	}
+}
+
+// Each bad config gives one error naming the file, the line and the field.
+func TestParseErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, yaml string
+		want       string // substring: "file:line: field: message"
+	}{
+		{"unknown top key", seed + "colour: blue\n", "bad.yaml:13: colour: unknown key"},
+		{"unknown uplink key", strings.Replace(seed, "    weight: 4\n", "    wieght: 4\n", 1), "bad.yaml:8: uplinks[0].wieght: unknown key"},
+		{"duplicate name", strings.Replace(seed, "name: dsl2", "name: dsl1", 1), `bad.yaml:9: uplinks[1].name: "dsl1" is also the name of uplinks[0]`},
+		{"bad name", strings.Replace(seed, "name: dsl2", "name: DSL_2", 1), `bad.yaml:9: uplinks[1].name: want 1 to 15 characters`},
+		{"duplicate table", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 202\n", 1), "bad.yaml:10: uplinks[1]: its default table (routing.table_base + position) 202 is also the table of uplinks[0]"},
+		{"table is multipath", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 222\n", 1), "uplinks[0].table: table 222 is also the multipath table"},
+		{"duplicate mark", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    mark: 0x02000000\n", 1), "bad.yaml:10: uplinks[1]: its default mark (position in routing.mark_mask) 0x2000000 is also the mark of uplinks[0]"},
+		{"mark outside mask", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    mark: 0x5\n", 1), "bad.yaml:9: uplinks[0].mark: mark 0x5 does not fit in mark_mask"},
+		{"gateway outside subnet", strings.Replace(seed, "gateway: 203.0.113.1", "gateway: 192.0.2.1", 1), "bad.yaml:6: uplinks[0].gateway: 192.0.2.1 is outside the line's subnet 203.0.113.0/24"},
+		{"gateway not an address", strings.Replace(seed, "gateway: 203.0.113.1", "gateway: isp.example", 1), `bad.yaml:6: uplinks[0].gateway: want an IPv4 address, got "isp.example"`},
+		{"missing gateway", strings.Replace(seed, "    gateway: 198.51.100.1\n", "", 1), "bad.yaml:9: uplinks[1].gateway: missing"},
+		{"address without length", strings.Replace(seed, "203.0.113.2/24", "203.0.113.2", 1), "bad.yaml:7: uplinks[0].address: want an IPv4 address with prefix length"},
+		{"weight too big", strings.Replace(seed, "weight: 4", "weight: 256", 1), "bad.yaml:8: uplinks[0].weight: want 1..255, got 256"},
+		{"weight zero is default, negative is not", strings.Replace(seed, "weight: 4", "weight: -1", 1), "bad.yaml:8: uplinks[0].weight: want 1..255, got -1"},
+		{"weight not a number", strings.Replace(seed, "weight: 4", "weight: four", 1), `bad.yaml:8: uplinks[0].weight: want a whole number, got "four"`},
+		{"bad nat", strings.Replace(seed, "nat: masquerade", "nat: yes-please", 1), `bad.yaml:12: nat: want masquerade, snat or none, got "yes-please"`},
+		{"snat needs addresses", strings.Replace(seed, "nat: masquerade", "nat: snat", 1), "bad.yaml:9: uplinks[1].address: nat: snat needs each line's address"},
+		{"same interface twice", strings.Replace(seed, "interface: eth2", "interface: eth1", 1), "bad.yaml:10: uplinks[1].interface: eth1 is also the interface of uplinks[0]"},
+		{"uplink on the LAN", strings.Replace(seed, "interface: eth2", "interface: eth0", 1), "bad.yaml:10: uplinks[1].interface: eth0 is also a LAN interface"},
+		{"no uplinks", "lan:\n  interfaces: [eth0]\nuplinks: []\n", "bad.yaml:3: uplinks: want 1 to 16 lines, got 0"},
+		{"no lan", "uplinks:\n  - {name: a, interface: e1, gateway: 192.0.2.1}\n", "bad.yaml: lan.interfaces: at least one LAN interface is needed"},
+		{"uplinks not a list", "lan: {interfaces: [eth0]}\nuplinks: dsl1\n", `bad.yaml:2: uplinks: want a list, got "dsl1"`},
+		{"malformed yaml", "lan:\n  interfaces: [eth0\nuplinks:\n", "bad.yaml:1: malformed YAML"},
+		{"duplicate key", seed + "nat: none\n", "bad.yaml:13: nat: duplicate key (first at line 12)"},
+		{"priorities out of order", seed + "routing:\n  multipath_priority: 150\n", "bad.yaml:14: routing.multipath_priority: 150 must come after"},
+		{"empty file", "", "bad.yaml: empty config"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("bad.yaml", []byte(tc.yaml))
+			if err == nil {
+				t.Fatalf("no error; want %q", tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error:\n%v\nwant it to contain:\n%s", err, tc.want)
+			}
+			if n := strings.Count(err.Error(), "\n") + 1; n != 1 {
+				t.Errorf("want one error, got %d:\n%v", n, err)
+			}
+		})
+	}
+}
+
+func TestSeventeenUplinks(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("lan: {interfaces: [eth0]}\nuplinks:\n")
+	for i := range 17 {
+		b.WriteString("  - {name: l" + string(rune('a'+i)) + ", interface: e" + string(rune('a'+i)) + ", gateway: 192.0.2.1}\n")
+	}
+	_, err := Parse("many.yaml", []byte(b.String()))
+	if err == nil || !strings.Contains(err.Error(), "want 1 to 16 lines, got 17") {
+		t.Fatalf("err = %v", err)
+	}
+}

@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package config
+
+import (
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// FieldError is a problem with one field of a config file. It prints as
+// "FILE:LINE: FIELD: MESSAGE", the way compilers report errors, so that
+// editors can jump to it.
+type FieldError struct {
+	File  string
+	Line  int
+	Field string // e.g. "uplinks[1].gateway"; empty for the whole file
+	Msg   string
+}
+
+func (e *FieldError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ":%d", e.Line)
+	}
+	if e.Field != "" {
+		b.WriteString(": " + e.Field)
+	}
+	b.WriteString(": " + e.Msg)
+	return b.String()
+}
+
+// positions maps a field path ("uplinks[1].gateway") to its line in the file.
+type positions map[string]int
+
+// decoder walks a YAML node tree into a Go value, rejecting unknown keys and
+// recording where each field stands, so that every later error can name
+// the file, the line and the field.
+type decoder struct {
+	file string
+	pos  positions
+	errs []error
+}
+
+func (d *decoder) fail(line int, field, format string, args ...any) {
+	d.errs = append(d.errs, &FieldError{File: d.file, Line: line, Field: field, Msg: fmt.Sprintf(format, args...)})
+}
+
+// decode fills v (a pointer) from n; path is v's field path.
+func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
+	if n.Kind == yaml.AliasNode {
+		n = n.Alias
+	}
+	if path != "" {
+		d.pos[path] = n.Line
+	}
+	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
+		return // an empty value keeps the default
+	}
+	switch v.Kind() {
+	case reflect.Struct:
+		d.decodeStruct(n, v, path)
+	case reflect.Slice:
+		if n.Kind != yaml.SequenceNode {
+			d.fail(n.Line, path, "want a list, got %s", kindName(n))
+			return
+		}
+		s := reflect.MakeSlice(v.Type(), len(n.Content), len(n.Content))
+		for i, item := range n.Content {
+			d.decode(item, s.Index(i), fmt.Sprintf("%s[%d]", path, i))
+		}
+		v.Set(s)
+	default:
+		if n.Kind != yaml.ScalarNode {
+			d.fail(n.Line, path, "want a single value, got %s", kindName(n))
+			return
+		}
+		if err := n.Decode(v.Addr().Interface()); err != nil {
+			d.fail(n.Line, path, "%s", scalarError(err, n, v.Type()))
+		}
+	}
+}
+
+func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
+	if n.Kind != yaml.MappingNode {
+		d.fail(n.Line, path, "want a mapping of keys, got %s", kindName(n))
+		return
+	}
+	fields := map[string]int{}
+	var known []string
+	for i := 0; i < v.NumField(); i++ {
+		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("yaml"), ",")
+		if name != "" && name != "-" {
+			fields[name] = i
+			known = append(known, name)
+		}
+	}
+	seen := map[string]int{}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, val := n.Content[i], n.Content[i+1]
+		sub := k.Value
+		if path != "" {
+			sub = path + "." + k.Value
+		}
+		if line, dup := seen[k.Value]; dup {
+			d.fail(k.Line, sub, "duplicate key (first at line %d)", line)
+			continue
+		}
+		seen[k.Value] = k.Line
+		idx, ok := fields[k.Value]
+		if !ok {
+			d.fail(k.Line, sub, "unknown key (known here: %s)", strings.Join(known, ", "))
+			continue
+		}
+		d.decode(val, v.Field(idx), sub)
+	}
+}
+
+func kindName(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	default:
+		return fmt.Sprintf("%q", n.Value)
+	}
+}
+
+// scalarError rewrites yaml's "cannot unmarshal !!str `x` into int" into
+// something a person reads at a glance.
+func scalarError(err error, n *yaml.Node, t reflect.Type) string {
+	var te *yaml.TypeError
+	if errors.As(err, &te) {
+		want := t.Kind().String()
+		switch t.Kind() {
+		case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint32, reflect.Uint8, reflect.Uint16, reflect.Uint64:
+			want = "a whole number"
+		case reflect.Bool:
+			want = "true or false"
+		case reflect.String:
+			want = "a string"
+		}
+		return fmt.Sprintf("want %s, got %q", want, n.Value)
+	}
+	return err.Error()
+}
+
+// yamlError turns a syntax error from the YAML parser into a FieldError
+// with the line number the parser reported.
+func yamlError(file string, err error) error {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	line := 0
+	if rest, ok := strings.CutPrefix(msg, "line "); ok {
+		if _, err := fmt.Sscanf(rest, "%d:", &line); err == nil {
+			_, msg, _ = strings.Cut(rest, ": ")
+		}
+	}
+	return &FieldError{File: file, Line: line, Msg: "malformed YAML: " + msg}
+}

@@ -1,0 +1,99 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package control is uplinkd's control plane: it turns the config and the
+// lines' state into kernel state (plan), applies it (routing, nat,
+// sysctl), keeps it applied against outside changes, and removes it.
+package control
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/uplinkd/uplinkd/control/plan"
+	"github.com/uplinkd/uplinkd/control/sysctl"
+)
+
+// Env is the kernel of one network namespace, as the control plane sees
+// it: netlink for links, rules and routes, nftables, and /proc/sys.
+type Env struct {
+	NS     netns.NsHandle
+	NL     *netlink.Handle
+	NFT    *nftables.Conn
+	Sysctl sysctl.FS
+}
+
+// OpenEnv opens handles into the network namespace ns; netns.None() means
+// the caller's namespace. The handles stay in that namespace whatever
+// thread uses them.
+func OpenEnv(ns netns.NsHandle) (*Env, error) {
+	if !ns.IsOpen() {
+		cur, err := netns.Get()
+		if err != nil {
+			return nil, fmt.Errorf("opening current network namespace: %w", err)
+		}
+		ns = cur
+	} else {
+		dup, err := unix.Dup(int(ns))
+		if err != nil {
+			return nil, fmt.Errorf("duplicating netns handle: %w", err)
+		}
+		ns = netns.NsHandle(dup)
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		ns.Close()
+		return nil, fmt.Errorf("opening netlink: %w", err)
+	}
+	nft, err := nftables.New(nftables.WithNetNSFd(int(ns)))
+	if err != nil {
+		h.Close()
+		ns.Close()
+		return nil, fmt.Errorf("opening nftables: %w", err)
+	}
+	return &Env{NS: ns, NL: h, NFT: nft, Sysctl: sysctl.Proc{NS: ns}}, nil
+}
+
+// Close releases the handles.
+func (e *Env) Close() {
+	e.NL.Close()
+	e.NS.Close()
+}
+
+// Addrs lists the IPv4 addresses of an interface (plan.Interfaces).
+func (e *Env) Addrs(ifname string) ([]netip.Prefix, error) {
+	link, err := e.NL.LinkByName(ifname)
+	if err != nil {
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return nil, plan.ErrNoInterface
+		}
+		return nil, err
+	}
+	addrs, err := e.NL.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses of %s: %w", ifname, err)
+	}
+	out := make([]netip.Prefix, 0, len(addrs))
+	for _, a := range addrs {
+		if p, ok := prefixFromIPNet(a.IPNet); ok {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
+
+func prefixFromIPNet(n *net.IPNet) (netip.Prefix, bool) {
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, _ := n.Mask.Size()
+	return netip.PrefixFrom(a.Unmap(), ones), true
+}

@@ -1,0 +1,230 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package nat keeps uplinkd's own nftables table (family inet) equal to
+// plan.NAT: source NAT per line and the seed's stateful forwarding
+// basics. The table is uplinkd's alone; it is compared through the
+// comments of its rules and, when it differs, replaced in one atomic
+// transaction. No other table is read or touched.
+package nat
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
+	"golang.org/x/sys/unix"
+
+	"github.com/uplinkd/uplinkd/control/plan"
+)
+
+// chainSpec is how each of uplinkd's chains is declared.
+type chainSpec struct {
+	name     string
+	typ      nftables.ChainType
+	hook     *nftables.ChainHook
+	priority *nftables.ChainPriority
+}
+
+var chains = []chainSpec{
+	{plan.ChainPostrouting, nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource},
+	{plan.ChainForward, nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter},
+}
+
+// fingerprint describes a table by its chains and its rules' comments, in
+// the same form for the desired table and for the kernel's.
+func fingerprint(chainDecl map[string]string, comments map[string][]string) string {
+	var b strings.Builder
+	names := make([]string, 0, len(chainDecl))
+	for n := range chainDecl {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		fmt.Fprintf(&b, "chain %s %s\n", n, chainDecl[n])
+		for _, c := range comments[n] {
+			fmt.Fprintf(&b, "\t%s\n", c)
+		}
+	}
+	return b.String()
+}
+
+func decl(typ nftables.ChainType, hook *nftables.ChainHook, prio *nftables.ChainPriority) string {
+	h, p := -1, 0
+	if hook != nil {
+		h = int(*hook)
+	}
+	if prio != nil {
+		p = int(*prio)
+	}
+	return fmt.Sprintf("%s/%d/%d", typ, h, p)
+}
+
+func desired(n plan.NAT) string {
+	chainDecl, comments := map[string]string{}, map[string][]string{}
+	for _, r := range plan.NFTRules(n) {
+		comments[r.Chain] = append(comments[r.Chain], r.Comment())
+	}
+	for _, c := range chains {
+		if len(comments[c.name]) > 0 {
+			chainDecl[c.name] = decl(c.typ, c.hook, c.priority)
+		}
+	}
+	return fingerprint(chainDecl, comments)
+}
+
+// current reads the fingerprint of the kernel's table; "" when absent.
+func current(c *nftables.Conn, name string) (string, bool, error) {
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return "", false, fmt.Errorf("listing nftables tables: %w", err)
+	}
+	var t *nftables.Table
+	for _, tt := range tables {
+		if tt.Name == name {
+			t = tt
+		}
+	}
+	if t == nil {
+		return "", false, nil
+	}
+	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return "", true, fmt.Errorf("listing nftables chains: %w", err)
+	}
+	chainDecl, comments := map[string]string{}, map[string][]string{}
+	for _, ch := range all {
+		if ch.Table.Name != name {
+			continue
+		}
+		chainDecl[ch.Name] = decl(ch.Type, ch.Hooknum, ch.Priority)
+		rules, err := c.GetRules(t, ch)
+		if err != nil {
+			return "", true, fmt.Errorf("listing rules of chain %s: %w", ch.Name, err)
+		}
+		for _, r := range rules {
+			cm, _ := userdata.GetString(r.UserData, userdata.TypeComment)
+			comments[ch.Name] = append(comments[ch.Name], cm)
+		}
+	}
+	return fingerprint(chainDecl, comments), true, nil
+}
+
+// Apply makes uplinkd's table equal to n. It reports whether it changed
+// anything.
+func Apply(c *nftables.Conn, n plan.NAT) (bool, error) {
+	have, exists, err := current(c, n.Table)
+	if err != nil {
+		return false, err
+	}
+	if n.Empty() {
+		if !exists {
+			return false, nil
+		}
+		return true, Remove(c, n.Table)
+	}
+	if exists && have == desired(n) {
+		return false, nil
+	}
+	t := &nftables.Table{Name: n.Table, Family: nftables.TableFamilyINet}
+	// add + delete + add in one transaction: the table is replaced
+	// atomically whether or not it existed.
+	c.AddTable(t)
+	c.DelTable(t)
+	c.AddTable(t)
+	made := map[string]*nftables.Chain{}
+	policy := nftables.ChainPolicyAccept
+	for _, r := range plan.NFTRules(n) {
+		ch := made[r.Chain]
+		if ch == nil {
+			spec := chainSpecOf(r.Chain)
+			ch = c.AddChain(&nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority, Policy: &policy})
+			made[r.Chain] = ch
+		}
+		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: ruleExprs(r), UserData: userdata.AppendString(nil, userdata.TypeComment, r.Comment())})
+	}
+	if err := c.Flush(); err != nil {
+		return false, fmt.Errorf("replacing nftables table inet %s: %w", n.Table, err)
+	}
+	return true, nil
+}
+
+// Remove deletes uplinkd's table if it exists.
+func Remove(c *nftables.Conn, table string) error {
+	_, exists, err := current(c, table)
+	if err != nil || !exists {
+		return err
+	}
+	c.DelTable(&nftables.Table{Name: table, Family: nftables.TableFamilyINet})
+	if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("deleting nftables table inet %s: %w", table, err)
+	}
+	return nil
+}
+
+func chainSpecOf(name string) chainSpec {
+	for _, c := range chains {
+		if c.name == name {
+			return c
+		}
+	}
+	panic("nat: unknown chain " + name)
+}
+
+// ruleExprs builds the expressions of one rule from its fields; its
+// Text is the same rule in nft syntax (the tests compare both through
+// `nft list`).
+func ruleExprs(r plan.NFTRule) []expr.Any {
+	var e []expr.Any
+	if r.Action == plan.NFTSNAT {
+		e = append(e,
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
+		)
+	}
+	if r.Iif != "" {
+		e = append(e, ifMatch(expr.MetaKeyIIFNAME, r.Iif)...)
+	}
+	if r.Oif != "" {
+		e = append(e, ifMatch(expr.MetaKeyOIFNAME, r.Oif)...)
+	}
+	if r.CtState != "" {
+		bits := expr.CtStateBitINVALID
+		if r.CtState == "established,related" {
+			bits = expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED
+		}
+		e = append(e,
+			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(bits), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
+		)
+	}
+	e = append(e, &expr.Counter{})
+	switch r.Action {
+	case plan.NFTMasquerade:
+		e = append(e, &expr.Masq{})
+	case plan.NFTSNAT:
+		e = append(e,
+			&expr.Immediate{Register: 1, Data: r.SNATTo.AsSlice()},
+			&expr.NAT{Type: expr.NATTypeSourceNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
+		)
+	case plan.NFTAccept:
+		e = append(e, &expr.Verdict{Kind: expr.VerdictAccept})
+	case plan.NFTDrop:
+		e = append(e, &expr.Verdict{Kind: expr.VerdictDrop})
+	}
+	return e
+}
+
+func ifMatch(key expr.MetaKey, name string) []expr.Any {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, name)
+	return []expr.Any{
+		&expr.Meta{Key: key, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b},
+	}
+}

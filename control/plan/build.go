@@ -1,0 +1,163 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package plan
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/uplinkd/uplinkd/control/config"
+)
+
+// Line is a configured uplink as it is now: its address (from the config
+// or from the interface) and whether it is usable.
+type Line struct {
+	config.Uplink
+	Index   int          // position in the config, 0-based
+	Address netip.Prefix // zero: the interface has no address in the gateway's subnet (yet)
+	Up      bool         // from the health loop; every line with an address is up for now
+}
+
+// Usable reports whether new flows may be sent over the line.
+func (l Line) Usable() bool { return l.Up && l.Address.IsValid() }
+
+// Interfaces is what Resolve needs from the kernel: the IPv4 addresses of
+// an interface, or ErrNoInterface.
+type Interfaces interface {
+	Addrs(ifname string) ([]netip.Prefix, error)
+}
+
+// ErrNoInterface says an interface does not exist.
+var ErrNoInterface = errors.New("no such interface")
+
+// Resolve checks the config against the kernel (every interface exists;
+// every line has an address in its gateway's subnet) and returns the
+// lines. Errors name the file, line and field.
+func Resolve(c *config.Config, ifs Interfaces) ([]Line, error) {
+	var errs []error
+	for i, name := range c.LAN.Interfaces {
+		if _, err := ifs.Addrs(name); err != nil {
+			errs = append(errs, c.Errorf(fmt.Sprintf("lan.interfaces[%d]", i), "%s: %v", name, err))
+		}
+	}
+	lines := make([]Line, len(c.Uplinks))
+	for i, u := range c.Uplinks {
+		f := fmt.Sprintf("uplinks[%d]", i)
+		lines[i] = Line{Uplink: u, Index: i, Up: true}
+		addrs, err := ifs.Addrs(u.Interface)
+		if err != nil {
+			errs = append(errs, c.Errorf(f+".interface", "%s: %v", u.Interface, err))
+			continue
+		}
+		if u.Prefix.IsValid() {
+			if !hasAddr(addrs, u.Prefix) {
+				errs = append(errs, c.Errorf(f+".address", "%s is not assigned to %s (it has %v)", u.Prefix, u.Interface, addrs))
+				continue
+			}
+			lines[i].Address = u.Prefix
+			continue
+		}
+		a, ok := LineAddress(addrs, u.GatewayAddr)
+		if !ok {
+			errs = append(errs, c.Errorf(f+".gateway", "%s is outside the subnets of %s (%v); set address: or fix gateway:", u.GatewayAddr, u.Interface, addrs))
+			continue
+		}
+		lines[i].Address = a
+	}
+	return lines, errors.Join(errs...)
+}
+
+// LineAddress picks a line's address among its interface's addresses: the
+// first whose subnet holds the gateway, as the kernel picks a source.
+func LineAddress(addrs []netip.Prefix, gw netip.Addr) (netip.Prefix, bool) {
+	for _, a := range addrs {
+		if a.Addr().Is4() && a.Contains(gw) && a.Addr() != gw {
+			return a, true
+		}
+	}
+	return netip.Prefix{}, false
+}
+
+func hasAddr(addrs []netip.Prefix, p netip.Prefix) bool {
+	for _, a := range addrs {
+		if a == p {
+			return true
+		}
+	}
+	return false
+}
+
+var defaultRoute4 = netip.MustParsePrefix("0.0.0.0/0")
+
+// Build computes the desired kernel state from the config and the lines.
+func Build(c *config.Config, lines []Line) State {
+	r := c.Routing
+	var s State
+	s.Rules = append(s.Rules, Rule{
+		Priority: r.MainPriority, Table: TableMain, SuppressPrefixLen: 0,
+		Why: "main table first (LAN and line subnets), minus its default routes (the seed deletes them; uplinkd leaves them alone)",
+	})
+	var mp []Nexthop
+	for _, l := range lines {
+		n := l.Index + 1
+		s.Rules = append(s.Rules, Rule{
+			Priority: r.FwmarkPriority + n, Table: l.Table, Mark: l.Mark, Mask: r.MarkMask, SuppressPrefixLen: -1,
+			Why: fmt.Sprintf("flows the datapath pinned to %s", l.Name),
+		})
+		s.Routes = append(s.Routes, Route{
+			Table: l.Table, Dst: defaultRoute4, Type: Prohibit, Metric: 1,
+			Why: fmt.Sprintf("%s unusable: fail fast rather than leave by another line", l.Name),
+		})
+		if !l.Address.IsValid() {
+			continue
+		}
+		s.Rules = append(s.Rules, Rule{
+			Priority: r.SourcePriority + n, Table: l.Table, Src: l.Address.Masked(), SuppressPrefixLen: -1,
+			Why: fmt.Sprintf("traffic from %s's subnet (NAT'd or bound to its address)", l.Name),
+		})
+		s.Routes = append(s.Routes, Route{
+			Table: l.Table, Dst: defaultRoute4, Type: Unicast, Src: l.Address.Addr(),
+			Nexthops: []Nexthop{{Gateway: l.GatewayAddr, Device: l.Interface, Weight: 1}},
+			Why:      fmt.Sprintf("%s's own table", l.Name),
+		})
+		if l.Usable() {
+			mp = append(mp, Nexthop{Gateway: l.GatewayAddr, Device: l.Interface, Weight: l.Weight})
+		}
+	}
+	s.Rules = append(s.Rules, Rule{
+		Priority: r.MultipathPriority, Table: r.MultipathTable, SuppressPrefixLen: -1,
+		Why: "everything not pinned: weighted multipath over the usable lines",
+	})
+	if len(mp) > 0 {
+		s.Routes = append(s.Routes, Route{
+			Table: r.MultipathTable, Dst: defaultRoute4, Type: Unicast, Nexthops: mp,
+			Why: "weighted multipath default",
+		})
+	}
+	SortRules(s.Rules)
+	SortRoutes(s.Routes)
+
+	s.NAT = NAT{Table: r.NFTTable, Mode: c.NAT, LAN: c.LAN.Interfaces, Firewall: c.Firewall == config.FirewallStateful}
+	for _, l := range lines {
+		nl := NATLine{Line: l.Name, Interface: l.Interface}
+		if c.NAT == config.NATSNAT {
+			nl.Address = l.Address.Addr()
+		}
+		s.NAT.Lines = append(s.NAT.Lines, nl)
+	}
+
+	s.Sysctls = []Sysctl{
+		{Path: "net/ipv4/ip_forward", Value: "1", Why: "a gateway forwards"},
+		{Path: "net/ipv4/fib_multipath_hash_policy", Value: "3", Why: "hash on the fields below: stable across TCP retransmissions (policy 1 follows the skb hash, which the client re-picks)"},
+		{Path: "net/ipv4/fib_multipath_hash_fields", Value: "0x37", Why: "source/destination address, protocol, ports"},
+		{Path: "net/ipv4/fib_multipath_use_neigh", Value: "1", Why: "skip nexthops whose neighbour entry failed"},
+	}
+	for _, l := range lines {
+		s.Sysctls = append(s.Sysctls,
+			Sysctl{Path: "net/ipv4/conf/" + l.Interface + "/rp_filter", Value: "2", Why: "loose: replies may come back by any line"},
+			Sysctl{Path: "net/ipv4/conf/" + l.Interface + "/ignore_routes_with_linkdown", Value: "1", Why: "avoid a line at once when its carrier drops"},
+		)
+	}
+	return s
+}

@@ -1,0 +1,204 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package plan
+
+import (
+	"fmt"
+	"hash/fnv"
+	"io"
+	"net/netip"
+	"strings"
+)
+
+// RuleCommand is the `ip rule add` command for r, tagged with proto.
+func RuleCommand(r Rule, proto int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "ip rule add prio %d", r.Priority)
+	if r.Src.IsValid() {
+		fmt.Fprintf(&b, " from %s", r.Src)
+	}
+	if r.Mask != 0 {
+		fmt.Fprintf(&b, " fwmark %#x/%#x", r.Mark, r.Mask)
+	}
+	fmt.Fprintf(&b, " lookup %s", tableName(r.Table))
+	if r.SuppressPrefixLen >= 0 {
+		fmt.Fprintf(&b, " suppress_prefixlength %d", r.SuppressPrefixLen)
+	}
+	fmt.Fprintf(&b, " proto %d", proto)
+	return b.String()
+}
+
+// RouteCommand is the `ip route replace` command for r, tagged with proto.
+func RouteCommand(r Route, proto int) string {
+	var b strings.Builder
+	b.WriteString("ip route replace ")
+	if r.Type == Prohibit {
+		b.WriteString("prohibit ")
+	}
+	b.WriteString(dstName(r))
+	switch {
+	case len(r.Nexthops) == 1:
+		nh := r.Nexthops[0]
+		fmt.Fprintf(&b, " via %s dev %s", nh.Gateway, nh.Device)
+	}
+	if r.Src.IsValid() {
+		fmt.Fprintf(&b, " src %s", r.Src)
+	}
+	if r.Metric != 0 {
+		fmt.Fprintf(&b, " metric %d", r.Metric)
+	}
+	fmt.Fprintf(&b, " proto %d table %s", proto, tableName(r.Table))
+	if len(r.Nexthops) > 1 {
+		for _, nh := range r.Nexthops {
+			fmt.Fprintf(&b, " \\\n    nexthop via %s dev %s weight %d", nh.Gateway, nh.Device, nh.Weight)
+		}
+	}
+	return b.String()
+}
+
+func dstName(r Route) string {
+	if r.Dst.Bits() == 0 {
+		return "default"
+	}
+	return r.Dst.String()
+}
+
+func tableName(t int) string {
+	if t == TableMain {
+		return "main"
+	}
+	return fmt.Sprint(t)
+}
+
+// Render writes s as the shell commands that would install it, each with a
+// comment saying why it exists, in the order uplinkd applies them.
+func Render(w io.Writer, s State, proto int) {
+	fmt.Fprintln(w, "# sysctls (the values they replace are saved, and restored by `uplinkd down`)")
+	for _, c := range s.Sysctls {
+		fmt.Fprintf(w, "sysctl -w %s=%s  # %s\n", c.Name(), c.Value, c.Why)
+	}
+	fmt.Fprintln(w, "\n# routes, in their tables first")
+	for _, r := range s.Routes {
+		fmt.Fprintf(w, "# %s\n%s\n", r.Why, RouteCommand(r, proto))
+	}
+	fmt.Fprintln(w, "\n# then the rules that lead to them")
+	for _, r := range s.Rules {
+		fmt.Fprintf(w, "# %s\n%s\n", r.Why, RuleCommand(r, proto))
+	}
+	if s.NAT.Empty() {
+		fmt.Fprintln(w, "\n# no NAT and no firewall: no nftables table")
+		return
+	}
+	fmt.Fprintln(w, "\n# NAT and stateful forwarding, in uplinkd's own nftables table (replaced atomically)")
+	fmt.Fprintln(w, "nft -f - <<'EOF'")
+	fmt.Fprint(w, NFTScript(s.NAT))
+	fmt.Fprintln(w, "EOF")
+}
+
+// NFTRule is one rule of uplinkd's nftables table, as data: the nat
+// package builds its expressions from the fields, Text prints it.
+type NFTRule struct {
+	Chain   string     // ChainPostrouting or ChainForward
+	Iif     string     // match iifname; "" any
+	Oif     string     // match oifname; "" any
+	CtState string     // match "established,related" or "invalid"; "" any
+	Action  string     // NFTMasquerade, NFTSNAT, NFTAccept or NFTDrop
+	SNATTo  netip.Addr // NFTSNAT only
+	Why     string     // the start of the rule's comment in the kernel
+}
+
+// NFT chains and actions.
+const (
+	ChainPostrouting = "postrouting"
+	ChainForward     = "forward"
+
+	NFTMasquerade = "masquerade"
+	NFTSNAT       = "snat"
+	NFTAccept     = "accept"
+	NFTDrop       = "drop"
+)
+
+// Text is the rule in nft syntax, without its comment.
+func (r NFTRule) Text() string {
+	var parts []string
+	if r.Action == NFTSNAT {
+		parts = append(parts, "meta nfproto ipv4")
+	}
+	if r.Iif != "" {
+		parts = append(parts, fmt.Sprintf("iifname %q", r.Iif))
+	}
+	if r.Oif != "" {
+		parts = append(parts, fmt.Sprintf("oifname %q", r.Oif))
+	}
+	if r.CtState != "" {
+		parts = append(parts, "ct state "+r.CtState)
+	}
+	parts = append(parts, "counter")
+	if r.Action == NFTSNAT {
+		parts = append(parts, "snat ip to "+r.SNATTo.String())
+	} else {
+		parts = append(parts, r.Action)
+	}
+	return strings.Join(parts, " ")
+}
+
+// Comment is the rule's comment in the kernel: why it exists, and a hash
+// of its text, so that reading the comments back tells whether the kernel
+// holds exactly these rules.
+func (r NFTRule) Comment() string {
+	h := fnv.New32a()
+	h.Write([]byte(r.Chain + ":" + r.Text()))
+	return fmt.Sprintf("%s [%08x]", r.Why, h.Sum32())
+}
+
+// NFTRules lists the rules of the NAT table in order, per chain.
+func NFTRules(n NAT) []NFTRule {
+	var rs []NFTRule
+	if n.Mode != "none" {
+		for _, l := range n.Lines {
+			for _, lan := range n.LAN {
+				r := NFTRule{Chain: ChainPostrouting, Iif: lan, Oif: l.Interface, Action: NFTMasquerade, Why: "uplinkd: NAT for " + l.Line}
+				if l.Address.IsValid() {
+					r.Action, r.SNATTo = NFTSNAT, l.Address
+				}
+				rs = append(rs, r)
+			}
+		}
+	}
+	if n.Firewall {
+		rs = append(rs,
+			NFTRule{Chain: ChainForward, CtState: "established,related", Action: NFTAccept, Why: "uplinkd: replies pass"},
+			NFTRule{Chain: ChainForward, CtState: "invalid", Action: NFTDrop, Why: "uplinkd: not part of any connection"},
+		)
+		for _, l := range n.Lines {
+			for _, lan := range n.LAN {
+				rs = append(rs, NFTRule{Chain: ChainForward, Iif: l.Interface, Oif: lan, Action: NFTDrop, Why: "uplinkd: nothing new from " + l.Line + " into the LAN"})
+			}
+		}
+	}
+	return rs
+}
+
+// NFTScript is the table as an `nft -f` script that replaces it atomically.
+func NFTScript(n NAT) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\ntable inet %s {\n", n.Table, n.Table, n.Table)
+	rules := NFTRules(n)
+	for _, ch := range []struct{ name, decl string }{
+		{ChainPostrouting, "type nat hook postrouting priority srcnat; policy accept;"},
+		{ChainForward, "type filter hook forward priority filter; policy accept;"},
+	} {
+		var body []string
+		for _, r := range rules {
+			if r.Chain == ch.name {
+				body = append(body, fmt.Sprintf("\t\t%s comment %q", r.Text(), r.Comment()))
+			}
+		}
+		if len(body) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "\tchain %s {\n\t\t%s\n%s\n\t}\n", ch.name, ch.decl, strings.Join(body, "\n"))
+	}
+	b.WriteString("}\n")
+	return b.String()
+}

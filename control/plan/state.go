@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package plan computes the kernel state uplinkd wants, as a plain value,
+// from the config and the lines' health. It never touches the kernel: the
+// routing, nat and sysctl packages apply a State, and Render prints it as
+// the ip/nft/sysctl commands a person would type.
+package plan
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// Well-known routing tables.
+const TableMain = 254
+
+// RouteType is the kind of a route: where it sends packets.
+type RouteType uint8
+
+// Route types uplinkd uses (values are the kernel's RTN_*).
+const (
+	Unicast  RouteType = 1
+	Prohibit RouteType = 8 // answers with ICMP "administratively prohibited": the client fails fast
+)
+
+// Rule is one policy routing rule.
+type Rule struct {
+	Priority int
+	Table    int
+	Src      netip.Prefix // zero: from all
+	Mark     uint32       // with Mask: fwmark Mark/Mask; Mask 0: no fwmark match
+	Mask     uint32
+	// SuppressPrefixLen makes the rule ignore routes whose prefix length is
+	// at most this (0: default routes); -1 unset.
+	SuppressPrefixLen int
+	Why               string // not in the kernel: printed by Render
+}
+
+// Key identifies a rule in the kernel: two rules are the same when every
+// matching field is the same.
+func (r Rule) Key() string {
+	return fmt.Sprintf("%d/%d/%s/%#x/%#x/%d", r.Priority, r.Table, r.Src, r.Mark, r.Mask, r.SuppressPrefixLen)
+}
+
+// Nexthop is one way out of a route.
+type Nexthop struct {
+	Gateway netip.Addr
+	Device  string
+	Weight  int // 1..256
+}
+
+// Route is one route in one table.
+type Route struct {
+	Table    int
+	Dst      netip.Prefix
+	Type     RouteType
+	Metric   int
+	Src      netip.Addr // preferred source; zero: none
+	Nexthops []Nexthop  // unicast only; more than one: multipath
+	Why      string
+}
+
+// Key identifies a route in the kernel: table, destination and metric.
+// Routes with the same key replace each other.
+func (r Route) Key() string { return fmt.Sprintf("%d/%s/%d", r.Table, r.Dst, r.Metric) }
+
+// Equal reports whether two routes are the same in the kernel (Why aside).
+// A single nexthop has no weight in the kernel.
+func (r Route) Equal(o Route) bool {
+	if r.Key() != o.Key() || r.Type != o.Type || r.Src != o.Src || len(r.Nexthops) != len(o.Nexthops) {
+		return false
+	}
+	for i := range r.Nexthops {
+		a, b := r.Nexthops[i], o.Nexthops[i]
+		if len(r.Nexthops) == 1 {
+			a.Weight, b.Weight = 0, 0
+		}
+		if a != b {
+			return false
+		}
+	}
+	return true
+}
+
+// Sysctl is one kernel setting, by its path below /proc/sys
+// ("net/ipv4/conf/eth1/rp_filter"), so that interface names with dots
+// need no escaping.
+type Sysctl struct {
+	Path  string
+	Value string
+	Why   string
+}
+
+// Name is the sysctl(8) spelling: dots between components, and a dot in
+// an interface name written as a slash.
+func (s Sysctl) Name() string {
+	parts := strings.Split(s.Path, "/")
+	for i, p := range parts {
+		parts[i] = strings.ReplaceAll(p, ".", "/")
+	}
+	return strings.Join(parts, ".")
+}
+
+// NATLine is the source NAT of one line.
+type NATLine struct {
+	Line      string
+	Interface string
+	Address   netip.Addr // SNAT only: the fixed source address
+}
+
+// NAT is uplinkd's nftables table: source NAT per line and the seed's
+// stateful forwarding basics.
+type NAT struct {
+	Table    string // family inet
+	Mode     string // config.NATMasquerade, NATSNAT or NATNone
+	LAN      []string
+	Lines    []NATLine
+	Firewall bool // replies and related traffic pass; nothing new from a line into the LAN
+}
+
+// Empty reports whether the table has no chain at all and so is not
+// created.
+func (n NAT) Empty() bool { return (n.Mode == "none" || len(n.Lines) == 0) && !n.Firewall }
+
+// State is everything uplinkd wants the kernel to hold.
+type State struct {
+	Rules   []Rule
+	Routes  []Route
+	NAT     NAT
+	Sysctls []Sysctl
+}
+
+// SortRules orders rules by priority, then key, the order the kernel lists
+// them in.
+func SortRules(rs []Rule) {
+	slices.SortFunc(rs, func(a, b Rule) int {
+		if a.Priority != b.Priority {
+			return a.Priority - b.Priority
+		}
+		return strings.Compare(a.Key(), b.Key())
+	})
+}
+
+// SortRoutes orders routes by table, destination and metric.
+func SortRoutes(rs []Route) {
+	slices.SortFunc(rs, func(a, b Route) int {
+		if a.Table != b.Table {
+			return a.Table - b.Table
+		}
+		if c := a.Dst.Addr().Compare(b.Dst.Addr()); c != 0 {
+			return c
+		}
+		if a.Dst.Bits() != b.Dst.Bits() {
+			return a.Dst.Bits() - b.Dst.Bits()
+		}
+		return a.Metric - b.Metric
+	})
+}

@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package sysctl sets the kernel settings uplinkd needs and remembers, in
+// a file, the values it replaced, so that Restore puts them back even
+// from another process (`uplinkd down` after `uplinkd run`).
+package sysctl
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/uplinkd/uplinkd/control/plan"
+)
+
+// FS reads and writes sysctls by their path below /proc/sys.
+type FS interface {
+	Get(path string) (string, error)
+	Set(path, value string) error
+}
+
+// Proc is /proc/sys of a network namespace. The zero NS (or -1) means
+// the namespace of the calling thread.
+type Proc struct {
+	NS netns.NsHandle
+}
+
+// Get reads one sysctl.
+func (p Proc) Get(path string) (string, error) {
+	var v []byte
+	err := p.do(func() (err error) {
+		v, err = os.ReadFile(filepath.Join("/proc/sys", path))
+		return err
+	})
+	return strings.TrimSpace(string(v)), err
+}
+
+// Set writes one sysctl.
+func (p Proc) Set(path, value string) error {
+	return p.do(func() error {
+		return os.WriteFile(filepath.Join("/proc/sys", path), []byte(value), 0)
+	})
+}
+
+// do runs f with the calling thread in p.NS: /proc/sys/net shows the
+// namespace of the thread that opens it. The thread is locked and never
+// unlocked, so the Go runtime discards it instead of reusing it in the
+// wrong namespace.
+func (p Proc) do(f func() error) error {
+	if p.NS <= 0 {
+		return f()
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := unix.Setns(int(p.NS), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("entering network namespace: %w", err)
+			return
+		}
+		errc <- f()
+	}()
+	return <-errc
+}
+
+// savedFile is where the replaced values are kept, in the state dir.
+const savedFile = "sysctl-saved.json"
+
+// Same compares two sysctl values, numerically where both are numbers
+// ("0x37" and "55" are the same).
+func Same(a, b string) bool {
+	x, errx := strconv.ParseInt(a, 0, 64)
+	y, erry := strconv.ParseInt(b, 0, 64)
+	if errx == nil && erry == nil {
+		return x == y
+	}
+	return a == b
+}
+
+// Apply sets every sysctl that differs from want. Before the first change
+// of a sysctl its old value is written to the state dir, once: a crashed
+// run that is started again does not record its own values as the
+// originals. It returns how many it changed and every error, joined.
+func Apply(f FS, want []plan.Sysctl, stateDir string) (int, error) {
+	saved, err := load(stateDir)
+	if err != nil {
+		return 0, err
+	}
+	var errs []error
+	changed := 0
+	for _, s := range want {
+		cur, err := f.Get(s.Path)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("reading sysctl %s: %w", s.Name(), err))
+			continue
+		}
+		if Same(cur, s.Value) {
+			continue
+		}
+		if _, ok := saved[s.Path]; !ok {
+			saved[s.Path] = cur
+			if err := store(stateDir, saved); err != nil {
+				return changed, errors.Join(append(errs, err)...)
+			}
+		}
+		if err := f.Set(s.Path, s.Value); err != nil {
+			errs = append(errs, fmt.Errorf("setting sysctl %s=%s: %w", s.Name(), s.Value, err))
+			continue
+		}
+		changed++
+	}
+	return changed, errors.Join(errs...)
+}
+
+// Restore writes back every saved value and removes the file. A sysctl of
+// an interface that is gone is skipped.
+func Restore(f FS, stateDir string) (int, error) {
+	saved, err := load(stateDir)
+	if err != nil {
+		return 0, err
+	}
+	var errs []error
+	n := 0
+	for path, v := range saved {
+		err := f.Set(path, v)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			errs = append(errs, fmt.Errorf("restoring sysctl %s=%s: %w", path, v, err))
+		default:
+			n++
+		}
+	}
+	if len(errs) == 0 {
+		if err := os.Remove(filepath.Join(stateDir, savedFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return n, errors.Join(errs...)
+}
+
+func load(dir string) (map[string]string, error) {
+	saved := map[string]string{}
+	b, err := os.ReadFile(filepath.Join(dir, savedFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return saved, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading saved sysctls: %w", err)
+	}
+	if err := json.Unmarshal(b, &saved); err != nil {
+		return nil, fmt.Errorf("reading saved sysctls %s: %w", filepath.Join(dir, savedFile), err)
+	}
+	return saved, nil
+}
+
+func store(dir string, saved map[string]string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("saving sysctls: %w", err)
+	}
+	b, _ := json.MarshalIndent(saved, "", "  ")
+	tmp := filepath.Join(dir, savedFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("saving sysctls: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, savedFile)); err != nil {
+		return fmt.Errorf("saving sysctls: %w", err)
+	}
+	return nil
+}

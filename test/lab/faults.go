@@ -1,0 +1,130 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Faults are injected on the ISP routers, never on the gateway, so the
+// agent under test sees them the way it would see a real line fail.
+// The lab kernel has no netem, matchall or gact, so drops are nftables rules
+// (the nft binary must be installed).
+
+const faultTimeout = 5 * time.Second
+
+func (l *Lab) isp(n int) (*Host, error) {
+	if n < 1 || n > len(l.ISPs) {
+		return nil, fmt.Errorf("no ISP %d (lab has %d)", n, len(l.ISPs))
+	}
+	return l.ISPs[n-1], nil
+}
+
+// SetCarrier sets the ISP's down0 link down or up, so the gateway's wanN
+// loses or regains carrier. It returns once the gateway reports the new
+// operational state.
+func (l *Lab) SetCarrier(n int, up bool) error {
+	isp, err := l.isp(n)
+	if err != nil {
+		return err
+	}
+	nh, err := isp.Netlink()
+	if err != nil {
+		return err
+	}
+	defer nh.Close()
+	link, err := nh.LinkByName("down0")
+	if err != nil {
+		return fmt.Errorf("finding down0 in %s: %w", isp.Name, err)
+	}
+	if up {
+		err = nh.LinkSetUp(link)
+	} else {
+		err = nh.LinkSetDown(link)
+	}
+	if err != nil {
+		return fmt.Errorf("setting down0 in %s up=%v: %w", isp.Name, up, err)
+	}
+
+	gw, err := l.Gateway.Netlink()
+	if err != nil {
+		return err
+	}
+	defer gw.Close()
+	wan := l.Uplinks[n-1].Interface
+	deadline := time.Now().Add(faultTimeout)
+	for {
+		wl, err := gw.LinkByName(wan)
+		if err != nil {
+			return fmt.Errorf("finding %s in %s: %w", wan, l.Gateway.Name, err)
+		}
+		if HasCarrier(wl) == up && (wl.Attrs().OperState == netlink.OperUp) == up {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s still has operstate %s after %v", wan, wl.Attrs().OperState, faultTimeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// HasCarrier reports whether the link has carrier (IFF_LOWER_UP).
+func HasCarrier(l netlink.Link) bool {
+	return l.Attrs().RawFlags&unix.IFF_LOWER_UP != 0
+}
+
+// SetGatewaySilent makes ISP n's router drop every frame the gateway sends
+// it, ARP included (nftables netdev ingress on down0), while the carrier
+// stays up.
+func (l *Lab) SetGatewaySilent(n int, silent bool) error {
+	rules := ""
+	if silent {
+		rules = `table netdev uplinkd_lab_silent {
+	chain in { type filter hook ingress device "down0" priority -500; policy drop; }
+}`
+	}
+	return l.nftTable(n, "netdev uplinkd_lab_silent", rules)
+}
+
+// SetLossBeyond drops percent (0..100) of the packets ISP n's router sends
+// towards the server (nftables on up0 egress); 0 removes the loss.
+func (l *Lab) SetLossBeyond(n int, percent float64) error {
+	if percent < 0 || percent > 100 || math.IsNaN(percent) {
+		return fmt.Errorf("loss %v%% out of range 0..100", percent)
+	}
+	rules := ""
+	if perTenK := int(math.Round(percent * 100)); perTenK > 0 {
+		rule := "drop"
+		if perTenK < 10000 {
+			rule = fmt.Sprintf("numgen random mod 10000 < %d drop", perTenK)
+		}
+		rules = `table netdev uplinkd_lab_loss {
+	chain out { type filter hook egress device "up0" priority 0; ` + rule + `; }
+}`
+	}
+	return l.nftTable(n, "netdev uplinkd_lab_loss", rules)
+}
+
+// nftTable atomically replaces table (family and name) in ISP n's namespace
+// with rules, or deletes it when rules is empty.
+func (l *Lab) nftTable(n int, table, rules string) error {
+	isp, err := l.isp(n)
+	if err != nil {
+		return err
+	}
+	// Declaring the table first makes the delete valid when it is absent.
+	script := "table " + table + "\ndelete table " + table + "\n" + rules + "\n"
+	ctx, cancel := context.WithTimeout(context.Background(), faultTimeout)
+	defer cancel()
+	cmd := isp.Command(ctx, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("applying nft table %s in %s: %w: %s", table, isp.Name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
