@@ -1,0 +1,149 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package test holds uplinkd's integration tests: the real binary and the
+// real kernel, in namespace labs (package lab) that each test builds and
+// removes.
+package test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/uplinkd/uplinkd/test/lab"
+)
+
+// uplinkd is the binary under test, built once by TestMain.
+var uplinkd string
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Println("integration tests need root (network namespaces, netlink, nftables): skipped")
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "uplinkd-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	uplinkd = filepath.Join(dir, "uplinkd")
+	if out, err := exec.Command("go", "build", "-o", uplinkd, "../cmd/uplinkd").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building uplinkd: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// newLab builds a lab removed at the end of the test, and a state dir.
+func newLab(t *testing.T, opts lab.Options) (*lab.Lab, string) {
+	t.Helper()
+	if uplinkd == "" {
+		t.Skip("needs root")
+	}
+	l, err := lab.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return l, t.TempDir()
+}
+
+// writeConfig writes a config file for the test.
+func writeConfig(t *testing.T, text string) string {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "uplinkd.yaml")
+	if err := os.WriteFile(f, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// gw runs a command in the lab's gateway and returns its output.
+func gw(t *testing.T, l *lab.Lab, name string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := l.Gateway.Run(ctx, name, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// startAgent runs `uplinkd run -c cfg` in the gateway until the test ends
+// (SIGTERM, then `uplinkd down`), and waits until it has applied its
+// state.
+func startAgent(t *testing.T, l *lab.Lab, cfg string) {
+	t.Helper()
+	var log strings.Builder
+	cmd := l.Gateway.Command(context.Background(), uplinkd, "run", "-c", cfg)
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("agent exited with %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+			t.Error("agent did not stop on SIGTERM within 10s")
+		}
+		if out, err := l.Gateway.Run(context.Background(), uplinkd, "down", "-c", cfg); err != nil {
+			t.Errorf("uplinkd down: %v\n%s", err, out)
+		}
+		if t.Failed() {
+			t.Logf("agent log:\n%s", log.String())
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-done:
+			t.Fatalf("agent exited early: %v\n%s", err, log.String())
+		default:
+		}
+		if strings.Contains(log.String(), `msg=applied`) {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("agent did not apply within 10s:\n%s", log.String())
+}
+
+// snapshot is the kernel state uplinkd may touch, as text, to compare a
+// gateway before and after.
+func snapshot(t *testing.T, l *lab.Lab, ifaces ...string) string {
+	t.Helper()
+	var b strings.Builder
+	b.WriteString(gw(t, l, "ip", "-4", "rule", "show"))
+	b.WriteString(gw(t, l, "ip", "-6", "rule", "show"))
+	b.WriteString(gw(t, l, "ip", "-4", "route", "show", "table", "all"))
+	b.WriteString(gw(t, l, "nft", "list", "ruleset"))
+	keys := []string{"net/ipv4/ip_forward", "net/ipv4/fib_multipath_hash_policy", "net/ipv4/fib_multipath_hash_fields", "net/ipv4/fib_multipath_use_neigh"}
+	for _, i := range ifaces {
+		keys = append(keys, "net/ipv4/conf/"+i+"/rp_filter", "net/ipv4/conf/"+i+"/ignore_routes_with_linkdown")
+	}
+	for _, k := range keys {
+		b.WriteString(k + "=" + gw(t, l, "cat", "/proc/sys/"+k))
+	}
+	return b.String()
+}
