@@ -78,7 +78,7 @@ func TestReconcileRemovesStale(t *testing.T) {
 	}
 	next := state(1, 1)
 	next.Rules[1].Src = netip.MustParsePrefix("198.51.100.32/28") // line 1 renumbered
-	next.Routes = slices.Delete(next.Routes, 2, 3)                 // line 2 lost its address
+	next.Routes = slices.Delete(next.Routes, 2, 3)                // line 2 lost its address
 	k.Log = nil
 	if _, err := Reconcile(k, next); err != nil {
 		t.Fatal(err)
