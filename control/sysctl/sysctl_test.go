@@ -1,0 +1,106 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package sysctl
+
+import (
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/uplinkd/uplinkd/control/plan"
+)
+
+// memFS is an in-memory /proc/sys.
+type memFS map[string]string
+
+func (m memFS) Get(p string) (string, error) {
+	v, ok := m[p]
+	if !ok {
+		return "", fs.ErrNotExist
+	}
+	return v, nil
+}
+
+func (m memFS) Set(p, v string) error {
+	if _, ok := m[p]; !ok {
+		return fs.ErrNotExist
+	}
+	m[p] = v
+	return nil
+}
+
+var want = []plan.Sysctl{
+	{Path: "net/ipv4/ip_forward", Value: "1"},
+	{Path: "net/ipv4/fib_multipath_hash_fields", Value: "0x37"},
+	{Path: "net/ipv4/conf/wan1/rp_filter", Value: "2"},
+}
+
+func TestApplyRestore(t *testing.T) {
+	dir := t.TempDir()
+	orig := memFS{"net/ipv4/ip_forward": "0", "net/ipv4/fib_multipath_hash_fields": "55", "net/ipv4/conf/wan1/rp_filter": "1"}
+	m := maps.Clone(orig)
+
+	n, err := Apply(m, want, dir)
+	if err != nil || n != 2 {
+		t.Fatalf("Apply = %d, %v; want 2 changes (hash_fields is already 0x37 = 55)", n, err)
+	}
+	if m["net/ipv4/ip_forward"] != "1" || m["net/ipv4/conf/wan1/rp_filter"] != "2" {
+		t.Errorf("not applied: %v", m)
+	}
+	// A restarted agent (after a crash) must not record its own values
+	// as the originals.
+	if n, err := Apply(m, want, dir); err != nil || n != 0 {
+		t.Errorf("second Apply = %d, %v", n, err)
+	}
+	n, err = Restore(m, dir)
+	if err != nil || n != 2 {
+		t.Fatalf("Restore = %d, %v", n, err)
+	}
+	if !maps.Equal(m, orig) {
+		t.Errorf("after Restore %v, want %v", m, orig)
+	}
+	if _, err := os.Stat(filepath.Join(dir, savedFile)); !os.IsNotExist(err) {
+		t.Errorf("saved file left behind: %v", err)
+	}
+	if n, err := Restore(m, dir); err != nil || n != 0 {
+		t.Errorf("Restore with nothing saved = %d, %v", n, err)
+	}
+}
+
+// An interface that disappeared takes its sysctls with it: restoring the
+// rest still works.
+func TestRestoreVanishedInterface(t *testing.T) {
+	dir := t.TempDir()
+	m := memFS{"net/ipv4/ip_forward": "0", "net/ipv4/fib_multipath_hash_fields": "7", "net/ipv4/conf/wan1/rp_filter": "0"}
+	if _, err := Apply(m, want, dir); err != nil {
+		t.Fatal(err)
+	}
+	delete(m, "net/ipv4/conf/wan1/rp_filter")
+	if n, err := Restore(m, dir); err != nil || n != 2 {
+		t.Errorf("Restore = %d, %v", n, err)
+	}
+	if m["net/ipv4/ip_forward"] != "0" {
+		t.Errorf("ip_forward not restored: %v", m)
+	}
+}
+
+func TestApplyReportsMissing(t *testing.T) {
+	m := memFS{"net/ipv4/ip_forward": "0"}
+	n, err := Apply(m, want, t.TempDir())
+	if err == nil || n != 1 {
+		t.Errorf("Apply = %d, %v; want 1 change and an error for the missing ones", n, err)
+	}
+}
+
+func TestSame(t *testing.T) {
+	for _, c := range []struct {
+		a, b string
+		same bool
+	}{{"0x37", "55", true}, {"1", "1", true}, {"1", "2", false}, {"cubic", "cubic", true}, {"cubic", "bbr", false}} {
+		if Same(c.a, c.b) != c.same {
+			t.Errorf("Same(%q, %q) = %v", c.a, c.b, !c.same)
+		}
+	}
+}
