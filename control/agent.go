@@ -19,10 +19,11 @@ import (
 
 // Agent keeps the kernel state of one config applied in one namespace.
 type Agent struct {
-	cfg   *config.Config
-	env   *Env
-	log   *slog.Logger
-	lines []plan.Line
+	cfg      *config.Config
+	env      *Env
+	log      *slog.Logger
+	lines    []plan.Line
+	reconfig chan *config.Config
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -32,7 +33,44 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Agent{cfg: cfg, env: env, log: log, lines: lines}, nil
+	return &Agent{cfg: cfg, env: env, log: log, lines: lines, reconfig: make(chan *config.Config)}, nil
+}
+
+// Reconfigure hands a new config to the running agent (SIGHUP). It is
+// checked against the kernel first; a config that fails the check, or
+// that changes what uplinkd owns (protocol, nftables table, state and pin
+// dirs: a restart after `down` is needed), is refused and the old one
+// stays. Only new flows see new weights.
+func (a *Agent) Reconfigure(ctx context.Context, cfg *config.Config) error {
+	select {
+	case a.reconfig <- cfg:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (a *Agent) reconfigure(cfg *config.Config) error {
+	old := a.cfg
+	if cfg.Routing.Protocol != old.Routing.Protocol || cfg.Routing.NFTTable != old.Routing.NFTTable ||
+		cfg.StateDir != old.StateDir || cfg.Datapath.PinDir != old.Datapath.PinDir || cfg.Datapath.On() != old.Datapath.On() {
+		return errors.New("routing.protocol, routing.nft_table, state_dir and datapath.pin_dir/enabled cannot change while running: uplinkd down, then run")
+	}
+	lines, err := plan.Resolve(cfg, a.env)
+	if err != nil {
+		return err
+	}
+	up := map[string]bool{}
+	for _, l := range a.lines {
+		up[l.Name] = l.Up
+	}
+	for i := range lines {
+		if was, ok := up[lines[i].Name]; ok {
+			lines[i].Up = was
+		}
+	}
+	a.cfg, a.lines = cfg, lines
+	return nil
 }
 
 // Lines returns the lines as the agent last saw them.
@@ -146,6 +184,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case cfg := <-a.reconfig:
+			if err := a.reconfigure(cfg); err != nil {
+				a.log.Error("new config refused, keeping the old one", "file", cfg.File(), "err", err)
+				continue
+			}
+			a.log.Info("new config", "file", cfg.File())
 		case <-tick.C:
 		case <-events:
 			time.Sleep(settle)

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -82,51 +83,121 @@ func gw(t *testing.T, l *lab.Lab, name string, args ...string) string {
 	return out
 }
 
+// agent is an `uplinkd run` process in a lab gateway.
+type agent struct {
+	cmd  *exec.Cmd
+	log  *syncBuffer
+	done chan error
+}
+
 // startAgent runs `uplinkd run -c cfg` in the gateway until the test ends
 // (SIGTERM, then `uplinkd down`), and waits until it has applied its
 // state.
-func startAgent(t *testing.T, l *lab.Lab, cfg string) {
+func startAgent(t *testing.T, l *lab.Lab, cfg string) *agent {
 	t.Helper()
-	var log strings.Builder
-	cmd := l.Gateway.Command(context.Background(), uplinkd, "run", "-c", cfg)
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	a := spawnAgent(t, l, cfg)
 	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("agent exited with %v", err)
-			}
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-			t.Error("agent did not stop on SIGTERM within 10s")
-		}
+		a.stop(t)
 		if out, err := l.Gateway.Run(context.Background(), uplinkd, "down", "-c", cfg); err != nil {
 			t.Errorf("uplinkd down: %v\n%s", err, out)
 		}
 		if t.Failed() {
-			t.Logf("agent log:\n%s", log.String())
+			t.Logf("agent log:\n%s", a.log.String())
 		}
 	})
+	a.waitLog(t, "msg=applied", 1)
+	return a
+}
+
+// spawnAgent starts the agent process; the caller stops it.
+func spawnAgent(t *testing.T, l *lab.Lab, cfg string) *agent {
+	t.Helper()
+	a := &agent{log: &syncBuffer{}, done: make(chan error, 1)}
+	a.cmd = l.Gateway.Command(context.Background(), uplinkd, "run", "-c", cfg)
+	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { a.done <- a.cmd.Wait() }()
+	return a
+}
+
+// stop sends SIGTERM and waits; an agent that is already gone is fine.
+func (a *agent) stop(t *testing.T) {
+	if a.cmd.ProcessState != nil {
+		return
+	}
+	_ = a.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-a.done:
+		if err != nil {
+			t.Errorf("agent exited with %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		_ = a.cmd.Process.Kill()
+		<-a.done
+		t.Error("agent did not stop on SIGTERM within 10s")
+	}
+}
+
+// kill9 kills the agent the hard way, as a crash would.
+func (a *agent) kill9(t *testing.T) {
+	t.Helper()
+	if err := a.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-a.done
+}
+
+// waitLog waits until the agent's log holds substr at least n times.
+func (a *agent) waitLog(t *testing.T, substr string, n int) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		select {
-		case err := <-done:
-			t.Fatalf("agent exited early: %v\n%s", err, log.String())
+		case err := <-a.done:
+			a.done <- err
+			t.Fatalf("agent exited: %v\n%s", err, a.log.String())
 		default:
 		}
-		if strings.Contains(log.String(), `msg=applied`) {
+		if strings.Count(a.log.String(), substr) >= n {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("agent did not apply within 10s:\n%s", log.String())
+	t.Fatalf("agent log has %q fewer than %d times after 10s:\n%s", substr, n, a.log.String())
+}
+
+// reload rewrites the config file and sends SIGHUP; it waits for the
+// agent to take the new config.
+func (a *agent) reload(t *testing.T, file, text string) {
+	t.Helper()
+	n := strings.Count(a.log.String(), "msg=\"new config\"")
+	if err := os.WriteFile(file, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "msg=\"new config\"", n+1)
+}
+
+// syncBuffer is a strings.Builder safe for the agent's output goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // snapshot is the kernel state uplinkd may touch, as text, to compare a

@@ -28,7 +28,7 @@ type usageError struct{ error }
 const usage = `uplinkd: use several Internet uplinks at once.
 
 Usage:
-  uplinkd run  -c FILE     apply the config and keep it applied until SIGTERM/SIGINT
+  uplinkd run  -c FILE     apply the config and keep it applied until SIGTERM/SIGINT; SIGHUP reloads it
   uplinkd plan -c FILE     print the kernel state as ip/nft/sysctl commands; touches nothing
   uplinkd down [-c FILE]   remove everything uplinkd installed (the config names custom numbers)
   uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
@@ -146,6 +146,24 @@ func cmdRun(args []string, stderr io.Writer) error {
 	defer env.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				c, err := config.Load(*file)
+				if err != nil {
+					log.Error("reloading config, keeping the old one", "err", err)
+					continue
+				}
+				_ = a.Reconfigure(ctx, c)
+			}
+		}
+	}()
 	if err := a.Run(ctx); err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 
@@ -44,7 +45,8 @@ type Config struct {
 	Routing  Routing  `yaml:"routing"`
 	// StateDir holds what uplinkd must remember between runs to undo its
 	// changes (the sysctl values it replaced).
-	StateDir string `yaml:"state_dir"`
+	StateDir string   `yaml:"state_dir"`
+	Datapath Datapath `yaml:"datapath"`
 
 	file string
 	pos  positions
@@ -91,6 +93,32 @@ type Routing struct {
 	NFTTable string `yaml:"nft_table"` // uplinkd's own nftables table (family inet)
 }
 
+// Datapath configures the eBPF programs that pin flows to lines.
+type Datapath struct {
+	// Enabled false leaves steering to the kernel's multipath route alone,
+	// as the seed did: weight changes then move established flows.
+	Enabled     *bool  `yaml:"enabled"`
+	PinDir      string `yaml:"pin_dir"`      // bpffs directory for maps and links
+	FlowEntries uint32 `yaml:"flow_entries"` // size of the flow table (LRU)
+	Attach      string `yaml:"attach"`       // auto (TCX, else tc), tcx, tc
+}
+
+// On reports whether the datapath is enabled.
+func (d Datapath) On() bool { return d.Enabled == nil || *d.Enabled }
+
+// Attach modes.
+const (
+	AttachAuto = "auto"
+	AttachTCX  = "tcx"
+	AttachTC   = "tc"
+)
+
+// Defaults for the Datapath block.
+const (
+	DefaultPinDir      = "/sys/fs/bpf/uplinkd"
+	DefaultFlowEntries = 1 << 20
+)
+
 // Defaults for the Routing block.
 const (
 	DefaultMainPriority      = 50
@@ -111,6 +139,7 @@ func Default() Config {
 		NAT:      NATMasquerade,
 		Firewall: FirewallStateful,
 		StateDir: DefaultStateDir,
+		Datapath: Datapath{PinDir: DefaultPinDir, FlowEntries: DefaultFlowEntries, Attach: AttachAuto},
 		Routing: Routing{
 			MainPriority:      DefaultMainPriority,
 			FwmarkPriority:    DefaultFwmarkPriority,
@@ -209,6 +238,17 @@ func (c *Config) check() error {
 	}
 	if c.StateDir == "" {
 		bad("state_dir", "must not be empty")
+	}
+	switch c.Datapath.Attach {
+	case AttachAuto, AttachTCX, AttachTC:
+	default:
+		bad("datapath.attach", "want auto, tcx or tc, got %q", c.Datapath.Attach)
+	}
+	if !filepath.IsAbs(c.Datapath.PinDir) {
+		bad("datapath.pin_dir", "want an absolute path in a bpffs, got %q", c.Datapath.PinDir)
+	}
+	if f := c.Datapath.FlowEntries; f < 1024 || f > 1<<26 {
+		bad("datapath.flow_entries", "want 1024..%d, got %d", 1<<26, f)
 	}
 	if !nameRE.MatchString(r.NFTTable) {
 		bad("routing.nft_table", "want 1 to 15 characters of [a-z0-9-], got %q", r.NFTTable)
