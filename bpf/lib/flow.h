@@ -1,0 +1,180 @@
+// SPDX-License-Identifier: GPL-2.0-only OR BSD-2-Clause
+/* Steering: pin every flow to a line and mark its packets for that line's
+ * routing table. */
+#pragma once
+
+#include <asm-generic/errno-base.h>
+
+#include "common.h"
+#include "ct.h"
+#include "hash.h"
+#include "maps.h"
+#include "reasons.h"
+
+static __always_inline void mark_for_line(struct __sk_buff *skb, const struct line *ln)
+{
+	if (ln && ln->mark)
+		skb->mark = (skb->mark & ~mark_mask) | (ln->mark & mark_mask);
+}
+
+/* A live line for a new flow, from its bucket, or UL_NO_LINE. */
+static __always_inline __u32 pick_line(const struct flow_key *key)
+{
+	__u32 line = bucket_line(flow_hash(key));
+
+	return line_live(line_lookup(line)) ? line : UL_NO_LINE;
+}
+
+static __always_inline void line_nat_addr(const struct line *ln, __u8 family, __u8 *addr)
+{
+	__builtin_memcpy(addr, family == UL_AF_INET ? ln->nat_addr4 : ln->nat_addr6, UL_ADDR_LEN);
+}
+
+static __always_inline void flow_count_tx(struct flow *flow, __u32 len, __u64 now)
+{
+	__sync_fetch_and_add(&flow->tx_packets, 1);
+	__sync_fetch_and_add(&flow->tx_bytes, len);
+	flow->last_seen = now;
+}
+
+static __always_inline enum ul_reason flow_steer_pinned(struct __sk_buff *skb,
+							const struct flow_key *key,
+							struct flow *flow, __u64 now)
+{
+	enum ul_reason reason = UL_REASON_EXISTING_FLOW;
+	const struct line *ln = line_lookup(flow->line), *new_ln;
+	__u32 line;
+
+	if (line_live(ln))
+		goto out;
+	if (key->proto == IPPROTO_TCP) {
+		/* NAT would break a moved TCP connection anyway: it stays, and
+		 * the dead line's table answers prohibit, so that the client
+		 * fails fast instead of hanging. */
+		reason = UL_REASON_DEAD_LINE_TCP;
+		goto out;
+	}
+	/* UDP and ICMP move: the next packet leaves by the new line and gets
+	 * a new NAT mapping there. With nowhere to go, they stay. */
+	line = pick_line(key);
+	new_ln = line_lookup(line);
+	if (!new_ln) {
+		reason = UL_REASON_NO_LIVE_LINE;
+		goto out;
+	}
+	ln = new_ln;
+	flow->line = line;
+	line_nat_addr(ln, key->family, flow->nat_addr);
+	reason = UL_REASON_MOVED_FLOW;
+out:
+	mark_for_line(skb, ln);
+	flow_count_tx(flow, skb->len, now);
+	return reason;
+}
+
+static __always_inline enum ul_reason flow_steer_new(struct __sk_buff *skb,
+						     const struct flow_key *key, __u64 now)
+{
+	struct flow flow = {
+		.first_seen = now,
+		.last_seen = now,
+		.tx_packets = 1,
+		.tx_bytes = skb->len,
+	};
+	enum ul_reason reason = UL_REASON_RECOVERED_CT;
+	const struct line *ln;
+	struct flow *winner;
+	__u32 line;
+	int err;
+
+	/* A flow the map lost keeps the line conntrack says it uses: never
+	 * another, unless that line is dead and the flow may move. */
+	line = ct_recover_line(skb, key, flow.nat_addr);
+	ln = line_lookup(line);
+	if (ln && (line_live(ln) || key->proto == IPPROTO_TCP)) {
+		flow.flags = FLOW_F_RECOVERED;
+	} else {
+		line = pick_line(key);
+		ln = line_lookup(line);
+		if (!ln)
+			return UL_REASON_NO_LIVE_LINE;
+		line_nat_addr(ln, key->family, flow.nat_addr);
+		reason = UL_REASON_NEW_FLOW;
+	}
+	flow.line = line;
+
+	err = flow_insert(key, &flow);
+	if (err == -EEXIST) {
+		/* Another CPU pinned the flow first: follow it. */
+		winner = flow_lookup(key);
+		if (winner)
+			return flow_steer_pinned(skb, key, winner, now);
+	} else if (err) {
+		reason = UL_REASON_FLOW_UPDATE_ERR;
+	}
+	mark_for_line(skb, ln);
+	return reason;
+}
+
+/* LAN ingress: the line of the packet's flow, pinning it on first sight. */
+static __always_inline enum ul_reason flow_steer(struct __sk_buff *skb, const struct flow_key *key)
+{
+	__u64 now = ul_now();
+	struct flow *flow = flow_lookup(key);
+
+	if (flow)
+		return flow_steer_pinned(skb, key, flow, now);
+	/* Checked only on a miss: the gateway's own addresses never get a flow,
+	 * so the common case costs one lookup. */
+	if (addr_is_local(key->daddr))
+		return UL_REASON_LOCAL_DST;
+	return flow_steer_new(skb, key, now);
+}
+
+/* Turns the key of a LAN egress packet (Internet to client) into the key
+ * its flow was pinned under (client to Internet). ICMP echo keeps the
+ * identifier in sport. */
+static __always_inline void flow_key_reverse(struct flow_key *key)
+{
+	__u8 addr[UL_ADDR_LEN];
+	__u16 port;
+
+	__builtin_memcpy(addr, key->saddr, UL_ADDR_LEN);
+	__builtin_memcpy(key->saddr, key->daddr, UL_ADDR_LEN);
+	__builtin_memcpy(key->daddr, addr, UL_ADDR_LEN);
+	if (key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) {
+		port = key->sport;
+		key->sport = key->dport;
+		key->dport = port;
+	}
+}
+
+/* LAN egress: counts a packet of a pinned flow on its way back to the client. */
+static __always_inline void flow_count_rx(struct __sk_buff *skb, struct flow_key *key)
+{
+	struct flow *flow;
+
+	flow_key_reverse(key);
+	flow = flow_lookup(key);
+	if (!flow)
+		return;
+	__sync_fetch_and_add(&flow->rx_packets, 1);
+	__sync_fetch_and_add(&flow->rx_bytes, skb->len);
+	flow->last_seen = ul_now();
+}
+
+/* Uplink egress and ingress: per-line packets and bytes. */
+static __always_inline void line_count(const struct __sk_buff *skb, bool egress)
+{
+	struct line_stats *stats = line_stats_lookup(skb->ifindex);
+
+	if (!stats)
+		return;
+	if (egress) {
+		stats->tx_packets++;
+		stats->tx_bytes += skb->len;
+	} else {
+		stats->rx_packets++;
+		stats->rx_bytes += skb->len;
+	}
+}

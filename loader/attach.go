@@ -1,0 +1,156 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/florianl/go-tc"
+)
+
+// linksDir, under the pin directory, holds one pinned TCX link per
+// interface and direction: links/<ifname>_<direction>.
+const linksDir = "links"
+
+type direction struct {
+	name     string
+	tcx      ebpf.AttachType
+	tcParent uint32 // clsact minor
+}
+
+var (
+	ingress = direction{"ingress", ebpf.AttachTCXIngress, tc.HandleMinIngress}
+	egress  = direction{"egress", ebpf.AttachTCXEgress, tc.HandleMinEgress}
+)
+
+// AttachLAN attaches the steering programs to the LAN interface ifname.
+//
+// Interface names are resolved, and programs attached, in the network
+// namespace of the calling OS thread: to work in another namespace, lock the
+// goroutine to its thread (runtime.LockOSThread) and enter the namespace
+// (unix.Setns) before calling, or run the agent inside it.
+func (d *Datapath) AttachLAN(ifname string) error {
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return fmt.Errorf("attaching to %s: %w", ifname, err)
+	}
+	return errors.Join(
+		d.attach(iface, ingress, d.objs.UplinkdLanIn),
+		d.attach(iface, egress, d.objs.UplinkdLanOut),
+	)
+}
+
+// AttachUplink attaches the per-line counters to the uplink interface ifname
+// of line. The namespace rules of AttachLAN apply.
+func (d *Datapath) AttachUplink(ifname string, line int) error {
+	if err := checkLine(line); err != nil {
+		return err
+	}
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return fmt.Errorf("attaching to %s: %w", ifname, err)
+	}
+	if err := d.objs.UlIfLine.Put(uint32(iface.Index), uint32(line)); err != nil {
+		return fmt.Errorf("mapping %s to line %d: %w", ifname, line, err)
+	}
+	return errors.Join(
+		d.attach(iface, ingress, d.objs.UplinkdUpIn),
+		d.attach(iface, egress, d.objs.UplinkdUpOut),
+	)
+}
+
+// attach puts prog on a hook of iface with TCX, or with tc where TCX is
+// missing or not wanted, and removes an attachment of the other kind left
+// there by an earlier run.
+func (d *Datapath) attach(iface *net.Interface, dir direction, prog *ebpf.Program) error {
+	pin := filepath.Join(d.pinDir, linksDir, iface.Name+"_"+dir.name)
+	if !d.forceTC {
+		err := attachTCX(iface.Index, dir, prog, pin)
+		switch {
+		case err == nil:
+			if err := tcDetach(d.tcState, iface.Index, dir); err != nil {
+				return fmt.Errorf("detaching tc from %s %s: %w", iface.Name, dir.name, err)
+			}
+			return nil
+		case !errors.Is(err, link.ErrNotSupported):
+			return fmt.Errorf("attaching tcx to %s %s: %w", iface.Name, dir.name, err)
+		}
+	}
+	if err := tcAttach(d.tcState, iface.Index, dir, prog); err != nil {
+		return fmt.Errorf("attaching tc to %s %s: %w", iface.Name, dir.name, err)
+	}
+	if err := detachLink(pin); err != nil {
+		return fmt.Errorf("detaching tcx from %s %s: %w", iface.Name, dir.name, err)
+	}
+	return nil
+}
+
+// attachTCX updates the program of the link pinned at pin (an atomic swap:
+// no packet misses the datapath on restart), or attaches a new link and pins
+// it there. The link goes after the programs already on the hook.
+func attachTCX(ifindex int, dir direction, prog *ebpf.Program, pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case err == nil:
+		defer l.Close()
+		if info, err := l.Info(); err == nil && info.TCX() != nil &&
+			int(info.TCX().Ifindex) == ifindex && ebpf.AttachType(info.TCX().AttachType) == dir.tcx {
+			return l.Update(prog)
+		}
+		// The interface went away, or was replaced: the link is stale.
+		if err := l.Unpin(); err != nil {
+			return err
+		}
+	case !errors.Is(err, os.ErrNotExist):
+		return err
+	}
+
+	l, err = link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: dir.tcx})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return errors.Join(err, l.Detach())
+	}
+	return nil
+}
+
+// detachLink detaches and unpins the link pinned at pin, if there is one.
+func detachLink(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	// A link whose interface is gone is already detached.
+	if err := l.Detach(); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return l.Unpin()
+}
+
+// detachLinks detaches and unpins every link pinned in dir.
+func detachLinks(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("listing links: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		if err := detachLink(filepath.Join(dir, e.Name())); err != nil {
+			errs = append(errs, fmt.Errorf("detaching %s: %w", e.Name(), err))
+		}
+	}
+	return errors.Join(errs...)
+}

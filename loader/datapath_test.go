@@ -1,0 +1,401 @@
+package loader
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+)
+
+// These tests run the programs with BPF_PROG_TEST_RUN on packets built in
+// Go, with maps seeded through the Datapath API.
+
+var (
+	client4  = netip.MustParseAddr("192.168.1.10")
+	server4  = netip.MustParseAddr("198.51.100.1")
+	local4   = netip.MustParseAddr("192.168.1.1")
+	client6  = netip.MustParseAddr("2001:db8:1::10")
+	server6  = netip.MustParseAddr("2001:db8:ff::1")
+	local6   = netip.MustParseAddr("2001:db8:1::1")
+	lineMark = []uint32{0x100, 0x200, 0x300}
+	// Bits of the input mark outside the mask, which must survive.
+	foreignMark uint32 = 0x80000001
+)
+
+func natAddrs(line int) []netip.Addr {
+	return []netip.Addr{
+		netip.AddrFrom4([4]byte{203, 0, 113, byte(line + 1)}),
+		netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0xee, 15: byte(line + 1)}),
+	}
+}
+
+// steering loads a datapath with three lines, every bucket on line 1, and
+// the gateway's own addresses in ul_local.
+func steering(t *testing.T) *Datapath {
+	t.Helper()
+	d := load(t, Options{})
+	for l, mark := range lineMark {
+		if err := d.SetLine(l, Line{Mark: mark, Weight: 1, NATAddrs: natAddrs(l)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setWeights(t, d, []int{0, 1, 0}, []bool{true, true, true})
+	if err := d.SetLocal([]netip.Addr{local4, local6}); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func setWeights(t *testing.T, d *Datapath, weights []int, live []bool) {
+	t.Helper()
+	prev, err := d.CurrentBuckets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetBuckets(Buckets(prev, weights, live)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func setDead(t *testing.T, d *Datapath, line int) {
+	t.Helper()
+	if err := d.SetLine(line, Line{Mark: lineMark[line], Dead: true, NATAddrs: natAddrs(line)}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func keyOf(p packet) uplinkdFlowKey {
+	k := uplinkdFlowKey{Family: 2, Proto: p.proto, Saddr: p.src.As16(), Daddr: p.dst.As16(), Sport: p.sport, Dport: p.dport}
+	if p.src.Is6() {
+		k.Family = 10
+	}
+	if p.proto == protoICMP || p.proto == protoICMPv6 {
+		k.Dport = 0
+	}
+	return k
+}
+
+func lookupFlow(t *testing.T, d *Datapath, p packet) (uplinkdFlow, bool) {
+	t.Helper()
+	var f uplinkdFlow
+	k := keyOf(p)
+	err := d.objs.UlFlows.Lookup(&k, &f)
+	return f, err == nil
+}
+
+func reasons(t *testing.T, d *Datapath) map[string]uint64 {
+	t.Helper()
+	r, err := d.Reasons()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// steer runs LAN ingress on p and checks that exactly one packet was
+// counted, for reason; it returns the output mark.
+func steer(t *testing.T, d *Datapath, p packet, reason string) uint32 {
+	t.Helper()
+	before := reasons(t, d)
+	mark := run(t, d.objs.UplinkdLanIn, p.bytes(), foreignMark)
+	after := reasons(t, d)
+	for name, n := range after {
+		want := before[name]
+		if name == reason {
+			want++
+		}
+		if n != want {
+			t.Errorf("reason %s: %d packets, want %d", name, n-before[name], want-before[name])
+		}
+	}
+	if _, ok := after[reason]; !ok {
+		t.Errorf("no reason %q", reason)
+	}
+	return mark
+}
+
+func tcp4(sport uint16) packet {
+	return packet{src: client4, dst: server4, proto: protoTCP, sport: sport, dport: 443}
+}
+
+func udp4(sport uint16) packet {
+	return packet{src: client4, dst: server4, proto: protoUDP, sport: sport, dport: 53, payload: 20}
+}
+
+func TestLANIngress(t *testing.T) {
+	d := steering(t)
+	steered := foreignMark | lineMark[1]
+
+	tests := []struct {
+		name   string
+		pkt    packet
+		reason string
+	}{
+		{"ipv4 tcp", tcp4(40000), "new_flow"},
+		{"ipv4 udp", udp4(40000), "new_flow"},
+		{"ipv4 icmp echo", packet{src: client4, dst: server4, proto: protoICMP, icmpType: icmpEcho, sport: 7}, "new_flow"},
+		{"ipv4 icmp echo reply", packet{src: client4, dst: server4, proto: protoICMP, icmpType: icmpEchoReply, sport: 8}, "new_flow"},
+		{"ipv6 tcp", packet{src: client6, dst: server6, proto: protoTCP, sport: 40000, dport: 443}, "new_flow"},
+		{"ipv6 udp", packet{src: client6, dst: server6, proto: protoUDP, sport: 40000, dport: 53}, "new_flow"},
+		{"ipv6 icmp echo", packet{src: client6, dst: server6, proto: protoICMPv6, icmpType: icmp6Echo, sport: 7}, "new_flow"},
+		{"ipv6 icmp echo reply", packet{src: client6, dst: server6, proto: protoICMPv6, icmpType: icmp6Reply, sport: 8}, "new_flow"},
+		{"802.1q", packet{vlans: []uint16{tpid8021Q}, src: client4, dst: server4, proto: protoTCP, sport: 40001, dport: 443}, "new_flow"},
+		{"qinq", packet{vlans: []uint16{tpid8021AD, tpid8021Q}, src: client6, dst: server6, proto: protoUDP, sport: 40001, dport: 443}, "new_flow"},
+		{"ipv4 options", packet{src: client4, dst: server4, proto: protoUDP, sport: 40002, dport: 53, ipOptions: 12}, "new_flow"},
+		{"ipv6 extension headers", packet{src: client6, dst: server6, proto: protoTCP, sport: 40002, dport: 443, extHdrs: []uint8{extHopByHop, extDestOpts, extRouting, extDestOpts}}, "new_flow"},
+		{"ipv4 first fragment", packet{src: client4, dst: server4, proto: protoUDP, sport: 40003, dport: 53, moreFrags: true, payload: 64}, "new_flow"},
+		{"ipv6 first fragment", packet{src: client6, dst: server6, proto: protoUDP, sport: 40003, dport: 53, extHdrs: []uint8{extHopByHop, extFragment}, moreFrags: true, payload: 64}, "new_flow"},
+		{"ipv4 non-first fragment", packet{src: client4, dst: server4, proto: protoUDP, fragOffset: 8, payload: 64}, "fragment"},
+		{"ipv6 non-first fragment", packet{src: client6, dst: server6, proto: protoUDP, extHdrs: []uint8{extFragment}, fragOffset: 8, payload: 64}, "fragment"},
+		// BPF_PROG_TEST_RUN refuses IP frames shorter than an IP header; a
+		// VLAN tag gets them through.
+		{"ipv4 truncated header", packet{vlans: []uint16{tpid8021Q}, src: client4, dst: server4, proto: protoTCP, cut: 30}, "truncated"},
+		{"ipv6 truncated header", packet{vlans: []uint16{tpid8021Q}, src: client6, dst: server6, proto: protoUDP, cut: 40}, "truncated"},
+		{"ipv4 truncated ports", packet{src: client4, dst: server4, proto: protoUDP, sport: 1, dport: 2, cut: 6}, "truncated"},
+		{"ipv6 truncated extension", packet{src: client6, dst: server6, proto: protoTCP, extHdrs: []uint8{extHopByHop}, cut: 27}, "truncated"},
+		{"vlan truncated", packet{vlans: []uint16{tpid8021Q}, etherType: etherLLDP, cut: 30}, "truncated"},
+		{"ipv4 bad version", packet{src: client4, dst: server4, proto: protoTCP, version: 7}, "malformed"},
+		{"ipv4 short ihl", packet{src: client4, dst: server4, proto: protoTCP, ihl: 3}, "malformed"},
+		{"ipv6 bad version", packet{src: client6, dst: server6, proto: protoTCP, version: 4}, "malformed"},
+		{"arp", packet{etherType: etherARP, dstMAC: net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}, "arp"},
+		{"lldp", packet{etherType: etherLLDP}, "not_ip"},
+		{"gre", packet{src: client4, dst: server4, proto: protoGRE}, "other_l4"},
+		{"icmp unreachable", packet{src: client4, dst: server4, proto: protoICMP, icmpType: icmpUnreach}, "other_l4"},
+		{"icmpv6 in ipv4", packet{src: client4, dst: server4, proto: protoICMPv6, icmpType: icmp6Echo}, "other_l4"},
+		{"too many extension headers", packet{src: client6, dst: server6, proto: protoTCP, extHdrs: []uint8{0, 60, 60, 60, 60, 60, 60, 60, 60}}, "other_l4"},
+		{"neighbour solicitation", packet{src: client6, dst: netip.MustParseAddr("ff02::1:ff00:1"), proto: protoICMPv6, icmpType: icmp6NS}, "nd"},
+		{"ipv4 multicast", packet{src: client4, dst: netip.MustParseAddr("224.0.0.251"), proto: protoUDP, sport: 5353, dport: 5353}, "multicast"},
+		{"ipv4 broadcast", packet{src: client4, dst: netip.MustParseAddr("255.255.255.255"), proto: protoUDP, sport: 68, dport: 67}, "multicast"},
+		{"ipv6 multicast", packet{src: client6, dst: netip.MustParseAddr("ff02::fb"), proto: protoUDP, sport: 5353, dport: 5353}, "multicast"},
+		{"l2 broadcast", packet{dstMAC: net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, src: client4, dst: server4, proto: protoUDP, sport: 1, dport: 2}, "multicast"},
+		{"ipv4 link-local", packet{src: client4, dst: netip.MustParseAddr("169.254.1.1"), proto: protoTCP, sport: 1, dport: 2}, "link_local"},
+		{"ipv6 link-local", packet{src: client6, dst: netip.MustParseAddr("fe80::1"), proto: protoTCP, sport: 1, dport: 2}, "link_local"},
+		{"ipv4 local", packet{src: client4, dst: local4, proto: protoTCP, sport: 40000, dport: 22}, "local_dst"},
+		{"ipv6 local", packet{src: client6, dst: local6, proto: protoUDP, sport: 40000, dport: 53}, "local_dst"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mark := steer(t, d, tt.pkt, tt.reason)
+			f, pinned := lookupFlow(t, d, tt.pkt)
+			if tt.reason != "new_flow" {
+				if mark != foreignMark {
+					t.Errorf("mark %#x, want %#x (untouched)", mark, foreignMark)
+				}
+				if pinned {
+					t.Errorf("flow pinned: %+v", f)
+				}
+				return
+			}
+			if mark != steered {
+				t.Errorf("mark %#x, want %#x", mark, steered)
+			}
+			if !pinned {
+				t.Fatal("flow not pinned")
+			}
+			wantNAT := natAddrs(1)[0].As16()
+			if tt.pkt.src.Is6() {
+				wantNAT = natAddrs(1)[1].As16()
+			}
+			pktLen := uint64(len(tt.pkt.bytes()))
+			if f.Line != 1 || f.NatAddr != wantNAT || f.TxPackets != 1 || f.TxBytes != pktLen ||
+				f.RxPackets != 0 || f.FirstSeen == 0 || f.LastSeen != f.FirstSeen || f.Flags != 0 {
+				t.Errorf("flow %+v, want line 1, NAT %v, 1 packet of %d bytes", f, netip.AddrFrom16(wantNAT).Unmap(), pktLen)
+			}
+		})
+	}
+}
+
+func TestPinnedFlowKeepsLine(t *testing.T) {
+	d := steering(t)
+	first := tcp4(41000)
+	steer(t, d, first, "new_flow")
+
+	// Weights change: every bucket moves to line 2.
+	setWeights(t, d, []int{0, 0, 1}, []bool{true, true, true})
+	if mark := steer(t, d, first, "existing_flow"); mark != foreignMark|lineMark[1] {
+		t.Errorf("pinned flow marked %#x, want line 1's %#x", mark, lineMark[1])
+	}
+	if f, _ := lookupFlow(t, d, first); f.Line != 1 || f.TxPackets != 2 || f.LastSeen < f.FirstSeen {
+		t.Errorf("flow %+v, want line 1 and 2 packets", f)
+	}
+	if mark := steer(t, d, tcp4(41001), "new_flow"); mark != foreignMark|lineMark[2] {
+		t.Errorf("new flow marked %#x, want line 2's %#x", mark, lineMark[2])
+	}
+}
+
+func TestDeadLine(t *testing.T) {
+	d := steering(t)
+	udp, tcp := udp4(42000), tcp4(42000)
+	steer(t, d, udp, "new_flow")
+	steer(t, d, tcp, "new_flow")
+
+	setDead(t, d, 1)
+	setWeights(t, d, []int{0, 1, 1}, []bool{true, false, true})
+
+	if mark := steer(t, d, udp, "moved_flow"); mark != foreignMark|lineMark[2] {
+		t.Errorf("UDP flow marked %#x, want line 2's %#x", mark, lineMark[2])
+	}
+	if f, _ := lookupFlow(t, d, udp); f.Line != 2 || f.NatAddr != natAddrs(2)[0].As16() {
+		t.Errorf("UDP flow %+v, want it moved to line 2 with its NAT address", f)
+	}
+	if mark := steer(t, d, udp, "existing_flow"); mark != foreignMark|lineMark[2] {
+		t.Errorf("moved UDP flow marked %#x, want %#x", mark, lineMark[2])
+	}
+
+	// TCP stays: the dead line's table answers prohibit.
+	if mark := steer(t, d, tcp, "dead_line_tcp"); mark != foreignMark|lineMark[1] {
+		t.Errorf("TCP flow marked %#x, want its dead line's %#x", mark, lineMark[1])
+	}
+	if f, _ := lookupFlow(t, d, tcp); f.Line != 1 {
+		t.Errorf("TCP flow moved to line %d", f.Line)
+	}
+}
+
+func TestNoLiveLine(t *testing.T) {
+	d := steering(t)
+	udp := udp4(43000)
+	steer(t, d, udp, "new_flow")
+
+	setDead(t, d, 1)
+	setWeights(t, d, []int{1, 1, 1}, []bool{false, false, false})
+	if mark := steer(t, d, udp4(43001), "no_live_line"); mark != foreignMark {
+		t.Errorf("new flow marked %#x with no live line", mark)
+	}
+	if _, pinned := lookupFlow(t, d, udp4(43001)); pinned {
+		t.Error("flow pinned with no live line")
+	}
+	// A pinned UDP flow with nowhere to go stays on its dead line.
+	if mark := steer(t, d, udp, "no_live_line"); mark != foreignMark|lineMark[1] {
+		t.Errorf("pinned flow marked %#x, want %#x", mark, lineMark[1])
+	}
+}
+
+func TestLANEgressCountsReplies(t *testing.T) {
+	d := steering(t)
+	for _, p := range []packet{
+		udp4(44000),
+		{src: client6, dst: server6, proto: protoTCP, sport: 44000, dport: 443},
+		{src: client4, dst: server4, proto: protoICMP, icmpType: icmpEcho, sport: 44},
+	} {
+		steer(t, d, p, "new_flow")
+		reply := p
+		reply.src, reply.dst = p.dst, p.src
+		reply.sport, reply.dport = p.dport, p.sport
+		reply.payload = 100
+		if p.proto == protoICMP {
+			reply.icmpType, reply.sport = icmpEchoReply, p.sport
+		}
+		for range 2 {
+			run(t, d.objs.UplinkdLanOut, reply.bytes(), 0)
+		}
+		f, _ := lookupFlow(t, d, p)
+		if f.RxPackets != 2 || f.RxBytes != 2*uint64(len(reply.bytes())) || f.TxPackets != 1 {
+			t.Errorf("%v %v: flow %+v, want 2 replies of %d bytes", p.proto, p.src, f, len(reply.bytes()))
+		}
+	}
+	// Replies of flows never pinned are not counted anywhere.
+	stray := udp4(44999)
+	stray.src, stray.dst = stray.dst, stray.src
+	run(t, d.objs.UplinkdLanOut, stray.bytes(), 0)
+}
+
+func TestLineStats(t *testing.T) {
+	d := load(t, Options{})
+	const lo, line = 1, 3 // BPF_PROG_TEST_RUN runs on lo, ifindex 1
+	if err := d.objs.UlIfLine.Put(uint32(lo), uint32(line)); err != nil {
+		t.Fatal(err)
+	}
+	pkt := udp4(45000).bytes()
+	for range 3 {
+		run(t, d.objs.UplinkdUpOut, pkt, 0)
+	}
+	run(t, d.objs.UplinkdUpIn, pkt, 0)
+	stats, err := d.LineStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := uint64(len(pkt))
+	if want := (LineStats{TxPackets: 3, TxBytes: 3 * n, RxPackets: 1, RxBytes: n}); stats[line] != want {
+		t.Errorf("line %d: %+v, want %+v", line, stats[line], want)
+	}
+	for l, s := range stats {
+		if l != line && s != (LineStats{}) {
+			t.Errorf("line %d counted %+v", l, s)
+		}
+	}
+}
+
+func TestFlows(t *testing.T) {
+	d := steering(t)
+	p := packet{src: client6, dst: server6, proto: protoUDP, sport: 46000, dport: 53}
+	steer(t, d, p, "new_flow")
+	steer(t, d, packet{src: client4, dst: server4, proto: protoICMP, icmpType: icmpEcho, sport: 46}, "new_flow")
+
+	var flows []Flow
+	if err := d.Flows(func(f Flow) bool { flows = append(flows, f); return true }); err != nil {
+		t.Fatal(err)
+	}
+	if len(flows) != 2 {
+		t.Fatalf("%d flows, want 2: %+v", len(flows), flows)
+	}
+	for _, f := range flows {
+		if f.Proto == protoUDP {
+			if f.Src != netip.AddrPortFrom(client6, 46000) || f.Dst != netip.AddrPortFrom(server6, 53) ||
+				f.Line != 1 || f.NATAddr != natAddrs(1)[1] || f.TxPackets != 1 || f.FirstSeen.IsZero() {
+				t.Errorf("UDP flow %+v", f)
+			}
+		} else if f.Src != netip.AddrPortFrom(client4, 46) || f.Dst != netip.AddrPortFrom(server4, 0) || f.NATAddr != natAddrs(1)[0] {
+			t.Errorf("ICMP flow %+v", f)
+		}
+	}
+
+	var seen int
+	if err := d.Flows(func(Flow) bool { seen++; return false }); err != nil || seen != 1 {
+		t.Errorf("stopping early: %d flows, %v", seen, err)
+	}
+}
+
+func TestSetLine(t *testing.T) {
+	d := load(t, Options{MarkMask: 0xff00})
+	if err := d.SetLine(0, Line{Mark: 0x10000}); err == nil {
+		t.Error("mark outside the mask accepted")
+	}
+	if err := d.SetLine(MaxLines, Line{Mark: 0x100}); err == nil {
+		t.Error("line out of range accepted")
+	}
+	a, b := natAddrs(0), natAddrs(1)
+	if err := d.SetLine(0, Line{Mark: 0x100, NATAddrs: a}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetLine(1, Line{Mark: 0x200, NATAddrs: b[:1]}); err != nil {
+		t.Fatal(err)
+	}
+	// Line 0 gives up its IPv6 address and takes line 1's IPv4 one.
+	if err := d.SetLine(0, Line{Mark: 0x100, NATAddrs: []netip.Addr{a[0], b[0]}}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[netip.Addr]uint32{a[0]: 0, b[0]: 0}
+	var (
+		addr [16]byte
+		line uint32
+		got  = map[netip.Addr]uint32{}
+	)
+	for it := d.objs.UlNatSrc.Iterate(); it.Next(&addr, &line); {
+		got[netip.AddrFrom16(addr).Unmap()] = line
+	}
+	if len(got) != len(want) || got[a[0]] != 0 || got[b[0]] != 0 {
+		t.Errorf("NAT addresses %v, want %v", got, want)
+	}
+}
+
+func TestMarkMask(t *testing.T) {
+	d := load(t, Options{MarkMask: 0xff0000})
+	if err := d.SetLine(0, Line{Mark: 0x10000}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetBuckets(Buckets(nil, []int{1}, []bool{true})); err != nil {
+		t.Fatal(err)
+	}
+	if mark := run(t, d.objs.UplinkdLanIn, tcp4(51000).bytes(), 0xff3f00); mark != 0x013f00 {
+		t.Errorf("mark %#x, want 0x13f00: line mark inside the mask, the rest kept", mark)
+	}
+}

@@ -1,0 +1,188 @@
+// Package loader loads uplinkd's eBPF datapath (bpf/), pins its maps and
+// links in bpffs so that forwarding and flow state survive an agent restart,
+// attaches it to the LAN and uplink interfaces, and gives the control plane
+// typed access to its maps.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+)
+
+const (
+	// DefaultPinDir is where maps and links are pinned unless Options says
+	// otherwise.
+	DefaultPinDir = "/sys/fs/bpf/uplinkd"
+	// DefaultFlowEntries is the default size of the flow map.
+	DefaultFlowEntries = 1 << 20
+	// DefaultMarkMask is the default part of the fwmark owned by uplinkd
+	// (mwan3's default, room for 63 marks).
+	DefaultMarkMask = 0x3f00
+
+	// MaxLines is the number of lines (uplinks) the datapath knows.
+	MaxLines = 16
+	// NumBuckets is the size of the bucket table new flows pick a line from.
+	NumBuckets = 1024
+	// NoLine in a bucket table means that no line is live.
+	NoLine = -1
+
+	// ProgPrefix starts the name of every uplinkd program, so that its
+	// attachments are recognised on an interface shared with others.
+	ProgPrefix = "uplinkd_"
+)
+
+// bucketNoLine is NoLine as stored in ul_buckets (UL_NO_LINE).
+const bucketNoLine = ^uint32(0)
+
+// Options configure Load. Zero fields take the defaults.
+type Options struct {
+	// PinDir is the bpffs directory holding the maps and links.
+	PinDir string
+	// FlowEntries is the size of the flow map. It must match the size of
+	// an already pinned flow map.
+	FlowEntries uint32
+	// MarkMask selects the bits of skb->mark that uplinkd sets; the others
+	// are preserved.
+	MarkMask uint32
+	// ForceTC attaches with clsact and cls_bpf even where TCX works.
+	ForceTC bool
+}
+
+func (o Options) withDefaults() Options {
+	if o.PinDir == "" {
+		o.PinDir = DefaultPinDir
+	}
+	if o.FlowEntries == 0 {
+		o.FlowEntries = DefaultFlowEntries
+	}
+	if o.MarkMask == 0 {
+		o.MarkMask = DefaultMarkMask
+	}
+	return o
+}
+
+// Datapath is the loaded datapath: programs, and the maps pinned under its
+// pin directory.
+type Datapath struct {
+	pinDir   string
+	markMask uint32
+	forceTC  bool
+	objs     uplinkdObjects
+	tcState  *ebpf.Map
+	reasons  []string // reason names, by code
+}
+
+// Load loads the programs and creates the maps, pinned under opts.PinDir, or
+// adopts the maps already pinned there: flows, counters and configuration
+// survive a restart. A pinned map that does not fit the programs (another
+// size or layout) is an error naming the map; it is never replaced.
+func Load(opts Options) (*Datapath, error) {
+	opts = opts.withDefaults()
+
+	spec, err := loadUplinkd()
+	if err != nil {
+		return nil, err
+	}
+	if err := spec.Variables[uplinkdVarMarkMask].Set(opts.MarkMask); err != nil {
+		return nil, fmt.Errorf("setting mark mask: %w", err)
+	}
+	spec.Maps[uplinkdMapUlFlows].MaxEntries = opts.FlowEntries
+
+	reasons, err := reasonNames(spec.Types)
+	if err != nil {
+		return nil, err
+	}
+
+	if err := os.MkdirAll(filepath.Join(opts.PinDir, linksDir), 0o700); err != nil {
+		return nil, fmt.Errorf("creating pin directory: %w", err)
+	}
+
+	d := &Datapath{
+		pinDir:   opts.PinDir,
+		markMask: opts.MarkMask,
+		forceTC:  opts.ForceTC,
+		reasons:  reasons,
+	}
+	pinned := ebpf.MapOptions{PinPath: opts.PinDir}
+	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: pinned}); err != nil {
+		return nil, loadError(opts.PinDir, err)
+	}
+	d.tcState, err = ebpf.NewMapWithOptions(tcStateSpec, pinned)
+	if err != nil {
+		d.objs.Close()
+		return nil, loadError(opts.PinDir, err)
+	}
+	return d, nil
+}
+
+func loadError(pinDir string, err error) error {
+	var verr *ebpf.VerifierError
+	switch {
+	case errors.As(err, &verr):
+		return fmt.Errorf("loading datapath: %w\n%+v", err, verr)
+	case errors.Is(err, ebpf.ErrMapIncompatible):
+		return fmt.Errorf("loading datapath: pinned map in %s does not fit this datapath (remove it to start afresh): %w", pinDir, err)
+	default:
+		return fmt.Errorf("loading datapath: %w", err)
+	}
+}
+
+// reasonNames reads the names of enum ul_reason from the object's BTF:
+// UL_REASON_NEW_FLOW is "new_flow".
+func reasonNames(types *btf.Spec) ([]string, error) {
+	var enum *btf.Enum
+	if err := types.TypeByName("ul_reason", &enum); err != nil {
+		return nil, fmt.Errorf("reading reason names: %w", err)
+	}
+	names := make([]string, 0, len(enum.Values))
+	for _, v := range enum.Values {
+		name := strings.ToLower(strings.TrimPrefix(v.Name, "UL_REASON_"))
+		if name == "max" {
+			continue
+		}
+		if int(v.Value) != len(names) {
+			return nil, fmt.Errorf("reason %s: value %d is not %d", v.Name, v.Value, len(names))
+		}
+		names = append(names, name)
+	}
+	return names, nil
+}
+
+// Close releases the datapath's file descriptors. Pins, and so the attached
+// programs and all state, stay: forwarding goes on.
+func (d *Datapath) Close() error {
+	return errors.Join(d.objs.Close(), d.tcState.Close())
+}
+
+// Remove detaches everything uplinkd attached (the TCX links pinned under
+// pinDir and its tc filters) and unpins everything under pinDir. Qdiscs and
+// filters of others are left alone. Call it in the network namespace of the
+// attach calls: tc filters recorded for another namespace are reported as an
+// error, and then nothing is unpinned.
+func Remove(pinDir string) error {
+	if _, err := os.Stat(pinDir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	errs := []error{detachLinks(filepath.Join(pinDir, linksDir))}
+	tcState, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, tcStateSpec.Name), nil)
+	switch {
+	case err == nil:
+		errs = append(errs, tcRemoveAll(tcState))
+		tcState.Close()
+	case !errors.Is(err, os.ErrNotExist):
+		errs = append(errs, fmt.Errorf("opening tc state: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(pinDir); err != nil {
+		return fmt.Errorf("unpinning: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,297 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Flags shared with bpf/lib/maps.h.
+const (
+	lineDead      = 1 << 0 // LINE_F_DEAD
+	flowRecovered = 1 << 0 // FLOW_F_RECOVERED
+)
+
+// Line is the datapath's view of a line (uplink).
+type Line struct {
+	// Mark is the fwmark of the line's routing rule, within the mark mask.
+	// 0 leaves the line unconfigured: nothing is steered to it.
+	Mark uint32
+	// Ifindex of the uplink interface, for people reading the map.
+	Ifindex int
+	// Weight, for people reading the map: weights act through SetBuckets.
+	Weight uint32
+	// Dead lines get no new flows. Their UDP and ICMP flows move to a live
+	// line; their TCP flows stay and should get a prohibit route, so that
+	// clients fail fast.
+	Dead bool
+	// NATAddrs are the source addresses the line's NAT gives to flows. A
+	// flow lost from the flow map is recovered from conntrack through them;
+	// the first of each family is recorded in new flows.
+	NATAddrs []netip.Addr
+}
+
+// Flow is a flow pinned to a line.
+type Flow struct {
+	// Proto is the IP protocol: TCP, UDP, ICMP or ICMPv6.
+	Proto uint8
+	// Src is the LAN side; for ICMP echo, its port is the echo identifier.
+	Src netip.AddrPort
+	// Dst is the Internet side; port 0 for ICMP echo.
+	Dst  netip.AddrPort
+	Line int
+	// NATAddr is the flow's NAT source address: conntrack's if the flow was
+	// recovered, else the line's. Invalid when unknown.
+	NATAddr netip.Addr
+	// Recovered says the line came from conntrack, not from the buckets.
+	Recovered bool
+	// Tx is LAN to Internet, Rx Internet to LAN; bytes are frame lengths.
+	TxPackets, TxBytes, RxPackets, RxBytes uint64
+	FirstSeen, LastSeen                    time.Time
+}
+
+// LineStats are a line's packets and bytes on its uplink interface.
+type LineStats struct {
+	TxPackets, TxBytes, RxPackets, RxBytes uint64
+}
+
+func checkLine(line int) error {
+	if line < 0 || line >= MaxLines {
+		return fmt.Errorf("line %d out of range [0, %d)", line, MaxLines)
+	}
+	return nil
+}
+
+// SetLine configures line.
+func (d *Datapath) SetLine(line int, l Line) error {
+	if err := checkLine(line); err != nil {
+		return err
+	}
+	if l.Mark&^d.markMask != 0 {
+		return fmt.Errorf("line %d: mark %#x outside mask %#x", line, l.Mark, d.markMask)
+	}
+	v := uplinkdLine{Mark: l.Mark, Weight: l.Weight, Ifindex: uint32(l.Ifindex)}
+	if l.Dead {
+		v.Flags |= lineDead
+	}
+	nat := map[[16]byte]bool{}
+	for _, a := range l.NATAddrs {
+		if !a.IsValid() {
+			return fmt.Errorf("line %d: invalid NAT address", line)
+		}
+		a16 := a.As16()
+		switch {
+		case a.Unmap().Is4() && v.NatAddr4 == [16]byte{}:
+			v.NatAddr4 = a16
+		case !a.Unmap().Is4() && v.NatAddr6 == [16]byte{}:
+			v.NatAddr6 = a16
+		}
+		nat[a16] = true
+	}
+	if err := d.objs.UlLines.Put(uint32(line), &v); err != nil {
+		return fmt.Errorf("setting line %d: %w", line, err)
+	}
+
+	var (
+		addr  [16]byte
+		owner uint32
+		stale [][16]byte
+	)
+	it := d.objs.UlNatSrc.Iterate()
+	for it.Next(&addr, &owner) {
+		if owner == uint32(line) && !nat[addr] {
+			stale = append(stale, addr)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading NAT addresses: %w", err)
+	}
+	for _, a := range stale {
+		if err := d.objs.UlNatSrc.Delete(a); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("line %d: removing NAT address: %w", line, err)
+		}
+	}
+	for a := range nat {
+		if err := d.objs.UlNatSrc.Put(a, uint32(line)); err != nil {
+			return fmt.Errorf("line %d: adding NAT address %s: %w", line, netip.AddrFrom16(a).Unmap(), err)
+		}
+	}
+	return nil
+}
+
+// SetBuckets installs a bucket table (see Buckets). It changes the line of
+// new flows only: pinned flows keep theirs.
+func (d *Datapath) SetBuckets(lines []int) error {
+	if len(lines) != NumBuckets {
+		return fmt.Errorf("bucket table has %d entries, want %d", len(lines), NumBuckets)
+	}
+	keys := make([]uint32, NumBuckets)
+	values := make([]uint32, NumBuckets)
+	for b, l := range lines {
+		keys[b] = uint32(b)
+		values[b] = bucketNoLine
+		if l == NoLine {
+			continue
+		}
+		if err := checkLine(l); err != nil {
+			return fmt.Errorf("bucket %d: %w", b, err)
+		}
+		values[b] = uint32(l)
+	}
+	if _, err := d.objs.UlBuckets.BatchUpdate(keys, values, nil); err != nil {
+		return fmt.Errorf("setting buckets: %w", err)
+	}
+	return nil
+}
+
+// CurrentBuckets returns the bucket table in force, the prev of Buckets.
+func (d *Datapath) CurrentBuckets() ([]int, error) {
+	lines := make([]int, NumBuckets)
+	var l uint32
+	for b := range lines {
+		if err := d.objs.UlBuckets.Lookup(uint32(b), &l); err != nil {
+			return nil, fmt.Errorf("reading bucket %d: %w", b, err)
+		}
+		lines[b] = int(l)
+		if l == bucketNoLine {
+			lines[b] = NoLine
+		}
+	}
+	return lines, nil
+}
+
+// SetLocal replaces the set of the gateway's own addresses, to which
+// traffic is not steered.
+func (d *Datapath) SetLocal(addrs []netip.Addr) error {
+	want := map[[16]byte]bool{}
+	for _, a := range addrs {
+		if !a.IsValid() {
+			return errors.New("setting local addresses: invalid address")
+		}
+		want[a.As16()] = true
+	}
+
+	var (
+		addr  [16]byte
+		one   uint8
+		stale [][16]byte
+	)
+	it := d.objs.UlLocal.Iterate()
+	for it.Next(&addr, &one) {
+		if !want[addr] {
+			stale = append(stale, addr)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading local addresses: %w", err)
+	}
+	for _, a := range stale {
+		if err := d.objs.UlLocal.Delete(a); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing local address: %w", err)
+		}
+	}
+	for a := range want {
+		if err := d.objs.UlLocal.Put(a, uint8(1)); err != nil {
+			return fmt.Errorf("adding local address %s: %w", netip.AddrFrom16(a).Unmap(), err)
+		}
+	}
+	return nil
+}
+
+// flowBatch is how many flows Flows reads per system call.
+const flowBatch = 4096
+
+// Flows calls fn for each flow in the flow map until fn returns false. The
+// map changes meanwhile: a flow may be missed or seen twice.
+func (d *Datapath) Flows(fn func(Flow) bool) error {
+	boot, err := bootTime()
+	if err != nil {
+		return err
+	}
+	keys := make([]uplinkdFlowKey, flowBatch)
+	values := make([]uplinkdFlow, flowBatch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
+		for i := range n {
+			if !fn(flowOf(&keys[i], &values[i], boot)) {
+				return nil
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("reading flows: %w", err)
+		}
+	}
+}
+
+func flowOf(k *uplinkdFlowKey, v *uplinkdFlow, boot time.Time) Flow {
+	f := Flow{
+		Proto:     k.Proto,
+		Src:       netip.AddrPortFrom(netip.AddrFrom16(k.Saddr).Unmap(), k.Sport),
+		Dst:       netip.AddrPortFrom(netip.AddrFrom16(k.Daddr).Unmap(), k.Dport),
+		Line:      int(v.Line),
+		Recovered: v.Flags&flowRecovered != 0,
+		TxPackets: v.TxPackets,
+		TxBytes:   v.TxBytes,
+		RxPackets: v.RxPackets,
+		RxBytes:   v.RxBytes,
+		FirstSeen: boot.Add(time.Duration(v.FirstSeen)),
+		LastSeen:  boot.Add(time.Duration(v.LastSeen)),
+	}
+	if v.NatAddr != [16]byte{} {
+		f.NATAddr = netip.AddrFrom16(v.NatAddr).Unmap()
+	}
+	return f
+}
+
+// bootTime is when CLOCK_MONOTONIC, the clock of the flow timestamps, was 0.
+func bootTime() (time.Time, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return time.Time{}, fmt.Errorf("reading monotonic clock: %w", err)
+	}
+	return time.Now().Add(-time.Duration(ts.Nano())), nil
+}
+
+// LineStats returns the packets and bytes of every line, indexed by line.
+func (d *Datapath) LineStats() ([]LineStats, error) {
+	stats := make([]LineStats, MaxLines)
+	var perCPU []uplinkdLineStats
+	for l := range stats {
+		if err := d.objs.UlLineStats.Lookup(uint32(l), &perCPU); err != nil {
+			return nil, fmt.Errorf("reading stats of line %d: %w", l, err)
+		}
+		for _, c := range perCPU {
+			stats[l].TxPackets += c.TxPackets
+			stats[l].TxBytes += c.TxBytes
+			stats[l].RxPackets += c.RxPackets
+			stats[l].RxBytes += c.RxBytes
+		}
+	}
+	return stats, nil
+}
+
+// Reasons returns how many packets LAN ingress handled for each reason
+// ("new_flow", "existing_flow", "not_ip", ...: see bpf/lib/reasons.h).
+func (d *Datapath) Reasons() (map[string]uint64, error) {
+	counts := make(map[string]uint64, len(d.reasons))
+	var perCPU []uint64
+	for code, name := range d.reasons {
+		if err := d.objs.UlReasons.Lookup(uint32(code), &perCPU); err != nil {
+			return nil, fmt.Errorf("reading reason %s: %w", name, err)
+		}
+		var sum uint64
+		for _, c := range perCPU {
+			sum += c
+		}
+		counts[name] = sum
+	}
+	return counts, nil
+}

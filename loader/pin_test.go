@@ -1,0 +1,143 @@
+package loader
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+func TestLoadAdoptsPinnedMaps(t *testing.T) {
+	requireBPF(t)
+	dir := tempPinDir(t)
+	first, err := Load(Options{PinDir: dir, FlowEntries: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := first.SetLine(1, Line{Mark: 0x200}); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.SetBuckets(Buckets(nil, []int{0, 1}, []bool{true, true})); err != nil {
+		t.Fatal(err)
+	}
+	p := tcp4(48000)
+	run(t, first.objs.UplinkdLanIn, p.bytes(), 0)
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	second := load(t, Options{PinDir: dir})
+	var flows []Flow
+	if err := second.Flows(func(f Flow) bool { flows = append(flows, f); return true }); err != nil {
+		t.Fatal(err)
+	}
+	if len(flows) != 1 || flows[0].Src != netip.AddrPortFrom(client4, 48000) || flows[0].Line != 1 {
+		t.Fatalf("flows after reload: %+v", flows)
+	}
+	if mark := run(t, second.objs.UplinkdLanIn, p.bytes(), 0); mark != 0x200 {
+		t.Errorf("mark after reload %#x, want 0x200", mark)
+	}
+	r := reasons(t, second)
+	if r["new_flow"] != 1 || r["existing_flow"] != 1 {
+		t.Errorf("reasons after reload: %v", r)
+	}
+}
+
+func TestLoadRejectsIncompatiblePin(t *testing.T) {
+	requireBPF(t)
+	dir := tempPinDir(t)
+	load(t, Options{PinDir: dir, FlowEntries: 4096})
+	_, err := Load(Options{PinDir: dir, FlowEntries: 8192})
+	if !errors.Is(err, ebpf.ErrMapIncompatible) || !strings.Contains(err.Error(), "ul_flows") {
+		t.Fatalf("loading with another flow map size: %v, want an incompatible ul_flows", err)
+	}
+	// Nothing was replaced.
+	m, err := ebpf.LoadPinnedMap(dir+"/ul_flows", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if m.MaxEntries() != 4096 {
+		t.Errorf("pinned flow map has %d entries, want 4096", m.MaxEntries())
+	}
+}
+
+// TestRecoveryFromConntrack creates conntrack entries with ctnetlink in a
+// throwaway namespace, as NAT would have, and runs LAN ingress there on
+// packets of flows the flow map does not know.
+func TestRecoveryFromConntrack(t *testing.T) {
+	ns := newNetns(t)
+	d := steering(t) // new flows go to line 1
+
+	lanServer := netip.MustParseAddr("192.168.1.20")
+	remote := netip.MustParseAddr("198.51.100.9")
+	nat := func(line int) netip.Addr { return natAddrs(line)[0] }
+	tuple := func(proto uint8, src netip.Addr, sport uint16, dst netip.Addr, dport uint16) netlink.IPTuple {
+		return netlink.IPTuple{Protocol: proto, SrcIP: net.IP(src.AsSlice()), SrcPort: sport, DstIP: net.IP(dst.AsSlice()), DstPort: dport}
+	}
+	outbound := tcp4(49000)                                                                   // SNATed to line 2's address
+	forwarded := packet{src: lanServer, dst: remote, proto: protoTCP, sport: 80, dport: 5555} // came in by line 0 (DNAT)
+	movedUDP := udp4(49001)                                                                   // SNATed to line 2's address, but line 2 will be dead
+	entries := []netlink.ConntrackFlow{
+		{Forward: tuple(protoTCP, client4, 49000, server4, 443), Reverse: tuple(protoTCP, server4, 443, nat(2), 49000)},
+		{Forward: tuple(protoTCP, remote, 5555, nat(0), 8080), Reverse: tuple(protoTCP, lanServer, 80, remote, 5555)},
+		{Forward: tuple(protoUDP, client4, 49001, server4, 53), Reverse: tuple(protoUDP, server4, 53, nat(2), 49001)},
+	}
+
+	var marks []uint32
+	err := ns.do(func() error {
+		for _, e := range entries {
+			e.FamilyType = unix.AF_INET
+			e.TimeOut = 60
+			if err := netlink.ConntrackCreate(netlink.ConntrackTable, netlink.FAMILY_V4, &e); err != nil {
+				return err
+			}
+		}
+		for _, p := range []packet{outbound, forwarded} {
+			out := make([]byte, skbCtxOutSize)
+			if _, err := d.objs.UplinkdLanIn.Run(&ebpf.RunOptions{Data: p.bytes(), ContextOut: out}); err != nil {
+				return err
+			}
+			marks = append(marks, skbMark(out))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if marks[0] != lineMark[2] || marks[1] != lineMark[0] {
+		t.Errorf("marks %#x, want %#x (outbound, line 2) and %#x (port forward, line 0)", marks, lineMark[2], lineMark[0])
+	}
+	for _, c := range []struct {
+		p    packet
+		line int
+	}{{outbound, 2}, {forwarded, 0}} {
+		f, ok := lookupFlow(t, d, c.p)
+		if !ok || f.Line != uint32(c.line) || f.Flags != flowRecovered || f.NatAddr != nat(c.line).As16() {
+			t.Errorf("flow %v: %+v, want recovered on line %d with NAT address %v", c.p.src, f, c.line, nat(c.line))
+		}
+	}
+	if r := reasons(t, d); r["recovered_ct"] != 2 {
+		t.Errorf("reasons %v, want 2 recovered_ct", r)
+	}
+
+	// A UDP flow whose line died is not recovered onto it: it moves.
+	setDead(t, d, 2)
+	err = ns.do(func() error {
+		out := make([]byte, skbCtxOutSize)
+		_, err := d.objs.UplinkdLanIn.Run(&ebpf.RunOptions{Data: movedUDP.bytes(), ContextOut: out})
+		marks = append(marks, skbMark(out))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f, _ := lookupFlow(t, d, movedUDP); f.Line != 1 || f.Flags != 0 || marks[2] != lineMark[1] {
+		t.Errorf("UDP flow of a dead line: %+v, mark %#x; want it on line 1", f, marks[2])
+	}
+}
