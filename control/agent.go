@@ -15,6 +15,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/routing"
 	"github.com/uplinkd/uplinkd/control/sysctl"
+	"github.com/uplinkd/uplinkd/loader"
 )
 
 // Agent keeps the kernel state of one config applied in one namespace.
@@ -24,6 +25,7 @@ type Agent struct {
 	log      *slog.Logger
 	lines    []plan.Line
 	reconfig chan *config.Config
+	dp       datapath
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -127,16 +129,25 @@ func (a *Agent) Apply() (Report, error) {
 	if rep.Routing, err = routing.Reconcile(k, want); err != nil {
 		errs = append(errs, err)
 	}
+	if a.cfg.Datapath.On() {
+		if err := a.dp.sync(a.env, a.cfg, a.lines, a.log); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if rep.NAT, err = nat.Apply(a.env.NFT, want.NAT); err != nil {
 		errs = append(errs, err)
 	}
 	return rep, errors.Join(errs...)
 }
 
+// Close releases the agent's handles; the kernel state, BPF pins
+// included, stays.
+func (a *Agent) Close() { a.dp.close() }
+
 // Down removes everything uplinkd installed in env's namespace, as far as
-// cfg names it (protocol tag, nftables table, state dir), and nothing
-// else: rules and routes with the tag, the table, and the saved sysctls
-// are put back.
+// cfg names it (protocol tag, nftables table, state dir, pin dir), and
+// nothing else: rules and routes with the tag, the table, the BPF
+// programs (detached) and pins; the saved sysctls are put back.
 func Down(cfg *config.Config, env *Env) error {
 	var errs []error
 	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol}
@@ -148,6 +159,9 @@ func Down(cfg *config.Config, env *Env) error {
 	}
 	if _, err := sysctl.Restore(env.Sysctl, cfg.StateDir); err != nil {
 		errs = append(errs, err)
+	}
+	if err := env.Do(func() error { return loader.Remove(cfg.Datapath.PinDir) }); err != nil {
+		errs = append(errs, fmt.Errorf("removing datapath: %w", err))
 	}
 	return errors.Join(errs...)
 }

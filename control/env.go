@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
@@ -96,4 +97,37 @@ func prefixFromIPNet(n *net.IPNet) (netip.Prefix, bool) {
 	}
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
+}
+
+// Do runs f on an OS thread inside the namespace, for the calls that work
+// in the calling thread's namespace (attaching BPF programs by interface
+// name, tc). The thread is locked and discarded afterwards, so no other
+// goroutine ever runs in the wrong namespace.
+func (e *Env) Do(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		if err := unix.Setns(int(e.NS), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("entering network namespace: %w", err)
+			return
+		}
+		errc <- f()
+	}()
+	return <-errc
+}
+
+// LocalAddrs lists every address of every interface in the namespace:
+// traffic to them is the gateway's own and is not steered.
+func (e *Env) LocalAddrs() ([]netip.Addr, error) {
+	addrs, err := e.NL.AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("listing addresses: %w", err)
+	}
+	out := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if p, ok := prefixFromIPNet(a.IPNet); ok {
+			out = append(out, p.Addr())
+		}
+	}
+	return out, nil
 }

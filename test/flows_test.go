@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strings"
 	"testing"
 	"time"
 
@@ -133,11 +132,3 @@ func share(l *lab.Lab, fs []*flow) map[string]int {
 	return per
 }
 
-// weights renders the uplinks with the given weights as a config.
-func weightsConfig(l *lab.Lab, state, extra string, w ...int) string {
-	cfg := l.Config(state, extra)
-	for i, u := range l.Uplinks {
-		cfg = strings.Replace(cfg, "    gateway: "+u.Gateway.String()+"\n", fmt.Sprintf("    gateway: %s\n    weight: %d\n", u.Gateway, w[i]), 1)
-	}
-	return cfg
-}

@@ -24,7 +24,7 @@ import (
 func TestSeedLayout(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
-	startAgent(t, l, writeConfig(t, l.Config(state, "")))
+	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
 
 	rules := gw(t, l, "ip", "-4", "rule", "show")
 	want := `0:	from all lookup local
@@ -67,7 +67,7 @@ func TestSeedLayout(t *testing.T) {
 func TestNATBothLines(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{Clients: 2})
-	startAgent(t, l, writeConfig(t, l.Config(state, "")))
+	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
 	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +135,7 @@ func TestIdempotentAndDown(t *testing.T) {
 	gw(t, l, "sysctl", "-qw", "net.ipv4.conf.wan1.rp_filter=1")
 	before := snapshot(t, l, "wan1", "wan2")
 
-	file := writeConfig(t, l.Config(state, ""))
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	cfg, err := config.Load(file)
 	if err != nil {
 		t.Fatal(err)
@@ -192,7 +192,7 @@ func TestBadConfigTouchesNothing(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
 	before := snapshot(t, l, "wan1", "wan2")
-	good := l.Config(state, "")
+	good := l.Config(lab.ConfigOptions{StateDir: state})
 	for _, tc := range []struct{ name, cfg, want string }{
 		{"unknown key", good + "colour: blue\n", ": colour: unknown key"},
 		{"duplicate name", strings.Replace(good, "name: dsl2", "name: dsl1", 1), `uplinks[1].name: "dsl1" is also the name of uplinks[0]`},
@@ -229,7 +229,7 @@ func TestBadConfigTouchesNothing(t *testing.T) {
 func TestRunRestoresAndFollows(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
-	startAgent(t, l, writeConfig(t, l.Config(state, "")))
+	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
 
 	eventually := func(what string, ok func() bool) {
 		t.Helper()

@@ -16,8 +16,8 @@ import (
 func TestWeightChangeWithoutDatapathBreaksFlows(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{Clients: 2})
-	const noDatapath = "datapath:\n  enabled: false\n"
-	file := writeConfig(t, weightsConfig(l, state, noDatapath, 1, 1))
+	opts := lab.ConfigOptions{StateDir: state, NoDatapath: true, Weights: []int{1, 1}}
+	file := writeConfig(t, l.Config(opts))
 	a := startAgent(t, l, file)
 	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
 	if err != nil {
@@ -29,7 +29,8 @@ func TestWeightChangeWithoutDatapathBreaksFlows(t *testing.T) {
 	if broken, moved, detail := checkAll(flows); broken+moved > 0 {
 		t.Fatalf("before any change: %d broken, %d moved: %v", broken, moved, detail)
 	}
-	a.reload(t, file, weightsConfig(l, state, noDatapath, 1, 3))
+	opts.Weights = []int{1, 3}
+	a.reload(t, file, l.Config(opts))
 	broken, moved, _ := checkAll(flows)
 	t.Logf("kernel multipath alone, weights 1:1 -> 1:3, 64 flows (half TCP, half UDP): %d broken, %d moved", broken, moved)
 	// Hash-threshold multipath moves the flows in a quarter of the hash

@@ -68,7 +68,7 @@ func labUp(args []string, stdout, stderr io.Writer) error {
 	dir := filepath.Join(labStateDir, l.Prefix)
 	file := filepath.Join(dir, "uplinkd.yaml")
 	if err := os.MkdirAll(dir, 0o700); err == nil {
-		err = os.WriteFile(file, []byte(l.Config(dir, "")), 0o600)
+		err = os.WriteFile(file, []byte(l.Config(lab.ConfigOptions{StateDir: dir})), 0o600)
 	}
 	if err != nil {
 		return errors.Join(fmt.Errorf("writing lab config: %w", err), l.Close())
@@ -166,7 +166,7 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 	}
 	defer os.RemoveAll(dir)
 	cfgFile := filepath.Join(dir, "uplinkd.yaml")
-	if err := os.WriteFile(cfgFile, []byte(l.Config(dir, "")), 0o600); err != nil {
+	if err := os.WriteFile(cfgFile, []byte(l.Config(lab.ConfigOptions{StateDir: dir})), 0o600); err != nil {
 		return err
 	}
 	say("\n$ uplinkd plan -c %s   (in the gateway)", cfgFile)

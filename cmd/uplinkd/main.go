@@ -144,6 +144,7 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	defer env.Close()
+	defer a.Close()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	hup := make(chan os.Signal, 1)

@@ -116,14 +116,17 @@ func Build(c *config.Config, lines []Line) State {
 			Priority: r.SourcePriority + n, Table: l.Table, Src: l.Address.Masked(), SuppressPrefixLen: -1,
 			Why: fmt.Sprintf("traffic from %s's subnet (NAT'd or bound to its address)", l.Name),
 		})
+		if !l.Usable() {
+			// Its table keeps only the prohibit route: flows pinned to the
+			// line, and traffic bound to its address, fail fast.
+			continue
+		}
 		s.Routes = append(s.Routes, Route{
 			Table: l.Table, Dst: defaultRoute4, Type: Unicast, Src: l.Address.Addr(),
 			Nexthops: []Nexthop{{Gateway: l.GatewayAddr, Device: l.Interface, Weight: 1}},
 			Why:      fmt.Sprintf("%s's own table", l.Name),
 		})
-		if l.Usable() {
-			mp = append(mp, Nexthop{Gateway: l.GatewayAddr, Device: l.Interface, Weight: l.Weight})
-		}
+		mp = append(mp, Nexthop{Gateway: l.GatewayAddr, Device: l.Interface, Weight: l.Weight})
 	}
 	s.Rules = append(s.Rules, Rule{
 		Priority: r.MultipathPriority, Table: r.MultipathTable, SuppressPrefixLen: -1,

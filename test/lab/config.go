@@ -7,20 +7,48 @@ import (
 	"strings"
 )
 
+// ConfigOptions shape the config that Config writes for a lab.
+type ConfigOptions struct {
+	StateDir   string // the agent's state_dir; required
+	PinDir     string // datapath.pin_dir; default /sys/fs/bpf/uplinkd-<prefix>, so labs never share maps
+	NoDatapath bool   // datapath.enabled: false (the seed's behaviour)
+	Attach     string // datapath.attach; default auto
+	Flows      uint32 // datapath.flow_entries; default 65536 (the product's default, 1M, preallocates 176 MiB)
+	Weights    []int  // per uplink; default 1 each
+	Extra      string // appended as is (YAML at the top level)
+}
+
 // Config returns an uplinkd config for the lab's gateway: the LAN
-// interface and every uplink with weight 1, the line addresses left to
-// discovery (as with DHCP), and state kept in stateDir. extra is appended
-// as is (YAML at the top level).
-func (l *Lab) Config(stateDir, extra string) string {
+// interface and every uplink, the line addresses left to discovery (as
+// with DHCP).
+func (l *Lab) Config(o ConfigOptions) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "lan:\n  interfaces: [%s]\nuplinks:\n", l.LANInterface)
-	for _, u := range l.Uplinks {
+	for i, u := range l.Uplinks {
 		fmt.Fprintf(&b, "  - name: %s\n    interface: %s\n    gateway: %s\n", u.Name, u.Interface, u.Gateway)
+		if i < len(o.Weights) {
+			fmt.Fprintf(&b, "    weight: %d\n", o.Weights[i])
+		}
 	}
-	fmt.Fprintf(&b, "nat: masquerade\nstate_dir: %s\n", stateDir)
-	b.WriteString(extra)
+	if o.PinDir == "" {
+		o.PinDir = l.PinDir()
+	}
+	if o.Flows == 0 {
+		o.Flows = 1 << 16
+	}
+	fmt.Fprintf(&b, "nat: masquerade\nstate_dir: %s\ndatapath:\n  pin_dir: %s\n  flow_entries: %d\n", o.StateDir, o.PinDir, o.Flows)
+	if o.NoDatapath {
+		b.WriteString("  enabled: false\n")
+	}
+	if o.Attach != "" {
+		fmt.Fprintf(&b, "  attach: %s\n", o.Attach)
+	}
+	b.WriteString(o.Extra)
 	return b.String()
 }
+
+// PinDir is the lab's own bpffs directory for the agent's maps and links.
+func (l *Lab) PinDir() string { return "/sys/fs/bpf/uplinkd-" + l.Prefix }
 
 // HostOf returns the host of a lab by its short name (gw, sw, srv, c1,
 // isp2, ...), whether or not this process built the lab.

@@ -1,0 +1,125 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package control
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+
+	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/plan"
+	"github.com/uplinkd/uplinkd/loader"
+)
+
+// datapath keeps the eBPF datapath in step with the lines: loaded (or
+// adopted from its pins), attached to every LAN and uplink interface, and
+// its line table, buckets and local addresses written.
+type datapath struct {
+	dp       *loader.Datapath
+	attached map[string]int // interface name → ifindex it was attached at
+}
+
+func loaderOptions(cfg *config.Config) loader.Options {
+	return loader.Options{
+		PinDir:      cfg.Datapath.PinDir,
+		FlowEntries: cfg.Datapath.FlowEntries,
+		MarkMask:    cfg.Routing.MarkMask,
+		ForceTC:     cfg.Datapath.Attach == config.AttachTC,
+	}
+}
+
+// sync loads and attaches what is missing and writes the maps. Only the
+// buckets that must move for a new weight or a dead line are rewritten, so
+// only new flows see the change.
+func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *slog.Logger) error {
+	if d.dp == nil {
+		var dp *loader.Datapath
+		if err := env.Do(func() (err error) { dp, err = loader.Load(loaderOptions(cfg)); return err }); err != nil {
+			return fmt.Errorf("loading datapath: %w", err)
+		}
+		d.dp, d.attached = dp, map[string]int{}
+	}
+	var errs []error
+	attach := func(ifname string, f func() error) {
+		link, err := env.NL.LinkByName(ifname)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("attaching to %s: %w", ifname, err))
+			return
+		}
+		if idx, ok := d.attached[ifname]; ok && idx == link.Attrs().Index {
+			return
+		}
+		if err := env.Do(f); err != nil {
+			errs = append(errs, err)
+			return
+		}
+		d.attached[ifname] = link.Attrs().Index
+		log.Info("datapath attached", "interface", ifname)
+	}
+	for _, ifname := range cfg.LAN.Interfaces {
+		attach(ifname, func() error { return d.dp.AttachLAN(ifname) })
+	}
+
+	weights := make([]int, loader.MaxLines)
+	live := make([]bool, loader.MaxLines)
+	for _, l := range lines {
+		attach(l.Interface, func() error { return d.dp.AttachUplink(l.Interface, l.Index) })
+		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.Weight), Dead: !l.Usable()}
+		if idx, ok := d.attached[l.Interface]; ok {
+			dl.Ifindex = idx
+		}
+		if l.Address.IsValid() {
+			dl.NATAddrs = []netip.Addr{l.Address.Addr()}
+		}
+		if err := d.dp.SetLine(l.Index, dl); err != nil {
+			errs = append(errs, err)
+		}
+		weights[l.Index], live[l.Index] = l.Weight, l.Usable()
+	}
+	for i := len(lines); i < loader.MaxLines; i++ {
+		if err := d.dp.SetLine(i, loader.Line{}); err != nil { // a line removed by a new config
+			errs = append(errs, err)
+		}
+	}
+
+	prev, err := d.dp.CurrentBuckets()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	next := loader.Buckets(prev, weights, live)
+	if !slices.Equal(prev, next) {
+		if err := d.dp.SetBuckets(next); err != nil {
+			errs = append(errs, err)
+		} else {
+			log.Info("buckets changed", "moved", moved(prev, next), "of", len(next))
+		}
+	}
+	local, err := env.LocalAddrs()
+	if err == nil {
+		err = d.dp.SetLocal(local)
+	}
+	if err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func moved(a, b []int) int {
+	n := 0
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			n++
+		}
+	}
+	return n
+}
+
+func (d *datapath) close() {
+	if d.dp != nil {
+		d.dp.Close()
+		d.dp = nil
+	}
+}

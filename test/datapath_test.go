@@ -1,0 +1,260 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/uplinkd/uplinkd/loader"
+	"github.com/uplinkd/uplinkd/test/lab"
+)
+
+// pins reads the flow table the agent pinned: LAN source → line.
+func pins(t *testing.T, l *lab.Lab) map[netip.AddrPort]loader.Flow {
+	t.Helper()
+	dp, err := loader.Load(loader.Options{PinDir: l.PinDir(), FlowEntries: 1 << 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	out := map[netip.AddrPort]loader.Flow{}
+	if err := dp.Flows(func(f loader.Flow) bool { out[f.Src] = f; return true }); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func lineStats(t *testing.T, l *lab.Lab) []loader.LineStats {
+	t.Helper()
+	dp, err := loader.Load(loader.Options{PinDir: l.PinDir(), FlowEntries: 1 << 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	s, err := dp.LineStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// local is a flow's LAN-side address and port.
+func (f *flow) local() netip.AddrPort {
+	if f.udp != nil {
+		return f.udp.LocalAddr()
+	}
+	return f.tcp.LocalAddr().(*net.TCPAddr).AddrPort()
+}
+
+// checkPinned asserts that every flow is in the flow table, on the line
+// whose address the server sees, and returns the lines by flow.
+func checkPinned(t *testing.T, l *lab.Lab, fs []*flow) map[*flow]int {
+	t.Helper()
+	table := pins(t, l)
+	lines := map[*flow]int{}
+	for _, f := range fs {
+		p, ok := table[f.local()]
+		if !ok {
+			t.Errorf("%v (from %s) is not in the flow table", f, f.local())
+			continue
+		}
+		if got := l.Uplinks[p.Line].Address.Addr(); got != f.seen.Addr() {
+			t.Errorf("%v is pinned to line %d (%s) but the server sees %s", f, p.Line, got, f.seen.Addr())
+		}
+		lines[f] = p.Line
+	}
+	return lines
+}
+
+// newShare opens n short connections and returns the share of each line
+// among them.
+func newShare(t *testing.T, l *lab.Lab, dst netip.AddrPort, n int) []float64 {
+	t.Helper()
+	counts := make([]float64, len(l.Uplinks))
+	for i := range n {
+		c, seen, err := lab.DialTCP(l.Clients[i%len(l.Clients)], dst, 2*time.Second)
+		if err != nil {
+			t.Fatalf("new connection %d: %v", i, err)
+		}
+		c.Close()
+		for j, u := range l.Uplinks {
+			if u.Address.Addr() == seen.Addr() {
+				counts[j]++
+			}
+		}
+	}
+	for j := range counts {
+		counts[j] /= float64(n)
+	}
+	return counts
+}
+
+// shareTolerance is how far a line's share of new flows may be from its
+// weight's share. Flows pick buckets by a hash of their 5-tuple; with 200
+// flows the standard deviation of a share is at most 3.5 points, so 14
+// points is 4 standard deviations (a false failure in about 1 of 15000
+// runs per comparison).
+const shareTolerance = 0.14
+
+func checkShare(t *testing.T, what string, got []float64, weights ...int) {
+	t.Helper()
+	total := 0
+	for _, w := range weights {
+		total += w
+	}
+	for i, w := range weights {
+		want := float64(w) / float64(total)
+		if d := got[i] - want; d > shareTolerance || d < -shareTolerance {
+			t.Errorf("%s: line %d has %.0f%% of new flows, want %.0f%% ± %.0f", what, i+1, 100*got[i], 100*want, 100*shareTolerance)
+		}
+	}
+	t.Logf("%s: shares %v for weights %v", what, fmtShares(got), weights)
+}
+
+func fmtShares(s []float64) string {
+	parts := make([]string, len(s))
+	for i, v := range s {
+		parts[i] = fmt.Sprintf("%.0f%%", 100*v)
+	}
+	return strings.Join(parts, " ")
+}
+
+// The datapath pins every flow to a line: 240 TCP and UDP flows from
+// three clients spread by weight, each seen by the server with the
+// address of the line it is pinned to; weight changes 1:1 → 1:3 → 4:1
+// while they run move and break none of them, and new flows follow the
+// new weights. (TestWeightChangeWithoutDatapathBreaksFlows is the same
+// change without the datapath.)
+func TestDatapathPinsFlowsAcrossWeightChanges(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 3})
+	opts := lab.ConfigOptions{StateDir: state, Weights: []int{1, 1}}
+	file := writeConfig(t, l.Config(opts))
+	a := startAgent(t, l, file)
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+
+	flows := openFlows(t, l, srv.Addr, 240, true)
+	before := checkPinned(t, l, flows)
+	per := share(l, flows)
+	t.Logf("240 long-lived flows (120 TCP, 120 UDP) over weights 1:1: %v", per)
+	for _, u := range l.Uplinks {
+		if s := float64(per[u.Name]) / 240; s < 0.5-shareTolerance || s > 0.5+shareTolerance {
+			t.Errorf("line %s has %.0f%% of the flows, want 50%% ± %.0f", u.Name, 100*s, 100*shareTolerance)
+		}
+	}
+
+	for _, w := range [][]int{{1, 3}, {4, 1}} {
+		opts.Weights = w
+		a.reload(t, file, l.Config(opts))
+		a.waitLog(t, "msg=\"buckets changed\"", 1)
+		broken, moved, detail := checkAll(flows)
+		if broken+moved > 0 {
+			t.Errorf("weights -> %v: %d flows broken, %d moved: %v", w, broken, moved, detail)
+		}
+		after := checkPinned(t, l, flows)
+		repinned := 0
+		for f, line := range before {
+			if after[f] != line {
+				repinned++
+			}
+		}
+		if repinned > 0 {
+			t.Errorf("weights -> %v: %d flows re-pinned", w, repinned)
+		}
+		checkShare(t, fmt.Sprintf("weights %v", w), newShare(t, l, srv.Addr, 200), w...)
+	}
+}
+
+// kill -9 of the agent: forwarding and counting go on without it; a new
+// agent adopts the pinned maps and links, and no flow is re-pinned.
+func TestAgentCrashAdoptsPins(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 2})
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	first := spawnAgent(t, l, file)
+	first.waitLog(t, "msg=applied", 1)
+	t.Cleanup(func() { first.stop(t) })
+
+	flows := openFlows(t, l, srv.Addr, 40, true)
+	pinned := pins(t, l)
+	first.kill9(t)
+
+	statsBefore := lineStats(t, l)
+	if broken, moved, detail := checkAll(flows); broken+moved > 0 {
+		t.Fatalf("without the agent: %d broken, %d moved: %v", broken, moved, detail)
+	}
+	statsAfter := lineStats(t, l)
+	for i := range l.Uplinks {
+		if statsAfter[i].TxPackets <= statsBefore[i].TxPackets || statsAfter[i].RxPackets <= statsBefore[i].RxPackets {
+			t.Errorf("line %d counters stopped without the agent: %+v -> %+v", i+1, statsBefore[i], statsAfter[i])
+		}
+	}
+
+	second := startAgent(t, l, file)
+	_ = second
+	if broken, moved, detail := checkAll(flows); broken+moved > 0 {
+		t.Fatalf("after the restart: %d broken, %d moved: %v", broken, moved, detail)
+	}
+	now := pins(t, l)
+	for _, f := range flows {
+		was, is := pinned[f.local()], now[f.local()]
+		// FirstSeen is converted from boot time at each read: equal
+		// within the conversion's jitter means the entry was never
+		// recreated.
+		if d := was.FirstSeen.Sub(is.FirstSeen).Abs(); was.Line != is.Line || d > time.Millisecond || is.TxPackets <= was.TxPackets {
+			t.Errorf("%v: before the crash line %d first seen %v tx %d, after the restart line %d first seen %v tx %d: want the same pin, counting on",
+				f, was.Line, was.FirstSeen, was.TxPackets, is.Line, is.FirstSeen, is.TxPackets)
+		}
+	}
+}
+
+// bpftool shows the pinned maps with their field names (BTF), ports in
+// host order.
+func TestBpftoolShowsFields(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	c, _, err := lab.DialTCP(l.Clients[0], srv.Addr, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	out, err := l.Gateway.Run(context.Background(), "bpftool", "map", "dump", "pinned", l.PinDir()+"/ul_flows")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, field := range []string{`"saddr"`, `"daddr"`, `"sport"`, `"dport": 7`, `"line"`, `"nat_addr"`, `"tx_packets"`, `"rx_bytes"`, `"first_seen"`} {
+		if !strings.Contains(out, field) {
+			t.Errorf("bpftool map dump ul_flows lacks %s:\n%s", field, out)
+		}
+	}
+	out, err = l.Gateway.Run(context.Background(), "bpftool", "map", "dump", "pinned", l.PinDir()+"/ul_lines")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, field := range []string{`"mark": 16777216`, `"flags"`, `"weight": 1`} {
+		if !strings.Contains(out, field) {
+			t.Errorf("bpftool map dump ul_lines lacks %s:\n%s", field, out)
+		}
+	}
+}
