@@ -131,4 +131,3 @@ func share(l *lab.Lab, fs []*flow) map[string]int {
 	}
 	return per
 }
-
