@@ -6,8 +6,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/uplinkd/uplinkd/control/config"
@@ -115,13 +119,26 @@ func (a *Agent) refresh() {
 }
 
 // Apply brings the kernel to the desired state: sysctls, then routes and
-// rules, then NAT. It goes on after errors and returns them all.
+// rules, then the datapath, then NAT. It goes on after errors and returns
+// them all.
 func (a *Agent) Apply() (Report, error) {
-	a.refresh()
-	want := a.Desired()
 	var rep Report
 	var errs []error
-	var err error
+	var lost []plan.Line // lines that just went down
+	a.refresh()
+	down, err := LinesDown(a.cfg.StateDir)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for i := range a.lines {
+		l := &a.lines[i]
+		if up := !slices.Contains(down, l.Name); up != l.Up {
+			a.log.Info("line state", "line", l.Name, "up", up, "why", "operator")
+			l.Up = up
+			lost = append(lost, *l)
+		}
+	}
+	want := a.Desired()
 	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, want.Sysctls, a.cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
@@ -136,6 +153,18 @@ func (a *Agent) Apply() (Report, error) {
 	}
 	if rep.NAT, err = nat.Apply(a.env.NFT, want.NAT); err != nil {
 		errs = append(errs, err)
+	}
+	// After the datapath moved the line's flows away and the dead line's
+	// TCP reset is in place.
+	for _, l := range lost {
+		if l.Up || !l.Address.IsValid() {
+			continue
+		}
+		n, err := a.env.FlushConntrack(l.Address.Addr())
+		if err != nil {
+			errs = append(errs, err)
+		}
+		a.log.Info("conntrack flushed", "line", l.Name, "address", l.Address.Addr(), "entries", n)
 	}
 	return rep, errors.Join(errs...)
 }
@@ -160,6 +189,9 @@ func Down(cfg *config.Config, env *Env) error {
 	if _, err := sysctl.Restore(env.Sysctl, cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
+	if err := os.Remove(filepath.Join(cfg.StateDir, linesDownFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, err)
+	}
 	if err := env.Do(func() error { return loader.Remove(cfg.Datapath.PinDir) }); err != nil {
 		errs = append(errs, fmt.Errorf("removing datapath: %w", err))
 	}
@@ -179,6 +211,10 @@ const (
 // forwarding goes on; Down removes it. A first Apply that fails is
 // rolled back, so nothing is left half-applied.
 func (a *Agent) Run(ctx context.Context) error {
+	if err := writePid(a.cfg.StateDir); err != nil {
+		return err
+	}
+	defer os.Remove(filepath.Join(a.cfg.StateDir, pidFile))
 	rep, err := a.Apply()
 	if err != nil {
 		if derr := Down(a.cfg, a.env); derr != nil {

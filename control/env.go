@@ -131,3 +131,19 @@ func (e *Env) LocalAddrs() ([]netip.Addr, error) {
 	}
 	return out, nil
 }
+
+// FlushConntrack deletes the connection tracking entries NAT'd to addr (a
+// line's address): only that line's connections, never the whole table.
+// Their next packet starts afresh on the line the datapath now picks,
+// instead of being lost to masquerade's cleanup of the old entry.
+func (e *Env) FlushConntrack(addr netip.Addr) (uint, error) {
+	f := &netlink.ConntrackFilter{}
+	if err := f.AddIP(netlink.ConntrackReplyDstIP, addr.AsSlice()); err != nil {
+		return 0, err
+	}
+	n, err := e.NL.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, f)
+	if err != nil {
+		return n, fmt.Errorf("flushing conntrack entries of %s: %w", addr, err)
+	}
+	return n, nil
+}

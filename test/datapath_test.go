@@ -258,3 +258,64 @@ func TestBpftoolShowsFields(t *testing.T) {
 		}
 	}
 }
+
+// A line taken down: new flows avoid it; its UDP flows move to a live
+// line and keep working; its TCP flows get a reset on their next packet
+// instead of retransmitting for minutes; flows on the other line are
+// untouched. Brought back up, it gets new flows again.
+func TestDeadLineFlows(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 2})
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	a := startAgent(t, l, file)
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	flows := openFlows(t, l, srv.Addr, 60, true)
+	dead := l.Uplinks[0].Address.Addr()
+
+	gw(t, l, uplinkd, "line", "down", "dsl1", "-c", file)
+	a.waitLog(t, `msg="line state" line=dsl1 up=false`, 1)
+	a.waitLog(t, `msg=reconciled`, 1)
+
+	var resets, movedUDP, untouched int
+	for _, f := range flows {
+		start := time.Now()
+		err := f.check()
+		took := time.Since(start)
+		switch {
+		case f.seen.Addr() != dead:
+			if err != nil {
+				t.Errorf("%v on the live line: %v", f, err)
+			}
+			untouched++
+		case f.udp != nil:
+			seen, qerr := f.udp.Query([]byte("again"), time.Second)
+			if qerr != nil || seen.Addr() == dead {
+				t.Errorf("%v on the dead line: after the move seen as %v, %v; want a live line", f, seen, qerr)
+			}
+			movedUDP++
+		default:
+			if err == nil || !strings.Contains(err.Error(), "reset") {
+				t.Errorf("%v on the dead line: %v after %v; want a connection reset", f, err, took)
+			}
+			resets++
+		}
+	}
+	t.Logf("line dsl1 down: %d TCP flows reset, %d UDP flows moved, %d flows on dsl2 untouched", resets, movedUDP, untouched)
+	if resets == 0 || movedUDP == 0 || untouched == 0 {
+		t.Errorf("want flows of every kind: %d resets, %d moved, %d untouched", resets, movedUDP, untouched)
+	}
+	if got := newShare(t, l, srv.Addr, 50); got[0] != 0 {
+		t.Errorf("line dsl1 is down but got %.0f%% of new flows", 100*got[0])
+	}
+
+	gw(t, l, uplinkd, "line", "up", "dsl1", "-c", file)
+	a.waitLog(t, `msg="line state" line=dsl1 up=true`, 1)
+	time.Sleep(100 * time.Millisecond) // the reconcile after the notice
+	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
+		t.Error("line dsl1 is back up but gets no new flows")
+	}
+}

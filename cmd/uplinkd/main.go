@@ -31,6 +31,8 @@ Usage:
   uplinkd run  -c FILE     apply the config and keep it applied until SIGTERM/SIGINT; SIGHUP reloads it
   uplinkd plan -c FILE     print the kernel state as ip/nft/sysctl commands; touches nothing
   uplinkd down [-c FILE]   remove everything uplinkd installed (the config names custom numbers)
+  uplinkd line down|up NAME -c FILE   take a line out of service (no new flows; its TCP flows get a reset,
+                                      its UDP flows move) or bring it back
   uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
 `
 
@@ -63,6 +65,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdDown(args, stderr)
 	case "lab":
 		return cmdLab(args, stdout, stderr)
+	case "line":
+		return cmdLine(args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -192,4 +196,37 @@ func cmdDown(args []string, stderr io.Writer) error {
 	}
 	defer env.Close()
 	return control.Down(&cfg, env)
+}
+
+func cmdLine(args []string, stdout, stderr io.Writer) error {
+	if len(args) < 2 || (args[0] != "down" && args[0] != "up") {
+		return usageError{errors.New("line: want line down NAME -c FILE, or line up NAME -c FILE")}
+	}
+	verb, name := args[0], args[1]
+	fs := flag.NewFlagSet("line "+verb, flag.ContinueOnError)
+	file := fs.String("c", "", "config `file`")
+	if err := parseFlags(fs, args[2:], stderr); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*file)
+	if err != nil {
+		return err
+	}
+	known := false
+	for _, u := range cfg.Uplinks {
+		known = known || u.Name == name
+	}
+	if !known {
+		return usageError{fmt.Errorf("line %s: no line %q in %s", verb, name, *file)}
+	}
+	pid, err := control.SetLineDown(cfg.StateDir, name, verb == "down")
+	if err != nil {
+		return err
+	}
+	if pid == 0 {
+		fmt.Fprintf(stdout, "line %s %s; no agent runs with state dir %s: it takes effect when one starts\n", name, verb, cfg.StateDir)
+		return nil
+	}
+	fmt.Fprintf(stdout, "line %s %s; agent %d notified\n", name, verb, pid)
+	return nil
 }

@@ -31,6 +31,7 @@ type chainSpec struct {
 }
 
 var chains = []chainSpec{
+	{plan.ChainPrerouting, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityMangle},
 	{plan.ChainPostrouting, nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource},
 	{plan.ChainForward, nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter},
 }
@@ -203,6 +204,19 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)},
 		)
 	}
+	if r.MarkMask != 0 {
+		e = append(e,
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(r.MarkMask), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.Mark)},
+		)
+	}
+	if r.TCP {
+		e = append(e,
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		)
+	}
 	e = append(e, &expr.Counter{})
 	switch r.Action {
 	case plan.NFTMasquerade:
@@ -216,6 +230,8 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 		e = append(e, &expr.Verdict{Kind: expr.VerdictAccept})
 	case plan.NFTDrop:
 		e = append(e, &expr.Verdict{Kind: expr.VerdictDrop})
+	case plan.NFTReset:
+		e = append(e, &expr.Reject{Type: unix.NFT_REJECT_TCP_RST})
 	}
 	return e
 }

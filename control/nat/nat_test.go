@@ -47,7 +47,8 @@ func TestApplyMatchesPlan(t *testing.T) {
 	c, l := gateway(t)
 	for _, n := range []plan.NAT{
 		{Table: "uplinkd", Mode: "masquerade", LAN: []string{"lan0"}, Firewall: true,
-			Lines: []plan.NATLine{{Line: "dsl1", Interface: "wan1"}, {Line: "dsl2", Interface: "wan2"}}},
+			Lines: []plan.NATLine{{Line: "dsl1", Interface: "wan1"}, {Line: "dsl2", Interface: "wan2"}},
+			Dead:  []plan.DeadLine{{Line: "dsl2", Mark: 0x2000000, Mask: 0x1f000000}}},
 		{Table: "uplinkd", Mode: "snat", LAN: []string{"lan0"},
 			Lines: []plan.NATLine{{Line: "dsl1", Interface: "wan1", Address: netip.MustParseAddr("198.51.100.2")}}},
 	} {

@@ -143,6 +143,9 @@ func Build(c *config.Config, lines []Line) State {
 
 	s.NAT = NAT{Table: r.NFTTable, Mode: c.NAT, LAN: c.LAN.Interfaces, Firewall: c.Firewall == config.FirewallStateful}
 	for _, l := range lines {
+		if !l.Usable() && c.Datapath.On() {
+			s.NAT.Dead = append(s.NAT.Dead, DeadLine{Line: l.Name, Mark: l.Mark, Mask: r.MarkMask})
+		}
 		nl := NATLine{Line: l.Name, Interface: l.Interface}
 		if c.NAT == config.NATSNAT {
 			nl.Address = l.Address.Addr()

@@ -98,17 +98,21 @@ func Render(w io.Writer, s State, proto int) {
 // NFTRule is one rule of uplinkd's nftables table, as data: the nat
 // package builds its expressions from the fields, Text prints it.
 type NFTRule struct {
-	Chain   string     // ChainPostrouting or ChainForward
-	Iif     string     // match iifname; "" any
-	Oif     string     // match oifname; "" any
-	CtState string     // match "established,related" or "invalid"; "" any
-	Action  string     // NFTMasquerade, NFTSNAT, NFTAccept or NFTDrop
-	SNATTo  netip.Addr // NFTSNAT only
-	Why     string     // the start of the rule's comment in the kernel
+	Chain    string // ChainPostrouting or ChainForward
+	Iif      string // match iifname; "" any
+	Oif      string // match oifname; "" any
+	CtState  string // match "established,related" or "invalid"; "" any
+	Mark     uint32 // with MarkMask: match meta mark & MarkMask == Mark
+	MarkMask uint32
+	TCP      bool       // match meta l4proto tcp
+	Action   string     // NFTMasquerade, NFTSNAT, NFTAccept, NFTDrop or NFTReset
+	SNATTo   netip.Addr // NFTSNAT only
+	Why      string     // the start of the rule's comment in the kernel
 }
 
 // NFT chains and actions.
 const (
+	ChainPrerouting  = "prerouting"
 	ChainPostrouting = "postrouting"
 	ChainForward     = "forward"
 
@@ -116,6 +120,7 @@ const (
 	NFTSNAT       = "snat"
 	NFTAccept     = "accept"
 	NFTDrop       = "drop"
+	NFTReset      = "reject with tcp reset"
 )
 
 // Text is the rule in nft syntax, without its comment.
@@ -132,6 +137,12 @@ func (r NFTRule) Text() string {
 	}
 	if r.CtState != "" {
 		parts = append(parts, "ct state "+r.CtState)
+	}
+	if r.MarkMask != 0 {
+		parts = append(parts, fmt.Sprintf("meta mark & 0x%08x == 0x%08x", r.MarkMask, r.Mark))
+	}
+	if r.TCP {
+		parts = append(parts, "meta l4proto tcp")
 	}
 	parts = append(parts, "counter")
 	if r.Action == NFTSNAT {
@@ -154,6 +165,10 @@ func (r NFTRule) Comment() string {
 // NFTRules lists the rules of the NAT table in order, per chain.
 func NFTRules(n NAT) []NFTRule {
 	var rs []NFTRule
+	for _, d := range n.Dead {
+		rs = append(rs, NFTRule{Chain: ChainPrerouting, Mark: d.Mark, MarkMask: d.Mask, TCP: true, Action: NFTReset,
+			Why: "uplinkd: " + d.Line + " is down, its TCP flows get a reset"})
+	}
 	if n.Mode != "none" {
 		for _, l := range n.Lines {
 			for _, lan := range n.LAN {
@@ -185,6 +200,7 @@ func NFTScript(n NAT) string {
 	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\ntable inet %s {\n", n.Table, n.Table, n.Table)
 	rules := NFTRules(n)
 	for _, ch := range []struct{ name, decl string }{
+		{ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;"},
 		{ChainPostrouting, "type nat hook postrouting priority srcnat; policy accept;"},
 		{ChainForward, "type filter hook forward priority filter; policy accept;"},
 	} {

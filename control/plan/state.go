@@ -110,19 +110,32 @@ type NATLine struct {
 	Address   netip.Addr // SNAT only: the fixed source address
 }
 
-// NAT is uplinkd's nftables table: source NAT per line and the seed's
-// stateful forwarding basics.
+// DeadLine is a line that is down, by the fwmark of the flows the
+// datapath pinned to it.
+type DeadLine struct {
+	Line       string
+	Mark, Mask uint32
+}
+
+// NAT is uplinkd's nftables table: source NAT per line, the seed's
+// stateful forwarding basics, and a TCP reset for flows pinned to a dead
+// line.
 type NAT struct {
 	Table    string // family inet
 	Mode     string // config.NATMasquerade, NATSNAT or NATNone
 	LAN      []string
 	Lines    []NATLine
 	Firewall bool // replies and related traffic pass; nothing new from a line into the LAN
+	// Dead lines: their pinned TCP flows are answered with a reset, so
+	// clients fail at once instead of retransmitting for minutes (a TCP
+	// client treats the prohibit route's ICMP error as soft). UDP and ICMP
+	// flows are moved to a live line by the datapath.
+	Dead []DeadLine
 }
 
 // Empty reports whether the table has no chain at all and so is not
 // created.
-func (n NAT) Empty() bool { return (n.Mode == "none" || len(n.Lines) == 0) && !n.Firewall }
+func (n NAT) Empty() bool { return len(NFTRules(n)) == 0 }
 
 // State is everything uplinkd wants the kernel to hold.
 type State struct {
