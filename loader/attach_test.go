@@ -14,6 +14,8 @@ import (
 	"github.com/florianl/go-tc/core"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	testlab "github.com/uplinkd/uplinkd/test/lab"
 )
 
 // These tests attach to veth pairs in a throwaway namespace and send real
@@ -98,7 +100,7 @@ func linkInfo(t *testing.T, pin string) *link.Info {
 func TestAttachTCX(t *testing.T) {
 	ns := newNetns(t)
 	dir := tempPinDir(t)
-	foreign, counter := counterProg(t)
+	foreign, counter := testlab.ForeignProgram(t)
 	first := load(t, Options{PinDir: dir})
 	if err := first.SetLine(2, Line{Mark: 0x300}); err != nil {
 		t.Fatal(err)
@@ -152,7 +154,7 @@ func TestAttachTCX(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if n := count(t, counter); n != 3 {
+	if n := testlab.ForeignCount(t, counter); n != 3 {
 		t.Errorf("foreign program counted %d packets, want 3", n)
 	}
 	f, ok := lookupFlow(t, first, udp4(50000))
@@ -205,7 +207,7 @@ func TestAttachTCX(t *testing.T) {
 	if len(progs) != 2 || progs[1].ID != after.Program {
 		t.Errorf("programs on lan0 ingress %+v, want the foreign one, then %d", progs, after.Program)
 	}
-	if n := count(t, counter); n != 5 {
+	if n := testlab.ForeignCount(t, counter); n != 5 {
 		t.Errorf("foreign program counted %d packets, want 5", n)
 	}
 	if f, _ := lookupFlow(t, second, udp4(50000)); f.TxPackets != 5 || f.Line != 2 {
@@ -252,7 +254,7 @@ func hasClsact(nl *tc.Tc, ifname string) (bool, error) {
 func TestAttachTC(t *testing.T) {
 	ns := newNetns(t)
 	dir := tempPinDir(t)
-	foreign, counter := counterProg(t)
+	foreign, counter := testlab.ForeignProgram(t)
 	d := load(t, Options{PinDir: dir, ForceTC: true})
 	if err := d.SetLine(0, Line{Mark: 0x100}); err != nil {
 		t.Fatal(err)
@@ -356,7 +358,7 @@ func TestAttachTC(t *testing.T) {
 	for _, r := range report {
 		t.Error(r)
 	}
-	if n := count(t, counter); n != 4 {
+	if n := testlab.ForeignCount(t, counter); n != 4 {
 		t.Errorf("foreign program counted %d packets, want 4", n)
 	}
 	if f, _ := lookupFlow(t, d, udp4(50000)); f.TxPackets != 3 || f.Line != 0 {

@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
 	"github.com/uplinkd/uplinkd/loader"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
@@ -317,5 +320,121 @@ func TestDeadLineFlows(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // the reconcile after the notice
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("line dsl1 is back up but gets no new flows")
+	}
+}
+
+// Someone else's TC program on the LAN interface keeps running through
+// uplinkd's attach, a crash and restart, and `uplinkd down`.
+func TestForeignTCProgramSurvives(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	prog, counter := lab.ForeignProgram(t)
+	var foreign link.Link
+	if err := l.Gateway.Do(func() error {
+		iface, err := net.InterfaceByName(l.LANInterface)
+		if err != nil {
+			return err
+		}
+		foreign, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: prog, Attach: ebpf.AttachTCXIngress})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { foreign.Close() })
+	info, err := prog.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+
+	counts := func(stage string) {
+		t.Helper()
+		before := lab.ForeignCount(t, counter)
+		if err := lab.Ping(l.Clients[0], l.LANAddress.Addr(), time.Second); err != nil {
+			t.Fatalf("%s: %v", stage, err)
+		}
+		if after := lab.ForeignCount(t, counter); after <= before {
+			t.Errorf("%s: the foreign program stopped counting (%d -> %d)", stage, before, after)
+		}
+	}
+	counts("before uplinkd")
+	first := spawnAgent(t, l, file)
+	t.Cleanup(func() { first.stop(t) })
+	first.waitLog(t, "msg=applied", 1)
+	counts("with uplinkd attached")
+	if got := tcxPrograms(t, l); len(got) != 2 || got[0] != id {
+		t.Errorf("lan0 TCX ingress runs %v, want the foreign program (%d) first, then uplinkd's", got, id)
+	}
+	if got := newShare(t, l, srv.Addr, 40); got[0] == 0 || got[1] == 0 {
+		t.Errorf("steering with a foreign program in front: shares %v", got)
+	}
+	first.kill9(t)
+	second := spawnAgent(t, l, file)
+	t.Cleanup(func() { second.stop(t) })
+	second.waitLog(t, "msg=applied", 1)
+	counts("after a crash and restart")
+	second.stop(t)
+	gw(t, l, uplinkd, "down", "-c", file)
+	counts("after uplinkd down")
+	if got := tcxPrograms(t, l); len(got) != 1 || got[0] != id {
+		t.Errorf("after down, lan0 TCX ingress runs programs %v, want the foreign one (%d) only", got, id)
+	}
+}
+
+// tcxPrograms lists the programs attached to the lab gateway's LAN
+// interface with TCX, ingress. (Debian 12's bpftool does not know TCX.)
+func tcxPrograms(t *testing.T, l *lab.Lab) []ebpf.ProgramID {
+	t.Helper()
+	var ids []ebpf.ProgramID
+	if err := l.Gateway.Do(func() error {
+		iface, err := net.InterfaceByName(l.LANInterface)
+		if err != nil {
+			return err
+		}
+		res, err := link.QueryPrograms(link.QueryOptions{Target: iface.Index, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return err
+		}
+		for _, p := range res.Programs {
+			ids = append(ids, p.ID)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// On a kernel without TCX uplinkd attaches with clsact + cls_bpf; here
+// that path is forced with `datapath.attach: tc`.
+func TestTCFallback(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Attach: "tc"}))
+	a := startAgent(t, l, file)
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	flows := openFlows(t, l, srv.Addr, 20, true)
+	checkPinned(t, l, flows)
+	out := gw(t, l, "tc", "filter", "show", "dev", l.LANInterface, "ingress")
+	if !strings.Contains(out, "uplinkd_lan_in") {
+		t.Errorf("tc filter show dev lan0 ingress:\n%s\nwant uplinkd's cls_bpf filter", out)
+	}
+	if got := tcxPrograms(t, l); len(got) != 0 {
+		t.Errorf("attach: tc, but TCX programs %v are attached", got)
+	}
+	a.stop(t)
+	gw(t, l, uplinkd, "down", "-c", file)
+	if out := gw(t, l, "tc", "qdisc", "show", "dev", l.LANInterface); strings.Contains(out, "clsact") {
+		t.Errorf("after down, the clsact qdisc uplinkd created is still there:\n%s", out)
 	}
 }
