@@ -335,4 +335,3 @@ func onLockedThread(fn func() error) error {
 	}()
 	return <-errc
 }
-
