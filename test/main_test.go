@@ -44,7 +44,7 @@ func TestMain(m *testing.M) {
 }
 
 // newLab builds a lab removed at the end of the test, and a state dir.
-func newLab(t *testing.T, opts lab.Options) (*lab.Lab, string) {
+func newLab(t testing.TB, opts lab.Options) (*lab.Lab, string) {
 	t.Helper()
 	if uplinkd == "" {
 		t.Skip("needs root")
@@ -62,7 +62,7 @@ func newLab(t *testing.T, opts lab.Options) (*lab.Lab, string) {
 }
 
 // writeConfig writes a config file for the test.
-func writeConfig(t *testing.T, text string) string {
+func writeConfig(t testing.TB, text string) string {
 	t.Helper()
 	f := filepath.Join(t.TempDir(), "uplinkd.yaml")
 	if err := os.WriteFile(f, []byte(text), 0o600); err != nil {
@@ -72,7 +72,7 @@ func writeConfig(t *testing.T, text string) string {
 }
 
 // gw runs a command in the lab's gateway and returns its output.
-func gw(t *testing.T, l *lab.Lab, name string, args ...string) string {
+func gw(t testing.TB, l *lab.Lab, name string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -93,7 +93,7 @@ type agent struct {
 // startAgent runs `uplinkd run -c cfg` in the gateway until the test ends
 // (SIGTERM, then `uplinkd down`), and waits until it has applied its
 // state.
-func startAgent(t *testing.T, l *lab.Lab, cfg string) *agent {
+func startAgent(t testing.TB, l *lab.Lab, cfg string) *agent {
 	t.Helper()
 	a := spawnAgent(t, l, cfg)
 	t.Cleanup(func() {
@@ -110,7 +110,7 @@ func startAgent(t *testing.T, l *lab.Lab, cfg string) *agent {
 }
 
 // spawnAgent starts the agent process; the caller stops it.
-func spawnAgent(t *testing.T, l *lab.Lab, cfg string) *agent {
+func spawnAgent(t testing.TB, l *lab.Lab, cfg string) *agent {
 	t.Helper()
 	a := &agent{log: &syncBuffer{}, done: make(chan error, 1)}
 	a.cmd = l.Gateway.Command(context.Background(), uplinkd, "run", "-c", cfg)
@@ -123,7 +123,7 @@ func spawnAgent(t *testing.T, l *lab.Lab, cfg string) *agent {
 }
 
 // stop sends SIGTERM and waits; an agent that is already gone is fine.
-func (a *agent) stop(t *testing.T) {
+func (a *agent) stop(t testing.TB) {
 	if a.cmd.ProcessState != nil {
 		return
 	}
@@ -141,7 +141,7 @@ func (a *agent) stop(t *testing.T) {
 }
 
 // kill9 kills the agent the hard way, as a crash would.
-func (a *agent) kill9(t *testing.T) {
+func (a *agent) kill9(t testing.TB) {
 	t.Helper()
 	if err := a.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -150,7 +150,7 @@ func (a *agent) kill9(t *testing.T) {
 }
 
 // waitLog waits until the agent's log holds substr at least n times.
-func (a *agent) waitLog(t *testing.T, substr string, n int) {
+func (a *agent) waitLog(t testing.TB, substr string, n int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
@@ -170,7 +170,7 @@ func (a *agent) waitLog(t *testing.T, substr string, n int) {
 
 // reload rewrites the config file and sends SIGHUP; it waits for the
 // agent to take the new config.
-func (a *agent) reload(t *testing.T, file, text string) {
+func (a *agent) reload(t testing.TB, file, text string) {
 	t.Helper()
 	n := strings.Count(a.log.String(), "msg=\"new config\"")
 	if err := os.WriteFile(file, []byte(text), 0o600); err != nil {
@@ -202,7 +202,7 @@ func (s *syncBuffer) String() string {
 
 // snapshot is the kernel state uplinkd may touch, as text, to compare a
 // gateway before and after.
-func snapshot(t *testing.T, l *lab.Lab, ifaces ...string) string {
+func snapshot(t testing.TB, l *lab.Lab, ifaces ...string) string {
 	t.Helper()
 	var b strings.Builder
 	b.WriteString(gw(t, l, "ip", "-4", "rule", "show"))

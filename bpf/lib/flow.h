@@ -30,11 +30,19 @@ static __always_inline void line_nat_addr(const struct line *ln, __u8 family, __
 	__builtin_memcpy(addr, family == UL_AF_INET ? ln->nat_addr4 : ln->nat_addr6, UL_ADDR_LEN);
 }
 
+/* Stores last_seen only when the coarse clock moved: most packets of a
+ * busy flow then write nothing but the counters. */
+static __always_inline void flow_touch(struct flow *flow, __u64 now)
+{
+	if (flow->last_seen != now)
+		flow->last_seen = now;
+}
+
 static __always_inline void flow_count_tx(struct flow *flow, __u32 len, __u64 now)
 {
 	__sync_fetch_and_add(&flow->tx_packets, 1);
 	__sync_fetch_and_add(&flow->tx_bytes, len);
-	flow->last_seen = now;
+	flow_touch(flow, now);
 }
 
 static __always_inline enum ul_reason flow_steer_pinned(struct __sk_buff *skb,
@@ -160,7 +168,7 @@ static __always_inline void flow_count_rx(struct __sk_buff *skb, struct flow_key
 		return;
 	__sync_fetch_and_add(&flow->rx_packets, 1);
 	__sync_fetch_and_add(&flow->rx_bytes, skb->len);
-	flow->last_seen = ul_now();
+	flow_touch(flow, ul_now());
 }
 
 /* Uplink egress and ingress: per-line packets and bytes. */
