@@ -99,11 +99,19 @@ func (r Report) String() string {
 	return fmt.Sprintf("sysctls %d, %s, nat replaced %v", r.Sysctls, r.Routing, r.NAT)
 }
 
-// refresh follows the addresses of lines whose address is not fixed in
-// the config (DHCP, PPPoE).
-func (a *Agent) refresh() {
+// refresh follows the carrier of every line, and the addresses of lines
+// whose address is not fixed in the config (DHCP, PPPoE). It returns the
+// lines that lost their carrier.
+func (a *Agent) refresh() (lost []plan.Line) {
 	for i := range a.lines {
 		l := &a.lines[i]
+		if c := a.env.Carrier(l.Interface); c != l.Carrier {
+			a.log.Info("line state", "line", l.Name, "carrier", c, "interface", l.Interface)
+			l.Carrier = c
+			if !c {
+				lost = append(lost, *l)
+			}
+		}
 		if l.Prefix.IsValid() {
 			continue
 		}
@@ -116,6 +124,7 @@ func (a *Agent) refresh() {
 			l.Address = addr
 		}
 	}
+	return lost
 }
 
 // Apply brings the kernel to the desired state: sysctls, then routes and
@@ -124,8 +133,7 @@ func (a *Agent) refresh() {
 func (a *Agent) Apply() (Report, error) {
 	var rep Report
 	var errs []error
-	var lost []plan.Line // lines that just went down
-	a.refresh()
+	lost := a.refresh() // lines that just went down
 	down, err := LinesDown(a.cfg.StateDir)
 	if err != nil {
 		errs = append(errs, err)
@@ -135,7 +143,9 @@ func (a *Agent) Apply() (Report, error) {
 		if up := !slices.Contains(down, l.Name); up != l.Up {
 			a.log.Info("line state", "line", l.Name, "up", up, "why", "operator")
 			l.Up = up
-			lost = append(lost, *l)
+			if !up {
+				lost = append(lost, *l)
+			}
 		}
 	}
 	want := a.Desired()
@@ -157,7 +167,7 @@ func (a *Agent) Apply() (Report, error) {
 	// After the datapath moved the line's flows away and the dead line's
 	// TCP reset is in place.
 	for _, l := range lost {
-		if l.Up || !l.Address.IsValid() {
+		if !l.Address.IsValid() {
 			continue
 		}
 		n, err := a.env.FlushConntrack(l.Address.Addr())
@@ -200,7 +210,7 @@ func Down(cfg *config.Config, env *Env) error {
 
 // Timing of the run loop.
 const (
-	settle        = 50 * time.Millisecond // events closer than this are one change
+	settle        = 10 * time.Millisecond // events closer than this are one change
 	fullReconcile = 5 * time.Second       // a reconcile even without events
 	retryAfter    = time.Second           // after a failed reconcile
 )

@@ -147,3 +147,14 @@ func (e *Env) FlushConntrack(addr netip.Addr) (uint, error) {
 	}
 	return n, nil
 }
+
+// Carrier reports whether an interface is up and has carrier: a line
+// without it is avoided at once, without waiting for probes.
+func (e *Env) Carrier(ifname string) bool {
+	link, err := e.NL.LinkByName(ifname)
+	if err != nil {
+		return false
+	}
+	a := link.Attrs()
+	return a.Flags&net.FlagUp != 0 && a.RawFlags&unix.IFF_LOWER_UP != 0
+}

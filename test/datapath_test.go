@@ -438,3 +438,45 @@ func TestTCFallback(t *testing.T) {
 		t.Errorf("after down, the clsact qdisc uplinkd created is still there:\n%s", out)
 	}
 }
+
+// Carrier loss on a line takes it out at once (netlink event, no probe):
+// new connections all succeed through the other line, flows on the other
+// line are untouched; with the carrier back the line gets new flows again.
+func TestCarrierLoss(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 2})
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	flows := openFlows(t, l, srv.Addr, 40, true)
+	var others []*flow
+	for _, f := range flows {
+		if f.seen.Addr() == l.Uplinks[1].Address.Addr() {
+			others = append(others, f)
+		}
+	}
+
+	if err := l.SetCarrier(1, false); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, `msg="line state" line=dsl1 carrier=false`, 1)
+	a.waitLog(t, `msg=reconciled`, 1)
+	if got := newShare(t, l, srv.Addr, 50); got[0] != 0 {
+		t.Errorf("dsl1 has no carrier but got %.0f%% of new flows", 100*got[0])
+	}
+	if broken, moved, detail := checkAll(others); broken+moved > 0 {
+		t.Errorf("flows on dsl2: %d broken, %d moved: %v", broken, moved, detail)
+	}
+
+	if err := l.SetCarrier(1, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, `msg="line state" line=dsl1 carrier=true`, 1)
+	a.waitLog(t, `msg=reconciled`, 2)
+	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
+		t.Error("dsl1 has its carrier back but gets no new flows")
+	}
+}

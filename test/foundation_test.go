@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"os"
 	"net/netip"
 	"os/exec"
 	"strings"
@@ -154,6 +155,7 @@ func TestIdempotentAndDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer agent.Close()
 	rep, err := agent.Apply()
 	if err != nil || !rep.Changed() {
 		t.Fatalf("first apply: %v %v", rep, err)
@@ -172,9 +174,15 @@ func TestIdempotentAndDown(t *testing.T) {
 		}
 	}
 
+	if _, err := os.Stat(l.PinDir()); err != nil {
+		t.Errorf("the datapath is not pinned: %v", err)
+	}
 	gw(t, l, uplinkd, "down", "-c", file)
 	if after := snapshot(t, l, "wan1", "wan2"); after != before {
 		t.Errorf("after apply and down:\n%s\nwant as before:\n%s", after, before)
+	}
+	if _, err := os.Stat(l.PinDir()); !os.IsNotExist(err) {
+		t.Errorf("pins left after down: %v", err)
 	}
 
 	// The same through the agent process: run, SIGTERM, down.

@@ -211,7 +211,7 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 	defer srv.Close()
 
 	round := func(title string, wantLines int) error {
-		counts, failed := connect(l, srv.Addr, *flows)
+		counts, failed, firstErr := connect(l, srv.Addr, *flows)
 		say("\n%s: %d new connections from %d clients", title, *flows, len(l.Clients))
 		tw := tabwriter.NewWriter(stdout, 2, 8, 2, ' ', 0)
 		fmt.Fprintln(tw, "  line\tinterface\tsource seen by server\tconnections\tshare")
@@ -225,7 +225,7 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 		}
 		tw.Flush()
 		if failed > 0 {
-			return fmt.Errorf("%s: %d of %d connections failed", title, failed, *flows)
+			return fmt.Errorf("%s: %d of %d connections failed, the first with: %w", title, failed, *flows, firstErr)
 		}
 		if used != wantLines {
 			return fmt.Errorf("%s: traffic used %d lines, want %d", title, used, wantLines)
@@ -236,14 +236,22 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 		return err
 	}
 	say("\nkilling line %s: carrier down on %s", l.Uplinks[0].Name, l.Uplinks[0].Interface)
+	start := time.Now()
 	if err := l.SetCarrier(1, false); err != nil {
 		return err
 	}
+	if err := waitRoute(ctx, l, l.Uplinks[0].Interface, false); err != nil {
+		return err
+	}
+	say("the agent took %s out of the multipath route %v after the fault", l.Uplinks[0].Name, time.Since(start).Round(time.Millisecond))
 	if err := round("line "+l.Uplinks[0].Name+" dead", len(l.Uplinks)-1); err != nil {
 		return err
 	}
 	say("\nline %s back", l.Uplinks[0].Name)
 	if err := l.SetCarrier(1, true); err != nil {
+		return err
+	}
+	if err := waitRoute(ctx, l, l.Uplinks[0].Interface, true); err != nil {
 		return err
 	}
 	return round("all lines up again", len(l.Uplinks))
@@ -262,21 +270,39 @@ func waitApplied(ctx context.Context, l *lab.Lab) error {
 	return errors.New("the agent did not apply its rules within 10s")
 }
 
+// waitRoute waits until the agent has put the line's interface into the
+// multipath route (in true) or taken it out.
+func waitRoute(ctx context.Context, l *lab.Lab, ifname string, in bool) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		out, _ := l.Gateway.Run(ctx, "ip", "route", "show", "table", "222")
+		if strings.Contains(out, "dev "+ifname+" ") == in {
+			return nil
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return fmt.Errorf("the agent did not update the multipath route for %s within 5s", ifname)
+}
+
 // connect opens n TCP connections from the clients in turn and counts
 // the source address the server saw for each.
-func connect(l *lab.Lab, dst netip.AddrPort, n int) (map[netip.Addr]int, int) {
+func connect(l *lab.Lab, dst netip.AddrPort, n int) (map[netip.Addr]int, int, error) {
 	counts := map[netip.Addr]int{}
 	failed := 0
+	var first error
 	for i := range n {
 		c, seen, err := lab.DialTCP(l.Clients[i%len(l.Clients)], dst, 2*time.Second)
 		if err != nil {
 			failed++
+			if first == nil {
+				first = err
+			}
 			continue
 		}
 		c.Close()
 		counts[seen.Addr()]++
 	}
-	return counts, failed
+	return counts, failed, first
 }
 
 func bar(n, total int) string {

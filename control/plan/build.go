@@ -16,11 +16,12 @@ type Line struct {
 	config.Uplink
 	Index   int          // position in the config, 0-based
 	Address netip.Prefix // zero: the interface has no address in the gateway's subnet (yet)
-	Up      bool         // from the health loop; every line with an address is up for now
+	Carrier bool         // the interface is up and has carrier
+	Up      bool         // not taken down by the operator (and, later, by the health loop)
 }
 
 // Usable reports whether new flows may be sent over the line.
-func (l Line) Usable() bool { return l.Up && l.Address.IsValid() }
+func (l Line) Usable() bool { return l.Up && l.Carrier && l.Address.IsValid() }
 
 // Interfaces is what Resolve needs from the kernel: the IPv4 addresses of
 // an interface, or ErrNoInterface.
@@ -44,7 +45,7 @@ func Resolve(c *config.Config, ifs Interfaces) ([]Line, error) {
 	lines := make([]Line, len(c.Uplinks))
 	for i, u := range c.Uplinks {
 		f := fmt.Sprintf("uplinks[%d]", i)
-		lines[i] = Line{Uplink: u, Index: i, Up: true}
+		lines[i] = Line{Uplink: u, Index: i, Up: true, Carrier: true}
 		addrs, err := ifs.Addrs(u.Interface)
 		if err != nil {
 			errs = append(errs, c.Errorf(f+".interface", "%s: %v", u.Interface, err))
