@@ -30,6 +30,7 @@ type Agent struct {
 	lines    []plan.Line
 	reconfig chan *config.Config
 	dp       datapath
+	dead     []string // lines whose TCP reset the last Apply installed
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -156,6 +157,19 @@ func (a *Agent) Apply() (Report, error) {
 	if rep.Routing, err = routing.Reconcile(k, want); err != nil {
 		errs = append(errs, err)
 	}
+	// A line coming back loses its TCP reset before the datapath gives it
+	// new flows; a line going down gets its reset only after the datapath
+	// stopped giving it new flows. Otherwise a new connection could be
+	// reset in between.
+	interim := want.NAT
+	interim.Dead = slices.DeleteFunc(slices.Clone(want.NAT.Dead), func(d plan.DeadLine) bool {
+		return !slices.Contains(a.dead, d.Line)
+	})
+	if len(interim.Dead) != len(want.NAT.Dead) || len(interim.Dead) != len(a.dead) {
+		if _, err := nat.Apply(a.env.NFT, interim); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if a.cfg.Datapath.On() {
 		if err := a.dp.sync(a.env, a.cfg, a.lines, a.log); err != nil {
 			errs = append(errs, err)
@@ -163,6 +177,10 @@ func (a *Agent) Apply() (Report, error) {
 	}
 	if rep.NAT, err = nat.Apply(a.env.NFT, want.NAT); err != nil {
 		errs = append(errs, err)
+	}
+	a.dead = a.dead[:0]
+	for _, d := range want.NAT.Dead {
+		a.dead = append(a.dead, d.Line)
 	}
 	// After the datapath moved the line's flows away and the dead line's
 	// TCP reset is in place.

@@ -240,10 +240,10 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 	if err := l.SetCarrier(1, false); err != nil {
 		return err
 	}
-	if err := waitRoute(ctx, l, l.Uplinks[0].Interface, false); err != nil {
+	if err := waitLine(ctx, l, l.Uplinks[0], false); err != nil {
 		return err
 	}
-	say("the agent took %s out of the multipath route %v after the fault", l.Uplinks[0].Name, time.Since(start).Round(time.Millisecond))
+	say("the agent took %s out of service %v after the fault", l.Uplinks[0].Name, time.Since(start).Round(time.Millisecond))
 	if err := round("line "+l.Uplinks[0].Name+" dead", len(l.Uplinks)-1); err != nil {
 		return err
 	}
@@ -251,7 +251,7 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 	if err := l.SetCarrier(1, true); err != nil {
 		return err
 	}
-	if err := waitRoute(ctx, l, l.Uplinks[0].Interface, true); err != nil {
+	if err := waitLine(ctx, l, l.Uplinks[0], true); err != nil {
 		return err
 	}
 	return round("all lines up again", len(l.Uplinks))
@@ -270,18 +270,20 @@ func waitApplied(ctx context.Context, l *lab.Lab) error {
 	return errors.New("the agent did not apply its rules within 10s")
 }
 
-// waitRoute waits until the agent has put the line's interface into the
-// multipath route (in true) or taken it out.
-func waitRoute(ctx context.Context, l *lab.Lab, ifname string, in bool) error {
+// waitLine waits until the agent has acted on a line going up or down:
+// the line is in the multipath route or not, and its TCP reset rule,
+// installed after the datapath's buckets are rewritten, is gone or there.
+func waitLine(ctx context.Context, l *lab.Lab, u lab.Uplink, up bool) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		out, _ := l.Gateway.Run(ctx, "ip", "route", "show", "table", "222")
-		if strings.Contains(out, "dev "+ifname+" ") == in {
+		routes, _ := l.Gateway.Run(ctx, "ip", "route", "show", "table", "222")
+		nft, _ := l.Gateway.Run(ctx, "nft", "list", "table", "inet", "uplinkd")
+		if strings.Contains(routes, "dev "+u.Interface+" ") == up && strings.Contains(nft, u.Name+" is down") != up {
 			return nil
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	return fmt.Errorf("the agent did not update the multipath route for %s within 5s", ifname)
+	return fmt.Errorf("the agent did not act on line %s within 5s", u.Name)
 }
 
 // connect opens n TCP connections from the clients in turn and counts
