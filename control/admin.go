@@ -3,16 +3,15 @@
 package control
 
 import (
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/uplinkd/uplinkd/control/statefile"
 )
 
 // Files in the state dir.
@@ -23,18 +22,8 @@ const (
 
 // LinesDown returns the lines an operator took down.
 func LinesDown(stateDir string) ([]string, error) {
-	b, err := os.ReadFile(filepath.Join(stateDir, linesDownFile))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("reading lines taken down: %w", err)
-	}
 	var names []string
-	if err := json.Unmarshal(b, &names); err != nil {
-		return nil, fmt.Errorf("reading %s: %w", filepath.Join(stateDir, linesDownFile), err)
-	}
-	return names, nil
+	return names, statefile.Read(stateDir, linesDownFile, &names)
 }
 
 // SetLineDown takes a line down (down true) or brings it back, for the
@@ -50,15 +39,7 @@ func SetLineDown(stateDir, name string, down bool) (int, error) {
 		names = append(names, name)
 	}
 	slices.Sort(names)
-	if err := os.MkdirAll(stateDir, 0o700); err != nil {
-		return 0, err
-	}
-	b, _ := json.Marshal(names)
-	tmp := filepath.Join(stateDir, linesDownFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return 0, err
-	}
-	if err := os.Rename(tmp, filepath.Join(stateDir, linesDownFile)); err != nil {
+	if err := statefile.Write(stateDir, linesDownFile, names); err != nil {
 		return 0, err
 	}
 	pid := runningAgent(stateDir)

@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -18,6 +17,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/nat"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/routing"
+	"github.com/uplinkd/uplinkd/control/statefile"
 	"github.com/uplinkd/uplinkd/control/sysctl"
 	"github.com/uplinkd/uplinkd/loader"
 )
@@ -217,7 +217,7 @@ func Down(cfg *config.Config, env *Env) error {
 	if _, err := sysctl.Restore(env.Sysctl, cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
-	if err := os.Remove(filepath.Join(cfg.StateDir, linesDownFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := statefile.Remove(cfg.StateDir, linesDownFile); err != nil {
 		errs = append(errs, err)
 	}
 	if err := env.Do(func() error { return loader.Remove(cfg.Datapath.PinDir) }); err != nil {
@@ -259,6 +259,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	tick := time.NewTicker(fullReconcile)
 	defer tick.Stop()
 	for {
+		var newConfig string
 		select {
 		case <-ctx.Done():
 			return nil
@@ -267,14 +268,17 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.log.Error("new config refused, keeping the old one", "file", cfg.File(), "err", err)
 				continue
 			}
-			a.log.Info("new config", "file", cfg.File())
+			newConfig = cfg.File()
 		case <-tick.C:
 		case <-events:
 			time.Sleep(settle)
 			drain(events)
 		}
 		rep, err := a.Apply()
-		if rep.Changed() {
+		switch {
+		case newConfig != "":
+			a.log.Info("new config applied", "file", newConfig, "changes", rep.String())
+		case rep.Changed():
 			a.log.Info("reconciled", "changes", rep.String())
 		}
 		if err != nil {

@@ -10,13 +10,13 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/uplinkd/uplinkd/control/nsdo"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/sysctl"
 )
@@ -99,22 +99,9 @@ func prefixFromIPNet(n *net.IPNet) (netip.Prefix, bool) {
 	return netip.PrefixFrom(a.Unmap(), ones), true
 }
 
-// Do runs f on an OS thread inside the namespace, for the calls that work
-// in the calling thread's namespace (attaching BPF programs by interface
-// name, tc). The thread is locked and discarded afterwards, so no other
-// goroutine ever runs in the wrong namespace.
-func (e *Env) Do(f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Setns(int(e.NS), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("entering network namespace: %w", err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
-}
+// Do runs f inside the namespace, for the calls that act on the calling
+// thread's namespace (attaching BPF programs by interface name, tc).
+func (e *Env) Do(f func() error) error { return nsdo.Do(e.NS, f) }
 
 // LocalAddrs lists every address of every interface in the namespace:
 // traffic to them is the gateway's own and is not steered.

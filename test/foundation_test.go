@@ -69,11 +69,7 @@ func TestNATBothLines(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{Clients: 2})
 	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
-	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
+	srv := echoServer(t, l)
 
 	lines := map[netip.Addr]string{}
 	for _, u := range l.Uplinks {
@@ -267,11 +263,7 @@ func TestRunRestoresAndFollows(t *testing.T) {
 	eventually("table 202 uses the new address", func() bool {
 		return strings.Contains(gw(t, l, "ip", "route", "show", "table", "202"), "src 198.51.100.20")
 	})
-	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
+	srv := echoServer(t, l)
 	seen := map[netip.Addr]bool{}
 	for range 40 {
 		c, s, err := lab.DialTCP(l.Clients[0], srv.Addr, 2*time.Second)

@@ -168,18 +168,18 @@ func (a *agent) waitLog(t testing.TB, substr string, n int) {
 	t.Fatalf("agent log has %q fewer than %d times after 10s:\n%s", substr, n, a.log.String())
 }
 
-// reload rewrites the config file and sends SIGHUP; it waits for the
-// agent to take the new config.
+// reload rewrites the config file and sends SIGHUP; it waits until the
+// agent has applied the new config.
 func (a *agent) reload(t testing.TB, file, text string) {
 	t.Helper()
-	n := strings.Count(a.log.String(), "msg=\"new config\"")
+	n := strings.Count(a.log.String(), "msg=\"new config applied\"")
 	if err := os.WriteFile(file, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "msg=\"new config\"", n+1)
+	a.waitLog(t, "msg=\"new config applied\"", n+1)
 }
 
 // syncBuffer is a strings.Builder safe for the agent's output goroutines.
@@ -217,4 +217,16 @@ func snapshot(t testing.TB, l *lab.Lab, ifaces ...string) string {
 		b.WriteString(k + "=" + gw(t, l, "cat", "/proc/sys/"+k))
 	}
 	return b.String()
+}
+
+// echoServer runs the lab's echo server on its first server address, port
+// 7, until the test ends.
+func echoServer(t testing.TB, l *lab.Lab) *lab.EchoServer {
+	t.Helper()
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return srv
 }

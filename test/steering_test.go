@@ -19,11 +19,7 @@ func TestWeightChangeWithoutDatapathBreaksFlows(t *testing.T) {
 	opts := lab.ConfigOptions{StateDir: state, NoDatapath: true, Weights: []int{1, 1}}
 	file := writeConfig(t, l.Config(opts))
 	a := startAgent(t, l, file)
-	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
+	srv := echoServer(t, l)
 
 	flows := openFlows(t, l, srv.Addr, 64, true)
 	if broken, moved, detail := checkAll(flows); broken+moved > 0 {

@@ -6,20 +6,19 @@
 package sysctl
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
+	"github.com/uplinkd/uplinkd/control/nsdo"
 	"github.com/uplinkd/uplinkd/control/plan"
+	"github.com/uplinkd/uplinkd/control/statefile"
 )
 
 // FS reads and writes sysctls by their path below /proc/sys.
@@ -51,24 +50,13 @@ func (p Proc) Set(path, value string) error {
 	})
 }
 
-// do runs f with the calling thread in p.NS: /proc/sys/net shows the
-// namespace of the thread that opens it. The thread is locked and never
-// unlocked, so the Go runtime discards it instead of reusing it in the
-// wrong namespace.
+// do runs f in p.NS: /proc/sys/net shows the namespace of the thread
+// that opens it.
 func (p Proc) do(f func() error) error {
 	if p.NS <= 0 {
 		return f()
 	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Setns(int(p.NS), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("entering network namespace: %w", err)
-			return
-		}
-		errc <- f()
-	}()
-	return <-errc
+	return nsdo.Do(p.NS, f)
 }
 
 // savedFile is where the replaced values are kept, in the state dir.
@@ -140,39 +128,16 @@ func Restore(f FS, stateDir string) (int, error) {
 		}
 	}
 	if len(errs) == 0 {
-		if err := os.Remove(filepath.Join(stateDir, savedFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			errs = append(errs, err)
-		}
+		errs = append(errs, statefile.Remove(stateDir, savedFile))
 	}
 	return n, errors.Join(errs...)
 }
 
 func load(dir string) (map[string]string, error) {
 	saved := map[string]string{}
-	b, err := os.ReadFile(filepath.Join(dir, savedFile))
-	if errors.Is(err, fs.ErrNotExist) {
-		return saved, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("reading saved sysctls: %w", err)
-	}
-	if err := json.Unmarshal(b, &saved); err != nil {
-		return nil, fmt.Errorf("reading saved sysctls %s: %w", filepath.Join(dir, savedFile), err)
-	}
-	return saved, nil
+	return saved, statefile.Read(dir, savedFile, &saved)
 }
 
 func store(dir string, saved map[string]string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("saving sysctls: %w", err)
-	}
-	b, _ := json.MarshalIndent(saved, "", "  ")
-	tmp := filepath.Join(dir, savedFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("saving sysctls: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, savedFile)); err != nil {
-		return fmt.Errorf("saving sysctls: %w", err)
-	}
-	return nil
+	return statefile.Write(dir, savedFile, saved)
 }
