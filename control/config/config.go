@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -47,6 +48,10 @@ type Config struct {
 	// changes (the sysctl values it replaced).
 	StateDir string   `yaml:"state_dir"`
 	Datapath Datapath `yaml:"datapath"`
+	Health   Health   `yaml:"health"`
+	// Weights: static (as configured) or adaptive (the configured weight
+	// scaled down by measured loss and latency, within bounds).
+	Weights string `yaml:"weights"`
 
 	file string
 	pos  positions
@@ -70,11 +75,51 @@ type Uplink struct {
 	// Table, Mark: zero means the default numbering (see Routing).
 	Table int    `yaml:"table"`
 	Mark  uint32 `yaml:"mark"`
+	// Health overrides the global health block's probe settings.
+	Health *LineHealth `yaml:"health"`
 
 	// Parsed forms, filled by Load.
 	GatewayAddr netip.Addr   `yaml:"-"`
 	Prefix      netip.Prefix `yaml:"-"` // zero when Address is empty
+	Probe       Probe        `yaml:"-"` // the global health block with this line's overrides
 }
+
+// LineHealth is what a line may set differently from the health block.
+type LineHealth struct {
+	GatewayProbe string   `yaml:"gateway_probe"`
+	Targets      []string `yaml:"targets"`
+	MinTargets   *int     `yaml:"min_targets"`
+}
+
+// Health configures how lines are probed and judged. The defaults detect
+// a dead line in under a second: a round of probes every 200 ms, a
+// probe lost after 200 ms, down after 3 failed rounds.
+type Health struct {
+	Interval  time.Duration `yaml:"interval"`
+	Timeout   time.Duration `yaml:"timeout"`    // a probe unanswered this long failed; at most interval
+	DownAfter int           `yaml:"down_after"` // consecutive failed rounds that take a line down
+	UpAfter   int           `yaml:"up_after"`   // consecutive good rounds that bring it back
+	Window    int           `yaml:"window"`     // rounds over which loss, RTT and jitter are measured
+	LineHealth `yaml:",inline"`
+}
+
+// Probe is the probing of one line: its gateway (icmp, arp or none) and
+// extra targets beyond it, of which MinTargets must answer in a round.
+type Probe struct {
+	Gateway    string
+	Targets    []netip.Addr
+	MinTargets int
+}
+
+// Gateway probe methods and weight modes.
+const (
+	ProbeICMP = "icmp" // echo request to the gateway
+	ProbeARP  = "arp"  // ARP request to the gateway, for gateways that drop ICMP
+	ProbeNone = "none" // only the extra targets
+
+	WeightsStatic   = "static"
+	WeightsAdaptive = "adaptive"
+)
 
 // Routing holds the numbers of the kernel objects uplinkd creates. The
 // defaults are the seed's: main at priority 50, line n's source rule and
@@ -140,6 +185,12 @@ func Default() Config {
 		Firewall: FirewallStateful,
 		StateDir: DefaultStateDir,
 		Datapath: Datapath{PinDir: DefaultPinDir, FlowEntries: DefaultFlowEntries, Attach: AttachAuto},
+		Health: Health{
+			Interval: 200 * time.Millisecond, Timeout: 200 * time.Millisecond,
+			DownAfter: 3, UpAfter: 5, Window: 50,
+			LineHealth: LineHealth{GatewayProbe: ProbeICMP},
+		},
+		Weights: WeightsStatic,
 		Routing: Routing{
 			MainPriority:      DefaultMainPriority,
 			FwmarkPriority:    DefaultFwmarkPriority,
@@ -250,6 +301,29 @@ func (c *Config) check() error {
 	if f := c.Datapath.FlowEntries; f < 1024 || f > 1<<26 {
 		bad("datapath.flow_entries", "want 1024..%d, got %d", 1<<26, f)
 	}
+	h := &c.Health
+	switch {
+	case h.Interval < 10*time.Millisecond || h.Interval > time.Minute:
+		bad("health.interval", "want 10ms..1m, got %v", h.Interval)
+	case h.Timeout <= 0 || h.Timeout > h.Interval:
+		bad("health.timeout", "want more than 0 and at most the interval (%v), got %v", h.Interval, h.Timeout)
+	}
+	if h.DownAfter < 1 || h.DownAfter > 100 {
+		bad("health.down_after", "want 1..100, got %d", h.DownAfter)
+	}
+	if h.UpAfter < 1 || h.UpAfter > 1000 {
+		bad("health.up_after", "want 1..1000, got %d", h.UpAfter)
+	}
+	if h.Window < 2 || h.Window > 10000 {
+		bad("health.window", "want 2..10000, got %d", h.Window)
+	}
+	switch c.Weights {
+	case WeightsStatic, WeightsAdaptive:
+	default:
+		bad("weights", "want static or adaptive, got %q", c.Weights)
+	}
+	global, globalErrs := c.probe("health", h.LineHealth, Probe{})
+	errs = append(errs, globalErrs...)
 	if !nameRE.MatchString(r.NFTTable) {
 		bad("routing.nft_table", "want 1 to 15 characters of [a-z0-9-], got %q", r.NFTTable)
 	}
@@ -316,6 +390,12 @@ func (c *Config) check() error {
 		} else if c.NAT == NATSNAT {
 			bad(f+".address", "nat: snat needs each line's address")
 		}
+		u.Probe = global
+		if u.Health != nil {
+			var perr []error
+			u.Probe, perr = c.probe(f+".health", *u.Health, global)
+			errs = append(errs, perr...)
+		}
 		if u.Weight == 0 {
 			u.Weight = 1
 		} else if u.Weight < 1 || u.Weight > 255 {
@@ -376,6 +456,43 @@ func (c *Config) check() error {
 		bad("routing.multipath_table", "table %d is reserved or out of range", r.MultipathTable)
 	}
 	return errors.Join(errs...)
+}
+
+// probe resolves a health block (the global one, or a line's overrides
+// of base) into a Probe.
+func (c *Config) probe(field string, h LineHealth, base Probe) (Probe, []error) {
+	var errs []error
+	p := base
+	if h.GatewayProbe != "" {
+		p.Gateway = h.GatewayProbe
+	}
+	switch p.Gateway {
+	case ProbeICMP, ProbeARP, ProbeNone:
+	default:
+		errs = append(errs, c.Errorf(field+".gateway_probe", "want icmp, arp or none, got %q", h.GatewayProbe))
+	}
+	if h.Targets != nil {
+		p.Targets = nil
+		for i, t := range h.Targets {
+			a, err := netip.ParseAddr(t)
+			if err != nil || !a.Is4() {
+				errs = append(errs, c.Errorf(fmt.Sprintf("%s.targets[%d]", field, i), "want an IPv4 address, got %q", t))
+				continue
+			}
+			p.Targets = append(p.Targets, a)
+		}
+		p.MinTargets = min(1, len(p.Targets))
+	}
+	if h.MinTargets != nil {
+		p.MinTargets = *h.MinTargets
+	}
+	if p.MinTargets < 0 || p.MinTargets > len(p.Targets) {
+		errs = append(errs, c.Errorf(field+".min_targets", "want 0..%d (the number of targets), got %d", len(p.Targets), p.MinTargets))
+	}
+	if p.Gateway == ProbeNone && len(p.Targets) == 0 {
+		errs = append(errs, c.Errorf(field+".gateway_probe", "none needs targets: nothing would be probed"))
+	}
+	return p, errs
 }
 
 func overlap(a, b, n int) bool { return a < b+n && b < a+n }

@@ -127,3 +127,52 @@ func TestSeventeenUplinks(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+func TestParseHealth(t *testing.T) {
+	c, err := Parse("h.yaml", []byte(strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    health:\n      gateway_probe: arp\n      targets: [192.0.2.7, 192.0.2.8]\n", 1)+`health:
+  interval: 100ms
+  timeout: 50ms
+  down_after: 2
+  targets: [198.51.100.200]
+weights: adaptive
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := c.Health
+	if h.Interval.Milliseconds() != 100 || h.Timeout.Milliseconds() != 50 || h.DownAfter != 2 || h.UpAfter != 5 || c.Weights != WeightsAdaptive {
+		t.Errorf("health %+v weights %q", h, c.Weights)
+	}
+	p1, p2 := c.Uplinks[0].Probe, c.Uplinks[1].Probe
+	if p1.Gateway != ProbeARP || len(p1.Targets) != 2 || p1.MinTargets != 1 {
+		t.Errorf("line 1 probe %+v: want arp, its own two targets, 1 must answer", p1)
+	}
+	if p2.Gateway != ProbeICMP || len(p2.Targets) != 1 || p2.Targets[0].String() != "198.51.100.200" || p2.MinTargets != 1 {
+		t.Errorf("line 2 probe %+v: want the global block", p2)
+	}
+	d, err := Parse("d.yaml", []byte(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := d.Uplinks[0].Probe; p.Gateway != ProbeICMP || len(p.Targets) != 0 {
+		t.Errorf("default probe %+v: want icmp to the gateway only", p)
+	}
+}
+
+func TestParseHealthErrors(t *testing.T) {
+	for _, tc := range []struct{ add, want string }{
+		{"health:\n  interval: soon\n", `bad.yaml:14: health.interval: want a duration such as 200ms, got "soon"`},
+		{"health:\n  timeout: 1s\n", "bad.yaml:14: health.timeout: want more than 0 and at most the interval (200ms), got 1s"},
+		{"health:\n  down_after: 0\n", "bad.yaml:14: health.down_after: want 1..100, got 0"},
+		{"health:\n  gateway_probe: snmp\n", `bad.yaml:14: health.gateway_probe: want icmp, arp or none, got "snmp"`},
+		{"health:\n  targets: [example.net]\n", `bad.yaml:14: health.targets[0]: want an IPv4 address, got "example.net"`},
+		{"health:\n  targets: [192.0.2.9]\n  min_targets: 2\n", "bad.yaml:15: health.min_targets: want 0..1 (the number of targets), got 2"},
+		{"health:\n  gateway_probe: none\n", "health.gateway_probe: none needs targets"},
+		{"weights: dynamic\n", `bad.yaml:13: weights: want static or adaptive, got "dynamic"`},
+	} {
+		_, err := Parse("bad.yaml", []byte(seed+tc.add))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: err = %v; want %q", tc.add, err, tc.want)
+		}
+	}
+}

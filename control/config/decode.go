@@ -61,6 +61,10 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
 		return // an empty value keeps the default
 	}
+	if v.Kind() == reflect.Pointer && v.Type().Elem().Kind() == reflect.Struct {
+		v.Set(reflect.New(v.Type().Elem()))
+		v = v.Elem()
+	}
 	switch v.Kind() {
 	case reflect.Struct:
 		d.decodeStruct(n, v, path)
@@ -90,15 +94,22 @@ func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
 		d.fail(n.Line, path, "want a mapping of keys, got %s", kindName(n))
 		return
 	}
-	fields := map[string]int{}
+	fields := map[string]reflect.Value{}
 	var known []string
-	for i := 0; i < v.NumField(); i++ {
-		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("yaml"), ",")
-		if name != "" && name != "-" {
-			fields[name] = i
-			known = append(known, name)
+	var collect func(v reflect.Value)
+	collect = func(v reflect.Value) {
+		for i := 0; i < v.NumField(); i++ {
+			name, opts, _ := strings.Cut(v.Type().Field(i).Tag.Get("yaml"), ",")
+			switch {
+			case opts == "inline":
+				collect(v.Field(i))
+			case name != "" && name != "-":
+				fields[name] = v.Field(i)
+				known = append(known, name)
+			}
 		}
 	}
+	collect(v)
 	seen := map[string]int{}
 	for i := 0; i+1 < len(n.Content); i += 2 {
 		k, val := n.Content[i], n.Content[i+1]
@@ -111,12 +122,12 @@ func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
 			continue
 		}
 		seen[k.Value] = k.Line
-		idx, ok := fields[k.Value]
+		fv, ok := fields[k.Value]
 		if !ok {
 			d.fail(k.Line, sub, "unknown key (known here: %s)", strings.Join(known, ", "))
 			continue
 		}
-		d.decode(val, v.Field(idx), sub)
+		d.decode(val, fv, sub)
 	}
 }
 
@@ -138,7 +149,12 @@ func scalarError(err error, n *yaml.Node, t reflect.Type) string {
 	if errors.As(err, &te) {
 		want := t.Kind().String()
 		switch t.Kind() {
-		case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint32, reflect.Uint8, reflect.Uint16, reflect.Uint64:
+		case reflect.Int64:
+			want = "a whole number"
+			if t.String() == "time.Duration" {
+				want = "a duration such as 200ms"
+			}
+		case reflect.Int, reflect.Int32, reflect.Uint32, reflect.Uint8, reflect.Uint16, reflect.Uint64:
 			want = "a whole number"
 		case reflect.Bool:
 			want = "true or false"
