@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/nat"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/routing"
@@ -27,10 +28,14 @@ type Agent struct {
 	cfg      *config.Config
 	env      *Env
 	log      *slog.Logger
+	events   *events.Ring
 	lines    []plan.Line
 	reconfig chan *config.Config
 	dp       datapath
-	dead     []string // lines whose TCP reset the last Apply installed
+	dead     []string        // lines whose TCP reset the last Apply installed
+	usable   map[string]bool // lines the last Apply gave new flows
+	allDown  bool            // every line failed its probes: the last usable ones are kept
+	probes   probes
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -40,8 +45,16 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Agent{cfg: cfg, env: env, log: log, lines: lines, reconfig: make(chan *config.Config)}, nil
+	return &Agent{
+		cfg: cfg, env: env, log: log, lines: lines,
+		events:   events.NewRing(events.DefaultSize, log),
+		reconfig: make(chan *config.Config),
+		probes:   newProbes(),
+	}, nil
 }
+
+// Events returns what happened to the lines, oldest first.
+func (a *Agent) Events() []events.Event { return a.events.List() }
 
 // Reconfigure hands a new config to the running agent (SIGHUP). It is
 // checked against the kernel first; a config that fails the check, or
@@ -67,16 +80,20 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
-	up := map[string]bool{}
+	was := map[string]plan.Line{}
 	for _, l := range a.lines {
-		up[l.Name] = l.Up
+		was[l.Name] = l
 	}
 	for i := range lines {
-		if was, ok := up[lines[i].Name]; ok {
-			lines[i].Up = was
+		if w, ok := was[lines[i].Name]; ok {
+			lines[i].Up, lines[i].Healthy, lines[i].Carrier = w.Up, w.Healthy, w.Carrier
+			if cfg.Weights == config.WeightsAdaptive && w.Weight == lines[i].Weight {
+				lines[i].AdaptedWeight = w.AdaptedWeight
+			}
 		}
 	}
 	a.cfg, a.lines = cfg, lines
+	a.events.Add(events.Config, "", "new config", "file", cfg.File())
 	return nil
 }
 
@@ -84,7 +101,38 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 func (a *Agent) Lines() []plan.Line { return append([]plan.Line(nil), a.lines...) }
 
 // Desired is the kernel state the agent wants now.
-func (a *Agent) Desired() plan.State { return plan.Build(a.cfg, a.lines) }
+func (a *Agent) Desired() plan.State { return plan.Build(a.cfg, a.planLines()) }
+
+// planLines are the lines as the plan uses them. When every line that
+// could carry traffic has failed its probes, uplinkd does not blackhole
+// what might still work: the lines in use before keep being used (and
+// the agent says so loudly), until a line answers again.
+func (a *Agent) planLines() []plan.Line {
+	lines := slices.Clone(a.lines)
+	candidate := func(l plan.Line) bool { return l.Up && l.Carrier && l.Address.IsValid() }
+	anyUsable, anyCandidate := false, false
+	for _, l := range lines {
+		anyUsable = anyUsable || l.Usable()
+		anyCandidate = anyCandidate || candidate(l)
+	}
+	allDown := !anyUsable && anyCandidate
+	if allDown {
+		kept := []string{}
+		for i, l := range lines {
+			if candidate(l) && (a.usable[l.Name] || len(a.usable) == 0) {
+				lines[i].Healthy = true
+				kept = append(kept, l.Name)
+			}
+		}
+		if !a.allDown {
+			a.events.Add(events.AllDown, "", "every line failed its probes: keeping the last configuration", "kept", kept)
+		}
+	} else if a.allDown {
+		a.events.Add(events.AllDown, "", "a line answers again: leaving the last-configuration fallback")
+	}
+	a.allDown = allDown
+	return lines
+}
 
 // Report says what one Apply changed.
 type Report struct {
@@ -100,18 +148,20 @@ func (r Report) String() string {
 	return fmt.Sprintf("sysctls %d, %s, nat replaced %v", r.Sysctls, r.Routing, r.NAT)
 }
 
-// refresh follows the carrier of every line, and the addresses of lines
-// whose address is not fixed in the config (DHCP, PPPoE). It returns the
-// lines that lost their carrier.
-func (a *Agent) refresh() (lost []plan.Line) {
+// refresh follows the carrier of every line, the lines the operator took
+// down, and the addresses of lines whose address is not fixed in the
+// config (DHCP, PPPoE).
+func (a *Agent) refresh() error {
+	down, err := LinesDown(a.cfg.StateDir)
 	for i := range a.lines {
 		l := &a.lines[i]
 		if c := a.env.Carrier(l.Interface); c != l.Carrier {
-			a.log.Info("line state", "line", l.Name, "carrier", c, "interface", l.Interface)
+			a.events.Add(events.Carrier, l.Name, "line state", "carrier", c, "interface", l.Interface)
 			l.Carrier = c
-			if !c {
-				lost = append(lost, *l)
-			}
+		}
+		if up := !slices.Contains(down, l.Name); err == nil && up != l.Up {
+			a.events.Add(events.Operator, l.Name, "line state", "up", up)
+			l.Up = up
 		}
 		if l.Prefix.IsValid() {
 			continue
@@ -121,11 +171,11 @@ func (a *Agent) refresh() (lost []plan.Line) {
 			addr, _ = plan.LineAddress(addrs, l.GatewayAddr)
 		}
 		if addr != l.Address {
-			a.log.Info("line address changed", "line", l.Name, "interface", l.Interface, "from", l.Address, "to", addr)
+			a.events.Add(events.Address, l.Name, "line address changed", "interface", l.Interface, "from", l.Address, "to", addr)
 			l.Address = addr
 		}
 	}
-	return lost
+	return err
 }
 
 // Apply brings the kernel to the desired state: sysctls, then routes and
@@ -134,22 +184,12 @@ func (a *Agent) refresh() (lost []plan.Line) {
 func (a *Agent) Apply() (Report, error) {
 	var rep Report
 	var errs []error
-	lost := a.refresh() // lines that just went down
-	down, err := LinesDown(a.cfg.StateDir)
-	if err != nil {
+	if err := a.refresh(); err != nil {
 		errs = append(errs, err)
 	}
-	for i := range a.lines {
-		l := &a.lines[i]
-		if up := !slices.Contains(down, l.Name); up != l.Up {
-			a.log.Info("line state", "line", l.Name, "up", up, "why", "operator")
-			l.Up = up
-			if !up {
-				lost = append(lost, *l)
-			}
-		}
-	}
-	want := a.Desired()
+	lines := a.planLines()
+	want := plan.Build(a.cfg, lines)
+	var err error
 	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, want.Sysctls, a.cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
@@ -171,7 +211,7 @@ func (a *Agent) Apply() (Report, error) {
 		}
 	}
 	if a.cfg.Datapath.On() {
-		if err := a.dp.sync(a.env, a.cfg, a.lines, a.log); err != nil {
+		if err := a.dp.sync(a.env, a.cfg, lines, a.log); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -182,24 +222,33 @@ func (a *Agent) Apply() (Report, error) {
 	for _, d := range want.NAT.Dead {
 		a.dead = append(a.dead, d.Line)
 	}
-	// After the datapath moved the line's flows away and the dead line's
-	// TCP reset is in place.
-	for _, l := range lost {
-		if !l.Address.IsValid() {
-			continue
+	// Lines that stopped being usable lose their conntrack entries, after
+	// the datapath moved their flows away and their TCP reset is in place.
+	usable := map[string]bool{}
+	for _, l := range lines {
+		if l.Usable() {
+			usable[l.Name] = true
+		} else if a.usable[l.Name] && l.Address.IsValid() {
+			n, err := a.env.FlushConntrack(l.Address.Addr())
+			if err != nil {
+				errs = append(errs, err)
+			}
+			a.events.Add(events.ConntrackFlush, l.Name, "conntrack flushed", "address", l.Address.Addr(), "entries", n)
 		}
-		n, err := a.env.FlushConntrack(l.Address.Addr())
-		if err != nil {
-			errs = append(errs, err)
-		}
-		a.log.Info("conntrack flushed", "line", l.Name, "address", l.Address.Addr(), "entries", n)
+	}
+	a.usable = usable
+	if err := a.probes.sync(a); err != nil {
+		errs = append(errs, err)
 	}
 	return rep, errors.Join(errs...)
 }
 
-// Close releases the agent's handles; the kernel state, BPF pins
-// included, stays.
-func (a *Agent) Close() { a.dp.close() }
+// Close stops the probes and releases the agent's handles; the kernel
+// state, BPF pins included, stays.
+func (a *Agent) Close() {
+	a.probes.stopAll()
+	a.dp.close()
+}
 
 // Down removes everything uplinkd installed in env's namespace, as far as
 // cfg names it (protocol tag, nftables table, state dir, pin dir), and
@@ -252,12 +301,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("applied", "changes", rep.String())
 
-	events, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.log)
+	changes, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.log)
 	if err != nil {
 		return err
 	}
+	a.probes.start(ctx)
+	if err := a.probes.sync(a); err != nil {
+		a.log.Error("starting probes", "err", err)
+	}
+	defer a.probes.stopAll()
 	tick := time.NewTicker(fullReconcile)
 	defer tick.Stop()
+	adapt := time.NewTicker(adaptEvery)
+	defer adapt.Stop()
 	for {
 		var newConfig string
 		select {
@@ -269,10 +325,18 @@ func (a *Agent) Run(ctx context.Context) error {
 				continue
 			}
 			newConfig = cfg.File()
+		case r := <-a.probes.reports:
+			if !a.observe(r) {
+				continue
+			}
+		case <-adapt.C:
+			if !a.adaptWeights() {
+				continue
+			}
 		case <-tick.C:
-		case <-events:
+		case <-changes:
 			time.Sleep(settle)
-			drain(events)
+			drain(changes)
 		}
 		rep, err := a.Apply()
 		switch {

@@ -67,7 +67,7 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 	live := make([]bool, loader.MaxLines)
 	for _, l := range lines {
 		attach(l.Interface, func() error { return d.dp.AttachUplink(l.Interface, l.Index) })
-		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.Weight), Dead: !l.Usable()}
+		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Usable()}
 		if idx, ok := d.attached[l.Interface]; ok {
 			dl.Ifindex = idx
 		}
@@ -77,7 +77,7 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 		if err := d.dp.SetLine(l.Index, dl); err != nil {
 			errs = append(errs, err)
 		}
-		weights[l.Index], live[l.Index] = l.Weight, l.Usable()
+		weights[l.Index], live[l.Index] = l.EffectiveWeight(), l.Usable()
 	}
 	for i := len(lines); i < loader.MaxLines; i++ {
 		if err := d.dp.SetLine(i, loader.Line{}); err != nil { // a line removed by a new config

@@ -271,7 +271,7 @@ func TestDeadLineFlows(t *testing.T) {
 	dead := l.Uplinks[0].Address.Addr()
 
 	gw(t, l, uplinkd, "line", "down", "dsl1", "-c", file)
-	a.waitLog(t, `msg="line state" line=dsl1 up=false`, 1)
+	a.waitLog(t, `event=operator line=dsl1 up=false`, 1)
 	a.waitLog(t, `msg="new config applied"`, 1) // `uplinkd line` notifies with SIGHUP
 
 	var resets, movedUDP, untouched int
@@ -307,7 +307,7 @@ func TestDeadLineFlows(t *testing.T) {
 	}
 
 	gw(t, l, uplinkd, "line", "up", "dsl1", "-c", file)
-	a.waitLog(t, `msg="line state" line=dsl1 up=true`, 1)
+	a.waitLog(t, `event=operator line=dsl1 up=true`, 1)
 	a.waitLog(t, `msg="new config applied"`, 2)
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("line dsl1 is back up but gets no new flows")
@@ -441,7 +441,7 @@ func TestCarrierLoss(t *testing.T) {
 	if err := l.SetCarrier(1, false); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, `msg="line state" line=dsl1 carrier=false`, 1)
+	a.waitLog(t, `event=carrier line=dsl1 carrier=false`, 1)
 	a.waitLog(t, `msg=reconciled`, 1)
 	if got := newShare(t, l, srv.Addr, 50); got[0] != 0 {
 		t.Errorf("dsl1 has no carrier but got %.0f%% of new flows", 100*got[0])
@@ -453,7 +453,7 @@ func TestCarrierLoss(t *testing.T) {
 	if err := l.SetCarrier(1, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, `msg="line state" line=dsl1 carrier=true`, 1)
+	a.waitLog(t, `event=carrier line=dsl1 carrier=true`, 1)
 	a.waitLog(t, `msg=reconciled`, 2)
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("dsl1 has its carrier back but gets no new flows")

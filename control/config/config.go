@@ -95,11 +95,11 @@ type LineHealth struct {
 // a dead line in under a second: a round of probes every 200 ms, a
 // probe lost after 200 ms, down after 3 failed rounds.
 type Health struct {
-	Interval  time.Duration `yaml:"interval"`
-	Timeout   time.Duration `yaml:"timeout"`    // a probe unanswered this long failed; at most interval
-	DownAfter int           `yaml:"down_after"` // consecutive failed rounds that take a line down
-	UpAfter   int           `yaml:"up_after"`   // consecutive good rounds that bring it back
-	Window    int           `yaml:"window"`     // rounds over which loss, RTT and jitter are measured
+	Interval   time.Duration `yaml:"interval"`
+	Timeout    time.Duration `yaml:"timeout"`    // a probe unanswered this long failed; at most interval
+	DownAfter  int           `yaml:"down_after"` // consecutive failed rounds that take a line down
+	UpAfter    int           `yaml:"up_after"`   // consecutive good rounds that bring it back
+	Window     int           `yaml:"window"`     // rounds over which loss, RTT and jitter are measured
 	LineHealth `yaml:",inline"`
 }
 

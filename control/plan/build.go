@@ -17,11 +17,23 @@ type Line struct {
 	Index   int          // position in the config, 0-based
 	Address netip.Prefix // zero: the interface has no address in the gateway's subnet (yet)
 	Carrier bool         // the interface is up and has carrier
-	Up      bool         // not taken down by the operator (and, later, by the health loop)
+	Up      bool         // not taken down by the operator
+	Healthy bool         // its probes answer (or it is kept in use because every line is down)
+	// AdaptedWeight replaces the configured weight when weights are
+	// adaptive; 0: the configured weight.
+	AdaptedWeight int
 }
 
 // Usable reports whether new flows may be sent over the line.
-func (l Line) Usable() bool { return l.Up && l.Carrier && l.Address.IsValid() }
+func (l Line) Usable() bool { return l.Up && l.Carrier && l.Healthy && l.Address.IsValid() }
+
+// EffectiveWeight is the line's share of new flows.
+func (l Line) EffectiveWeight() int {
+	if l.AdaptedWeight > 0 {
+		return l.AdaptedWeight
+	}
+	return l.Weight
+}
 
 // Interfaces is what Resolve needs from the kernel: the IPv4 addresses of
 // an interface, or ErrNoInterface.
@@ -45,7 +57,7 @@ func Resolve(c *config.Config, ifs Interfaces) ([]Line, error) {
 	lines := make([]Line, len(c.Uplinks))
 	for i, u := range c.Uplinks {
 		f := fmt.Sprintf("uplinks[%d]", i)
-		lines[i] = Line{Uplink: u, Index: i, Up: true, Carrier: true}
+		lines[i] = Line{Uplink: u, Index: i, Up: true, Carrier: true, Healthy: true}
 		addrs, err := ifs.Addrs(u.Interface)
 		if err != nil {
 			errs = append(errs, c.Errorf(f+".interface", "%s: %v", u.Interface, err))
@@ -113,6 +125,15 @@ func Build(c *config.Config, lines []Line) State {
 		if !l.Address.IsValid() {
 			continue
 		}
+		for _, t := range l.Probe.Targets {
+			// Even while the line is down, so that its probes tell when it
+			// works again; SO_BINDTODEVICE keeps them on the line anyway.
+			s.Routes = append(s.Routes, Route{
+				Table: l.Table, Dst: netip.PrefixFrom(t, 32), Type: Unicast, Src: l.Address.Addr(),
+				Nexthops: []Nexthop{{Gateway: l.GatewayAddr, Device: l.Interface, Weight: 1}},
+				Why:      fmt.Sprintf("%s's probe target %s, through %s even while it is down", l.Name, t, l.Name),
+			})
+		}
 		s.Rules = append(s.Rules, Rule{
 			Priority: r.SourcePriority + n, Table: l.Table, Src: l.Address.Masked(), SuppressPrefixLen: -1,
 			Why: fmt.Sprintf("traffic from %s's subnet (NAT'd or bound to its address)", l.Name),
@@ -127,7 +148,7 @@ func Build(c *config.Config, lines []Line) State {
 			Nexthops: []Nexthop{{Gateway: l.GatewayAddr, Device: l.Interface, Weight: 1}},
 			Why:      fmt.Sprintf("%s's own table", l.Name),
 		})
-		mp = append(mp, Nexthop{Gateway: l.GatewayAddr, Device: l.Interface, Weight: l.Weight})
+		mp = append(mp, Nexthop{Gateway: l.GatewayAddr, Device: l.Interface, Weight: l.EffectiveWeight()})
 	}
 	s.Rules = append(s.Rules, Rule{
 		Priority: r.MultipathPriority, Table: r.MultipathTable, SuppressPrefixLen: -1,

@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package health probes every line through itself and judges it: up,
+// down, or probing (answering again, not yet trusted), with hysteresis,
+// and its loss, RTT and jitter over a window of rounds.
+package health
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// State of a line as its probes show it.
+type State string
+
+// States.
+const (
+	Up      State = "up"
+	Down    State = "down"
+	Probing State = "probing" // down, answering again; up after enough good rounds
+)
+
+// Result is one probe of one target.
+type Result struct {
+	Target netip.Addr
+	Method string        // "icmp" or "arp"
+	RTT    time.Duration // valid when Err is nil
+	Err    error         // nil: answered
+}
+
+// Round is one round of probes of a line: its gateway (unless the line
+// probes none) and its extra targets, sent together.
+type Round struct {
+	At      time.Time
+	Gateway *Result
+	Targets []Result
+}
+
+// ok reports whether the round counts as good: the gateway answered and
+// at least minTargets of the extra targets did.
+func (r Round) ok(minTargets int) (bool, string) {
+	if r.Gateway != nil && r.Gateway.Err != nil {
+		return false, fmt.Sprintf("gateway %s (%s): %v", r.Gateway.Target, r.Gateway.Method, r.Gateway.Err)
+	}
+	answered, why := 0, ""
+	for _, t := range r.Targets {
+		if t.Err == nil {
+			answered++
+		} else if why == "" {
+			why = fmt.Sprintf("target %s (%s): %v", t.Target, t.Method, t.Err)
+		}
+	}
+	if answered < minTargets {
+		return false, fmt.Sprintf("%d of %d targets answered, %d needed; %s", answered, len(r.Targets), minTargets, why)
+	}
+	return true, ""
+}
+
+// Tracker judges a line from its rounds.
+type Tracker struct {
+	downAfter, upAfter, minTargets int
+
+	state      State
+	since      time.Time
+	why        string
+	fails, oks int // consecutive failed and good rounds
+
+	// Over the last window rounds: every probe answered or not, and the
+	// RTTs of the answered ones (ring buffers).
+	answered []bool
+	rtts     []time.Duration
+	nAns     int
+	nRTT     int
+}
+
+// NewTracker starts a line as up: a line is trusted until its probes say
+// otherwise, so that starting the agent disturbs nothing. Loss and RTT
+// are measured over the last windowProbes probes.
+func NewTracker(downAfter, upAfter, minTargets, windowProbes int, now time.Time) *Tracker {
+	return &Tracker{
+		downAfter: downAfter, upAfter: upAfter, minTargets: minTargets,
+		state: Up, since: now, why: "started",
+		answered: make([]bool, 0, windowProbes),
+		rtts:     make([]time.Duration, 0, windowProbes),
+	}
+}
+
+// Observe takes a round and reports whether the state changed.
+func (t *Tracker) Observe(r Round) bool {
+	probes := r.Targets
+	if r.Gateway != nil {
+		probes = append([]Result{*r.Gateway}, probes...)
+	}
+	for _, p := range probes {
+		t.answered = ring(t.answered, &t.nAns, p.Err == nil)
+		if p.Err == nil {
+			t.rtts = ring(t.rtts, &t.nRTT, p.RTT)
+		}
+	}
+	ok, why := r.ok(t.minTargets)
+	if ok {
+		t.fails, t.oks = 0, t.oks+1
+	} else {
+		t.fails, t.oks = t.fails+1, 0
+	}
+	prev := t.state
+	switch {
+	case t.state == Up && t.fails >= t.downAfter:
+		t.set(Down, r.At, fmt.Sprintf("%d rounds failed, the last: %s", t.fails, why))
+	case t.state == Down && ok:
+		t.set(Probing, r.At, "answering again")
+	case t.state == Probing && !ok:
+		t.set(Down, r.At, "failed again while probing: "+why)
+	case t.state == Probing && t.oks >= t.upAfter:
+		t.set(Up, r.At, fmt.Sprintf("%d good rounds", t.oks))
+	}
+	return t.state != prev
+}
+
+func (t *Tracker) set(s State, at time.Time, why string) {
+	t.state, t.since, t.why = s, at, why
+}
+
+// ring appends v to a ring buffer of cap(buf) entries; *n counts all
+// appends, so that the oldest entry is overwritten once it is full.
+func ring[T any](buf []T, n *int, v T) []T {
+	if len(buf) < cap(buf) {
+		buf = append(buf, v)
+	} else {
+		buf[*n%cap(buf)] = v
+	}
+	*n++
+	return buf
+}
+
+// Status is a line's health as operators see it.
+type Status struct {
+	State   State
+	Since   time.Time
+	Why     string
+	Loss    float64 // fraction of probes unanswered over the window
+	RTT     time.Duration
+	Jitter  time.Duration // mean absolute difference of successive RTTs
+	Samples int           // probes in the window
+}
+
+// Status returns the line's state and its measurements over the window.
+func (t *Tracker) Status() Status {
+	s := Status{State: t.state, Since: t.since, Why: t.why, Samples: len(t.answered)}
+	lost := 0
+	for _, a := range t.answered {
+		if !a {
+			lost++
+		}
+	}
+	if len(t.answered) > 0 {
+		s.Loss = float64(lost) / float64(len(t.answered))
+	}
+	if n := len(t.rtts); n > 0 {
+		// In arrival order: the ring's oldest entry first.
+		ordered := append(append([]time.Duration(nil), t.rtts[t.nRTT%n:]...), t.rtts[:t.nRTT%n]...)
+		var sum, jit time.Duration
+		for i, r := range ordered {
+			sum += r
+			if i > 0 {
+				jit += (r - ordered[i-1]).Abs()
+			}
+		}
+		s.RTT = sum / time.Duration(n)
+		if n > 1 {
+			s.Jitter = jit / time.Duration(n-1)
+		}
+	}
+	return s
+}
+
+// State is the line's state now.
+func (t *Tracker) State() State { return t.state }

@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package health
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+var (
+	gw     = netip.MustParseAddr("198.51.100.1")
+	target = netip.MustParseAddr("203.0.113.101")
+	t0     = time.Unix(1000, 0)
+	lost   = errors.New("no answer in 200ms")
+)
+
+func round(i int, gwOK, targetOK bool, rtt time.Duration) Round {
+	r := Round{At: t0.Add(time.Duration(i) * 200 * time.Millisecond), Gateway: &Result{Target: gw, Method: "icmp", RTT: rtt}}
+	if !gwOK {
+		r.Gateway.Err = lost
+	}
+	res := Result{Target: target, Method: "icmp", RTT: rtt}
+	if !targetOK {
+		res.Err = lost
+	}
+	r.Targets = []Result{res}
+	return r
+}
+
+// Down after 3 failed rounds, probing at the first good one, up after 5
+// good ones in a row; a failure while probing starts over.
+func TestTrackerHysteresis(t *testing.T) {
+	tr := NewTracker(3, 5, 1, 100, t0)
+	var states []State
+	for i, ok := range []bool{true, false, false, true, false, false, false, true, true, false, true, true, true, true, true} {
+		if tr.Observe(round(i, ok, ok, time.Millisecond)) {
+			states = append(states, tr.State())
+		}
+	}
+	want := []State{Down, Probing, Down, Probing, Up}
+	if strings.Join(toStrings(states), " ") != strings.Join(toStrings(want), " ") {
+		t.Errorf("states %v, want %v", states, want)
+	}
+}
+
+func toStrings(s []State) []string {
+	out := make([]string, len(s))
+	for i, v := range s {
+		out[i] = string(v)
+	}
+	return out
+}
+
+// A gateway that answers while nothing beyond it does takes the line
+// down when a target is required; the reason names the target.
+func TestTrackerLossBeyondGateway(t *testing.T) {
+	tr := NewTracker(3, 5, 1, 100, t0)
+	for i := range 3 {
+		tr.Observe(round(i, true, false, time.Millisecond))
+	}
+	s := tr.Status()
+	if s.State != Down || !strings.Contains(s.Why, "target 203.0.113.101") {
+		t.Errorf("status %+v: want down because of the target", s)
+	}
+	// With no target required, the same rounds are good.
+	tr = NewTracker(3, 5, 0, 100, t0)
+	for i := range 5 {
+		tr.Observe(round(i, true, false, time.Millisecond))
+	}
+	if tr.State() != Up {
+		t.Errorf("min_targets 0: state %s", tr.State())
+	}
+}
+
+func TestTrackerStats(t *testing.T) {
+	tr := NewTracker(100, 5, 0, 8, t0)
+	// 4 rounds of 2 probes: RTTs 10, 20, 10, 20 ms on the gateway, the
+	// target never answers: loss 50%.
+	for i, rtt := range []time.Duration{10, 20, 10, 20} {
+		tr.Observe(round(i, true, false, rtt*time.Millisecond))
+	}
+	s := tr.Status()
+	if s.Loss != 0.5 || s.RTT != 15*time.Millisecond || s.Jitter != 10*time.Millisecond || s.Samples != 8 {
+		t.Errorf("status %+v: want loss 0.5, RTT 15ms, jitter 10ms, 8 samples", s)
+	}
+	// The window slides: 8 more good probes push the lost ones out.
+	for i := range 4 {
+		tr.Observe(round(4+i, true, true, 30*time.Millisecond))
+	}
+	if s := tr.Status(); s.Loss != 0 || s.RTT != 30*time.Millisecond {
+		t.Errorf("after the window slid: %+v", s)
+	}
+}
+
+func TestAdaptiveWeight(t *testing.T) {
+	for _, tc := range []struct {
+		w    int
+		loss float64
+		rtt  time.Duration
+		want int
+	}{
+		{8, 0, 10 * time.Millisecond, 8},    // healthy: as configured
+		{8, 0.25, 10 * time.Millisecond, 4}, // 25% loss: half
+		{8, 0.9, 10 * time.Millisecond, 2},  // bounded below at a quarter
+		{8, 0, 40 * time.Millisecond, 4},    // 4x its best RTT: half
+		{1, 0.9, 10 * time.Millisecond, 1},  // never below 1
+	} {
+		if got := AdaptiveWeight(tc.w, Status{Loss: tc.loss, RTT: tc.rtt}, 10*time.Millisecond); got != tc.want {
+			t.Errorf("AdaptiveWeight(%d, loss %v, rtt %v) = %d, want %d", tc.w, tc.loss, tc.rtt, got, tc.want)
+		}
+	}
+}

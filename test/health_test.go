@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package test
+
+import (
+	"context"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/uplinkd/uplinkd/test/lab"
+)
+
+// checkFailover asserts, after a line went down, that new connections
+// all succeed and avoid it, and that flows on the other line are
+// untouched.
+func checkFailover(t *testing.T, l *lab.Lab, srv *lab.EchoServer, others []*flow) {
+	t.Helper()
+	if got := newShare(t, l, srv.Addr, 50); got[0] != 0 {
+		t.Errorf("dsl1 is down but got %.0f%% of new flows", 100*got[0])
+	}
+	if broken, moved, detail := checkAll(others); broken+moved > 0 {
+		t.Errorf("flows on dsl2: %d broken, %d moved: %v", broken, moved, detail)
+	}
+}
+
+// flowsOn returns the flows the server sees from line n's address.
+func flowsOn(l *lab.Lab, fs []*flow, n int) []*flow {
+	var out []*flow
+	for _, f := range fs {
+		if f.seen.Addr() == l.Uplinks[n-1].Address.Addr() {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// The gateway of line 1 goes silent while its carrier stays up (the case
+// neighbour state alone takes 30-50 s to notice): its probes fail, the
+// line goes down in about a second, new flows avoid it, the other line's
+// flows are untouched; when it answers again, it comes back after its
+// hold-down and gets new flows.
+func TestGatewaySilent(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 2})
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	srv := echoServer(t, l)
+	flows := openFlows(t, l, srv.Addr, 40, true)
+
+	start := time.Now()
+	if err := l.SetGatewaySilent(1, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-down line=dsl1", 1)
+	t.Logf("dsl1 down %v after its gateway went silent", time.Since(start).Round(time.Millisecond))
+	a.waitLog(t, "event=conntrack-flush line=dsl1", 1)
+	checkFailover(t, l, srv, flowsOn(l, flows, 2))
+
+	start = time.Now()
+	if err := l.SetGatewaySilent(1, false); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-up line=dsl1", 1)
+	t.Logf("dsl1 up %v after its gateway answered again", time.Since(start).Round(time.Millisecond))
+	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
+		t.Error("dsl1 is back but gets no new flows")
+	}
+}
+
+// Loss beyond line 1's gateway: the gateway answers, the extra target
+// behind it does not, and the line goes down, naming the target. Its
+// probes keep reaching the target through line 1 while it is down, so it
+// comes back when the loss ends.
+func TestLossBeyondGateway(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 2, Servers: 2})
+	target := l.ServerAddrs[1].String()
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state,
+		Extra: "health:\n  targets: [" + target + "]\n"})))
+	srv := echoServer(t, l)
+	flows := openFlows(t, l, srv.Addr, 40, true)
+
+	if err := l.SetLossBeyond(1, 100); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-down line=dsl1", 1)
+	if log := a.log.String(); !strings.Contains(log, "target "+target) {
+		t.Errorf("the reason does not name the target %s:\n%s", target, log)
+	}
+	if strings.Contains(a.log.String(), "event=line-down line=dsl2") {
+		t.Error("dsl2 went down too")
+	}
+	a.waitLog(t, "event=conntrack-flush line=dsl1", 1)
+	checkFailover(t, l, srv, flowsOn(l, flows, 2))
+
+	if err := l.SetLossBeyond(1, 0); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-up line=dsl1", 1)
+}
+
+// A line that flaps (its gateway silent and back every 400 ms) stays out:
+// it must answer up_after rounds in a row (1 s by default) to come back.
+// Once it is stable, it comes back.
+func TestFlappingLineStaysOut(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	if err := l.SetGatewaySilent(1, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-down line=dsl1", 1)
+	for i := range 10 {
+		if err := l.SetGatewaySilent(1, i%2 == 0); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(400 * time.Millisecond)
+	}
+	log := a.log.String()
+	if strings.Contains(log, "event=line-up line=dsl1") {
+		t.Fatalf("the flapping line came back:\n%s", log)
+	}
+	if n := strings.Count(log, "event=line-probing line=dsl1"); n < 2 {
+		t.Errorf("the line was probing %d times while flapping, want at least 2 (is the flapping real?)", n)
+	}
+	if err := l.SetGatewaySilent(1, false); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-up line=dsl1", 1)
+}
+
+// counterRE reads an nft counter and the comment naming it.
+var counterRE = regexp.MustCompile(`counter packets (\d+) bytes \d+ comment "([a-z0-9-]+)"`)
+
+// A probe of line 1 never leaves by line 2, also while line 1 is down:
+// ISP 2's router counts packets from line 1's address and to line 1's
+// gateway and probe target, and sees none.
+func TestProbesStayOnTheirLine(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Servers: 2})
+	target := l.ServerAddrs[1].String()
+	ctx := context.Background()
+	line1, line2 := l.Uplinks[0].Address.Addr().String(), l.Uplinks[1].Address.Addr().String()
+	if _, err := l.ISPs[1].Run(ctx, "nft", "add table inet watch; "+
+		"add chain inet watch c { type filter hook prerouting priority -300; }; "+
+		"add rule inet watch c ip saddr "+line1+" counter comment \"line1-source\"; "+
+		"add rule inet watch c ip daddr "+l.Uplinks[0].Gateway.String()+" counter comment \"line1-gateway\"; "+
+		"add rule inet watch c ip daddr "+target+" ip saddr != "+line2+" counter comment \"target-not-from-line2\"; "+
+		"add rule inet watch c ip daddr "+target+" ip saddr "+line2+" counter comment \"line2-probes\""); err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state,
+		Extra: "health:\n  targets: [" + target + "]\n"})))
+	if err := l.SetGatewaySilent(1, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-down line=dsl1", 1)
+	time.Sleep(time.Second) // five more rounds of probes of the dead line
+	out, err := l.ISPs[1].Run(ctx, "nft", "list", "table", "inet", "watch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts := map[string]int{}
+	for _, m := range counterRE.FindAllStringSubmatch(out, -1) {
+		n, _ := strconv.Atoi(m[1])
+		counts[m[2]] = n
+	}
+	for _, c := range []string{"line1-source", "line1-gateway", "target-not-from-line2"} {
+		if n, ok := counts[c]; !ok || n != 0 {
+			t.Errorf("counter %s = %d (present %v), want 0:\n%s", c, n, ok, out)
+		}
+	}
+	if counts["line2-probes"] == 0 {
+		t.Errorf("ISP 2 did not count line 2's own probes: the counters do not count\n%s", out)
+	}
+}
