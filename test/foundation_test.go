@@ -235,24 +235,12 @@ func TestRunRestoresAndFollows(t *testing.T) {
 	l, state := newLab(t, lab.Options{})
 	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
 
-	eventually := func(what string, ok func() bool) {
-		t.Helper()
-		start := time.Now()
-		for time.Since(start) < 2*time.Second {
-			if ok() {
-				t.Logf("%s after %v", what, time.Since(start).Round(time.Millisecond))
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-		t.Errorf("%s: not within 2s", what)
-	}
 	gw(t, l, "ip", "rule", "del", "prio", "222")
-	eventually("rule 222 restored", func() bool {
+	eventually(t, "rule 222 restored", func() bool {
 		return strings.Contains(gw(t, l, "ip", "rule", "show", "prio", "222"), "lookup 222")
 	})
 	gw(t, l, "ip", "route", "del", "default", "table", "201")
-	eventually("route in table 201 restored", func() bool {
+	eventually(t, "route in table 201 restored", func() bool {
 		return strings.Contains(gw(t, l, "ip", "route", "show", "table", "201"), "default via 198.51.100.1")
 	})
 
@@ -260,7 +248,7 @@ func TestRunRestoresAndFollows(t *testing.T) {
 	// with a new lease: the old address goes, the new one comes.
 	gw(t, l, "ip", "addr", "del", "198.51.100.18/28", "dev", "wan2")
 	gw(t, l, "ip", "addr", "add", "198.51.100.20/28", "dev", "wan2")
-	eventually("table 202 uses the new address", func() bool {
+	eventually(t, "table 202 uses the new address", func() bool {
 		return strings.Contains(gw(t, l, "ip", "route", "show", "table", "202"), "src 198.51.100.20")
 	})
 	srv := echoServer(t, l)

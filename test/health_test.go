@@ -176,3 +176,61 @@ func TestProbesStayOnTheirLine(t *testing.T) {
 		t.Errorf("ISP 2 did not count line 2's own probes: the counters do not count\n%s", out)
 	}
 }
+
+// A gateway that drops ICMP echo but answers ARP: probed with ARP, its
+// line stays up; when it stops answering ARP too, the line goes down.
+func TestARPProbe(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state,
+		LineExtra: []string{"    health:\n      gateway_probe: arp\n"}})))
+	if _, err := l.ISPs[0].Run(context.Background(), "nft", "add table inet noping; "+
+		"add chain inet noping c { type filter hook input priority 0; }; add rule inet noping c icmp type echo-request drop"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond) // more than down_after rounds
+	if strings.Contains(a.log.String(), "event=line-down line=dsl1") {
+		t.Fatalf("dsl1, probed by ARP, went down when its gateway stopped answering pings:\n%s", a.log.String())
+	}
+	if err := l.SetGatewaySilent(1, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-down line=dsl1", 1)
+	if !strings.Contains(a.log.String(), "(arp)") {
+		t.Errorf("the reason does not name the ARP probe:\n%s", a.log.String())
+	}
+}
+
+// Every line fails its probes: uplinkd does not blackhole what might
+// still work. The last line in use stays in use (and the agent says so
+// loudly) until another line answers again.
+func TestAllLinesDownKeepsTheLast(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	if err := l.SetGatewaySilent(1, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-down line=dsl1", 1)
+	if err := l.SetGatewaySilent(2, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-down line=dsl2", 1)
+	a.waitLog(t, "event=all-lines-down", 1)
+	if !strings.Contains(a.log.String(), "level=ERROR msg=\"every line failed its probes: keeping the last configuration\"") {
+		t.Errorf("the fallback is not logged as an error:\n%s", a.log.String())
+	}
+	routes := gw(t, l, "ip", "route", "show", "table", "222")
+	if !strings.Contains(routes, "dev wan2") || strings.Contains(routes, "dev wan1") {
+		t.Errorf("table 222 with every line down:\n%s\nwant the last line in use, wan2, kept", routes)
+	}
+	if err := l.SetGatewaySilent(1, false); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=line-up line=dsl1", 1)
+	a.waitLog(t, "event=all-lines-down", 2) // leaving the fallback
+	eventually(t, "table 222 has wan1 only (dsl2 is still down)", func() bool {
+		routes := gw(t, l, "ip", "route", "show", "table", "222")
+		return strings.Contains(routes, "dev wan1") && !strings.Contains(routes, "dev wan2")
+	})
+}

@@ -230,3 +230,17 @@ func echoServer(t testing.TB, l *lab.Lab) *lab.EchoServer {
 	t.Cleanup(func() { srv.Close() })
 	return srv
 }
+
+// eventually waits up to 2 s for ok, and logs how long it took.
+func eventually(t testing.TB, what string, ok func() bool) {
+	t.Helper()
+	start := time.Now()
+	for time.Since(start) < 2*time.Second {
+		if ok() {
+			t.Logf("%s after %v", what, time.Since(start).Round(time.Millisecond))
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Errorf("%s: not within 2s", what)
+}

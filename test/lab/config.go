@@ -9,13 +9,14 @@ import (
 
 // ConfigOptions shape the config that Config writes for a lab.
 type ConfigOptions struct {
-	StateDir   string // the agent's state_dir; required
-	PinDir     string // datapath.pin_dir; default /sys/fs/bpf/uplinkd-<prefix>, so labs never share maps
-	NoDatapath bool   // datapath.enabled: false (the seed's behaviour)
-	Attach     string // datapath.attach; default auto
-	Flows      uint32 // datapath.flow_entries; default 65536 (the product's default, 1M, preallocates 176 MiB)
-	Weights    []int  // per uplink; default 1 each
-	Extra      string // appended as is (YAML at the top level)
+	StateDir   string   // the agent's state_dir; required
+	PinDir     string   // datapath.pin_dir; default /sys/fs/bpf/uplinkd-<prefix>, so labs never share maps
+	NoDatapath bool     // datapath.enabled: false (the seed's behaviour)
+	Attach     string   // datapath.attach; default auto
+	Flows      uint32   // datapath.flow_entries; default 65536 (the product's default, 1M, preallocates 176 MiB)
+	Weights    []int    // per uplink; default 1 each
+	LineExtra  []string // per uplink: YAML appended to its block, indented by 4
+	Extra      string   // appended as is (YAML at the top level)
 }
 
 // Config returns an uplinkd config for the lab's gateway: the LAN
@@ -28,6 +29,9 @@ func (l *Lab) Config(o ConfigOptions) string {
 		fmt.Fprintf(&b, "  - name: %s\n    interface: %s\n    gateway: %s\n", u.Name, u.Interface, u.Gateway)
 		if i < len(o.Weights) {
 			fmt.Fprintf(&b, "    weight: %d\n", o.Weights[i])
+		}
+		if i < len(o.LineExtra) {
+			b.WriteString(o.LineExtra[i])
 		}
 	}
 	if o.PinDir == "" {
