@@ -234,3 +234,38 @@ func TestAllLinesDownKeepsTheLast(t *testing.T) {
 		return strings.Contains(routes, "dev wan1") && !strings.Contains(routes, "dev wan2")
 	})
 }
+
+// Adaptive weights: loss beyond line 1 (its extra target loses 40% of
+// the probes, not enough to take the line down with min_targets 0) lowers
+// its share of new flows; the change is an event, and established flows
+// stay where they are.
+func TestAdaptiveWeights(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Servers: 2})
+	target := l.ServerAddrs[1].String()
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Weights: []int{10, 10},
+		Extra: "weights: adaptive\nhealth:\n  targets: [" + target + "]\n  min_targets: 0\n"})))
+	srv := echoServer(t, l)
+	flows := openFlows(t, l, srv.Addr, 20, false)
+	if err := l.SetLossBeyond(1, 40); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLog(t, "event=weight line=dsl1", 1) // within one adaptation period (5 s)
+	routes := gw(t, l, "ip", "route", "show", "table", "222")
+	w := regexp.MustCompile(`dev wan1 weight (\d+)`).FindStringSubmatch(routes)
+	if w == nil {
+		t.Fatalf("no weight for wan1 in table 222:\n%s", routes)
+	}
+	if n, _ := strconv.Atoi(w[1]); n >= 10 || n < 3 {
+		t.Errorf("dsl1's weight is %d with 20%% loss, want less than 10 and at least a quarter", n)
+	}
+	if !strings.Contains(routes, "dev wan2 weight 10") {
+		t.Errorf("dsl2's weight changed:\n%s", routes)
+	}
+	if strings.Contains(a.log.String(), "event=line-down") {
+		t.Error("a line went down")
+	}
+	if broken, moved, detail := checkAll(flows); broken+moved > 0 {
+		t.Errorf("a weight change moved or broke flows: %d broken, %d moved: %v", broken, moved, detail)
+	}
+}

@@ -107,8 +107,13 @@ func TestAdaptiveWeight(t *testing.T) {
 		{8, 0.9, 10 * time.Millisecond, 2},  // bounded below at a quarter
 		{8, 0, 40 * time.Millisecond, 4},    // 4x its best RTT: half
 		{1, 0.9, 10 * time.Millisecond, 1},  // never below 1
+		{8, 0, 40 * time.Microsecond, 8},    // 4x a tiny RTT is noise
 	} {
-		if got := AdaptiveWeight(tc.w, Status{Loss: tc.loss, RTT: tc.rtt}, 10*time.Millisecond); got != tc.want {
+		best := 10 * time.Millisecond
+		if tc.rtt < time.Millisecond {
+			best = 10 * time.Microsecond
+		}
+		if got := AdaptiveWeight(tc.w, Status{Loss: tc.loss, RTT: tc.rtt}, best); got != tc.want {
 			t.Errorf("AdaptiveWeight(%d, loss %v, rtt %v) = %d, want %d", tc.w, tc.loss, tc.rtt, got, tc.want)
 		}
 	}

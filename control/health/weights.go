@@ -14,18 +14,21 @@ const (
 	// recovery is seen in real traffic too.
 	MinWeightShare = 0.25
 	// SlowRTT is how many times its best RTT a line's mean RTT may be
-	// before its weight is halved.
+	// before its weight is halved...
 	SlowRTT = 3
+	// ...when it is also this much slower: sub-millisecond RTTs vary by
+	// multiples on an idle link and say nothing about its quality.
+	SlowRTTExcess = 20 * time.Millisecond
 )
 
 // AdaptiveWeight is a line's share of new flows from its configured
 // weight (its capacity) and its measured health: loss lowers it linearly
 // (to half at 25% loss), an RTT over SlowRTT times the line's best seen
-// halves it, and it never falls below MinWeightShare of the configured
+// (and SlowRTTExcess over it) halves it, and it never falls below MinWeightShare of the configured
 // weight, nor below 1.
 func AdaptiveWeight(configured int, s Status, bestRTT time.Duration) int {
 	f := 1 - 2*s.Loss
-	if bestRTT > 0 && s.RTT > SlowRTT*bestRTT {
+	if bestRTT > 0 && s.RTT > SlowRTT*bestRTT && s.RTT-bestRTT > SlowRTTExcess {
 		f /= 2
 	}
 	f = math.Max(MinWeightShare, math.Min(1, f))
