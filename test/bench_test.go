@@ -6,7 +6,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -40,7 +44,7 @@ func iperf3(b *testing.B, l *lab.Lab, streams int, secs int) float64 {
 // BenchmarkForwarding compares TCP throughput through the lab gateway
 // with the datapath attached and without it (the kernel's multipath
 // alone), alternating A/B rounds in one run so that the shared machine's
-// noise hits both. Run with -benchtime=1x: each b.N is one round of each.
+// noise hits both. Run with -benchtime=1x: each b.N is three rounds of each.
 func BenchmarkForwarding(b *testing.B) {
 	if uplinkd == "" {
 		b.Skip("needs root")
@@ -62,8 +66,9 @@ func BenchmarkForwarding(b *testing.B) {
 			defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
 			time.Sleep(200 * time.Millisecond)
 
+			const rounds = 3
 			var with, without float64
-			for range b.N {
+			for range b.N * rounds {
 				for _, dp := range []bool{true, false} {
 					state := b.TempDir()
 					file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state, NoDatapath: !dp}))
@@ -79,11 +84,161 @@ func BenchmarkForwarding(b *testing.B) {
 					}
 				}
 			}
-			with /= float64(b.N)
-			without /= float64(b.N)
+			with /= float64(b.N * rounds)
+			without /= float64(b.N * rounds)
 			b.ReportMetric(with, "Gbit/s-datapath")
 			b.ReportMetric(without, "Gbit/s-kernel")
 			b.ReportMetric(with/without, "ratio")
 		})
 	}
+}
+
+// lineOut reports whether the agent has taken line n out of service: out
+// of the multipath route, and its TCP reset installed (which happens after
+// the datapath's buckets are rewritten).
+func lineOut(tb testing.TB, l *lab.Lab, n int) bool {
+	u := l.Uplinks[n-1]
+	routes := gw(tb, l, "ip", "route", "show", "table", "222")
+	nft := gw(tb, l, "nft", "list", "table", "inet", "uplinkd")
+	return !strings.Contains(routes, "dev "+u.Interface+" ") && strings.Contains(nft, u.Name+" is down")
+}
+
+// waitFor polls cond every 2 ms for up to 10 s and returns how long it took.
+func waitFor(b *testing.B, what string, cond func() bool) time.Duration {
+	start := time.Now()
+	for time.Since(start) < 10*time.Second {
+		if cond() {
+			return time.Since(start)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	b.Fatalf("%s: not within 10s", what)
+	return 0
+}
+
+// allVia asserts that n new connections all succeed, all through line
+// want (1-based) or, with want 0, none through line 1.
+func allVia(b *testing.B, l *lab.Lab, srv *lab.EchoServer, n, want int) {
+	for i := range n {
+		c, seen, err := lab.DialTCP(l.Clients[0], srv.Addr, time.Second)
+		if err != nil {
+			b.Fatalf("connection %d after the agent acted: %v", i, err)
+		}
+		c.Close()
+		on1 := seen.Addr() == l.Uplinks[0].Address.Addr()
+		if want == 0 && on1 {
+			b.Fatalf("connection %d went through the failed line", i)
+		}
+	}
+}
+
+// BenchmarkFailover measures, over trials, the time from a fault on line 1
+// to the moment uplinkd has taken the line out of service (every new
+// connection then succeeds through line 2, which each trial checks), and
+// from the end of the fault to the line's return, with the default health
+// settings. Run with -benchtime=1x.
+func BenchmarkFailover(b *testing.B) {
+	if uplinkd == "" {
+		b.Skip("needs root")
+	}
+	const trials = 10
+	for _, fault := range []struct {
+		name string
+		set  func(l *lab.Lab, on bool) error
+	}{
+		{"gateway-silent", func(l *lab.Lab, on bool) error { return l.SetGatewaySilent(1, on) }},
+		{"carrier-down", func(l *lab.Lab, on bool) error { return l.SetCarrier(1, !on) }},
+	} {
+		b.Run(fault.name, func(b *testing.B) {
+			l, err := lab.New(lab.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer l.Close()
+			file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: b.TempDir()}))
+			a := spawnAgent(b, l, file)
+			defer func() { a.stop(b); gw(b, l, uplinkd, "down", "-c", file) }()
+			a.waitLog(b, "msg=applied", 1)
+			srv := echoServer(b, l)
+
+			var down, up []time.Duration
+			for range b.N * trials {
+				time.Sleep(300 * time.Millisecond) // a fault at any point of the probe cycle
+				if err := fault.set(l, true); err != nil {
+					b.Fatal(err)
+				}
+				down = append(down, waitFor(b, "failover", func() bool { return lineOut(b, l, 1) }))
+				allVia(b, l, srv, 20, 0)
+				if err := fault.set(l, false); err != nil {
+					b.Fatal(err)
+				}
+				up = append(up, waitFor(b, "recovery", func() bool { return !lineOut(b, l, 1) }))
+			}
+			slices.Sort(down)
+			slices.Sort(up)
+			b.ReportMetric(float64(down[len(down)/2].Milliseconds()), "failover-median-ms")
+			b.ReportMetric(float64(down[len(down)-1].Milliseconds()), "failover-max-ms")
+			b.ReportMetric(float64(up[len(up)/2].Milliseconds()), "recovery-median-ms")
+			b.ReportMetric(float64(up[len(up)-1].Milliseconds()), "recovery-max-ms")
+			b.ReportMetric(float64(len(down)), "trials")
+		})
+	}
+}
+
+// BenchmarkAgentSteadyState measures the agent's CPU and memory with four
+// lines probed at the default interval, over 10 s of no change.
+func BenchmarkAgentSteadyState(b *testing.B) {
+	if uplinkd == "" {
+		b.Skip("needs root")
+	}
+	l, err := lab.New(lab.Options{ISPs: 4})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: b.TempDir()}))
+	a := spawnAgent(b, l, file)
+	defer func() { a.stop(b); gw(b, l, uplinkd, "down", "-c", file) }()
+	a.waitLog(b, "msg=applied", 1)
+	time.Sleep(time.Second)
+	pid := a.cmd.Process.Pid
+	const period = 10 * time.Second
+	for range b.N {
+		before := cpuTicks(b, pid)
+		time.Sleep(period)
+		used := float64(cpuTicks(b, pid)-before) / 100 // USER_HZ
+		b.ReportMetric(100*used/period.Seconds(), "cpu-%")
+	}
+	b.ReportMetric(float64(rssKiB(b, pid))/1024, "rss-MiB")
+	if strings.Contains(a.log.String(), "event=line-down") {
+		b.Error("a line went down at steady state")
+	}
+}
+
+// cpuTicks is a process's user+system time in clock ticks.
+func cpuTicks(b *testing.B, pid int) int64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Fields after the command name, which is in parentheses.
+	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return utime + stime
+}
+
+func rssKiB(b *testing.B, pid int) int64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			n, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
+			return n
+		}
+	}
+	b.Fatal("no VmRSS")
+	return 0
 }
