@@ -35,7 +35,11 @@ type Agent struct {
 	dead     []string        // lines whose TCP reset the last Apply installed
 	usable   map[string]bool // lines the last Apply gave new flows
 	allDown  bool            // every line failed its probes: the last usable ones are kept
-	probes   probes
+	// lineChanged says the last refresh saw a line change (carrier,
+	// operator, address): a change of kernel state that follows is not a
+	// repair of someone else's edit.
+	lineChanged bool
+	probes      probes
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -156,10 +160,12 @@ func (a *Agent) refresh() error {
 	for i := range a.lines {
 		l := &a.lines[i]
 		if c := a.env.Carrier(l.Interface); c != l.Carrier {
+			a.lineChanged = true
 			a.events.Add(events.Carrier, l.Name, "line state", "carrier", c, "interface", l.Interface)
 			l.Carrier = c
 		}
 		if up := !slices.Contains(down, l.Name); err == nil && up != l.Up {
+			a.lineChanged = true
 			a.events.Add(events.Operator, l.Name, "line state", "up", up)
 			l.Up = up
 		}
@@ -171,6 +177,7 @@ func (a *Agent) refresh() error {
 			addr, _ = plan.LineAddress(addrs, l.GatewayAddr)
 		}
 		if addr != l.Address {
+			a.lineChanged = true
 			a.events.Add(events.Address, l.Name, "line address changed", "interface", l.Interface, "from", l.Address, "to", addr)
 			l.Address = addr
 		}
@@ -184,6 +191,7 @@ func (a *Agent) refresh() error {
 func (a *Agent) Apply() (Report, error) {
 	var rep Report
 	var errs []error
+	a.lineChanged = false
 	if err := a.refresh(); err != nil {
 		errs = append(errs, err)
 	}
@@ -277,9 +285,10 @@ func Down(cfg *config.Config, env *Env) error {
 
 // Timing of the run loop.
 const (
-	settle        = 10 * time.Millisecond // events closer than this are one change
-	fullReconcile = 5 * time.Second       // a reconcile even without events
-	retryAfter    = time.Second           // after a failed reconcile
+	settle        = 10 * time.Millisecond  // events closer than this are one change
+	minRepair     = 100 * time.Millisecond // at most ten event-driven reconciles a second
+	fullReconcile = 5 * time.Second        // a reconcile even without events
+	retryAfter    = time.Second            // after a failed reconcile
 )
 
 // Run applies the state, then keeps it applied until ctx ends: on every
@@ -314,8 +323,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer tick.Stop()
 	adapt := time.NewTicker(adaptEvery)
 	defer adapt.Stop()
+	var lastRepair time.Time
 	for {
 		var newConfig string
+		repair := false
 		select {
 		case <-ctx.Done():
 			return nil
@@ -335,13 +346,19 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case <-tick.C:
 		case <-changes:
-			time.Sleep(settle)
+			// Rate limit: someone deleting uplinkd's rules in a loop gets
+			// a repair every minRepair, not a busy agent.
+			time.Sleep(max(settle, minRepair-time.Since(lastRepair)))
 			drain(changes)
+			lastRepair = time.Now()
+			repair = true
 		}
 		rep, err := a.Apply()
 		switch {
 		case newConfig != "":
 			a.log.Info("new config applied", "file", newConfig, "changes", rep.String())
+		case repair && rep.Changed() && !a.lineChanged:
+			a.events.Add(events.Restored, "", "reconciled", "changes", rep.String(), "why", "kernel state changed by someone else")
 		case rep.Changed():
 			a.log.Info("reconciled", "changes", rep.String())
 		}

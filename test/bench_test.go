@@ -93,16 +93,6 @@ func BenchmarkForwarding(b *testing.B) {
 	}
 }
 
-// lineOut reports whether the agent has taken line n out of service: out
-// of the multipath route, and its TCP reset installed (which happens after
-// the datapath's buckets are rewritten).
-func lineOut(tb testing.TB, l *lab.Lab, n int) bool {
-	u := l.Uplinks[n-1]
-	routes := gw(tb, l, "ip", "route", "show", "table", "222")
-	nft := gw(tb, l, "nft", "list", "table", "inet", "uplinkd")
-	return !strings.Contains(routes, "dev "+u.Interface+" ") && strings.Contains(nft, u.Name+" is down")
-}
-
 // waitFor polls cond every 2 ms for up to 10 s and returns how long it took.
 func waitFor(b *testing.B, what string, cond func() bool) time.Duration {
 	start := time.Now()

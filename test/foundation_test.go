@@ -233,12 +233,13 @@ func TestBadConfigTouchesNothing(t *testing.T) {
 func TestRunRestoresAndFollows(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
-	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
 
 	gw(t, l, "ip", "rule", "del", "prio", "222")
 	eventually(t, "rule 222 restored", func() bool {
 		return strings.Contains(gw(t, l, "ip", "rule", "show", "prio", "222"), "lookup 222")
 	})
+	a.waitLog(t, "event=restored", 1)
 	gw(t, l, "ip", "route", "del", "default", "table", "201")
 	eventually(t, "route in table 201 restored", func() bool {
 		return strings.Contains(gw(t, l, "ip", "route", "show", "table", "201"), "default via 198.51.100.1")

@@ -244,3 +244,13 @@ func eventually(t testing.TB, what string, ok func() bool) {
 	}
 	t.Errorf("%s: not within 2s", what)
 }
+
+// lineOut reports whether the agent has taken line n out of service: out
+// of the multipath route, and its TCP reset installed (which happens after
+// the datapath's buckets are rewritten).
+func lineOut(tb testing.TB, l *lab.Lab, n int) bool {
+	u := l.Uplinks[n-1]
+	routes := gw(tb, l, "ip", "route", "show", "table", "222")
+	nft := gw(tb, l, "nft", "list", "table", "inet", "uplinkd")
+	return !strings.Contains(routes, "dev "+u.Interface+" ") && strings.Contains(nft, u.Name+" is down")
+}
