@@ -254,6 +254,33 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 	if err := waitLine(ctx, l, l.Uplinks[0], true); err != nil {
 		return err
 	}
+	if err := round("all lines up again", len(l.Uplinks)); err != nil {
+		return err
+	}
+
+	// The harder fault: the gateway stops answering while the carrier
+	// stays up. Only probing sees it.
+	last := l.Uplinks[len(l.Uplinks)-1]
+	say("\n%s's gateway goes silent, its carrier stays up", last.Name)
+	start = time.Now()
+	if err := l.SetGatewaySilent(len(l.Uplinks), true); err != nil {
+		return err
+	}
+	if err := waitLine(ctx, l, last, false); err != nil {
+		return err
+	}
+	say("the agent's probes took %s out of service %v after the fault", last.Name, time.Since(start).Round(time.Millisecond))
+	if err := round("line "+last.Name+" silent", len(l.Uplinks)-1); err != nil {
+		return err
+	}
+	start = time.Now()
+	if err := l.SetGatewaySilent(len(l.Uplinks), false); err != nil {
+		return err
+	}
+	if err := waitLine(ctx, l, last, true); err != nil {
+		return err
+	}
+	say("\n%s answers again: back in service %v later (after 5 good rounds of probes)", last.Name, time.Since(start).Round(time.Millisecond))
 	return round("all lines up again", len(l.Uplinks))
 }
 
