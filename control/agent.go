@@ -15,6 +15,7 @@ import (
 
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/control/health"
 	"github.com/uplinkd/uplinkd/control/nat"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/routing"
@@ -163,6 +164,12 @@ func (a *Agent) refresh() error {
 			a.lineChanged = true
 			a.events.Add(events.Carrier, l.Name, "line state", "carrier", c, "interface", l.Interface)
 			l.Carrier = c
+			// Without carrier the line's probes fail too: judge it down now,
+			// so that it comes back after the hold-down, not flaps later.
+			if t := a.probes.trackers[l.Name]; t != nil && !c && t.Down(time.Now(), "no carrier on "+l.Interface) {
+				a.events.Add(events.LineDown, l.Name, "line health", "state", health.Down, "why", "no carrier on "+l.Interface)
+				l.Healthy = false
+			}
 		}
 		if up := !slices.Contains(down, l.Name); err == nil && up != l.Up {
 			a.lineChanged = true

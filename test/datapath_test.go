@@ -424,7 +424,8 @@ func TestTCFallback(t *testing.T) {
 
 // Carrier loss on a line takes it out at once (netlink event, no probe):
 // new connections all succeed through the other line, flows on the other
-// line are untouched; with the carrier back the line gets new flows again.
+// line are untouched; with the carrier back the line gets new flows again,
+// after the hold-down of up_after good probe rounds.
 func TestCarrierLoss(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{Clients: 2})
@@ -454,7 +455,8 @@ func TestCarrierLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.waitLog(t, `event=carrier line=dsl1 carrier=true`, 1)
-	a.waitLog(t, `msg=reconciled`, 2)
+	a.waitLog(t, `event=line-up line=dsl1`, 1) // after the hold-down
+	eventually(t, "dsl1 back in service", func() bool { return !lineOut(t, l, 1) })
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("dsl1 has its carrier back but gets no new flows")
 	}

@@ -247,13 +247,14 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 	if err := round("line "+l.Uplinks[0].Name+" dead", len(l.Uplinks)-1); err != nil {
 		return err
 	}
-	say("\nline %s back", l.Uplinks[0].Name)
+	start = time.Now()
 	if err := l.SetCarrier(1, true); err != nil {
 		return err
 	}
 	if err := waitLine(ctx, l, l.Uplinks[0], true); err != nil {
 		return err
 	}
+	say("\nline %s has its carrier back: in service %v later (after 5 good rounds of probes)", l.Uplinks[0].Name, time.Since(start).Round(time.Millisecond))
 	if err := round("all lines up again", len(l.Uplinks)); err != nil {
 		return err
 	}

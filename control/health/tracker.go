@@ -118,6 +118,18 @@ func (t *Tracker) Observe(r Round) bool {
 	return t.state != prev
 }
 
+// Down takes the line down at once, for a failure seen without probes
+// (carrier loss): it then comes back like any line, after up_after good
+// rounds. It reports whether the state changed.
+func (t *Tracker) Down(at time.Time, why string) bool {
+	t.fails, t.oks = t.downAfter, 0
+	if t.state == Down {
+		return false
+	}
+	t.set(Down, at, why)
+	return true
+}
+
 func (t *Tracker) set(s State, at time.Time, why string) {
 	t.state, t.since, t.why = s, at, why
 }

@@ -118,3 +118,17 @@ func TestAdaptiveWeight(t *testing.T) {
 		}
 	}
 }
+
+// Carrier loss takes a line down at once; it comes back after up_after
+// good rounds, like any line.
+func TestTrackerDown(t *testing.T) {
+	tr := NewTracker(3, 2, 0, 10, t0)
+	if !tr.Down(t0, "no carrier") || tr.State() != Down || tr.Down(t0, "again") {
+		t.Fatalf("Down: state %s", tr.State())
+	}
+	tr.Observe(round(1, true, true, time.Millisecond))
+	tr.Observe(round(2, true, true, time.Millisecond))
+	if tr.State() != Up {
+		t.Errorf("after 2 good rounds: %s", tr.State())
+	}
+}
