@@ -128,9 +128,6 @@ func allVia(b *testing.B, l *lab.Lab, srv *lab.EchoServer, n, want int) {
 // from the end of the fault to the line's return, with the default health
 // settings. Run with -benchtime=1x.
 func BenchmarkFailover(b *testing.B) {
-	if uplinkd == "" {
-		b.Skip("needs root")
-	}
 	const trials = 10
 	for _, fault := range []struct {
 		name string
@@ -140,15 +137,8 @@ func BenchmarkFailover(b *testing.B) {
 		{"carrier-down", func(l *lab.Lab, on bool) error { return l.SetCarrier(1, !on) }},
 	} {
 		b.Run(fault.name, func(b *testing.B) {
-			l, err := lab.New(lab.Options{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer l.Close()
-			file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: b.TempDir()}))
-			a := spawnAgent(b, l, file)
-			defer func() { a.stop(b); gw(b, l, uplinkd, "down", "-c", file) }()
-			a.waitLog(b, "msg=applied", 1)
+			l, state := newLab(b, lab.Options{})
+			startAgent(b, l, writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state})))
 			srv := echoServer(b, l)
 
 			var down, up []time.Duration
@@ -178,18 +168,8 @@ func BenchmarkFailover(b *testing.B) {
 // BenchmarkAgentSteadyState measures the agent's CPU and memory with four
 // lines probed at the default interval, over 10 s of no change.
 func BenchmarkAgentSteadyState(b *testing.B) {
-	if uplinkd == "" {
-		b.Skip("needs root")
-	}
-	l, err := lab.New(lab.Options{ISPs: 4})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: b.TempDir()}))
-	a := spawnAgent(b, l, file)
-	defer func() { a.stop(b); gw(b, l, uplinkd, "down", "-c", file) }()
-	a.waitLog(b, "msg=applied", 1)
+	l, state := newLab(b, lab.Options{ISPs: 4})
+	a := startAgent(b, l, writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state})))
 	time.Sleep(time.Second)
 	pid := a.cmd.Process.Pid
 	const period = 10 * time.Second
