@@ -106,37 +106,34 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 func (a *Agent) Lines() []plan.Line { return append([]plan.Line(nil), a.lines...) }
 
 // Desired is the kernel state the agent wants now.
-func (a *Agent) Desired() plan.State { return plan.Build(a.cfg, a.planLines()) }
+func (a *Agent) Desired() plan.State {
+	lines, _ := a.planLines()
+	return plan.Build(a.cfg, lines)
+}
 
 // planLines are the lines as the plan uses them. When every line that
 // could carry traffic has failed its probes, uplinkd does not blackhole
-// what might still work: the lines in use before keep being used (and
-// the agent says so loudly), until a line answers again.
-func (a *Agent) planLines() []plan.Line {
-	lines := slices.Clone(a.lines)
+// what might still work: the lines in use before keep being used until a
+// line answers again. kept names them; nil outside that fallback.
+func (a *Agent) planLines() (lines []plan.Line, kept []string) {
+	lines = slices.Clone(a.lines)
 	candidate := func(l plan.Line) bool { return l.Up && l.Carrier && l.Address.IsValid() }
 	anyUsable, anyCandidate := false, false
 	for _, l := range lines {
 		anyUsable = anyUsable || l.Usable()
 		anyCandidate = anyCandidate || candidate(l)
 	}
-	allDown := !anyUsable && anyCandidate
-	if allDown {
-		kept := []string{}
-		for i, l := range lines {
-			if candidate(l) && (a.usable[l.Name] || len(a.usable) == 0) {
-				lines[i].Healthy = true
-				kept = append(kept, l.Name)
-			}
-		}
-		if !a.allDown {
-			a.events.Add(events.AllDown, "", "every line failed its probes: keeping the last configuration", "kept", kept)
-		}
-	} else if a.allDown {
-		a.events.Add(events.AllDown, "", "a line answers again: leaving the last-configuration fallback")
+	if anyUsable || !anyCandidate {
+		return lines, nil
 	}
-	a.allDown = allDown
-	return lines
+	kept = []string{}
+	for i, l := range lines {
+		if candidate(l) && (a.usable[l.Name] || len(a.usable) == 0) {
+			lines[i].Healthy = true
+			kept = append(kept, l.Name)
+		}
+	}
+	return lines, kept
 }
 
 // Report says what one Apply changed.
@@ -202,7 +199,14 @@ func (a *Agent) Apply() (Report, error) {
 	if err := a.refresh(); err != nil {
 		errs = append(errs, err)
 	}
-	lines := a.planLines()
+	lines, kept := a.planLines()
+	switch allDown := kept != nil; {
+	case allDown && !a.allDown:
+		a.events.Add(events.AllDown, "", "every line failed its probes: keeping the last configuration", "kept", kept)
+	case !allDown && a.allDown:
+		a.events.Add(events.AllDown, "", "a line answers again: leaving the last-configuration fallback")
+	}
+	a.allDown = kept != nil
 	want := plan.Build(a.cfg, lines)
 	var err error
 	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, want.Sysctls, a.cfg.StateDir); err != nil {

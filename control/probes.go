@@ -39,9 +39,8 @@ type lineProbe struct {
 // change does not make a dead line look healthy).
 type tracked struct {
 	*health.Tracker
-	params  config.Health
-	probe   config.Probe
-	bestRTT time.Duration
+	params config.Health
+	probe  config.Probe
 }
 
 func newProbes() probes {
@@ -142,14 +141,6 @@ func (a *Agent) observe(r health.Report) bool {
 	if lp == nil || lp.spec.ID != r.ID || t == nil {
 		return false // a round of a prober that was replaced
 	}
-	for _, res := range r.Round.Targets {
-		if res.Err == nil && (t.bestRTT == 0 || res.RTT < t.bestRTT) {
-			t.bestRTT = res.RTT
-		}
-	}
-	if g := r.Round.Gateway; g != nil && g.Err == nil && (t.bestRTT == 0 || g.RTT < t.bestRTT) {
-		t.bestRTT = g.RTT
-	}
 	if !t.Observe(r.Round) {
 		return false
 	}
@@ -181,12 +172,12 @@ func (a *Agent) adaptWeights() bool {
 			continue
 		}
 		st := t.Status()
-		w := health.AdaptiveWeight(l.Weight, st, t.bestRTT)
+		w := health.AdaptiveWeight(l.Weight, st)
 		if w == l.EffectiveWeight() {
 			continue
 		}
 		a.events.Add(events.Weight, l.Name, "weight changed", "from", l.EffectiveWeight(), "to", w,
-			"configured", l.Weight, "loss", fmt.Sprintf("%.2f", st.Loss), "rtt", st.RTT, "best_rtt", t.bestRTT)
+			"configured", l.Weight, "loss", fmt.Sprintf("%.2f", st.Loss), "rtt", st.RTT, "best_rtt", st.BestRTT)
 		l.AdaptedWeight = w
 		changed = true
 	}

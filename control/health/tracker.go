@@ -72,6 +72,7 @@ type Tracker struct {
 	rtts     []time.Duration
 	nAns     int
 	nRTT     int
+	best     time.Duration // the lowest RTT ever seen
 }
 
 // NewTracker starts a line as up: a line is trusted until its probes say
@@ -96,6 +97,9 @@ func (t *Tracker) Observe(r Round) bool {
 		t.answered = ring(t.answered, &t.nAns, p.Err == nil)
 		if p.Err == nil {
 			t.rtts = ring(t.rtts, &t.nRTT, p.RTT)
+			if t.best == 0 || p.RTT < t.best {
+				t.best = p.RTT
+			}
 		}
 	}
 	ok, why := r.ok(t.minTargets)
@@ -154,12 +158,13 @@ type Status struct {
 	Loss    float64 // fraction of probes unanswered over the window
 	RTT     time.Duration
 	Jitter  time.Duration // mean absolute difference of successive RTTs
+	BestRTT time.Duration // the lowest RTT ever seen, the line's baseline
 	Samples int           // probes in the window
 }
 
 // Status returns the line's state and its measurements over the window.
 func (t *Tracker) Status() Status {
-	s := Status{State: t.state, Since: t.since, Why: t.why, Samples: len(t.answered)}
+	s := Status{State: t.state, Since: t.since, Why: t.why, BestRTT: t.best, Samples: len(t.answered)}
 	lost := 0
 	for _, a := range t.answered {
 		if !a {

@@ -83,8 +83,8 @@ func TestTrackerStats(t *testing.T) {
 		tr.Observe(round(i, true, false, rtt*time.Millisecond))
 	}
 	s := tr.Status()
-	if s.Loss != 0.5 || s.RTT != 15*time.Millisecond || s.Jitter != 10*time.Millisecond || s.Samples != 8 {
-		t.Errorf("status %+v: want loss 0.5, RTT 15ms, jitter 10ms, 8 samples", s)
+	if s.Loss != 0.5 || s.RTT != 15*time.Millisecond || s.Jitter != 10*time.Millisecond || s.BestRTT != 10*time.Millisecond || s.Samples != 8 {
+		t.Errorf("status %+v: want loss 0.5, RTT 15ms, jitter 10ms, best 10ms, 8 samples", s)
 	}
 	// The window slides: 8 more good probes push the lost ones out.
 	for i := range 4 {
@@ -113,7 +113,7 @@ func TestAdaptiveWeight(t *testing.T) {
 		if tc.rtt < time.Millisecond {
 			best = 10 * time.Microsecond
 		}
-		if got := AdaptiveWeight(tc.w, Status{Loss: tc.loss, RTT: tc.rtt}, best); got != tc.want {
+		if got := AdaptiveWeight(tc.w, Status{Loss: tc.loss, RTT: tc.rtt, BestRTT: best}); got != tc.want {
 			t.Errorf("AdaptiveWeight(%d, loss %v, rtt %v) = %d, want %d", tc.w, tc.loss, tc.rtt, got, tc.want)
 		}
 	}

@@ -26,9 +26,9 @@ const (
 // (to half at 25% loss), an RTT over SlowRTT times the line's best seen
 // (and SlowRTTExcess over it) halves it, and it never falls below MinWeightShare of the configured
 // weight, nor below 1.
-func AdaptiveWeight(configured int, s Status, bestRTT time.Duration) int {
+func AdaptiveWeight(configured int, s Status) int {
 	f := 1 - 2*s.Loss
-	if bestRTT > 0 && s.RTT > SlowRTT*bestRTT && s.RTT-bestRTT > SlowRTTExcess {
+	if s.BestRTT > 0 && s.RTT > SlowRTT*s.BestRTT && s.RTT-s.BestRTT > SlowRTTExcess {
 		f /= 2
 	}
 	f = math.Max(MinWeightShare, math.Min(1, f))
