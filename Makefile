@@ -12,9 +12,18 @@ export CLANG LLVM_STRIP BPF_CFLAGS
 BIN        := bin/uplinkd
 GOTEST     ?= $(GO) test -count=1 -timeout 20m
 # Debian packages: the tools tests and the demo call (ip, tc, nft, bpftool,
-# conntrack, ping, iperf3), and the pinned clang for `make generate`.
-RUN_PKGS   := iproute2 nftables bpftool conntrack iputils-ping iperf3
+# conntrack, ping, iperf3, modprobe), the pinned clang for `make generate`,
+# and what boots the kernel matrix (QEMU, a static busybox for the initrd).
+RUN_PKGS   := iproute2 nftables bpftool conntrack iputils-ping iperf3 kmod
 GEN_PKGS   := clang-19 llvm-19
+VM_PKGS    := qemu-system-x86 busybox-static cpio kmod xz-utils zstd
+# The kernel matrix: Debian 12's 6.1, bookworm-backports' 6.12, and the
+# newest kernel in trixie-backports (see test/vm/vmtest.sh).
+KERNELS    ?= 6.1 6.12 newest
+KERNEL     ?= 6.12
+# How long `make test` fuzzes the datapath; `make fuzz` takes FUZZTIME too.
+FUZZ_SHORT ?= 20s
+FUZZTIME   ?= 10m
 
 .PHONY: help
 help: ## list the targets
@@ -25,9 +34,23 @@ demo: deps build ## the main job on a built-in default: a namespace lab, the age
 	./$(BIN) lab demo
 
 .PHONY: test
-test: deps bpffs check-generated ## every test (needs root): unit, BPF_PROG_TEST_RUN, namespace lab
+test: deps bpffs check-generated ## every test (needs root): unit, BPF_PROG_TEST_RUN, namespace lab, a short fuzz, the kernel matrix in VMs
 	$(GO) vet ./...
 	$(GOTEST) ./...
+	$(GO) test -run '^$$' -fuzz FuzzLANPrograms -fuzztime $(FUZZ_SHORT) ./loader/
+	$(MAKE) vmtest-all
+
+.PHONY: fuzz
+fuzz: deps bpffs ## fuzz LAN ingress and egress with random and mutated frames for FUZZTIME (default 10m)
+	$(GO) test -run '^$$' -fuzz FuzzLANPrograms -fuzztime $(FUZZTIME) ./loader/
+
+.PHONY: vmtest
+vmtest: deps vm-deps ## the loader and integration tests in a VM booting a stock Debian kernel: KERNEL=6.1|6.12|newest
+	test/vm/vmtest.sh $(KERNEL)
+
+.PHONY: vmtest-all
+vmtest-all: deps vm-deps ## the kernel matrix (KERNELS), one summary line per kernel
+	test/vm/matrix.sh $(KERNELS)
 
 .PHONY: bench
 bench: deps bpffs ## benchmarks: ns/packet vs an empty program, 1M-flow map, throughput with vs without the datapath, failover and recovery times, agent CPU and memory
@@ -51,6 +74,10 @@ check-generated: generate ## fail when the committed BPF objects differ from wha
 deps: root ## install the Debian packages the tests and the demo call
 	@./.ci/apt-install $(RUN_PKGS)
 	$(GO) mod download
+
+.PHONY: vm-deps
+vm-deps: root
+	@./.ci/apt-install $(VM_PKGS)
 
 .PHONY: gen-deps
 gen-deps: root

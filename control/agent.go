@@ -41,6 +41,9 @@ type Agent struct {
 	// repair of someone else's edit.
 	lineChanged bool
 	probes      probes
+	// kernel is what the kernel offers, checked by Run; the zero value
+	// (everything there) until then.
+	kernel Kernel
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -208,6 +211,9 @@ func (a *Agent) Apply() (Report, error) {
 	}
 	a.allDown = kept != nil
 	want := plan.Build(a.cfg, lines)
+	if a.kernel.RejectPrerouting != nil {
+		want.NAT.Dead = nil
+	}
 	var err error
 	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, want.Sysctls, a.cfg.StateDir); err != nil {
 		errs = append(errs, err)
@@ -312,6 +318,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer os.Remove(filepath.Join(a.cfg.StateDir, pidFile))
+	a.kernel = CheckKernel(a.env, a.cfg.Routing.NFTTable)
+	if err := a.kernel.Refuse(a.cfg); err != nil {
+		return err
+	}
+	a.kernel.Log(a.log, a.cfg)
 	rep, err := a.Apply()
 	if err != nil {
 		if derr := Down(a.cfg, a.env); derr != nil {

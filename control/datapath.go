@@ -27,8 +27,19 @@ func loaderOptions(cfg *config.Config) loader.Options {
 		PinDir:      cfg.Datapath.PinDir,
 		FlowEntries: cfg.Datapath.FlowEntries,
 		MarkMask:    cfg.Routing.MarkMask,
-		ForceTC:     cfg.Datapath.Attach == config.AttachTC,
+		Attach:      attachMode(cfg.Datapath.Attach),
 	}
+}
+
+// attachMode maps the config's datapath.attach onto the loader's.
+func attachMode(attach string) loader.AttachMode {
+	switch attach {
+	case config.AttachTC:
+		return loader.AttachTC
+	case config.AttachTCX:
+		return loader.AttachTCX
+	}
+	return ""
 }
 
 // sync loads and attaches what is missing and writes the maps. Only the
@@ -41,6 +52,11 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 			return fmt.Errorf("loading datapath: %w", err)
 		}
 		d.dp, d.attached = dp, map[string]int{}
+		if err := dp.CTRecovery(); err != nil {
+			log.Warn("datapath loaded; recovery from conntrack is off: flows the flow map loses are picked afresh", "ct_recovery", "off", "why", err)
+		} else {
+			log.Info("datapath loaded", "ct_recovery", "on")
+		}
 	}
 	var errs []error
 	attach := func(ifname string, f func() error) {
@@ -57,7 +73,7 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 			return
 		}
 		d.attached[ifname] = link.Attrs().Index
-		log.Info("datapath attached", "interface", ifname)
+		log.Info("datapath attached", "interface", ifname, "mode", d.dp.Attached()[ifname])
 	}
 	for _, ifname := range cfg.LAN.Interfaces {
 		attach(ifname, func() error { return d.dp.AttachLAN(ifname) })

@@ -16,6 +16,16 @@ import (
 // interface and direction: links/<ifname>_<direction>.
 const linksDir = "links"
 
+// AttachMode is how the programs are attached to an interface.
+type AttachMode string
+
+const (
+	// AttachTCX is a TCX link (kernel 6.6+), pinned under the pin dir.
+	AttachTCX AttachMode = "tcx"
+	// AttachTC is a cls_bpf filter on a clsact qdisc.
+	AttachTC AttachMode = "tc"
+)
+
 type direction struct {
 	name     string
 	tcx      ebpf.AttachType
@@ -68,13 +78,17 @@ func (d *Datapath) AttachUplink(ifname string, line int) error {
 // there by an earlier run.
 func (d *Datapath) attach(iface *net.Interface, dir direction, prog *ebpf.Program) error {
 	pin := filepath.Join(d.pinDir, linksDir, iface.Name+"_"+dir.name)
-	if !d.forceTC {
+	if d.mode != AttachTC {
 		err := attachTCX(iface.Index, dir, prog, pin)
 		switch {
+		case errors.Is(err, link.ErrNotSupported) && d.mode == AttachTCX:
+			return fmt.Errorf("attaching tcx to %s %s: attach mode tcx asked for, but this kernel has no TCX (6.6+): %w",
+				iface.Name, dir.name, err)
 		case err == nil:
 			if err := tcDetach(d.tcState, iface.Index, dir); err != nil {
 				return fmt.Errorf("detaching tc from %s %s: %w", iface.Name, dir.name, err)
 			}
+			d.attached[iface.Name] = AttachTCX
 			return nil
 		case !errors.Is(err, link.ErrNotSupported):
 			return fmt.Errorf("attaching tcx to %s %s: %w", iface.Name, dir.name, err)
@@ -86,6 +100,7 @@ func (d *Datapath) attach(iface *net.Interface, dir direction, prog *ebpf.Progra
 	if err := detachLink(pin); err != nil {
 		return fmt.Errorf("detaching tcx from %s %s: %w", iface.Name, dir.name, err)
 	}
+	d.attached[iface.Name] = AttachTC
 	return nil
 }
 

@@ -255,7 +255,7 @@ func TestAttachTC(t *testing.T) {
 	ns := newNetns(t)
 	dir := tempPinDir(t)
 	foreign, counter := testlab.ForeignProgram(t)
-	d := load(t, Options{PinDir: dir, ForceTC: true})
+	d := load(t, Options{PinDir: dir, Attach: AttachTC})
 	if err := d.SetLine(0, Line{Mark: 0x100}); err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -50,8 +51,9 @@ type Options struct {
 	// MarkMask selects the bits of skb->mark that uplinkd sets; the others
 	// are preserved.
 	MarkMask uint32
-	// ForceTC attaches with clsact and cls_bpf even where TCX works.
-	ForceTC bool
+	// Attach forces an attach mode; "" takes TCX where the kernel has it,
+	// else tc. AttachTCX on a kernel without TCX is an error.
+	Attach AttachMode
 }
 
 func (o Options) withDefaults() Options {
@@ -72,11 +74,24 @@ func (o Options) withDefaults() Options {
 type Datapath struct {
 	pinDir   string
 	markMask uint32
-	forceTC  bool
+	mode     AttachMode // forced attach mode; "": auto
 	objs     uplinkdObjects
 	tcState  *ebpf.Map
 	reasons  []string // reason names, by code
+	// ctRecovery is nil when flows the flow map lost are recovered from
+	// conntrack, else why not.
+	ctRecovery error
+	attached   map[string]AttachMode // interface → how its programs are attached
 }
+
+// CTRecovery is nil when the datapath recovers flows the flow map lost
+// from conntrack, or says why it does not (the kernel lacks the conntrack
+// kfuncs).
+func (d *Datapath) CTRecovery() error { return d.ctRecovery }
+
+// Attached says how the programs are attached, by interface, as far as this
+// Datapath attached them.
+func (d *Datapath) Attached() map[string]AttachMode { return maps.Clone(d.attached) }
 
 // Load loads the programs and creates the maps, pinned under opts.PinDir, or
 // adopts the maps already pinned there: flows, counters and configuration
@@ -92,6 +107,10 @@ func Load(opts Options) (*Datapath, error) {
 	if err := spec.Variables[uplinkdVarMarkMask].Set(opts.MarkMask); err != nil {
 		return nil, fmt.Errorf("setting mark mask: %w", err)
 	}
+	ctRecovery := conntrackKfuncs()
+	if err := spec.Variables[uplinkdVarCtRecovery].Set(boolU32(ctRecovery == nil)); err != nil {
+		return nil, fmt.Errorf("setting conntrack recovery: %w", err)
+	}
 	spec.Maps[uplinkdMapUlFlows].MaxEntries = opts.FlowEntries
 
 	reasons, err := reasonNames(spec.Types)
@@ -104,10 +123,12 @@ func Load(opts Options) (*Datapath, error) {
 	}
 
 	d := &Datapath{
-		pinDir:   opts.PinDir,
-		markMask: opts.MarkMask,
-		forceTC:  opts.ForceTC,
-		reasons:  reasons,
+		pinDir:     opts.PinDir,
+		markMask:   opts.MarkMask,
+		mode:       opts.Attach,
+		reasons:    reasons,
+		ctRecovery: ctRecovery,
+		attached:   map[string]AttachMode{},
 	}
 	pinned := ebpf.MapOptions{PinPath: opts.PinDir}
 	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: pinned}); err != nil {
@@ -119,6 +140,13 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, loadError(opts.PinDir, err)
 	}
 	return d, nil
+}
+
+func boolU32(b bool) uint32 {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func loadError(pinDir string, err error) error {

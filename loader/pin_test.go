@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
@@ -139,5 +140,26 @@ func TestRecoveryFromConntrack(t *testing.T) {
 	}
 	if f, _ := lookupFlow(t, d, movedUDP); f.Line != 1 || f.Flags != 0 || marks[2] != lineMark[1] {
 		t.Errorf("UDP flow of a dead line: %+v, mark %#x; want it on line 1", f, marks[2])
+	}
+}
+
+// On a kernel without the conntrack kfuncs (here: conntrack is a module
+// that cannot be loaded) the programs still load, with recovery off and
+// said so, and steer new flows from the buckets. Only a fresh kernel whose
+// nf_conntrack is a module not loaded yet shows this: the VM matrix runs
+// this test first on each boot (test/vm/guest.sh).
+func TestLoadWithoutConntrackKfuncs(t *testing.T) {
+	requireBPF(t)
+	if _, err := os.Stat("/sys/module/" + ctModule); err == nil {
+		t.Skipf("%s is loaded (or built in): its kfuncs cannot be hidden here", ctModule)
+	}
+	loadModule = func(string) error { return errors.New("not available (test)") }
+	t.Cleanup(func() { loadModule = modprobe })
+	d := steering(t)
+	if err := d.CTRecovery(); err == nil || !strings.Contains(err.Error(), "not available (test)") {
+		t.Errorf("CTRecovery() = %v, want recovery off, saying why", err)
+	}
+	if mark := steer(t, d, tcp4(40000), "new_flow"); mark&d.markMask != lineMark[1] {
+		t.Errorf("mark %#x, want line 1's %#x", mark, lineMark[1])
 	}
 }

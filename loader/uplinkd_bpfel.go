@@ -94,6 +94,7 @@ const (
 	uplinkdProgUplinkdLanOut = "uplinkd_lan_out"
 	uplinkdProgUplinkdUpIn   = "uplinkd_up_in"
 	uplinkdProgUplinkdUpOut  = "uplinkd_up_out"
+	uplinkdVarCtRecovery     = "ct_recovery"
 	uplinkdVarMarkMask       = "mark_mask"
 	uplinkdVarUlReasonMax    = "ul_reason_max"
 )
@@ -164,6 +165,7 @@ type uplinkdMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type uplinkdVariableSpecs struct {
+	CtRecovery  *ebpf.VariableSpec `ebpf:"ct_recovery"`
 	MarkMask    *ebpf.VariableSpec `ebpf:"mark_mask"`
 	UlReasonMax *ebpf.VariableSpec `ebpf:"ul_reason_max"`
 }
@@ -215,6 +217,7 @@ func (m *uplinkdMaps) Close() error {
 //
 // It can be passed to loadUplinkdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type uplinkdVariables struct {
+	CtRecovery  *ebpf.Variable `ebpf:"ct_recovery"`
 	MarkMask    *ebpf.Variable `ebpf:"mark_mask"`
 	UlReasonMax *ebpf.Variable `ebpf:"ul_reason_max"`
 }

@@ -318,6 +318,7 @@ func TestDeadLineFlows(t *testing.T) {
 // uplinkd's attach, a crash and restart, and `uplinkd down`.
 func TestForeignTCProgramSurvives(t *testing.T) {
 	t.Parallel()
+	requireTCX(t)
 	l, state := newLab(t, lab.Options{})
 	prog, counter := lab.ForeignProgram(t)
 	var foreign link.Link
@@ -374,6 +375,16 @@ func TestForeignTCProgramSurvives(t *testing.T) {
 	}
 }
 
+// requireTCX skips a test that needs TCX links on a kernel without them
+// (before 6.6): uplinkd itself then attaches with tc, which TestTCFallback
+// and the loader's TestAttachTC cover.
+func requireTCX(t *testing.T) {
+	t.Helper()
+	if err := loader.TCXSupported(); err != nil {
+		t.Skipf("needs TCX: %v", err)
+	}
+}
+
 // tcxPrograms lists the programs attached to the lab gateway's LAN
 // interface with TCX, ingress. (Debian 12's bpftool does not know TCX.)
 func tcxPrograms(t *testing.T, l *lab.Lab) []ebpf.ProgramID {
@@ -398,12 +409,18 @@ func tcxPrograms(t *testing.T, l *lab.Lab) []ebpf.ProgramID {
 	return ids
 }
 
-// On a kernel without TCX uplinkd attaches with clsact + cls_bpf; here
-// that path is forced with `datapath.attach: tc`.
+// On a kernel without TCX uplinkd attaches with clsact + cls_bpf by
+// itself; on one with TCX that path is forced with `datapath.attach: tc`.
 func TestTCFallback(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
-	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Attach: "tc"}))
+	attach := "tc"
+	noTCX := loader.TCXSupported()
+	if noTCX != nil {
+		attach = "auto"
+		t.Logf("attach: auto, the kernel has no TCX (%v)", noTCX)
+	}
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Attach: attach}))
 	a := startAgent(t, l, file)
 	srv := echoServer(t, l)
 	flows := openFlows(t, l, srv.Addr, 20, true)
@@ -412,8 +429,10 @@ func TestTCFallback(t *testing.T) {
 	if !strings.Contains(out, "uplinkd_lan_in") {
 		t.Errorf("tc filter show dev lan0 ingress:\n%s\nwant uplinkd's cls_bpf filter", out)
 	}
-	if got := tcxPrograms(t, l); len(got) != 0 {
-		t.Errorf("attach: tc, but TCX programs %v are attached", got)
+	if noTCX == nil {
+		if got := tcxPrograms(t, l); len(got) != 0 {
+			t.Errorf("attach: tc, but TCX programs %v are attached", got)
+		}
 	}
 	a.stop(t)
 	gw(t, l, uplinkd, "down", "-c", file)

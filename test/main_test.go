@@ -33,10 +33,15 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	uplinkd = filepath.Join(dir, "uplinkd")
-	if out, err := exec.Command("go", "build", "-o", uplinkd, "../cmd/uplinkd").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building uplinkd: %v\n%s", err, out)
-		os.Exit(1)
+	// UPLINKD_BIN names a binary built elsewhere: the VM tests build it on
+	// the host, where compiling is not emulated.
+	uplinkd = os.Getenv("UPLINKD_BIN")
+	if uplinkd == "" {
+		uplinkd = filepath.Join(dir, "uplinkd")
+		if out, err := exec.Command("go", "build", "-o", uplinkd, "../cmd/uplinkd").CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building uplinkd: %v\n%s", err, out)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -149,10 +154,15 @@ func (a *agent) kill9(t testing.TB) {
 	<-a.done
 }
 
+// agentWait bounds how long a test waits for the agent to act.
+const agentWait = 30 * time.Second
+
 // waitLog waits until the agent's log holds substr at least n times.
 func (a *agent) waitLog(t testing.TB, substr string, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	// Generous: a first start loads kernel modules (nf_conntrack, nft_*),
+	// which takes seconds in the emulated VMs of the kernel matrix.
+	deadline := time.Now().Add(agentWait)
 	for time.Now().Before(deadline) {
 		select {
 		case err := <-a.done:
@@ -165,7 +175,7 @@ func (a *agent) waitLog(t testing.TB, substr string, n int) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("agent log has %q fewer than %d times after 10s:\n%s", substr, n, a.log.String())
+	t.Fatalf("agent log has %q fewer than %d times after %v:\n%s", substr, n, agentWait, a.log.String())
 }
 
 // reload rewrites the config file and sends SIGHUP; it waits until the

@@ -47,8 +47,21 @@ struct bpf_ct_opts {
 	__u8  reserved[2];
 };
 
-/* Weak: without conntrack in the kernel the programs still load, and
- * recovery is off. */
+/* 1 when the running kernel has the conntrack kfuncs below, in vmlinux or in
+ * the loaded nf_conntrack module: set by the loader, which looks them up in
+ * the kernel's BTF (loading the module first). At 0 the verifier prunes the
+ * calls, so the programs load without them and recovery is off.
+ *
+ * There is deliberately no `if (!bpf_skb_ct_lookup)` existence check: it
+ * compiles to an ld_imm64 of the kfunc, and for a kfunc in a module
+ * cilium/ebpf v0.22.0 writes the module's BTF fd index into that
+ * instruction's offset, which the verifier rejects ("BPF_LD_IMM64 uses
+ * reserved fields", cilium/ebpf issue 2056). Calls take that index in their
+ * offset legitimately. */
+volatile const __u32 ct_recovery = 0;
+
+/* Weak: a kernel without them still loads the programs (the loader then
+ * leaves ct_recovery at 0 and cilium/ebpf poisons the pruned calls). */
 extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
 					 __u32 tuple_size, struct bpf_ct_opts *opts,
 					 __u32 opts_size) __ksym __weak;
@@ -79,7 +92,7 @@ static __always_inline __u32 ct_recover_line(struct __sk_buff *skb, const struct
 	__u32 tuple_size, line;
 	struct nf_conn *ct;
 
-	if (!bpf_skb_ct_lookup || (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP))
+	if (!ct_recovery || (key->proto != IPPROTO_TCP && key->proto != IPPROTO_UDP))
 		return UL_NO_LINE;
 
 	if (key->family == UL_AF_INET) {

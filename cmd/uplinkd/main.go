@@ -33,6 +33,8 @@ Usage:
   uplinkd down [-c FILE]   remove everything uplinkd installed (the config names custom numbers)
   uplinkd line down|up NAME -c FILE   take a line out of service (no new flows; its TCP flows get a reset,
                                       its UDP flows move) or bring it back
+  uplinkd features [-c FILE]          what this kernel offers uplinkd: attach mode, recovery from conntrack, ...;
+                                      exit 1 when it lacks something the config needs
   uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
 `
 
@@ -67,6 +69,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdLab(args, stdout, stderr)
 	case "line":
 		return cmdLine(args, stdout, stderr)
+	case "features":
+		return cmdFeatures(args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -229,4 +233,28 @@ func cmdLine(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "line %s %s; agent %d notified\n", name, verb, pid)
 	return nil
+}
+
+func cmdFeatures(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("features", flag.ContinueOnError)
+	file := fs.String("c", "", "config `file` (optional: its nftables table name and datapath settings are used)")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	cfg := config.Default()
+	if *file != "" {
+		c, err := loadConfig(*file)
+		if err != nil {
+			return err
+		}
+		cfg = *c
+	}
+	env, err := control.OpenEnv(netns.None())
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	k := control.CheckKernel(env, cfg.Routing.NFTTable)
+	k.Report(stdout)
+	return k.Refuse(&cfg)
 }

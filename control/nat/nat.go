@@ -244,3 +244,24 @@ func ifMatch(key expr.MetaKey, name string) []expr.Any {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: b},
 	}
 }
+
+// ProbeReject checks that the kernel takes a TCP reset in a prerouting
+// chain (what answers the flows of a dead line): it creates a dormant table
+// named table+"-probe" with that one rule, and deletes it again.
+func ProbeReject(c *nftables.Conn, table string) error {
+	t := &nftables.Table{Name: table + "-probe", Family: nftables.TableFamilyINet, Flags: unix.NFT_TABLE_F_DORMANT}
+	spec := chainSpecOf(plan.ChainPrerouting)
+	policy := nftables.ChainPolicyAccept
+	c.AddTable(t)
+	ch := c.AddChain(&nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority, Policy: &policy})
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: ruleExprs(plan.NFTRule{TCP: true, Action: plan.NFTReset})})
+	err := c.Flush()
+	c.DelTable(t)
+	if derr := c.Flush(); derr != nil && !errors.Is(derr, unix.ENOENT) && err == nil {
+		return fmt.Errorf("deleting nftables probe table inet %s: %w", t.Name, derr)
+	}
+	if err != nil {
+		return fmt.Errorf("nftables reject in a prerouting chain: %w", err)
+	}
+	return nil
+}
