@@ -38,11 +38,13 @@ test: deps bpffs check-generated ## every test (needs root): unit, BPF_PROG_TEST
 	$(GO) vet ./...
 	$(GOTEST) ./...
 	$(GO) test -run '^$$' -fuzz FuzzLANPrograms -fuzztime $(FUZZ_SHORT) ./loader/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZ_SHORT) ./control/config/
 	$(MAKE) vmtest-all
 
 .PHONY: fuzz
-fuzz: deps bpffs ## fuzz LAN ingress and egress with random and mutated frames for FUZZTIME (default 10m)
+fuzz: deps bpffs ## fuzz the datapath (LAN ingress and egress) and the config parser, FUZZTIME each (default 10m)
 	$(GO) test -run '^$$' -fuzz FuzzLANPrograms -fuzztime $(FUZZTIME) ./loader/
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./control/config/
 
 .PHONY: vmtest
 vmtest: deps vm-deps ## the loader and integration tests in a VM booting a stock Debian kernel: KERNEL=6.1|6.12|newest

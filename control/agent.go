@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"time"
 
@@ -52,6 +50,11 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 	lines, err := plan.Resolve(cfg, env)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.Datapath.On() {
+		if err := loader.CheckPinDir(cfg.Datapath.PinDir); err != nil {
+			return nil, cfg.Errorf("datapath.pin_dir", "%v", err)
+		}
 	}
 	return &Agent{
 		cfg: cfg, env: env, log: log, lines: lines,
@@ -314,10 +317,11 @@ const (
 // forwarding goes on; Down removes it. A first Apply that fails is
 // rolled back, so nothing is left half-applied.
 func (a *Agent) Run(ctx context.Context) error {
-	if err := writePid(a.cfg.StateDir); err != nil {
+	lock, err := statefile.Acquire(a.cfg.StateDir)
+	if err != nil {
 		return err
 	}
-	defer os.Remove(filepath.Join(a.cfg.StateDir, pidFile))
+	defer lock.Release()
 	a.kernel = CheckKernel(a.env, a.cfg.Routing.NFTTable)
 	if err := a.kernel.Refuse(a.cfg); err != nil {
 		return err

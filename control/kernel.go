@@ -36,7 +36,7 @@ type Kernel struct {
 }
 
 // CheckKernel probes the kernel of env's namespace. table names the
-// nftables table whose "-probe" sibling the reject check creates and
+// nftables table whose "-probe-PID" sibling the reject check creates and
 // deletes.
 func CheckKernel(env *Env, table string) Kernel {
 	var k Kernel

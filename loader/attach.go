@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -163,6 +164,10 @@ func detachLinks(dir string) error {
 	}
 	var errs []error
 	for _, e := range entries {
+		// Only the names attach gives its pins: IFNAME_ingress, IFNAME_egress.
+		if !strings.HasSuffix(e.Name(), "_"+ingress.name) && !strings.HasSuffix(e.Name(), "_"+egress.name) {
+			continue
+		}
 		if err := detachLink(filepath.Join(dir, e.Name())); err != nil {
 			errs = append(errs, fmt.Errorf("detaching %s: %w", e.Name(), err))
 		}

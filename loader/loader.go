@@ -14,6 +14,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -82,7 +83,12 @@ type Datapath struct {
 	// conntrack, else why not.
 	ctRecovery error
 	attached   map[string]AttachMode // interface → how its programs are attached
+	mounted    bool                  // Load mounted bpffs at BPFFSRoot
 }
+
+// MountedBPFFS reports whether Load mounted bpffs at BPFFSRoot, where
+// nothing was mounted.
+func (d *Datapath) MountedBPFFS() bool { return d.mounted }
 
 // CTRecovery is nil when the datapath recovers flows the flow map lost
 // from conntrack, or says why it does not (the kernel lacks the conntrack
@@ -118,8 +124,9 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, err
 	}
 
-	if err := os.MkdirAll(filepath.Join(opts.PinDir, linksDir), 0o700); err != nil {
-		return nil, fmt.Errorf("creating pin directory: %w", err)
+	mounted, err := PreparePinDir(opts.PinDir)
+	if err != nil {
+		return nil, err
 	}
 
 	d := &Datapath{
@@ -129,6 +136,7 @@ func Load(opts Options) (*Datapath, error) {
 		reasons:    reasons,
 		ctRecovery: ctRecovery,
 		attached:   map[string]AttachMode{},
+		mounted:    mounted,
 	}
 	pinned := ebpf.MapOptions{PinPath: opts.PinDir}
 	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: pinned}); err != nil {
@@ -189,13 +197,18 @@ func (d *Datapath) Close() error {
 }
 
 // Remove detaches everything uplinkd attached (the TCX links pinned under
-// pinDir and its tc filters) and unpins everything under pinDir. Qdiscs and
-// filters of others are left alone. Call it in the network namespace of the
-// attach calls: tc filters recorded for another namespace are reported as an
-// error, and then nothing is unpinned.
+// pinDir and its tc filters) and unpins, by name, the maps and links it
+// pins there; the directories go only if that leaves them empty, so
+// nothing of anyone else's is removed. Qdiscs and filters of others are
+// left alone. Call it in the network namespace of the attach calls: tc
+// filters recorded for another namespace are reported as an error, and
+// then nothing is unpinned.
 func Remove(pinDir string) error {
 	if _, err := os.Stat(pinDir); errors.Is(err, os.ErrNotExist) {
 		return nil
+	}
+	if err := CheckPinDir(pinDir); err != nil {
+		return fmt.Errorf("pin dir: %w", err)
 	}
 	errs := []error{detachLinks(filepath.Join(pinDir, linksDir))}
 	tcState, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, tcStateSpec.Name), nil)
@@ -209,8 +222,34 @@ func Remove(pinDir string) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	if err := os.RemoveAll(pinDir); err != nil {
-		return fmt.Errorf("unpinning: %w", err)
+	names, err := pinnedMapNames()
+	if err != nil {
+		return err
 	}
-	return nil
+	for _, name := range append(names, tcStateSpec.Name) {
+		if err := os.Remove(filepath.Join(pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("unpinning %s: %w", name, err))
+		}
+	}
+	for _, dir := range []string{filepath.Join(pinDir, linksDir), pinDir} {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, unix.ENOTEMPTY) {
+			errs = append(errs, fmt.Errorf("removing %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// pinnedMapNames are the maps the datapath pins by name.
+func pinnedMapNames() ([]string, error) {
+	spec, err := loadUplinkd()
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for name, m := range spec.Maps {
+		if m.Pinning == ebpf.PinByName {
+			names = append(names, name)
+		}
+	}
+	return names, nil
 }

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -161,5 +162,90 @@ func TestLoadWithoutConntrackKfuncs(t *testing.T) {
 	}
 	if mark := steer(t, d, tcp4(40000), "new_flow"); mark&d.markMask != lineMark[1] {
 		t.Errorf("mark %#x, want line 1's %#x", mark, lineMark[1])
+	}
+}
+
+// Remove unpins uplinkd's maps and links by name and leaves anything else
+// in the pin dir alone (with the dir itself, then not empty).
+func TestRemoveOnlyOwnPins(t *testing.T) {
+	dir := tempPinDir(t)
+	d := load(t, Options{PinDir: dir})
+	d.Close()
+	foreign, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer foreign.Close()
+	pin := filepath.Join(dir, "someone_else")
+	if err := foreign.Pin(pin); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(pin) })
+	if err := Remove(dir); err != nil {
+		t.Fatal(err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 1 || entries[0].Name() != "someone_else" {
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		t.Errorf("after Remove the pin dir holds %v, want only someone_else", names)
+	}
+}
+
+// A pin dir off bpffs, or one that others made or may write, is refused
+// before anything is pinned or removed.
+func TestCheckPinDir(t *testing.T) {
+	requireBPF(t)
+	shared := tempPinDir(t)
+	if err := os.Chmod(shared, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	for dir, want := range map[string]string{
+		t.TempDir(): "is not on a bpf filesystem",
+		shared:      "writable by group or others",
+		"relative":  "not an absolute path",
+	} {
+		if err := CheckPinDir(dir); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("CheckPinDir(%s) = %v, want %q", dir, err, want)
+		}
+		if _, err := Load(Options{PinDir: dir, FlowEntries: 4096}); err == nil {
+			t.Errorf("Load(%s) succeeded", dir)
+		}
+	}
+	os.Chmod(shared, 0o700)
+}
+
+// With nothing mounted at /sys/fs/bpf (a fresh machine), PreparePinDir
+// mounts bpffs there. In a private mount namespace of its own thread.
+func TestPreparePinDirMountsBPFFS(t *testing.T) {
+	requireBPF(t)
+	err := onLockedThread(func() error {
+		if err := unix.Unshare(unix.CLONE_NEWNS); err != nil {
+			return err
+		}
+		if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+			return err
+		}
+		for isBPFFS(BPFFSRoot) {
+			if err := unix.Unmount(BPFFSRoot, 0); err != nil {
+				return err
+			}
+		}
+		mounted, err := PreparePinDir(BPFFSRoot + "/uplinkd-mount-test")
+		if err != nil {
+			return err
+		}
+		if !mounted || !isBPFFS(BPFFSRoot) {
+			t.Errorf("mounted %v, bpffs at %s: %v", mounted, BPFFSRoot, isBPFFS(BPFFSRoot))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

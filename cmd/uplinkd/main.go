@@ -20,6 +20,7 @@ import (
 	"github.com/uplinkd/uplinkd/control"
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/plan"
+	"github.com/uplinkd/uplinkd/control/statefile"
 )
 
 // usageError is a mistake in the command line or the config: exit 2.
@@ -193,6 +194,19 @@ func cmdDown(args []string, stderr io.Writer) error {
 			return err
 		}
 		cfg = *c
+	}
+	// A running agent would put back what down removes, and could save
+	// its own sysctl values as the originals: down waits for no one and
+	// refuses instead.
+	if _, err := os.Lstat(cfg.StateDir); err == nil {
+		lock, err := statefile.Acquire(cfg.StateDir)
+		if errors.Is(err, statefile.ErrLocked) {
+			return fmt.Errorf("down: an agent is running (%w): stop it first (SIGTERM, or systemctl stop uplinkd), then down", err)
+		}
+		if err != nil {
+			return err
+		}
+		defer lock.Release()
 	}
 	env, err := control.OpenEnv(netns.None())
 	if err != nil {

@@ -7,14 +7,17 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"math/bits"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -205,11 +208,22 @@ func Default() Config {
 	}
 }
 
+// MaxFileSize bounds a config file: a real one is a few KiB.
+const MaxFileSize = 1 << 20
+
 // Load reads, parses and checks a config file.
 func Load(file string) (*Config, error) {
-	data, err := os.ReadFile(file)
+	f, err := os.Open(file)
 	if err != nil {
 		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	if len(data) > MaxFileSize {
+		return nil, &FieldError{File: file, Msg: fmt.Sprintf("larger than %d bytes: not a config file", MaxFileSize)}
 	}
 	return Parse(file, data)
 }
@@ -217,8 +231,14 @@ func Load(file string) (*Config, error) {
 // Parse parses and checks config text; file names it in errors. All
 // problems are reported at once, joined.
 func Parse(file string, data []byte) (*Config, error) {
-	var root yaml.Node
-	if err := yaml.Unmarshal(data, &root); err != nil {
+	var root, more yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&root); err != nil && !errors.Is(err, io.EOF) {
+		return nil, yamlError(file, err)
+	}
+	if err := dec.Decode(&more); err == nil {
+		return nil, &FieldError{File: file, Line: more.Line, Msg: "a second YAML document: a config is one document"}
+	} else if !errors.Is(err, io.EOF) {
 		return nil, yamlError(file, err)
 	}
 	c := Default()
@@ -287,8 +307,8 @@ func (c *Config) check() error {
 	default:
 		bad("firewall", "want stateful or none, got %q", c.Firewall)
 	}
-	if c.StateDir == "" {
-		bad("state_dir", "must not be empty")
+	if !filepath.IsAbs(c.StateDir) {
+		bad("state_dir", "want an absolute path, got %q", c.StateDir)
 	}
 	switch c.Datapath.Attach {
 	case AttachAuto, AttachTCX, AttachTC:
@@ -337,8 +357,12 @@ func (c *Config) check() error {
 
 	lanIf := map[string]bool{}
 	for i, ifname := range c.LAN.Interfaces {
-		if !validIfname(ifname) {
-			bad(fmt.Sprintf("lan.interfaces[%d]", i), "not a valid interface name: %q", ifname)
+		f := fmt.Sprintf("lan.interfaces[%d]", i)
+		switch {
+		case !validIfname(ifname):
+			bad(f, "not a valid interface name: %q", ifname)
+		case lanIf[ifname]:
+			bad(f, "%s is listed twice", ifname)
 		}
 		lanIf[ifname] = true
 	}
@@ -372,6 +396,8 @@ func (c *Config) check() error {
 			bad(f+".gateway", "missing: the address of the line's router")
 		case err != nil || !gw.Is4():
 			bad(f+".gateway", "want an IPv4 address, got %q", u.Gateway)
+		case !unicast(gw):
+			bad(f+".gateway", "%s is not a unicast address a router can have", gw)
 		default:
 			u.GatewayAddr = gw
 		}
@@ -384,6 +410,8 @@ func (c *Config) check() error {
 				bad(f+".gateway", "%s is outside the line's subnet %s", u.GatewayAddr, p.Masked())
 			case p.Addr() == u.GatewayAddr:
 				bad(f+".address", "%s is the gateway's own address", p.Addr())
+			case p.Bits() < 31 && u.GatewayAddr.IsValid() && (u.GatewayAddr == p.Masked().Addr() || u.GatewayAddr == lastAddr(p)):
+				bad(f+".gateway", "%s is the network or broadcast address of %s", u.GatewayAddr, p.Masked())
 			default:
 				u.Prefix = p
 			}
@@ -396,7 +424,7 @@ func (c *Config) check() error {
 			u.Probe, perr = c.probe(f+".health", *u.Health, global)
 			errs = append(errs, perr...)
 		}
-		if u.Weight == 0 {
+		if _, set := c.pos[f+".weight"]; !set && u.Weight == 0 {
 			u.Weight = 1
 		} else if u.Weight < 1 || u.Weight > 255 {
 			bad(f+".weight", "want 1..255, got %d", u.Weight)
@@ -404,13 +432,13 @@ func (c *Config) check() error {
 		// A defaulted number is reported on the line itself, saying where
 		// the number came from.
 		tf, tdesc := f+".table", "table"
-		if u.Table == 0 {
+		if _, set := c.pos[tf]; !set && u.Table == 0 {
 			u.Table = r.TableBase + i + 1
 			tf, tdesc = f, "its default table (routing.table_base + position)"
 		}
 		switch {
-		case u.Table <= 0 || u.Table >= 253 && u.Table <= 255 || u.Table > 0xffffffff:
-			bad(tf, "%s %d is reserved or out of range (1..252, 256..)", tdesc, u.Table)
+		case !validTable(u.Table):
+			bad(tf, "%s %d is reserved or out of range (1..252, 256..%d)", tdesc, u.Table, maxTable)
 		case u.Table == r.MultipathTable:
 			bad(tf, "%s %d is also the multipath table", tdesc, u.Table)
 		case tables[u.Table] != "":
@@ -433,16 +461,40 @@ func (c *Config) check() error {
 		}
 	}
 
-	n := len(c.Uplinks)
-	prio := func(field string, v int) {
-		if v < 1 || v > 32765 {
-			bad(field, "want a priority in 1..32765, got %d", v)
+	// A target that is a line's gateway says nothing beyond it.
+	gateways := map[netip.Addr]string{}
+	for i, u := range c.Uplinks {
+		if u.GatewayAddr.IsValid() {
+			gateways[u.GatewayAddr] = fmt.Sprintf("uplinks[%d]", i)
 		}
 	}
-	prio("routing.main_priority", r.MainPriority)
-	prio("routing.fwmark_priority", r.FwmarkPriority+n)
-	prio("routing.source_priority", r.SourcePriority+n)
-	prio("routing.multipath_priority", r.MultipathPriority)
+	checkTargets := func(field string, targets []string) {
+		for i, t := range targets {
+			if a, err := netip.ParseAddr(t); err == nil && gateways[a] != "" {
+				bad(fmt.Sprintf("%s.targets[%d]", field, i), "%s is the gateway of %s: it is probed anyway", a, gateways[a])
+			}
+		}
+	}
+	checkTargets("health", h.Targets)
+	for i, u := range c.Uplinks {
+		if u.Health != nil {
+			checkTargets(fmt.Sprintf("uplinks[%d].health", i), u.Health.Targets)
+		}
+	}
+
+	n := len(c.Uplinks)
+	prio := func(field string, v, span int) {
+		if v < 1 || v+span > 32765 {
+			bad(field, "want a priority in 1..%d, got %d", 32765-span, v)
+		}
+	}
+	prio("routing.main_priority", r.MainPriority, 0)
+	prio("routing.fwmark_priority", r.FwmarkPriority, n)
+	prio("routing.source_priority", r.SourcePriority, n)
+	prio("routing.multipath_priority", r.MultipathPriority, 0)
+	if len(errs) > 0 {
+		return errors.Join(errs...) // the order checks below assume sane numbers
+	}
 	if r.MainPriority >= r.FwmarkPriority || r.MainPriority >= r.SourcePriority {
 		bad("routing.main_priority", "%d must come before the fwmark (%d) and source (%d) rules", r.MainPriority, r.FwmarkPriority+1, r.SourcePriority+1)
 	}
@@ -452,8 +504,11 @@ func (c *Config) check() error {
 	if overlap(r.FwmarkPriority, r.SourcePriority, n) {
 		bad("routing.source_priority", "the source rules (%d..%d) overlap the fwmark rules (%d..%d)", r.SourcePriority+1, r.SourcePriority+n, r.FwmarkPriority+1, r.FwmarkPriority+n)
 	}
-	if r.MultipathTable <= 0 || r.MultipathTable >= 253 && r.MultipathTable <= 255 {
-		bad("routing.multipath_table", "table %d is reserved or out of range", r.MultipathTable)
+	if !validTable(r.MultipathTable) {
+		bad("routing.multipath_table", "table %d is reserved or out of range (1..252, 256..%d)", r.MultipathTable, maxTable)
+	}
+	if r.TableBase < 0 || r.TableBase > maxTable-MaxUplinks {
+		bad("routing.table_base", "want 0..%d, got %d", maxTable-MaxUplinks, r.TableBase)
 	}
 	return errors.Join(errs...)
 }
@@ -475,8 +530,17 @@ func (c *Config) probe(field string, h LineHealth, base Probe) (Probe, []error) 
 		p.Targets = nil
 		for i, t := range h.Targets {
 			a, err := netip.ParseAddr(t)
+			tf := fmt.Sprintf("%s.targets[%d]", field, i)
 			if err != nil || !a.Is4() {
-				errs = append(errs, c.Errorf(fmt.Sprintf("%s.targets[%d]", field, i), "want an IPv4 address, got %q", t))
+				errs = append(errs, c.Errorf(tf, "want an IPv4 address, got %q", t))
+				continue
+			}
+			if !unicast(a) {
+				errs = append(errs, c.Errorf(tf, "%s is not a unicast address beyond the gateway (unspecified, loopback, multicast or broadcast)", a))
+				continue
+			}
+			if slices.Contains(p.Targets, a) {
+				errs = append(errs, c.Errorf(tf, "%s is listed twice", a))
 				continue
 			}
 			p.Targets = append(p.Targets, a)
@@ -496,6 +560,28 @@ func (c *Config) probe(field string, h LineHealth, base Probe) (Probe, []error) 
 }
 
 func overlap(a, b, n int) bool { return a < b+n && b < a+n }
+
+// maxTable is the largest routing table number (the kernel's is 32 bits).
+const maxTable = 1<<32 - 1
+
+// validTable excludes 0 and the kernel's default, main and local tables.
+func validTable(t int) bool { return t >= 1 && t <= maxTable && (t < 253 || t > 255) }
+
+// unicast reports whether a can be a router or a probe target: not
+// unspecified, loopback, multicast, link-local multicast or the limited
+// broadcast address.
+func unicast(a netip.Addr) bool {
+	return a.IsValid() && !a.IsUnspecified() && !a.IsLoopback() && !a.IsMulticast() &&
+		a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
+// lastAddr is the broadcast address of an IPv4 prefix.
+func lastAddr(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	host := uint32(1)<<(32-p.Bits()) - 1
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
 
 func validIfname(s string) bool {
 	if s == "" || len(s) > 15 || s == "." || s == ".." {

@@ -3,6 +3,7 @@
 package config
 
 import (
+	"os"
 	"strings"
 	"testing"
 )
@@ -87,7 +88,28 @@ func TestParseErrors(t *testing.T) {
 		{"missing gateway", strings.Replace(seed, "    gateway: 198.51.100.1\n", "", 1), "bad.yaml:9: uplinks[1].gateway: missing"},
 		{"address without length", strings.Replace(seed, "203.0.113.2/24", "203.0.113.2", 1), "bad.yaml:7: uplinks[0].address: want an IPv4 address with prefix length"},
 		{"weight too big", strings.Replace(seed, "weight: 4", "weight: 256", 1), "bad.yaml:8: uplinks[0].weight: want 1..255, got 256"},
-		{"weight zero is default, negative is not", strings.Replace(seed, "weight: 4", "weight: -1", 1), "bad.yaml:8: uplinks[0].weight: want 1..255, got -1"},
+		{"weight negative", strings.Replace(seed, "weight: 4", "weight: -1", 1), "bad.yaml:8: uplinks[0].weight: want 1..255, got -1"},
+		{"weight zero", strings.Replace(seed, "weight: 4", "weight: 0", 1), "bad.yaml:8: uplinks[0].weight: want 1..255, got 0"},
+		{"table not whole", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 2.5\n", 1), `bad.yaml:9: uplinks[0].table: want a whole number, got "2.5"`},
+		{"table zero", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 0\n", 1), "bad.yaml:9: uplinks[0].table: table 0 is reserved or out of range"},
+		{"table over 32 bits", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 4294967296\n", 1), "bad.yaml:9: uplinks[0].table: table 4294967296 is reserved or out of range"},
+		{"multipath table over 32 bits", seed + "routing:\n  multipath_table: 4294967518\n", "bad.yaml:14: routing.multipath_table: table 4294967518 is reserved or out of range"},
+		{"table base over 32 bits", seed + "routing:\n  table_base: 4294967290\n", "bad.yaml:14: routing.table_base: want 0..4294967279"},
+		{"priority over range", seed + "routing:\n  fwmark_priority: 32764\n", "bad.yaml:14: routing.fwmark_priority: want a priority in 1..32763, got 32764"},
+		{"priority over 32 bits", seed + "routing:\n  main_priority: 4294967346\n", "bad.yaml:14: routing.main_priority: want a priority in 1..32765"},
+		{"LAN interface twice", strings.Replace(seed, "[eth0]", "[eth0, eth0]", 1), "bad.yaml:2: lan.interfaces[1]: eth0 is listed twice"},
+		{"second document", seed + "---\nnat: none\n", "bad.yaml:13: a second YAML document"},
+		{"relative state dir", seed + "state_dir: run/uplinkd\n", `bad.yaml:13: state_dir: want an absolute path, got "run/uplinkd"`},
+		{"enabled not a bool", seed + "datapath:\n  enabled: maybe\n", `bad.yaml:14: datapath.enabled: want true or false, got "maybe"`},
+		{"broadcast gateway", strings.Replace(seed, "gateway: 198.51.100.1", "gateway: 255.255.255.255", 1), "bad.yaml:11: uplinks[1].gateway: 255.255.255.255 is not a unicast address"},
+		{"subnet broadcast gateway", strings.Replace(seed, "gateway: 203.0.113.1", "gateway: 203.0.113.255", 1), "bad.yaml:6: uplinks[0].gateway: 203.0.113.255 is the network or broadcast address of 203.0.113.0/24"},
+		{"multicast gateway", strings.Replace(seed, "gateway: 198.51.100.1", "gateway: 224.0.0.1", 1), "bad.yaml:11: uplinks[1].gateway: 224.0.0.1 is not a unicast address"},
+		{"unspecified target", seed + "health:\n  targets: [0.0.0.0]\n", "bad.yaml:14: health.targets[0]: 0.0.0.0 is not a unicast address"},
+		{"loopback target", seed + "health:\n  targets: [127.0.0.1]\n", "bad.yaml:14: health.targets[0]: 127.0.0.1 is not a unicast address"},
+		{"broadcast target", seed + "health:\n  targets: [255.255.255.255]\n", "bad.yaml:14: health.targets[0]: 255.255.255.255 is not a unicast address"},
+		{"multicast target", seed + "health:\n  targets: [239.1.1.1]\n", "bad.yaml:14: health.targets[0]: 239.1.1.1 is not a unicast address"},
+		{"target twice", seed + "health:\n  targets: [192.0.2.9, 192.0.2.9]\n", "bad.yaml:14: health.targets[1]: 192.0.2.9 is listed twice"},
+		{"gateway as target", seed + "health:\n  targets: [198.51.100.1]\n", "bad.yaml:14: health.targets[0]: 198.51.100.1 is the gateway of uplinks[1]: it is probed anyway"},
 		{"weight not a number", strings.Replace(seed, "weight: 4", "weight: four", 1), `bad.yaml:8: uplinks[0].weight: want a whole number, got "four"`},
 		{"bad nat", strings.Replace(seed, "nat: masquerade", "nat: yes-please", 1), `bad.yaml:12: nat: want masquerade, snat or none, got "yes-please"`},
 		{"snat needs addresses", strings.Replace(seed, "nat: masquerade", "nat: snat", 1), "bad.yaml:9: uplinks[1].address: nat: snat needs each line's address"},
@@ -174,5 +196,17 @@ func TestParseHealthErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: err = %v; want %q", tc.add, err, tc.want)
 		}
+	}
+}
+
+func TestLoadRefusesHugeFile(t *testing.T) {
+	f := t.TempDir() + "/big.yaml"
+	big := seed + "# " + strings.Repeat("x", MaxFileSize) + "\n"
+	if err := os.WriteFile(f, []byte(big), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(f)
+	if err == nil || !strings.Contains(err.Error(), f+": larger than 1048576 bytes") {
+		t.Fatalf("err = %v", err)
 	}
 }

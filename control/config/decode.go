@@ -83,8 +83,17 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 			d.fail(n.Line, path, "want a single value, got %s", kindName(n))
 			return
 		}
+		t := v.Type()
+		if t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		if isInteger(t) && n.Tag != "!!int" {
+			// yaml would truncate 2.5 to 2.
+			d.fail(n.Line, path, "want a whole number, got %q", n.Value)
+			return
+		}
 		if err := n.Decode(v.Addr().Interface()); err != nil {
-			d.fail(n.Line, path, "%s", scalarError(err, n, v.Type()))
+			d.fail(n.Line, path, "%s", scalarError(err, n, t))
 		}
 	}
 }
@@ -129,6 +138,17 @@ func (d *decoder) decodeStruct(n *yaml.Node, v reflect.Value, path string) {
 		}
 		d.decode(val, fv, sub)
 	}
+}
+
+func isInteger(t reflect.Type) bool {
+	switch t.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Uint, reflect.Uint8,
+		reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return true
+	case reflect.Int64:
+		return t.String() != "time.Duration"
+	}
+	return false
 }
 
 func kindName(n *yaml.Node) string {

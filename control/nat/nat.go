@@ -10,6 +10,7 @@ package nat
 import (
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 
@@ -246,22 +247,23 @@ func ifMatch(key expr.MetaKey, name string) []expr.Any {
 }
 
 // ProbeReject checks that the kernel takes a TCP reset in a prerouting
-// chain (what answers the flows of a dead line): it creates a dormant table
-// named table+"-probe" with that one rule, and deletes it again.
+// chain (what answers the flows of a dead line): in one transaction it
+// creates a dormant table of its own, named table-probe-PID, with that one
+// rule (the transaction fails whole, creating nothing, where the kernel
+// refuses the rule or the name is taken), and then deletes that table.
 func ProbeReject(c *nftables.Conn, table string) error {
-	t := &nftables.Table{Name: table + "-probe", Family: nftables.TableFamilyINet, Flags: unix.NFT_TABLE_F_DORMANT}
+	t := &nftables.Table{Name: fmt.Sprintf("%s-probe-%d", table, os.Getpid()), Family: nftables.TableFamilyINet, Flags: unix.NFT_TABLE_F_DORMANT}
 	spec := chainSpecOf(plan.ChainPrerouting)
 	policy := nftables.ChainPolicyAccept
-	c.AddTable(t)
+	c.CreateTable(t)
 	ch := c.AddChain(&nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority, Policy: &policy})
 	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: ruleExprs(plan.NFTRule{TCP: true, Action: plan.NFTReset})})
-	err := c.Flush()
-	c.DelTable(t)
-	if derr := c.Flush(); derr != nil && !errors.Is(derr, unix.ENOENT) && err == nil {
-		return fmt.Errorf("deleting nftables probe table inet %s: %w", t.Name, derr)
-	}
-	if err != nil {
+	if err := c.Flush(); err != nil {
 		return fmt.Errorf("nftables reject in a prerouting chain: %w", err)
+	}
+	c.DelTable(t)
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("deleting nftables probe table inet %s: %w", t.Name, err)
 	}
 	return nil
 }

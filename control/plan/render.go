@@ -10,7 +10,8 @@ import (
 	"strings"
 )
 
-// RuleCommand is the `ip rule add` command for r, tagged with proto.
+// RuleCommand is the `ip rule add` command for r, tagged with proto (0:
+// no tag, for messages about a rule).
 func RuleCommand(r Rule, proto int) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "ip rule add prio %d", r.Priority)
@@ -24,11 +25,14 @@ func RuleCommand(r Rule, proto int) string {
 	if r.SuppressPrefixLen >= 0 {
 		fmt.Fprintf(&b, " suppress_prefixlength %d", r.SuppressPrefixLen)
 	}
-	fmt.Fprintf(&b, " proto %d", proto)
+	if proto != 0 {
+		fmt.Fprintf(&b, " proto %d", proto)
+	}
 	return b.String()
 }
 
-// RouteCommand is the `ip route replace` command for r, tagged with proto.
+// RouteCommand is the `ip route replace` command for r, tagged with proto
+// (0: no tag, for messages about a route).
 func RouteCommand(r Route, proto int) string {
 	var b strings.Builder
 	b.WriteString("ip route replace ")
@@ -47,7 +51,10 @@ func RouteCommand(r Route, proto int) string {
 	if r.Metric != 0 {
 		fmt.Fprintf(&b, " metric %d", r.Metric)
 	}
-	fmt.Fprintf(&b, " proto %d table %s", proto, tableName(r.Table))
+	if proto != 0 {
+		fmt.Fprintf(&b, " proto %d", proto)
+	}
+	fmt.Fprintf(&b, " table %s", tableName(r.Table))
 	if len(r.Nexthops) > 1 {
 		for _, nh := range r.Nexthops {
 			fmt.Fprintf(&b, " \\\n    nexthop via %s dev %s weight %d", nh.Gateway, nh.Device, nh.Weight)

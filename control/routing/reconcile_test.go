@@ -63,7 +63,7 @@ func TestReconcileMinimal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"~ ip route replace default proto 0 table 222 nexthop via 198.51.100.1 dev wan1 weight 1 nexthop via 198.51.100.17 dev wan2 weight 3"}
+	want := []string{"~ ip route replace default table 222 nexthop via 198.51.100.1 dev wan1 weight 1 nexthop via 198.51.100.17 dev wan2 weight 3"}
 	if !slices.Equal(k.Log, want) || res.RoutesReplaced != 1 {
 		t.Errorf("log = %q\nwant %q", k.Log, want)
 	}
@@ -89,7 +89,7 @@ func TestReconcileRemovesStale(t *testing.T) {
 	if add < 0 || del < 0 || add > del {
 		t.Errorf("want the new rule added before the old deleted:\n%s", log)
 	}
-	if !strings.Contains(log, "- ip route replace default via 198.51.100.17 dev wan2 proto 0 table 202") {
+	if !strings.Contains(log, "- ip route replace default via 198.51.100.17 dev wan2 table 202") {
 		t.Errorf("stale route not deleted:\n%s", log)
 	}
 	if _, err := Reconcile(k, next); err != nil {

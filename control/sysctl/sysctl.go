@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -133,9 +134,64 @@ func Restore(f FS, stateDir string) (int, error) {
 	return n, errors.Join(errs...)
 }
 
+// load reads the saved values. The file's keys become paths below
+// /proc/sys, so only the sysctls uplinkd itself sets, with numeric values,
+// are accepted: a file edited to name another path is refused whole.
 func load(dir string) (map[string]string, error) {
 	saved := map[string]string{}
-	return saved, statefile.Read(dir, savedFile, &saved)
+	if err := statefile.Read(dir, savedFile, &saved); err != nil {
+		return nil, err
+	}
+	var errs []error
+	for path, v := range saved {
+		if !Owned(path) {
+			errs = append(errs, fmt.Errorf("%s names %q, which uplinkd never sets: refused", filepath.Join(dir, savedFile), path))
+		} else if _, err := strconv.ParseInt(v, 0, 64); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %s=%q is not a number: refused", filepath.Join(dir, savedFile), path, v))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return saved, nil
+}
+
+// global are the sysctls uplinkd sets outside interfaces' conf/.
+var global = []string{
+	"net/ipv4/ip_forward",
+	"net/ipv4/fib_multipath_hash_policy",
+	"net/ipv4/fib_multipath_hash_fields",
+	"net/ipv4/fib_multipath_use_neigh",
+}
+
+// perInterface are the sysctls uplinkd sets in net/ipv4/conf/IFNAME/.
+var perInterface = []string{"rp_filter", "ignore_routes_with_linkdown"}
+
+// Owned reports whether path is a sysctl uplinkd sets (plan.Build's).
+func Owned(path string) bool {
+	if slices.Contains(global, path) {
+		return true
+	}
+	rest, ok := strings.CutPrefix(path, "net/ipv4/conf/")
+	if !ok {
+		return false
+	}
+	ifname, name, ok := strings.Cut(rest, "/")
+	return ok && validIfname(ifname) && slices.Contains(perInterface, name)
+}
+
+// validIfname is the kernel's rule for interface names, which also keeps
+// the name one path element.
+func validIfname(s string) bool {
+	if s == "" || len(s) > 15 || s == "." || s == ".." {
+		return false
+	}
+	for _, r := range s {
+		if r == '/' || r == ':' || r <= ' ' || r > '~' {
+			return false
+		}
+	}
+	return true
 }
 
 func store(dir string, saved map[string]string) error {

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/plan"
 )
 
@@ -104,3 +105,39 @@ func TestSame(t *testing.T) {
 		}
 	}
 }
+
+// A saved-sysctl file edited to name another path (its keys become paths
+// below /proc/sys) is refused whole: nothing is written anywhere.
+func TestRestoreRefusesForeignKeys(t *testing.T) {
+	for _, bad := range []string{
+		`{"../../var/tmp/victim": "1"}`,
+		`{"net/ipv4/conf/../../../var/tmp/victim/rp_filter": "1"}`,
+		`{"kernel/core_pattern": "1"}`,
+		`{"net/ipv4/ip_forward": "1; reboot"}`,
+	} {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, savedFile), []byte(bad), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		fs := memFS{"net/ipv4/ip_forward": "1"}
+		before := maps.Clone(fs)
+		if _, err := Restore(fs, dir); err == nil {
+			t.Errorf("%s: restored", bad)
+		}
+		if !maps.Equal(fs, before) {
+			t.Errorf("%s: sysctls changed to %v", bad, fs)
+		}
+	}
+}
+
+// Every sysctl the plan sets is one Restore accepts back.
+func TestOwnedCoversThePlan(t *testing.T) {
+	lines := []plan.Line{{Uplink: config.Uplink{Name: "a", Interface: "wan-1.100"}}}
+	for _, s := range plan.Build(ptr(config.Default()), lines).Sysctls {
+		if !Owned(s.Path) {
+			t.Errorf("plan sets %s, which Owned refuses", s.Path)
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

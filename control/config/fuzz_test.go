@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package config
+
+import (
+	"errors"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// FuzzParse feeds mutated configs to Parse: it never panics, every error
+// names the file (FILE[:LINE]: ...), the same input gives the same answer,
+// and a config it accepts is consistent: 1..16 lines with unique names,
+// interfaces, tables and marks inside the mask, weights 1..255, unicast
+// IPv4 gateways, absolute paths and rule priorities in order.
+func FuzzParse(f *testing.F) {
+	f.Add(seed)
+	f.Add(seed + "routing:\n  table_base: 100\n  mark_mask: 0xff\n  protocol: 99\n")
+	f.Add(seed + "health:\n  interval: 100ms\n  targets: [192.0.2.9]\n  min_targets: 1\n")
+	f.Add(seed + "datapath:\n  enabled: false\n  pin_dir: /sys/fs/bpf/x\n  attach: tc\n")
+	f.Add(strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 7\n    mark: 0x4000000\n    health: {gateway_probe: arp}\n", 1))
+	f.Add("lan: {interfaces: [a]}\nuplinks: [{name: x, interface: b, gateway: 192.0.2.1}]\n---\n")
+	f.Add("lan: &l {interfaces: [a]}\nuplinks: *l\n")
+	f.Fuzz(func(t *testing.T, text string) {
+		c, err := Parse("fuzz.yaml", []byte(text))
+		_, err2 := Parse("fuzz.yaml", []byte(text))
+		if (err == nil) != (err2 == nil) || err != nil && err.Error() != err2.Error() {
+			t.Fatalf("two parses differ: %v / %v", err, err2)
+		}
+		if err != nil {
+			for _, line := range strings.Split(err.Error(), "\n") {
+				if !strings.HasPrefix(line, "fuzz.yaml") {
+					t.Fatalf("error line %q does not name the file", line)
+				}
+			}
+			var fe *FieldError
+			if !errors.As(err, &fe) {
+				t.Fatalf("error %v is no FieldError", err)
+			}
+			return
+		}
+		checkConsistent(t, c)
+	})
+}
+
+func checkConsistent(t *testing.T, c *Config) {
+	t.Helper()
+	if n := len(c.Uplinks); n < 1 || n > MaxUplinks {
+		t.Fatalf("%d lines accepted", n)
+	}
+	if len(c.LAN.Interfaces) == 0 || !filepath.IsAbs(c.StateDir) || !filepath.IsAbs(c.Datapath.PinDir) {
+		t.Fatalf("accepted: lan %v, state_dir %q, pin_dir %q", c.LAN.Interfaces, c.StateDir, c.Datapath.PinDir)
+	}
+	seen := map[string]bool{}
+	r := c.Routing
+	for _, u := range c.Uplinks {
+		for _, k := range []string{"name " + u.Name, "if " + u.Interface, "table " + strconv.Itoa(u.Table), "mark " + strconv.Itoa(int(u.Mark))} {
+			if seen[k] {
+				t.Fatalf("accepted a duplicate %s", k)
+			}
+			seen[k] = true
+		}
+		if slices.Contains(c.LAN.Interfaces, u.Interface) {
+			t.Fatalf("line on LAN interface %s accepted", u.Interface)
+		}
+		switch {
+		case u.Weight < 1 || u.Weight > 255:
+			t.Fatalf("weight %d accepted", u.Weight)
+		case !validTable(u.Table) || u.Table == r.MultipathTable:
+			t.Fatalf("table %d accepted", u.Table)
+		case u.Mark == 0 || u.Mark&^r.MarkMask != 0:
+			t.Fatalf("mark %#x accepted with mask %#x", u.Mark, r.MarkMask)
+		case !u.GatewayAddr.Is4() || !unicast(u.GatewayAddr):
+			t.Fatalf("gateway %v accepted", u.GatewayAddr)
+		case u.Prefix.IsValid() && !u.Prefix.Contains(u.GatewayAddr):
+			t.Fatalf("gateway %v outside %v accepted", u.GatewayAddr, u.Prefix)
+		}
+	}
+	n := len(c.Uplinks)
+	if r.MainPriority >= r.FwmarkPriority || r.FwmarkPriority+n >= r.MultipathPriority ||
+		r.SourcePriority+n >= r.MultipathPriority || r.MultipathPriority > 32765 || r.MainPriority < 1 {
+		t.Fatalf("priorities out of order accepted: %+v", r)
+	}
+	if r.Protocol < 5 || r.Protocol > 255 || !validTable(r.MultipathTable) {
+		t.Fatalf("routing accepted: %+v", r)
+	}
+}
+
