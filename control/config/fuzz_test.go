@@ -88,4 +88,3 @@ func checkConsistent(t *testing.T, c *Config) {
 		t.Fatalf("routing accepted: %+v", r)
 	}
 }
-
