@@ -104,6 +104,19 @@ func loadConfig(file string) (*config.Config, error) {
 	return c, nil
 }
 
+// optionalConfig reads the config named by -c, or gives the defaults
+// where there is none.
+func optionalConfig(file string) (config.Config, error) {
+	if file == "" {
+		return config.Default(), nil
+	}
+	c, err := loadConfig(file)
+	if err != nil {
+		return config.Config{}, err
+	}
+	return *c, nil
+}
+
 // agentFor opens the current namespace and checks cfg against it.
 func agentFor(cfg *config.Config, log *slog.Logger) (*control.Agent, *control.Env, error) {
 	env, err := control.OpenEnv(netns.None())
@@ -187,13 +200,9 @@ func cmdDown(args []string, stderr io.Writer) error {
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return err
 	}
-	cfg := config.Default()
-	if *file != "" {
-		c, err := loadConfig(*file)
-		if err != nil {
-			return err
-		}
-		cfg = *c
+	cfg, err := optionalConfig(*file)
+	if err != nil {
+		return err
 	}
 	// A running agent would put back what down removes, and could save
 	// its own sysctl values as the originals: down waits for no one and
@@ -255,13 +264,9 @@ func cmdFeatures(args []string, stdout, stderr io.Writer) error {
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return err
 	}
-	cfg := config.Default()
-	if *file != "" {
-		c, err := loadConfig(*file)
-		if err != nil {
-			return err
-		}
-		cfg = *c
+	cfg, err := optionalConfig(*file)
+	if err != nil {
+		return err
 	}
 	env, err := control.OpenEnv(netns.None())
 	if err != nil {

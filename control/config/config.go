@@ -359,7 +359,7 @@ func (c *Config) check() error {
 	for i, ifname := range c.LAN.Interfaces {
 		f := fmt.Sprintf("lan.interfaces[%d]", i)
 		switch {
-		case !validIfname(ifname):
+		case !ValidIfname(ifname):
 			bad(f, "not a valid interface name: %q", ifname)
 		case lanIf[ifname]:
 			bad(f, "%s is listed twice", ifname)
@@ -381,7 +381,7 @@ func (c *Config) check() error {
 			names[u.Name] = f
 		}
 		switch {
-		case !validIfname(u.Interface):
+		case !ValidIfname(u.Interface):
 			bad(f+".interface", "not a valid interface name: %q", u.Interface)
 		case lanIf[u.Interface]:
 			bad(f+".interface", "%s is also a LAN interface", u.Interface)
@@ -583,7 +583,9 @@ func lastAddr(p netip.Prefix) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
-func validIfname(s string) bool {
+// ValidIfname applies the kernel's rule for interface names, which also
+// keeps a name one path element.
+func ValidIfname(s string) bool {
 	if s == "" || len(s) > 15 || s == "." || s == ".." {
 		return false
 	}

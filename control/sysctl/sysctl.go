@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/uplinkd/uplinkd/control/nsdo"
+	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/statefile"
 )
@@ -177,21 +178,7 @@ func Owned(path string) bool {
 		return false
 	}
 	ifname, name, ok := strings.Cut(rest, "/")
-	return ok && validIfname(ifname) && slices.Contains(perInterface, name)
-}
-
-// validIfname is the kernel's rule for interface names, which also keeps
-// the name one path element.
-func validIfname(s string) bool {
-	if s == "" || len(s) > 15 || s == "." || s == ".." {
-		return false
-	}
-	for _, r := range s {
-		if r == '/' || r == ':' || r <= ' ' || r > '~' {
-			return false
-		}
-	}
-	return true
+	return ok && config.ValidIfname(ifname) && slices.Contains(perInterface, name)
 }
 
 func store(dir string, saved map[string]string) error {
