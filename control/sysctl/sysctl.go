@@ -17,8 +17,8 @@ import (
 
 	"github.com/vishvananda/netns"
 
-	"github.com/uplinkd/uplinkd/control/nsdo"
 	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/nsdo"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/statefile"
 )
