@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/uplinkd/uplinkd/control/config"
@@ -42,6 +43,9 @@ type Agent struct {
 	// kernel is what the kernel offers, checked by Run; the zero value
 	// (everything there) until then.
 	kernel Kernel
+	// scope is where this agent's rules and routes can be: those of every
+	// config it ran with, so that a line a reload removed is cleaned up.
+	scope plan.Scope
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -61,6 +65,7 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		probes:   newProbes(),
+		scope:    plan.ScopeOf(cfg),
 	}, nil
 }
 
@@ -104,6 +109,7 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		}
 	}
 	a.cfg, a.lines = cfg, lines
+	a.scope = a.scope.Union(plan.ScopeOf(cfg))
 	a.events.Add(events.Config, "", "new config", "file", cfg.File())
 	return nil
 }
@@ -221,7 +227,7 @@ func (a *Agent) Apply() (Report, error) {
 	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, want.Sysctls, a.cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
-	k := &routing.Netlink{H: a.env.NL, Protocol: a.cfg.Routing.Protocol}
+	k := &routing.Netlink{H: a.env.NL, Protocol: a.cfg.Routing.Protocol, Scope: a.scope}
 	if rep.Routing, err = routing.Reconcile(k, want); err != nil {
 		errs = append(errs, err)
 	}
@@ -271,6 +277,26 @@ func (a *Agent) Apply() (Report, error) {
 	return rep, errors.Join(errs...)
 }
 
+// refuseForeign fails, naming them, when the nftables table, the rule
+// priorities or the routing tables the plan needs hold what uplinkd did
+// not create: it would replace or shadow them, so the operator picks other
+// numbers instead.
+func (a *Agent) refuseForeign() error {
+	if err := nat.CheckOwned(a.env.NFT, a.cfg.Routing.NFTTable); err != nil {
+		return err
+	}
+	k := &routing.Netlink{H: a.env.NL, Protocol: a.cfg.Routing.Protocol, Scope: a.scope}
+	foreign, err := k.Foreign(a.Desired())
+	if err != nil {
+		return err
+	}
+	if len(foreign) > 0 {
+		return fmt.Errorf("what uplinkd needs holds rules or routes it did not create (pick other routing numbers or uplinks[].table):\n  %s",
+			strings.Join(foreign, "\n  "))
+	}
+	return nil
+}
+
 // Close stops the probes and releases the agent's handles; the kernel
 // state, BPF pins included, stays.
 func (a *Agent) Close() {
@@ -284,7 +310,7 @@ func (a *Agent) Close() {
 // programs (detached) and pins; the saved sysctls are put back.
 func Down(cfg *config.Config, env *Env) error {
 	var errs []error
-	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol}
+	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol, Scope: plan.ScopeOf(cfg)}
 	if _, err := routing.Remove(k); err != nil {
 		errs = append(errs, fmt.Errorf("removing rules and routes: %w", err))
 	}
@@ -327,6 +353,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.kernel.Log(a.log, a.cfg)
+	if err := a.refuseForeign(); err != nil {
+		return err
+	}
 	rep, err := a.Apply()
 	if err != nil {
 		if derr := Down(a.cfg, a.env); derr != nil {

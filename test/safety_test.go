@@ -131,3 +131,82 @@ func TestLineDownSignalsNoStranger(t *testing.T) {
 		t.Errorf("the unrelated process exited: %v", stranger.ProcessState)
 	}
 }
+
+// A gateway full of others' objects: a firewall table, rules and routes in
+// the number ranges uplinkd uses (but not at its own numbers), dhcp routes
+// in main, a foreign pin in its pin dir. uplinkd runs beside them, and
+// after down every one of them is as it was, byte for byte.
+func TestForeignObjectsCoexist(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	pin := l.PinDir()
+	if err := os.Mkdir(pin, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(pin) })
+	foreignPin := filepath.Join(pin, "someone_else")
+	if out, err := exec.Command("bpftool", "map", "create", foreignPin, "type", "array", "key", "4", "value", "4", "entries", "1", "name", "someone_else").CombinedOutput(); err != nil {
+		t.Fatalf("bpftool map create: %v\n%s", err, out)
+	}
+	for _, cmd := range [][]string{
+		{"nft", "add table inet filter"},
+		{"nft", "add chain inet filter input { type filter hook input priority 0; policy accept; }"},
+		{"nft", `add rule inet filter input tcp dport 22 accept comment "the host's ssh"`},
+		{"ip", "rule add prio 110 lookup 300 proto static"},
+		{"ip", "rule add prio 210 from 10.9.9.0/24 lookup 300 proto dhcp"},
+		{"ip", "rule add prio 40 lookup 300 proto 85"},
+		{"ip", "route add 10.9.9.0/24 dev lan0 table 210 proto static"},
+		{"ip", "route add 10.8.8.0/24 dev lan0 proto dhcp"},
+		{"ip", "route add 10.7.7.0/24 dev lan0 table 300 proto 85"},
+	} {
+		gw(t, l, cmd[0], strings.Fields(cmd[1])...)
+	}
+	before := snapshot(t, l, "wan1", "wan2")
+	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	a := startAgent(t, l, cfg)
+	srv := echoServer(t, l)
+	checkPinned(t, l, openFlows(t, l, srv.Addr, 10, true))
+	a.stop(t)
+	gw(t, l, uplinkd, "down", "-c", cfg)
+	if after := snapshot(t, l, "wan1", "wan2"); after != before {
+		t.Errorf("foreign objects changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	if _, err := os.Stat(foreignPin); err != nil {
+		t.Errorf("the foreign pin is gone: %v", err)
+	}
+	os.Remove(foreignPin)
+}
+
+// Where uplinkd's own numbers are taken by others (a route in a line's
+// table, a rule at its priority, a table of its nftables name), run
+// refuses, naming what is in the way, and changes nothing.
+func TestForeignObjectsInTheWayRefused(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name, setup, extra, want string
+	}{
+		{"route in a line's table", "route add default via 198.51.100.1 table 201 proto static", "", "route default table 201 proto 4"},
+		{"rule at a line's priority", "rule add prio 101 lookup 300 proto static", "", "rule prio 101 lookup 300 proto 4"},
+		{"the firewall's nftables table", "", "routing:\n  nft_table: filter\n", "nftables table inet filter exists and is not created by uplinkd"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			l, state := newLab(t, lab.Options{})
+			gw(t, l, "nft", strings.Fields("add table inet filter")...)
+			gw(t, l, "nft", strings.Fields("add chain inet filter input { type filter hook input priority 0; policy accept; }")...)
+			if tc.setup != "" {
+				gw(t, l, "ip", strings.Fields(tc.setup)...)
+			}
+			before := snapshot(t, l, "wan1", "wan2")
+			cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Extra: tc.extra}))
+			out, code := exitCode(t, l, "run", "-c", cfg)
+			if code != 1 || !strings.Contains(out, tc.want) {
+				t.Errorf("run: exit %d\n%s\nwant exit 1 naming %q", code, out, tc.want)
+			}
+			exitCode(t, l, "down", "-c", cfg)
+			if after := snapshot(t, l, "wan1", "wan2"); after != before {
+				t.Errorf("a refused run and down changed the kernel:\nbefore:\n%s\nafter:\n%s", before, after)
+			}
+		})
+	}
+}

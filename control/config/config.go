@@ -18,6 +18,7 @@ import (
 	"reflect"
 	"regexp"
 	"slices"
+	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -350,6 +351,8 @@ func (c *Config) check() error {
 	if r.Protocol < 5 || r.Protocol > 255 {
 		// 0..4 are the kernel's own (unspec, redirect, kernel, boot, static).
 		bad("routing.protocol", "want 5..255, got %d", r.Protocol)
+	} else if name := otherProtocols[r.Protocol]; name != "" {
+		bad("routing.protocol", "%d is %s's (rtnetlink RTPROT_%s): uplinkd would take that daemon's routes and rules for its own", r.Protocol, strings.ToLower(name), name)
 	}
 	if r.MarkMask == 0 {
 		bad("routing.mark_mask", "must not be 0")
@@ -560,6 +563,15 @@ func (c *Config) probe(field string, h LineHealth, base Probe) (Probe, []error) 
 }
 
 func overlap(a, b, n int) bool { return a < b+n && b < a+n }
+
+// otherProtocols are the rtnetlink protocol numbers the kernel names for
+// other routing daemons (include/uapi/linux/rtnetlink.h, and iproute2's
+// rt_protos): uplinkd's tag must not be one of them.
+var otherProtocols = map[int]string{
+	8: "GATED", 9: "RA", 10: "MRT", 11: "ZEBRA", 12: "BIRD", 13: "DNROUTED", 14: "XORP", 15: "NTK",
+	16: "DHCP", 17: "MROUTED", 18: "KEEPALIVED", 42: "BABEL", 99: "OPENR", 186: "BGP", 187: "ISIS",
+	188: "OSPF", 189: "RIP", 192: "EIGRP",
+}
 
 // maxTable is the largest routing table number (the kernel's is 32 bits).
 const maxTable = 1<<32 - 1

@@ -122,6 +122,9 @@ func TestParseErrors(t *testing.T) {
 		{"duplicate key", seed + "nat: none\n", "bad.yaml:13: nat: duplicate key (first at line 12)"},
 		{"priorities out of order", seed + "routing:\n  multipath_priority: 150\n", "bad.yaml:14: routing.multipath_priority: 150 must come after"},
 		{"empty file", "", "bad.yaml: empty config"},
+		{"dhcp's protocol", seed + "routing:\n  protocol: 16\n", "bad.yaml:14: routing.protocol: 16 is dhcp's (rtnetlink RTPROT_DHCP)"},
+		{"bird's protocol", seed + "routing:\n  protocol: 12\n", "bad.yaml:14: routing.protocol: 12 is bird's"},
+		{"kernel's protocol", seed + "routing:\n  protocol: 4\n", "bad.yaml:14: routing.protocol: want 5..255, got 4"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse("bad.yaml", []byte(tc.yaml))

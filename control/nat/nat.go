@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -35,7 +36,12 @@ var chains = []chainSpec{
 	{plan.ChainPrerouting, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityMangle},
 	{plan.ChainPostrouting, nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource},
 	{plan.ChainForward, nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter},
+	{plan.ChainOwner, "", nil, nil},
 }
+
+// ErrNotOurs says a table of uplinkd's name exists that uplinkd did not
+// create: it is neither replaced nor deleted.
+var ErrNotOurs = errors.New("not created by uplinkd")
 
 // fingerprint describes a table by its chains and its rules' comments, in
 // the same form for the desired table and for the kernel's.
@@ -79,11 +85,23 @@ func desired(n plan.NAT) string {
 	return fingerprint(chainDecl, comments)
 }
 
-// current reads the fingerprint of the kernel's table; "" when absent.
-func current(c *nftables.Conn, name string) (string, bool, error) {
+// table is what current reads of a table in the kernel.
+type table struct {
+	exists      bool
+	fingerprint string
+	// ours: the owner rule is there, or (a table of an uplinkd from before
+	// the owner rule) every rule carries uplinkd's comment with its hash.
+	ours bool
+}
+
+var legacyComment = regexp.MustCompile(`^uplinkd: .* \[[0-9a-f]{8}\]$`)
+
+// current reads the kernel's table of that name.
+func current(c *nftables.Conn, name string) (table, error) {
+	var res table
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return "", false, fmt.Errorf("listing nftables tables: %w", err)
+		return res, fmt.Errorf("listing nftables tables: %w", err)
 	}
 	var t *nftables.Table
 	for _, tt := range tables {
@@ -92,44 +110,69 @@ func current(c *nftables.Conn, name string) (string, bool, error) {
 		}
 	}
 	if t == nil {
-		return "", false, nil
+		return res, nil
 	}
+	res.exists = true
 	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
-		return "", true, fmt.Errorf("listing nftables chains: %w", err)
+		return res, fmt.Errorf("listing nftables chains: %w", err)
 	}
 	chainDecl, comments := map[string]string{}, map[string][]string{}
+	legacy, rules := true, 0
 	for _, ch := range all {
 		if ch.Table.Name != name {
 			continue
 		}
 		chainDecl[ch.Name] = decl(ch.Type, ch.Hooknum, ch.Priority)
-		rules, err := c.GetRules(t, ch)
+		rs, err := c.GetRules(t, ch)
 		if err != nil {
-			return "", true, fmt.Errorf("listing rules of chain %s: %w", ch.Name, err)
+			return res, fmt.Errorf("listing rules of chain %s: %w", ch.Name, err)
 		}
-		for _, r := range rules {
+		for _, r := range rs {
 			cm, _ := userdata.GetString(r.UserData, userdata.TypeComment)
 			comments[ch.Name] = append(comments[ch.Name], cm)
+			rules++
+			legacy = legacy && legacyComment.MatchString(cm)
+			if ch.Name == plan.ChainOwner && cm == plan.OwnerRule.Comment() {
+				res.ours = true
+			}
 		}
 	}
-	return fingerprint(chainDecl, comments), true, nil
+	res.ours = res.ours || legacy && rules > 0
+	res.fingerprint = fingerprint(chainDecl, comments)
+	return res, nil
+}
+
+// CheckOwned fails, naming the table, when a table of that name exists
+// that uplinkd did not create.
+func CheckOwned(c *nftables.Conn, name string) error {
+	t, err := current(c, name)
+	if err != nil {
+		return err
+	}
+	if t.exists && !t.ours {
+		return fmt.Errorf("nftables table inet %s exists and is %w (it has no %q rule): pick another routing.nft_table", name, ErrNotOurs, plan.OwnerWhy)
+	}
+	return nil
 }
 
 // Apply makes uplinkd's table equal to n. It reports whether it changed
 // anything.
 func Apply(c *nftables.Conn, n plan.NAT) (bool, error) {
-	have, exists, err := current(c, n.Table)
+	have, err := current(c, n.Table)
 	if err != nil {
 		return false, err
 	}
+	if have.exists && !have.ours {
+		return false, CheckOwned(c, n.Table)
+	}
 	if n.Empty() {
-		if !exists {
+		if !have.exists {
 			return false, nil
 		}
 		return true, Remove(c, n.Table)
 	}
-	if exists && have == desired(n) {
+	if have.exists && have.fingerprint == desired(n) {
 		return false, nil
 	}
 	t := &nftables.Table{Name: n.Table, Family: nftables.TableFamilyINet}
@@ -144,7 +187,11 @@ func Apply(c *nftables.Conn, n plan.NAT) (bool, error) {
 		ch := made[r.Chain]
 		if ch == nil {
 			spec := chainSpecOf(r.Chain)
-			ch = c.AddChain(&nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority, Policy: &policy})
+			ch = &nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority}
+			if spec.hook != nil {
+				ch.Policy = &policy
+			}
+			ch = c.AddChain(ch)
 			made[r.Chain] = ch
 		}
 		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: ruleExprs(r), UserData: userdata.AppendString(nil, userdata.TypeComment, r.Comment())})
@@ -155,11 +202,15 @@ func Apply(c *nftables.Conn, n plan.NAT) (bool, error) {
 	return true, nil
 }
 
-// Remove deletes uplinkd's table if it exists.
+// Remove deletes uplinkd's table if it exists; a table of that name that
+// uplinkd did not create is left alone, and named in the error.
 func Remove(c *nftables.Conn, table string) error {
-	_, exists, err := current(c, table)
-	if err != nil || !exists {
+	have, err := current(c, table)
+	if err != nil || !have.exists {
 		return err
+	}
+	if !have.ours {
+		return CheckOwned(c, table)
 	}
 	c.DelTable(&nftables.Table{Name: table, Family: nftables.TableFamilyINet})
 	if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
@@ -248,16 +299,24 @@ func ifMatch(key expr.MetaKey, name string) []expr.Any {
 
 // ProbeReject checks that the kernel takes a TCP reset in a prerouting
 // chain (what answers the flows of a dead line): in one transaction it
-// creates a dormant table of its own, named table-probe-PID, with that one
-// rule (the transaction fails whole, creating nothing, where the kernel
-// refuses the rule or the name is taken), and then deletes that table.
+// creates a table of its own, named table-probe-PID, with that rule behind
+// a match that never holds (the transaction fails whole, creating nothing,
+// where the kernel refuses the rule or the name is taken), and then
+// deletes that table.
 func ProbeReject(c *nftables.Conn, table string) error {
-	t := &nftables.Table{Name: fmt.Sprintf("%s-probe-%d", table, os.Getpid()), Family: nftables.TableFamilyINet, Flags: unix.NFT_TABLE_F_DORMANT}
+	t := &nftables.Table{Name: fmt.Sprintf("%s-probe-%d", table, os.Getpid()), Family: nftables.TableFamilyINet}
 	spec := chainSpecOf(plan.ChainPrerouting)
 	policy := nftables.ChainPolicyAccept
 	c.CreateTable(t)
 	ch := c.AddChain(&nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority, Policy: &policy})
-	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: ruleExprs(plan.NFTRule{TCP: true, Action: plan.NFTReset})})
+	// For the instant the table exists its chain sees every packet: the
+	// rule matches none (mark & 0 == 1).
+	never := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: make([]byte, 4), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(1)},
+	}
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: append(never, ruleExprs(plan.NFTRule{TCP: true, Action: plan.NFTReset})...)})
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("nftables reject in a prerouting chain: %w", err)
 	}

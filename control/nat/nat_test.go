@@ -4,6 +4,7 @@ package nat
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"regexp"
@@ -99,5 +100,39 @@ func TestApplyRepairsTable(t *testing.T) {
 	}
 	if changed, _ := Apply(c, n); changed {
 		t.Error("third Apply changed the table again")
+	}
+}
+
+// A table of uplinkd's name that uplinkd did not create (the host's
+// firewall, say, with routing.nft_table: filter) is neither replaced nor
+// deleted, and the error names it.
+func TestForeignTableUntouched(t *testing.T) {
+	c, l := gateway(t)
+	ctx := context.Background()
+	for _, cmd := range [][]string{
+		{"nft", "add", "table", "inet", "filter"},
+		{"nft", "add", "chain", "inet", "filter", "input", "{ type filter hook input priority 0; policy accept; }"},
+		{"nft", "add", "rule", "inet", "filter", "input", "tcp", "dport", "22", "accept", "comment", `"the host's ssh"`},
+	} {
+		if _, err := l.Gateway.Run(ctx, cmd[0], cmd[1:]...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, _ := l.Gateway.Run(ctx, "nft", "list", "ruleset")
+	n := plan.NAT{Table: "filter", Mode: "masquerade", LAN: []string{"lan0"}, Lines: []plan.NATLine{{Line: "dsl1", Interface: "wan1"}}}
+	if _, err := Apply(c, n); !errors.Is(err, ErrNotOurs) || !strings.Contains(err.Error(), "inet filter") {
+		t.Errorf("Apply = %v, want ErrNotOurs naming inet filter", err)
+	}
+	if err := Remove(c, "filter"); !errors.Is(err, ErrNotOurs) {
+		t.Errorf("Remove = %v, want ErrNotOurs", err)
+	}
+	if err := CheckOwned(c, "filter"); !errors.Is(err, ErrNotOurs) {
+		t.Errorf("CheckOwned = %v, want ErrNotOurs", err)
+	}
+	if err := ProbeReject(c, "filter"); err != nil {
+		t.Errorf("ProbeReject: %v", err)
+	}
+	if after, _ := l.Gateway.Run(ctx, "nft", "list", "ruleset"); after != before {
+		t.Errorf("ruleset changed:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }

@@ -122,6 +122,11 @@ const (
 	ChainPrerouting  = "prerouting"
 	ChainPostrouting = "postrouting"
 	ChainForward     = "forward"
+	// ChainOwner, a chain without a hook (it sees no packet), holds the
+	// owner rule: the mark by which uplinkd knows the table is its own.
+	ChainOwner = "owner"
+	// OwnerWhy is the owner rule's reason, the start of its comment.
+	OwnerWhy = "uplinkd owns this table"
 
 	NFTMasquerade = "masquerade"
 	NFTSNAT       = "snat"
@@ -154,7 +159,7 @@ func (r NFTRule) Text() string {
 	parts = append(parts, "counter")
 	if r.Action == NFTSNAT {
 		parts = append(parts, "snat ip to "+r.SNATTo.String())
-	} else {
+	} else if r.Action != "" {
 		parts = append(parts, r.Action)
 	}
 	return strings.Join(parts, " ")
@@ -169,9 +174,14 @@ func (r NFTRule) Comment() string {
 	return fmt.Sprintf("%s [%08x]", r.Why, h.Sum32())
 }
 
-// NFTRules lists the rules of the NAT table in order, per chain.
+// OwnerRule marks the table as uplinkd's: created with it, recognised by
+// it, and required before uplinkd replaces or deletes a table.
+var OwnerRule = NFTRule{Chain: ChainOwner, Why: OwnerWhy}
+
+// NFTRules lists the rules of the NAT table in order, per chain: the owner
+// rule first, then those that act on packets.
 func NFTRules(n NAT) []NFTRule {
-	var rs []NFTRule
+	rs := []NFTRule{OwnerRule}
 	for _, d := range n.Dead {
 		rs = append(rs, NFTRule{Chain: ChainPrerouting, Mark: d.Mark, MarkMask: d.Mask, TCP: true, Action: NFTReset,
 			Why: "uplinkd: " + d.Line + " is down, its TCP flows get a reset"})
@@ -210,6 +220,7 @@ func NFTScript(n NAT) string {
 		{ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;"},
 		{ChainPostrouting, "type nat hook postrouting priority srcnat; policy accept;"},
 		{ChainForward, "type filter hook forward priority filter; policy accept;"},
+		{ChainOwner, "# no hook: it sees no packet, it marks the table as uplinkd's"},
 	} {
 		var body []string
 		for _, r := range rules {

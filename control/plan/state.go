@@ -8,9 +8,12 @@ package plan
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/uplinkd/uplinkd/control/config"
 )
 
 // Well-known routing tables.
@@ -135,7 +138,7 @@ type NAT struct {
 
 // Empty reports whether the table has no chain at all and so is not
 // created.
-func (n NAT) Empty() bool { return len(NFTRules(n)) == 0 }
+func (n NAT) Empty() bool { return len(NFTRules(n)) == 1 } // the owner rule alone
 
 // State is everything uplinkd wants the kernel to hold.
 type State struct {
@@ -170,4 +173,46 @@ func SortRoutes(rs []Route) {
 		}
 		return a.Metric - b.Metric
 	})
+}
+
+// Scope is where uplinkd's rules and routes can be: the rule priorities
+// and routing tables a config numbers for its lines (every position up to
+// config.MaxUplinks, so that lines a reload removed are found too). A rule
+// or route outside it is never taken for uplinkd's, whatever its protocol
+// tag.
+type Scope struct {
+	Priorities map[int]bool
+	Tables     map[int]bool
+}
+
+// ScopeOf is the scope of one config.
+func ScopeOf(c *config.Config) Scope {
+	r := c.Routing
+	s := Scope{
+		Priorities: map[int]bool{r.MainPriority: true, r.MultipathPriority: true},
+		Tables:     map[int]bool{r.MultipathTable: true},
+	}
+	for n := 1; n <= config.MaxUplinks; n++ {
+		s.Priorities[r.FwmarkPriority+n] = true
+		s.Priorities[r.SourcePriority+n] = true
+		s.Tables[r.TableBase+n] = true
+	}
+	for _, u := range c.Uplinks {
+		s.Tables[u.Table] = true
+	}
+	return s
+}
+
+// Union is a scope that holds both.
+func (s Scope) Union(o Scope) Scope {
+	u := Scope{Priorities: maps.Clone(s.Priorities), Tables: maps.Clone(s.Tables)}
+	if u.Priorities == nil {
+		u.Priorities = map[int]bool{}
+	}
+	if u.Tables == nil {
+		u.Tables = map[int]bool{}
+	}
+	maps.Copy(u.Priorities, o.Priorities)
+	maps.Copy(u.Tables, o.Tables)
+	return u
 }

@@ -15,11 +15,12 @@ import (
 )
 
 // Netlink is the Kernel of one network namespace, through a netlink
-// handle opened in it. Only IPv4 rules and routes carrying Protocol are
-// seen and touched.
+// handle opened in it. Only IPv4 rules and routes carrying Protocol, at
+// priorities and in tables of Scope, are seen and touched.
 type Netlink struct {
 	H        *netlink.Handle
 	Protocol int
+	Scope    plan.Scope
 }
 
 // dumpRetries bounds retries of a dump the kernel interrupted because the
@@ -45,7 +46,7 @@ func (n *Netlink) Rules() ([]plan.Rule, error) {
 	}
 	var out []plan.Rule
 	for _, r := range all {
-		if int(r.Protocol) != n.Protocol {
+		if int(r.Protocol) != n.Protocol || !n.Scope.Priorities[r.Priority] {
 			continue
 		}
 		pr := plan.Rule{Priority: r.Priority, Table: r.Table, Mark: r.Mark, SuppressPrefixLen: r.SuppressPrefixlen}
@@ -105,6 +106,9 @@ func (n *Netlink) Routes() ([]plan.Route, error) {
 	}
 	out := make([]plan.Route, 0, len(all))
 	for _, r := range all {
+		if !n.Scope.Tables[r.Table] {
+			continue
+		}
 		pr := plan.Route{Table: r.Table, Type: plan.RouteType(r.Type), Metric: r.Priority, Dst: netip.MustParsePrefix("0.0.0.0/0")}
 		if r.Dst != nil {
 			pr.Dst = prefixOf(r.Dst)
@@ -198,4 +202,43 @@ func prefixOf(n *net.IPNet) netip.Prefix {
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// Foreign lists, as `ip` would show them, the rules and routes without
+// uplinkd's protocol tag at the priorities and in the tables that want
+// uses: uplinkd would shadow or replace them, so it refuses to start.
+func (n *Netlink) Foreign(want plan.State) ([]string, error) {
+	prios, tables := map[int]bool{}, map[int]bool{}
+	for _, r := range want.Rules {
+		prios[r.Priority] = true
+	}
+	for _, r := range want.Routes {
+		tables[r.Table] = true
+	}
+	rules, err := retryDump(func() ([]netlink.Rule, error) { return n.H.RuleList(unix.AF_INET) })
+	if err != nil {
+		return nil, fmt.Errorf("listing rules: %w", err)
+	}
+	var out []string
+	for _, r := range rules {
+		if int(r.Protocol) != n.Protocol && prios[r.Priority] {
+			out = append(out, fmt.Sprintf("rule prio %d lookup %d proto %d", r.Priority, r.Table, r.Protocol))
+		}
+	}
+	routes, err := retryDump(func() ([]netlink.Route, error) {
+		return n.H.RouteListFiltered(unix.AF_INET, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("listing routes: %w", err)
+	}
+	for _, r := range routes {
+		if int(r.Protocol) != n.Protocol && tables[r.Table] {
+			dst := "default"
+			if r.Dst != nil && prefixOf(r.Dst).Bits() > 0 {
+				dst = r.Dst.String()
+			}
+			out = append(out, fmt.Sprintf("route %s table %d proto %d", dst, r.Table, r.Protocol))
+		}
+	}
+	return out, nil
 }

@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
-# The kernel matrix: test/vm/vmtest.sh on each kernel in turn, then one line
-# per kernel (kernel, attach mode, recovery from conntrack, tests passed,
-# failed and skipped, time). Fails when any kernel failed.
+# The kernel matrix: test/vm/vmtest.sh on each kernel, then one line per
+# kernel (kernel, attach mode, recovery from conntrack, tests passed,
+# failed and skipped, time). The kernels are fetched one after the other,
+# then booted up to VMTEST_JOBS at a time (default: the number of CPUs;
+# each VM emulates its CPUs on one host thread). Fails when any kernel
+# failed.
 #
 #   test/vm/matrix.sh [KERNEL...]     (default: 6.1 6.12 newest)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kernels=("$@")
 [ ${#kernels[@]} -gt 0 ] || kernels=(6.1 6.12 newest)
-summary=()
-status=0
+jobs=${VMTEST_JOBS:-$(nproc)}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
 for k in "${kernels[@]}"; do
-	out=$(mktemp)
-	"$here/vmtest.sh" "$k" 2>&1 | tee "$out"
-	rc=${PIPESTATUS[0]}
-	line=$(grep '^vmtest kernel=' "$out" | tail -1)
-	[ -n "$line" ] || line="vmtest kernel=$k failed to run (exit $rc)"
+	VMTEST_PREPARE_ONLY=1 "$here/vmtest.sh" "$k" || exit 1
+done
+start=$SECONDS
+for k in "${kernels[@]}"; do
+	while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+	("$here/vmtest.sh" "$k" >"$out/$k.log" 2>&1; echo $? >"$out/$k.rc") &
+done
+wait
+status=0
+summary=()
+for k in "${kernels[@]}"; do
+	cat "$out/$k.log"
+	line=$(grep '^vmtest kernel=' "$out/$k.log" | tail -1)
+	[ -n "$line" ] || line="vmtest kernel=$k failed to run"
 	summary+=("$line")
-	[ "$rc" = 0 ] || status=1
-	rm -f "$out"
+	[ "$(cat "$out/$k.rc" 2>/dev/null)" = 0 ] || status=1
 done
 echo
-echo "kernel matrix:"
+echo "kernel matrix ($jobs at a time, $((SECONDS - start))s in all):"
 printf '  %s\n' "${summary[@]}"
 exit "$status"

@@ -14,7 +14,10 @@
 #
 # Environment: VMTEST_CACHE (kernels, initrds, results; default .cache/vmtest
 # in the repository, git-ignored), VMTEST_RUN (a -test.run pattern),
-# VMTEST_ARGS (more test flags), VMTEST_TIMEOUT (seconds, default 1500).
+# VMTEST_ARGS (more test flags), VMTEST_TIMEOUT (seconds, default 1500),
+# VMTEST_ACCEL (kvm|tcg, default: kvm where it boots), VMTEST_TCG_THREAD
+# (single|multi, default single), VMTEST_PREPARE_ONLY (fetch the kernel and
+# build its initrd, run nothing).
 #
 # Only Debian packages are used: qemu-system-x86, busybox-static, cpio, kmod,
 # xz-utils, zstd. Kernels come through apt-get with a private configuration
@@ -212,7 +215,10 @@ accel() {
 	fi
 	case $want in
 	kvm) echo "-accel kvm -cpu host" ;;
-	*) echo "-accel tcg -cpu max" ;;
+	# One host thread for all vCPUs: with multi-threaded TCG (QEMU 7.2) a
+	# 7.3 guest died of "Oops: int3" in code the kernel was patching (a
+	# static key) while the other vCPU ran it.
+	*) echo "-accel tcg,thread=${VMTEST_TCG_THREAD:-single} -cpu max" ;;
 	esac
 }
 
@@ -222,6 +228,7 @@ main() {
 	pkg=$(image_package "$kernel")
 	[ -n "$pkg" ] || die "could not resolve kernel $kernel"
 	fetch_kernel "$pkg"
+	[ -z "${VMTEST_PREPARE_ONLY:-}" ] || return 0
 
 	local run=$cache/runs/$kver
 	rm -rf "$run"
