@@ -224,7 +224,10 @@ func (a *Agent) Apply() (Report, error) {
 		want.NAT.Dead = nil
 	}
 	var err error
-	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, want.Sysctls, a.cfg.StateDir); err != nil {
+	// Forwarding goes on last, once the firewall is in place: a crash at
+	// any instant of Apply never leaves a gateway forwarding without it.
+	forwarding, others := plan.SplitForwarding(want.Sysctls)
+	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, others, a.cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
 	k := &routing.Netlink{H: a.env.NL, Protocol: a.cfg.Routing.Protocol, Scope: a.scope}
@@ -251,6 +254,12 @@ func (a *Agent) Apply() (Report, error) {
 	}
 	if rep.NAT, err = nat.Apply(a.env.NFT, want.NAT); err != nil {
 		errs = append(errs, err)
+	} else {
+		n, err := sysctl.Apply(a.env.Sysctl, forwarding, a.cfg.StateDir)
+		rep.Sysctls += n
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
 	a.dead = a.dead[:0]
 	for _, d := range want.NAT.Dead {
@@ -310,14 +319,16 @@ func (a *Agent) Close() {
 // programs (detached) and pins; the saved sysctls are put back.
 func Down(cfg *config.Config, env *Env) error {
 	var errs []error
+	// The sysctls first: forwarding is back to what it was before the
+	// firewall goes.
+	if _, err := sysctl.Restore(env.Sysctl, cfg.StateDir); err != nil {
+		errs = append(errs, err)
+	}
 	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol, Scope: plan.ScopeOf(cfg)}
 	if _, err := routing.Remove(k); err != nil {
 		errs = append(errs, fmt.Errorf("removing rules and routes: %w", err))
 	}
 	if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
-		errs = append(errs, err)
-	}
-	if _, err := sysctl.Restore(env.Sysctl, cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
 	if err := statefile.Remove(cfg.StateDir, linesDownFile); err != nil {

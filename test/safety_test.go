@@ -210,3 +210,50 @@ func TestForeignObjectsInTheWayRefused(t *testing.T) {
 		})
 	}
 }
+
+// Forwarding is never on without uplinkd's firewall, at any instant of a
+// start: the agent is killed (-9) at 20 points of its first apply, and
+// each time ip_forward=1 comes with the stateful forward rules in place.
+func TestForwardingNeverWithoutFirewall(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	forwarding := func() bool { return strings.TrimSpace(gw(t, l, "cat", "/proc/sys/net/ipv4/ip_forward")) == "1" }
+	// How long a start takes here (seconds in an emulated VM): the kills
+	// are spread over it.
+	begin := time.Now()
+	a := spawnAgent(t, l, cfg)
+	for !forwarding() {
+		if time.Since(begin) > agentWait {
+			t.Fatal("forwarding never went on")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	start := time.Since(begin)
+	a.kill9(t)
+	exitCode(t, l, "down", "-c", cfg)
+	seen := 0
+	for i := range 20 {
+		a := spawnAgent(t, l, cfg)
+		after := start * time.Duration(i) / 16
+		time.Sleep(after)
+		a.kill9(t)
+		if forwarding() {
+			seen++
+			out, err := l.Gateway.Run(context.Background(), "nft", "list", "chain", "inet", "uplinkd", "forward")
+			if err != nil {
+				out = err.Error()
+			}
+			if !strings.Contains(out, "ct state established,related") || !strings.Contains(out, "ct state invalid") {
+				t.Errorf("killed after %v: forwarding on without the firewall:\n%s", after, out)
+			}
+		}
+		if out, code := exitCode(t, l, "down", "-c", cfg); code != 0 {
+			t.Fatalf("down: exit %d\n%s", code, out)
+		}
+	}
+	t.Logf("a start takes %v; forwarding was on after %d of 20 kills", start.Round(time.Millisecond), seen)
+	if seen == 0 || seen == 20 {
+		t.Errorf("forwarding was on after %d of 20 kills: the kills did not span the start", seen)
+	}
+}

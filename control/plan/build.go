@@ -176,7 +176,7 @@ func Build(c *config.Config, lines []Line) State {
 	}
 
 	s.Sysctls = []Sysctl{
-		{Path: "net/ipv4/ip_forward", Value: "1", Why: "a gateway forwards"},
+		{Path: ForwardingSysctl, Value: "1", Why: "a gateway forwards (set last, once the firewall is in place)"},
 		{Path: "net/ipv4/fib_multipath_hash_policy", Value: "3", Why: "hash on the fields below: stable across TCP retransmissions (policy 1 follows the skb hash, which the client re-picks)"},
 		{Path: "net/ipv4/fib_multipath_hash_fields", Value: "0x37", Why: "source/destination address, protocol, ports"},
 		{Path: "net/ipv4/fib_multipath_use_neigh", Value: "1", Why: "skip nexthops whose neighbour entry failed"},
@@ -188,4 +188,20 @@ func Build(c *config.Config, lines []Line) State {
 		)
 	}
 	return s
+}
+
+// ForwardingSysctl turns forwarding on.
+const ForwardingSysctl = "net/ipv4/ip_forward"
+
+// SplitForwarding separates the forwarding sysctl, which goes on only once
+// the firewall is in place, from the others.
+func SplitForwarding(all []Sysctl) (forwarding, others []Sysctl) {
+	for _, s := range all {
+		if s.Path == ForwardingSysctl {
+			forwarding = append(forwarding, s)
+		} else {
+			others = append(others, s)
+		}
+	}
+	return forwarding, others
 }

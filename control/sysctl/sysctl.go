@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -119,7 +120,11 @@ func Restore(f FS, stateDir string) (int, error) {
 	}
 	var errs []error
 	n := 0
-	for path, v := range saved {
+	// Forwarding first: it is off (if it was) before the rest goes.
+	paths := slices.Sorted(maps.Keys(saved))
+	slices.SortStableFunc(paths, func(a, b string) int { return boolCmp(b == plan.ForwardingSysctl, a == plan.ForwardingSysctl) })
+	for _, path := range paths {
+		v := saved[path]
 		err := f.Set(path, v)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
@@ -155,6 +160,16 @@ func load(dir string) (map[string]string, error) {
 		return nil, err
 	}
 	return saved, nil
+}
+
+func boolCmp(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	}
+	return -1
 }
 
 // global are the sysctls uplinkd sets outside interfaces' conf/.

@@ -141,3 +141,30 @@ func TestOwnedCoversThePlan(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// orderFS records the order of writes.
+type orderFS struct {
+	memFS
+	writes []string
+}
+
+func (o *orderFS) Set(p, v string) error {
+	o.writes = append(o.writes, p)
+	return o.memFS.Set(p, v)
+}
+
+// Restore turns forwarding back first, before anything else (and before
+// the caller removes the firewall).
+func TestRestoreForwardingFirst(t *testing.T) {
+	dir := t.TempDir()
+	f := &orderFS{memFS: memFS{"net/ipv4/ip_forward": "0", "net/ipv4/fib_multipath_hash_fields": "0x7", "net/ipv4/conf/wan1/rp_filter": "1"}}
+	if _, err := Apply(f.memFS, want, dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Restore(f, dir); err != nil {
+		t.Fatal(err)
+	}
+	if len(f.writes) != 3 || f.writes[0] != plan.ForwardingSysctl {
+		t.Errorf("restored in the order %v, want %s first", f.writes, plan.ForwardingSysctl)
+	}
+}
