@@ -248,7 +248,7 @@ func (a *Agent) Apply() (Report, error) {
 		}
 	}
 	if a.cfg.Datapath.On() {
-		if err := a.dp.sync(a.env, a.cfg, lines, a.log); err != nil {
+		if err := a.dp.sync(a.env, a.cfg, lines, a.log, a.events); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -376,7 +376,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.log.Info("applied", "changes", rep.String())
 
-	changes, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.log)
+	links := ""
+	if a.cfg.Datapath.On() {
+		links = loader.LinksDir(a.cfg.Datapath.PinDir)
+	}
+	changes, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.cfg.Routing.NFTTable, links, a.log)
 	if err != nil {
 		return err
 	}

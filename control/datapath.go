@@ -10,6 +10,7 @@ import (
 	"slices"
 
 	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/loader"
 )
@@ -45,7 +46,7 @@ func attachMode(attach string) loader.AttachMode {
 // sync loads and attaches what is missing and writes the maps. Only the
 // buckets that must move for a new weight or a dead line are rewritten, so
 // only new flows see the change.
-func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *slog.Logger) error {
+func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *slog.Logger, ev *events.Ring) error {
 	if d.dp == nil {
 		var dp *loader.Datapath
 		if err := env.Do(func() (err error) { dp, err = loader.Load(loaderOptions(cfg)); return err }); err != nil {
@@ -68,14 +69,24 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 			errs = append(errs, fmt.Errorf("attaching to %s: %w", ifname, err))
 			return
 		}
+		repair := ""
 		if idx, ok := d.attached[ifname]; ok && idx == link.Attrs().Index {
-			return
+			// Someone may have unpinned a link or deleted a filter.
+			verr := env.Do(func() error { return d.dp.Verify(ifname) })
+			if verr == nil {
+				return
+			}
+			repair = verr.Error()
 		}
 		if err := env.Do(f); err != nil {
 			errs = append(errs, err)
 			return
 		}
 		d.attached[ifname] = link.Attrs().Index
+		if repair != "" {
+			ev.Add(events.Restored, "", "datapath re-attached", "interface", ifname, "why", repair)
+			return
+		}
 		log.Info("datapath attached", "interface", ifname, "mode", d.dp.Attached()[ifname])
 	}
 	for _, ifname := range cfg.LAN.Interfaces {

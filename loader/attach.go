@@ -11,11 +11,15 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/florianl/go-tc"
+	"github.com/florianl/go-tc/core"
 )
 
 // linksDir, under the pin directory, holds one pinned TCX link per
 // interface and direction: links/<ifname>_<direction>.
 const linksDir = "links"
+
+// LinksDir is where the TCX links of a pin dir are pinned.
+func LinksDir(pinDir string) string { return filepath.Join(pinDir, linksDir) }
 
 // AttachMode is how the programs are attached to an interface.
 type AttachMode string
@@ -173,4 +177,60 @@ func detachLinks(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Verify checks, in the calling thread's network namespace, that the
+// programs this Datapath attached to ifname are still there: the pinned
+// TCX links attached to the interface, or uplinkd's cls_bpf filters. Someone
+// may have unpinned a link (which detaches it) or deleted a filter; the
+// error says what is missing, and attaching again repairs it.
+func (d *Datapath) Verify(ifname string) error {
+	mode, ok := d.attached[ifname]
+	if !ok {
+		return fmt.Errorf("%s: not attached", ifname)
+	}
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return fmt.Errorf("%s: %w", ifname, err)
+	}
+	for _, dir := range []direction{ingress, egress} {
+		if mode == AttachTCX {
+			if err := verifyTCX(iface.Index, dir, filepath.Join(d.pinDir, linksDir, ifname+"_"+dir.name)); err != nil {
+				return fmt.Errorf("%s %s: %w", ifname, dir.name, err)
+			}
+			continue
+		}
+		nl, err := tcOpen()
+		if err != nil {
+			return err
+		}
+		f, err := findFilter(nl, iface.Index, core.BuildHandle(tc.HandleRoot, dir.tcParent))
+		nl.Close()
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", ifname, dir.name, err)
+		}
+		if f == nil || !ours(f) {
+			return fmt.Errorf("%s %s: uplinkd's cls_bpf filter is gone", ifname, dir.name)
+		}
+	}
+	return nil
+}
+
+func verifyTCX(ifindex int, dir direction, pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("link pin %s is gone", pin)
+	}
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return fmt.Errorf("link info: %w", err)
+	}
+	if tcx := info.TCX(); tcx == nil || int(tcx.Ifindex) != ifindex || ebpf.AttachType(tcx.AttachType) != dir.tcx {
+		return fmt.Errorf("link %d is detached", info.ID)
+	}
+	return nil
 }

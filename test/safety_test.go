@@ -257,3 +257,44 @@ func TestForwardingNeverWithoutFirewall(t *testing.T) {
 		t.Errorf("forwarding was on after %d of 20 kills: the kills did not span the start", seen)
 	}
 }
+
+// What someone else removes comes back by itself, each kind within a
+// fraction of a second (events: inotify for pins, nfnetlink for the
+// nftables table, rtnetlink netconf for forwarding and rp_filter): an
+// unpinned datapath link (which detaches it), uplinkd's nftables table,
+// ip_forward and a line's rp_filter.
+func TestRepairsOfOthersEdits(t *testing.T) {
+	t.Parallel()
+	requireTCX(t)
+	l, state := newLab(t, lab.Options{})
+	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	startAgent(t, l, cfg)
+	lanPin := filepath.Join(l.PinDir(), "links", l.LANInterface+"_ingress")
+	sysctl := func(k string) string { return strings.TrimSpace(gw(t, l, "cat", "/proc/sys/"+k)) }
+	for _, c := range []struct {
+		what string
+		edit []string
+		back func() bool
+	}{
+		{"unpinned LAN ingress link", []string{"rm", lanPin}, func() bool {
+			_, err := os.Stat(lanPin)
+			return err == nil && len(tcxPrograms(t, l)) == 1
+		}},
+		{"deleted nftables table", []string{"nft", "delete", "table", "inet", "uplinkd"}, func() bool {
+			_, err := l.Gateway.Run(context.Background(), "nft", "list", "chain", "inet", "uplinkd", "forward")
+			return err == nil
+		}},
+		{"ip_forward turned off", []string{"sh", "-c", "echo 0 >/proc/sys/net/ipv4/ip_forward"}, func() bool {
+			return sysctl("net/ipv4/ip_forward") == "1"
+		}},
+		{"rp_filter on wan1 made strict", []string{"sh", "-c", "echo 1 >/proc/sys/net/ipv4/conf/wan1/rp_filter"}, func() bool {
+			return sysctl("net/ipv4/conf/wan1/rp_filter") == "2"
+		}},
+	} {
+		if !c.back() {
+			t.Fatalf("%s: not in place before the test", c.what)
+		}
+		gw(t, l, c.edit[0], c.edit[1:]...)
+		eventually(t, c.what+" restored", c.back)
+	}
+}
