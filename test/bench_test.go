@@ -152,7 +152,7 @@ func BenchmarkFailover(b *testing.B) {
 				if err := fault.set(l, false); err != nil {
 					b.Fatal(err)
 				}
-				up = append(up, waitFor(b, "recovery", func() bool { return !lineOut(b, l, 1) }))
+				up = append(up, waitFor(b, "recovery", func() bool { return lineIn(b, l, 1) }))
 			}
 			slices.Sort(down)
 			slices.Sort(up)

@@ -464,7 +464,7 @@ func TestCarrierLoss(t *testing.T) {
 	}
 	a.waitLog(t, `event=carrier line=dsl1 carrier=true`, 1)
 	a.waitLog(t, `event=line-up line=dsl1`, 1) // after the hold-down
-	eventually(t, "dsl1 back in service", func() bool { return !lineOut(t, l, 1) })
+	eventually(t, "dsl1 back in service", func() bool { return lineIn(t, l, 1) })
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("dsl1 has its carrier back but gets no new flows")
 	}

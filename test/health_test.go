@@ -64,7 +64,7 @@ func TestGatewaySilent(t *testing.T) {
 	}
 	a.waitLog(t, "event=line-up line=dsl1", 1)
 	t.Logf("dsl1 up %v after its gateway answered again", time.Since(start).Round(time.Millisecond))
-	eventually(t, "dsl1 back in service", func() bool { return !lineOut(t, l, 1) })
+	eventually(t, "dsl1 back in service", func() bool { return lineIn(t, l, 1) })
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("dsl1 is back but gets no new flows")
 	}

@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -263,4 +265,28 @@ func lineOut(tb testing.TB, l *lab.Lab, n int) bool {
 	routes := gw(tb, l, "ip", "route", "show", "table", "222")
 	nft := gw(tb, l, "nft", "list", "table", "inet", "uplinkd")
 	return !strings.Contains(routes, "dev "+u.Interface+" ") && strings.Contains(nft, u.Name+" is down")
+}
+
+// lineIn reports whether the agent has put line n back in service: in the
+// multipath route, its TCP reset gone, and buckets of the datapath's (the
+// last step: from then on new flows take it).
+func lineIn(tb testing.TB, l *lab.Lab, n int) bool {
+	u := l.Uplinks[n-1]
+	routes := gw(tb, l, "ip", "route", "show", "table", "222")
+	nft := gw(tb, l, "nft", "list", "table", "inet", "uplinkd")
+	if !strings.Contains(routes, "dev "+u.Interface+" ") || strings.Contains(nft, u.Name+" is down") {
+		return false
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(l.PinDir(), "ul_buckets"), nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer m.Close()
+	var bucket, line uint32
+	for it := m.Iterate(); it.Next(&bucket, &line); {
+		if line == uint32(n-1) {
+			return true
+		}
+	}
+	return false
 }
