@@ -286,6 +286,19 @@ func (a *Agent) Apply() (Report, error) {
 	return rep, errors.Join(errs...)
 }
 
+// lockPins prepares the pin dir (mounting bpffs where it must) and takes
+// its lock: one agent per pin dir, whatever their state dirs.
+func lockPins(pinDir string, log *slog.Logger) (*loader.PinLock, error) {
+	mounted, err := loader.PreparePinDir(pinDir)
+	if err != nil {
+		return nil, err
+	}
+	if mounted {
+		log.Info("mounted bpffs: nothing was mounted there", "path", loader.BPFFSRoot)
+	}
+	return loader.LockPinDir(pinDir)
+}
+
 // refuseForeign fails, naming them, when the nftables table, the rule
 // priorities or the routing tables the plan needs hold what uplinkd did
 // not create: it would replace or shadow them, so the operator picks other
@@ -359,6 +372,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer lock.Release()
+	if a.cfg.Datapath.On() {
+		pins, err := lockPins(a.cfg.Datapath.PinDir, a.log)
+		if err != nil {
+			return err
+		}
+		defer pins.Release()
+	}
 	a.kernel = CheckKernel(a.env, a.cfg.Routing.NFTTable)
 	if err := a.kernel.Refuse(a.cfg); err != nil {
 		return err

@@ -53,9 +53,6 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 			return fmt.Errorf("loading datapath: %w", err)
 		}
 		d.dp, d.attached = dp, map[string]int{}
-		if dp.MountedBPFFS() {
-			log.Info("mounted bpffs: nothing was mounted there", "path", loader.BPFFSRoot)
-		}
 		if err := dp.CTRecovery(); err != nil {
 			log.Warn("datapath loaded; recovery from conntrack is off: flows the flow map loses are picked afresh", "ct_recovery", "off", "why", err)
 		} else {

@@ -83,12 +83,7 @@ type Datapath struct {
 	// conntrack, else why not.
 	ctRecovery error
 	attached   map[string]AttachMode // interface → how its programs are attached
-	mounted    bool                  // Load mounted bpffs at BPFFSRoot
 }
-
-// MountedBPFFS reports whether Load mounted bpffs at BPFFSRoot, where
-// nothing was mounted.
-func (d *Datapath) MountedBPFFS() bool { return d.mounted }
 
 // CTRecovery is nil when the datapath recovers flows the flow map lost
 // from conntrack, or says why it does not (the kernel lacks the conntrack
@@ -124,8 +119,7 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, err
 	}
 
-	mounted, err := PreparePinDir(opts.PinDir)
-	if err != nil {
+	if _, err := PreparePinDir(opts.PinDir); err != nil {
 		return nil, err
 	}
 
@@ -136,7 +130,6 @@ func Load(opts Options) (*Datapath, error) {
 		reasons:    reasons,
 		ctRecovery: ctRecovery,
 		attached:   map[string]AttachMode{},
-		mounted:    mounted,
 	}
 	pinned := ebpf.MapOptions{PinPath: opts.PinDir}
 	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: pinned}); err != nil {

@@ -298,3 +298,21 @@ func TestRepairsOfOthersEdits(t *testing.T) {
 		eventually(t, c.what+" restored", c.back)
 	}
 }
+
+// Two agents with their own state dirs on one pin dir would fight over the
+// buckets and the reset rules: the second is refused, naming the first.
+func TestOneAgentPerPinDir(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	first := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	second := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: t.TempDir()}))
+	out, code := exitCode(t, l, "run", "-c", second)
+	want := "is in use by pid " + strconv.Itoa(first.cmd.Process.Pid)
+	if code != 1 || !strings.Contains(out, want) {
+		t.Errorf("second agent: exit %d\n%s\nwant exit 1 and %q", code, out, want)
+	}
+	out, code = exitCode(t, l, "down", "-c", second)
+	if code != 1 || !strings.Contains(out, want) {
+		t.Errorf("down with the other state dir: exit %d\n%s\nwant exit 1 and %q", code, out, want)
+	}
+}

@@ -21,6 +21,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/statefile"
+	"github.com/uplinkd/uplinkd/loader"
 )
 
 // usageError is a mistake in the command line or the config: exit 2.
@@ -216,6 +217,13 @@ func cmdDown(args []string, stderr io.Writer) error {
 			return err
 		}
 		defer lock.Release()
+	}
+	if _, err := os.Stat(cfg.Datapath.PinDir); err == nil {
+		pins, err := loader.LockPinDir(cfg.Datapath.PinDir)
+		if err != nil {
+			return fmt.Errorf("down: %w: stop it first", err)
+		}
+		defer pins.Release()
 	}
 	env, err := control.OpenEnv(netns.None())
 	if err != nil {
