@@ -15,7 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	testlab "github.com/uplinkd/uplinkd/test/lab"
+	"github.com/uplinkd/uplinkd/test/foreign"
 )
 
 // These tests attach to veth pairs in a throwaway namespace and send real
@@ -100,7 +100,7 @@ func linkInfo(t *testing.T, pin string) *link.Info {
 func TestAttachTCX(t *testing.T) {
 	ns := newNetns(t)
 	dir := tempPinDir(t)
-	foreign, counter := testlab.ForeignProgram(t)
+	foreignProg, counter := foreign.Program(t)
 	first := load(t, Options{PinDir: dir})
 	if err := first.SetLine(2, Line{Mark: 0x300}); err != nil {
 		t.Fatal(err)
@@ -118,7 +118,7 @@ func TestAttachTCX(t *testing.T) {
 			return err
 		}
 		// Someone else's program, attached first.
-		l, err := link.AttachTCX(link.TCXOptions{Interface: lan.Index, Program: foreign, Attach: ebpf.AttachTCXIngress})
+		l, err := link.AttachTCX(link.TCXOptions{Interface: lan.Index, Program: foreignProg, Attach: ebpf.AttachTCXIngress})
 		if errors.Is(err, link.ErrNotSupported) {
 			return err
 		}
@@ -154,7 +154,7 @@ func TestAttachTCX(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if n := testlab.ForeignCount(t, counter); n != 3 {
+	if n := foreign.Count(t, counter); n != 3 {
 		t.Errorf("foreign program counted %d packets, want 3", n)
 	}
 	f, ok := lookupFlow(t, first, udp4(50000))
@@ -207,7 +207,7 @@ func TestAttachTCX(t *testing.T) {
 	if len(progs) != 2 || progs[1].ID != after.Program {
 		t.Errorf("programs on lan0 ingress %+v, want the foreign one, then %d", progs, after.Program)
 	}
-	if n := testlab.ForeignCount(t, counter); n != 5 {
+	if n := foreign.Count(t, counter); n != 5 {
 		t.Errorf("foreign program counted %d packets, want 5", n)
 	}
 	if f, _ := lookupFlow(t, second, udp4(50000)); f.TxPackets != 5 || f.Line != 2 {
@@ -254,7 +254,7 @@ func hasClsact(nl *tc.Tc, ifname string) (bool, error) {
 func TestAttachTC(t *testing.T) {
 	ns := newNetns(t)
 	dir := tempPinDir(t)
-	foreign, counter := testlab.ForeignProgram(t)
+	foreignProg, counter := foreign.Program(t)
 	d := load(t, Options{PinDir: dir, Attach: AttachTC})
 	if err := d.SetLine(0, Line{Mark: 0x100}); err != nil {
 		t.Fatal(err)
@@ -287,7 +287,7 @@ func TestAttachTC(t *testing.T) {
 		if err := nl.Qdisc().Add(clsact(lan.Index)); err != nil {
 			return err
 		}
-		fd, name, direct := uint32(foreign.FD()), "foreign", uint32(tc.BpfActDirect)
+		fd, name, direct := uint32(foreignProg.FD()), "foreign", uint32(tc.BpfActDirect)
 		if err := nl.Filter().Add(&tc.Object{
 			Msg:       tc.Msg{Family: unix.AF_UNSPEC, Ifindex: uint32(lan.Index), Handle: 1, Parent: core.BuildHandle(tc.HandleRoot, tc.HandleMinIngress), Info: 1<<16 | uint32(htons(unix.ETH_P_ALL))},
 			Attribute: tc.Attribute{Kind: "bpf", BPF: &tc.Bpf{FD: &fd, Name: &name, Flags: &direct}},
@@ -358,7 +358,7 @@ func TestAttachTC(t *testing.T) {
 	for _, r := range report {
 		t.Error(r)
 	}
-	if n := testlab.ForeignCount(t, counter); n != 4 {
+	if n := foreign.Count(t, counter); n != 4 {
 		t.Errorf("foreign program counted %d packets, want 4", n)
 	}
 	if f, _ := lookupFlow(t, d, udp4(50000)); f.TxPackets != 3 || f.Line != 0 {

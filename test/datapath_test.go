@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/uplinkd/uplinkd/loader"
+	"github.com/uplinkd/uplinkd/test/foreign"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -320,19 +321,19 @@ func TestForeignTCProgramSurvives(t *testing.T) {
 	t.Parallel()
 	requireTCX(t)
 	l, state := newLab(t, lab.Options{})
-	prog, counter := lab.ForeignProgram(t)
-	var foreign link.Link
+	prog, counter := foreign.Program(t)
+	var theirs link.Link
 	if err := l.Gateway.Do(func() error {
 		iface, err := net.InterfaceByName(l.LANInterface)
 		if err != nil {
 			return err
 		}
-		foreign, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: prog, Attach: ebpf.AttachTCXIngress})
+		theirs, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: prog, Attach: ebpf.AttachTCXIngress})
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { foreign.Close() })
+	t.Cleanup(func() { theirs.Close() })
 	info, err := prog.Info()
 	if err != nil {
 		t.Fatal(err)
@@ -343,11 +344,11 @@ func TestForeignTCProgramSurvives(t *testing.T) {
 
 	counts := func(stage string) {
 		t.Helper()
-		before := lab.ForeignCount(t, counter)
+		before := foreign.Count(t, counter)
 		if err := lab.Ping(l.Clients[0], l.LANAddress.Addr(), time.Second); err != nil {
 			t.Fatalf("%s: %v", stage, err)
 		}
-		if after := lab.ForeignCount(t, counter); after <= before {
+		if after := foreign.Count(t, counter); after <= before {
 			t.Errorf("%s: the foreign program stopped counting (%d -> %d)", stage, before, after)
 		}
 	}

@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 
-package lab
+// Package foreign is someone else's BPF program, for tests that uplinkd
+// coexists with it. Test-only: it takes a testing.TB, so that nothing the
+// uplinkd binary imports links the testing package.
+package foreign
 
 import (
 	"testing"
@@ -9,10 +12,10 @@ import (
 	"github.com/cilium/ebpf/asm"
 )
 
-// ForeignProgram is someone else's TC program, for tests that uplinkd
+// Program is someone else's TC program, for tests that uplinkd
 // coexists with it: it counts the packets it sees in counter[0] and
 // returns TC_ACT_UNSPEC ("next"). Both are closed when the test ends.
-func ForeignProgram(tb testing.TB) (prog *ebpf.Program, counter *ebpf.Map) {
+func Program(tb testing.TB) (prog *ebpf.Program, counter *ebpf.Map) {
 	tb.Helper()
 	counter, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
 	if err != nil {
@@ -43,8 +46,8 @@ func ForeignProgram(tb testing.TB) (prog *ebpf.Program, counter *ebpf.Map) {
 	return prog, counter
 }
 
-// ForeignCount reads a ForeignProgram's counter.
-func ForeignCount(tb testing.TB, counter *ebpf.Map) uint64 {
+// Count reads a ForeignProgram's counter.
+func Count(tb testing.TB, counter *ebpf.Map) uint64 {
 	tb.Helper()
 	var n uint64
 	if err := counter.Lookup(uint32(0), &n); err != nil {
