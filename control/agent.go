@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -51,6 +52,15 @@ type Agent struct {
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
 // returns an agent that has not touched anything yet.
 func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
+	// The lines keep the numbers a running agent gave them (read only:
+	// plan touches nothing; Run writes them back).
+	slots, err := ReadSlots(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if err := cfg.Renumber(slots); err != nil {
+		return nil, err
+	}
 	lines, err := plan.Resolve(cfg, env)
 	if err != nil {
 		return nil, err
@@ -92,9 +102,21 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		cfg.StateDir != old.StateDir || cfg.Datapath.PinDir != old.Datapath.PinDir || cfg.Datapath.On() != old.Datapath.On() {
 		return errors.New("routing.protocol, routing.nft_table, state_dir and datapath.pin_dir/enabled cannot change while running: uplinkd down, then run")
 	}
+	if err := cfg.Renumber(old.Slots()); err != nil {
+		return err
+	}
 	lines, err := plan.Resolve(cfg, a.env)
 	if err != nil {
 		return err
+	}
+	if err := statefile.Write(cfg.StateDir, slotsFile, cfg.Slots()); err != nil {
+		return err
+	}
+	kept := cfg.Slots()
+	for _, l := range a.lines {
+		if _, ok := kept[l.Name]; !ok {
+			a.removeLine(l)
+		}
 	}
 	was := map[string]plan.Line{}
 	for _, l := range a.lines {
@@ -112,6 +134,41 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	a.scope = a.scope.Union(plan.ScopeOf(cfg))
 	a.events.Add(events.Config, "", "new config", "file", cfg.File())
 	return nil
+}
+
+// removeLine undoes at once what was the line's alone, when a new config
+// drops it: the uplink programs on its interface and its datapath entry,
+// and its interface's sysctls. Its rules and routes go with the next
+// reconcile (they are in the agent's scope), its flows move or get a reset
+// as a dead line's would.
+func (a *Agent) removeLine(l plan.Line) {
+	if err := a.dp.removeUplink(a.env, l.Interface); err != nil {
+		a.log.Error("removing a line's datapath", "line", l.Name, "err", err)
+	}
+	var paths []string
+	for _, s := range plan.LineSysctls(l.Interface) {
+		paths = append(paths, s.Path)
+	}
+	if _, err := sysctl.RestorePaths(a.env.Sysctl, a.cfg.StateDir, paths); err != nil {
+		a.log.Error("restoring a line's sysctls", "line", l.Name, "err", err)
+	}
+	a.events.Add(events.Config, l.Name, "line removed by the new config", "interface", l.Interface)
+}
+
+// slotsFile, in the state dir, keeps each line's number by name (see
+// config.Renumber).
+const slotsFile = "lines.json"
+
+// ReadSlots returns the lines' numbers a running agent kept in stateDir;
+// none where it has not run.
+func ReadSlots(stateDir string) (config.Slots, error) {
+	slots := config.Slots{}
+	if err := statefile.Check(stateDir); errors.Is(err, fs.ErrNotExist) {
+		return slots, nil
+	} else if err != nil {
+		return nil, err
+	}
+	return slots, statefile.Read(stateDir, slotsFile, &slots)
 }
 
 // Lines returns the lines as the agent last saw them.
@@ -344,8 +401,10 @@ func Down(cfg *config.Config, env *Env) error {
 	if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
 		errs = append(errs, err)
 	}
-	if err := statefile.Remove(cfg.StateDir, linesDownFile); err != nil {
-		errs = append(errs, err)
+	for _, f := range []string{linesDownFile, slotsFile} {
+		if err := statefile.Remove(cfg.StateDir, f); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := env.Do(func() error { return loader.Remove(cfg.Datapath.PinDir) }); err != nil {
 		errs = append(errs, fmt.Errorf("removing datapath: %w", err))
@@ -372,6 +431,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer lock.Release()
+	if err := statefile.Write(a.cfg.StateDir, slotsFile, a.cfg.Slots()); err != nil {
+		return err
+	}
 	if a.cfg.Datapath.On() {
 		pins, err := lockPins(a.cfg.Datapath.PinDir, a.log)
 		if err != nil {

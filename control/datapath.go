@@ -106,9 +106,11 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 		}
 		weights[l.Index], live[l.Index] = l.EffectiveWeight(), l.Usable()
 	}
-	for i := len(lines); i < loader.MaxLines; i++ {
-		if err := d.dp.SetLine(i, loader.Line{}); err != nil { // a line removed by a new config
-			errs = append(errs, err)
+	for i := range loader.MaxLines {
+		if weights[i] == 0 { // no line has this index (any more)
+			if err := d.dp.SetLine(i, loader.Line{}); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 
@@ -132,6 +134,16 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// removeUplink detaches the datapath from the interface of a line that is
+// gone from the config.
+func (d *datapath) removeUplink(env *Env, ifname string) error {
+	if d.dp == nil {
+		return nil
+	}
+	delete(d.attached, ifname)
+	return env.Do(func() error { return d.dp.DetachUplink(ifname) })
 }
 
 func moved(a, b []int) int {

@@ -234,3 +234,30 @@ func verifyTCX(ifindex int, dir direction, pin string) error {
 	}
 	return nil
 }
+
+// DetachUplink undoes AttachUplink for a line that is gone from the
+// config: its programs leave ifname (TCX links unpinned, or uplinkd's tc
+// filters deleted) and its ul_if_line entry goes. An interface that no
+// longer exists took its attachments with it; its pins are removed.
+func (d *Datapath) DetachUplink(ifname string) error {
+	var errs []error
+	for _, dir := range []direction{ingress, egress} {
+		if err := detachLink(filepath.Join(d.pinDir, linksDir, ifname+"_"+dir.name)); err != nil {
+			errs = append(errs, fmt.Errorf("detaching tcx from %s %s: %w", ifname, dir.name, err))
+		}
+	}
+	delete(d.attached, ifname)
+	iface, err := net.InterfaceByName(ifname)
+	if err != nil {
+		return errors.Join(errs...)
+	}
+	for _, dir := range []direction{ingress, egress} {
+		if err := tcDetach(d.tcState, iface.Index, dir); err != nil {
+			errs = append(errs, fmt.Errorf("detaching tc from %s %s: %w", ifname, dir.name, err))
+		}
+	}
+	if err := d.objs.UlIfLine.Delete(uint32(iface.Index)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, fmt.Errorf("forgetting %s: %w", ifname, err))
+	}
+	return errors.Join(errs...)
+}

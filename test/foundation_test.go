@@ -200,7 +200,7 @@ func TestBadConfigTouchesNothing(t *testing.T) {
 	for _, tc := range []struct{ name, cfg, want string }{
 		{"unknown key", good + "colour: blue\n", ": colour: unknown key"},
 		{"duplicate name", strings.Replace(good, "name: dsl2", "name: dsl1", 1), `uplinks[1].name: "dsl1" is also the name of uplinks[0]`},
-		{"duplicate table", strings.Replace(good, "    gateway: 198.51.100.1\n", "    gateway: 198.51.100.1\n    table: 202\n", 1), "table (routing.table_base + position) 202 is also the table of uplinks[0]"},
+		{"duplicate table", strings.Replace(good, "    gateway: 198.51.100.1\n", "    gateway: 198.51.100.1\n    table: 202\n", 1), "table (routing.table_base + its number) 202 is also the table of uplinks[0]"},
 		{"duplicate mark", strings.Replace(good, "    gateway: 198.51.100.17\n", "    gateway: 198.51.100.17\n    mark: 0x1000000\n", 1), "uplinks[1].mark: mark 0x1000000 is also the mark of uplinks[0]"},
 		{"gateway outside subnet", strings.Replace(good, "gateway: 198.51.100.17", "gateway: 203.0.113.9", 1), "uplinks[1].gateway: 203.0.113.9 is outside the subnets of wan2"},
 		{"missing interface", strings.Replace(good, "interface: wan2", "interface: wan9", 1), "uplinks[1].interface: wan9: no such interface"},

@@ -316,3 +316,54 @@ func TestOneAgentPerPinDir(t *testing.T) {
 		t.Errorf("down with the other state dir: exit %d\n%s\nwant exit 1 and %q", code, out, want)
 	}
 }
+
+// A line's identity follows its name: reordering the lines (reload, then
+// restart) moves no flow and changes no line's mark or table; removing a
+// line by reload takes its programs off its interface and puts its
+// interface's sysctls back at once; adding it again gives it its place.
+func TestLineIdentityFollowsName(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 2})
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	a := startAgent(t, l, file)
+	srv := echoServer(t, l)
+	flows := openFlows(t, l, srv.Addr, 40, true)
+	rules := gw(t, l, "ip", "rule", "show")
+	before := checkPinned(t, l, flows)
+
+	check := func(stage string) {
+		t.Helper()
+		if broken, moved, detail := checkAll(flows); broken+moved > 0 {
+			t.Errorf("%s: %d flows broken, %d moved: %v", stage, broken, moved, detail)
+		}
+		after := checkPinned(t, l, flows)
+		for f, line := range before {
+			if after[f] != line {
+				t.Errorf("%s: %v re-pinned from line %d to %d", stage, f, line, after[f])
+			}
+		}
+		if got := gw(t, l, "ip", "rule", "show"); got != rules {
+			t.Errorf("%s: rules changed:\n%s\nwant:\n%s", stage, got, rules)
+		}
+	}
+	reversed := l.Config(lab.ConfigOptions{StateDir: state, Order: []int{1, 0}})
+	a.reload(t, file, reversed)
+	check("reordered by reload")
+	a.stop(t)
+	a = spawnAgent(t, l, file)
+	t.Cleanup(func() { a.stop(t) })
+	a.waitLog(t, "msg=applied", 1)
+	check("restarted with the reordered config")
+
+	// dsl2 removed: its programs leave wan2, its sysctls come back.
+	a.reload(t, file, l.Config(lab.ConfigOptions{StateDir: state, Order: []int{0}}))
+	if out := gw(t, l, "cat", "/proc/sys/net/ipv4/conf/wan2/rp_filter"); strings.TrimSpace(out) == "2" {
+		t.Errorf("wan2's rp_filter still uplinkd's (2) after its line was removed")
+	}
+	if _, err := os.Stat(filepath.Join(l.PinDir(), "links", "wan2_ingress")); !os.IsNotExist(err) {
+		t.Errorf("wan2's ingress link is still pinned after its line was removed: %v", err)
+	}
+	if strings.Contains(gw(t, l, "ip", "rule", "show"), "lookup 202") {
+		t.Errorf("dsl2's rules are left after its line was removed")
+	}
+}

@@ -86,6 +86,14 @@ type Uplink struct {
 	GatewayAddr netip.Addr   `yaml:"-"`
 	Prefix      netip.Prefix `yaml:"-"` // zero when Address is empty
 	Probe       Probe        `yaml:"-"` // the global health block with this line's overrides
+	// Slot is the line's number, 1..MaxUplinks: its datapath index is
+	// Slot-1, its rules' priorities and its default table and mark follow
+	// from it. Load numbers lines by position; Renumber keeps each name's
+	// number across reorders, reloads and restarts.
+	Slot int `yaml:"-"`
+	// TableSet and MarkSet: the config gave them; else they follow Slot.
+	TableSet bool `yaml:"-"`
+	MarkSet  bool `yaml:"-"`
 }
 
 // LineHealth is what a line may set differently from the health block.
@@ -371,8 +379,6 @@ func (c *Config) check() error {
 	}
 
 	names, ifaces := map[string]string{}, map[string]string{}
-	tables, marks := map[int]string{}, map[uint32]string{}
-	shift := bits.TrailingZeros32(r.MarkMask)
 	for i := range c.Uplinks {
 		u := &c.Uplinks[i]
 		f := fmt.Sprintf("uplinks[%d]", i)
@@ -432,37 +438,11 @@ func (c *Config) check() error {
 		} else if u.Weight < 1 || u.Weight > 255 {
 			bad(f+".weight", "want 1..255, got %d", u.Weight)
 		}
-		// A defaulted number is reported on the line itself, saying where
-		// the number came from.
-		tf, tdesc := f+".table", "table"
-		if _, set := c.pos[tf]; !set && u.Table == 0 {
-			u.Table = r.TableBase + i + 1
-			tf, tdesc = f, "its default table (routing.table_base + position)"
-		}
-		switch {
-		case !validTable(u.Table):
-			bad(tf, "%s %d is reserved or out of range (1..252, 256..%d)", tdesc, u.Table, maxTable)
-		case u.Table == r.MultipathTable:
-			bad(tf, "%s %d is also the multipath table", tdesc, u.Table)
-		case tables[u.Table] != "":
-			bad(tf, "%s %d is also the table of %s", tdesc, u.Table, tables[u.Table])
-		default:
-			tables[u.Table] = f
-		}
-		mf, mdesc := f+".mark", "mark"
-		if u.Mark == 0 {
-			u.Mark = uint32(i+1) << shift
-			mf, mdesc = f, "its default mark (position in routing.mark_mask)"
-		}
-		switch {
-		case u.Mark&^r.MarkMask != 0 || u.Mark == 0:
-			bad(mf, "%s %#x does not fit in mark_mask %#x", mdesc, u.Mark, r.MarkMask)
-		case marks[u.Mark] != "":
-			bad(mf, "%s %#x is also the mark of %s", mdesc, u.Mark, marks[u.Mark])
-		default:
-			marks[u.Mark] = f
-		}
+		_, u.TableSet = c.pos[f+".table"]
+		u.MarkSet = u.Mark != 0
+		u.Slot = i + 1
 	}
+	errs = append(errs, c.number()...)
 
 	// A target that is a line's gateway says nothing beyond it.
 	gateways := map[netip.Addr]string{}
@@ -514,6 +494,92 @@ func (c *Config) check() error {
 		bad("routing.table_base", "want 0..%d, got %d", maxTable-MaxUplinks, r.TableBase)
 	}
 	return errors.Join(errs...)
+}
+
+// number derives each line's default table and mark from its slot and
+// checks that tables and marks are unique. A defaulted number is reported
+// on the line itself, saying where the number came from.
+func (c *Config) number() []error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, c.Errorf(field, format, args...))
+	}
+	r := &c.Routing
+	tables, marks := map[int]string{}, map[uint32]string{}
+	shift := bits.TrailingZeros32(r.MarkMask)
+	for i := range c.Uplinks {
+		u := &c.Uplinks[i]
+		f := fmt.Sprintf("uplinks[%d]", i)
+		tf, tdesc := f+".table", "table"
+		if !u.TableSet {
+			u.Table = r.TableBase + u.Slot
+			tf, tdesc = f, "its default table (routing.table_base + its number)"
+		}
+		switch {
+		case !validTable(u.Table):
+			bad(tf, "%s %d is reserved or out of range (1..252, 256..%d)", tdesc, u.Table, maxTable)
+		case u.Table == r.MultipathTable:
+			bad(tf, "%s %d is also the multipath table", tdesc, u.Table)
+		case tables[u.Table] != "":
+			bad(tf, "%s %d is also the table of %s", tdesc, u.Table, tables[u.Table])
+		default:
+			tables[u.Table] = f
+		}
+		mf, mdesc := f+".mark", "mark"
+		if !u.MarkSet {
+			u.Mark = uint32(u.Slot) << shift
+			mf, mdesc = f, "its default mark (its number in routing.mark_mask)"
+		}
+		switch {
+		case u.Mark&^r.MarkMask != 0 || u.Mark == 0:
+			bad(mf, "%s %#x does not fit in mark_mask %#x", mdesc, u.Mark, r.MarkMask)
+		case marks[u.Mark] != "":
+			bad(mf, "%s %#x is also the mark of %s", mdesc, u.Mark, marks[u.Mark])
+		default:
+			marks[u.Mark] = f
+		}
+	}
+	return errs
+}
+
+// Slots are the lines' numbers by name (see Uplink.Slot).
+type Slots map[string]int
+
+// Slots returns the lines' numbers.
+func (c *Config) Slots() Slots {
+	s := Slots{}
+	for _, u := range c.Uplinks {
+		s[u.Name] = u.Slot
+	}
+	return s
+}
+
+// Renumber gives every line the number it had in prev; a line new to prev
+// takes its position's number if that is free, else the lowest free one.
+// Default tables and marks follow the numbers; collisions are reported as
+// Load reports them. A line's identity (its datapath index, mark, table and
+// rule priorities) so follows its name, not its place in the file.
+func (c *Config) Renumber(prev Slots) error {
+	used := map[int]bool{}
+	keep := map[string]bool{}
+	for _, u := range c.Uplinks {
+		if n, ok := prev[u.Name]; ok && n >= 1 && n <= MaxUplinks && !used[n] {
+			used[n], keep[u.Name] = true, true
+		}
+	}
+	for i := range c.Uplinks {
+		u := &c.Uplinks[i]
+		if keep[u.Name] {
+			u.Slot = prev[u.Name]
+			continue
+		}
+		u.Slot = i + 1
+		for n := 1; used[u.Slot]; n++ {
+			u.Slot = n
+		}
+		used[u.Slot] = true
+	}
+	return errors.Join(c.number()...)
 }
 
 // probe resolves a health block (the global one, or a line's overrides

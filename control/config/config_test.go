@@ -3,6 +3,8 @@
 package config
 
 import (
+	"fmt"
+	"maps"
 	"os"
 	"strings"
 	"testing"
@@ -79,9 +81,9 @@ func TestParseErrors(t *testing.T) {
 		{"unknown uplink key", strings.Replace(seed, "    weight: 4\n", "    wieght: 4\n", 1), "bad.yaml:8: uplinks[0].wieght: unknown key"},
 		{"duplicate name", strings.Replace(seed, "name: dsl2", "name: dsl1", 1), `bad.yaml:9: uplinks[1].name: "dsl1" is also the name of uplinks[0]`},
 		{"bad name", strings.Replace(seed, "name: dsl2", "name: DSL_2", 1), `bad.yaml:9: uplinks[1].name: want 1 to 15 characters`},
-		{"duplicate table", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 202\n", 1), "bad.yaml:10: uplinks[1]: its default table (routing.table_base + position) 202 is also the table of uplinks[0]"},
+		{"duplicate table", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 202\n", 1), "bad.yaml:10: uplinks[1]: its default table (routing.table_base + its number) 202 is also the table of uplinks[0]"},
 		{"table is multipath", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 222\n", 1), "uplinks[0].table: table 222 is also the multipath table"},
-		{"duplicate mark", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    mark: 0x02000000\n", 1), "bad.yaml:10: uplinks[1]: its default mark (position in routing.mark_mask) 0x2000000 is also the mark of uplinks[0]"},
+		{"duplicate mark", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    mark: 0x02000000\n", 1), "bad.yaml:10: uplinks[1]: its default mark (its number in routing.mark_mask) 0x2000000 is also the mark of uplinks[0]"},
 		{"mark outside mask", strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    mark: 0x5\n", 1), "bad.yaml:9: uplinks[0].mark: mark 0x5 does not fit in mark_mask"},
 		{"gateway outside subnet", strings.Replace(seed, "gateway: 203.0.113.1", "gateway: 192.0.2.1", 1), "bad.yaml:6: uplinks[0].gateway: 192.0.2.1 is outside the line's subnet 203.0.113.0/24"},
 		{"gateway not an address", strings.Replace(seed, "gateway: 203.0.113.1", "gateway: isp.example", 1), `bad.yaml:6: uplinks[0].gateway: want an IPv4 address, got "isp.example"`},
@@ -211,5 +213,59 @@ func TestLoadRefusesHugeFile(t *testing.T) {
 	_, err := Load(f)
 	if err == nil || !strings.Contains(err.Error(), f+": larger than 1048576 bytes") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// A line keeps its number (and with it its default table and mark) by
+// name: across a reorder, the removal of another line and the addition of
+// a new one, which takes its position's number if free, else the lowest.
+func TestRenumberFollowsNames(t *testing.T) {
+	three := func(names ...string) *Config {
+		var b strings.Builder
+		b.WriteString("lan: {interfaces: [eth0]}\nuplinks:\n")
+		for i, n := range names {
+			fmt.Fprintf(&b, "  - {name: %s, interface: e%s, gateway: 192.0.2.%d}\n", n, n, i+1)
+		}
+		c, err := Parse("c.yaml", []byte(b.String()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	first := three("a", "b", "c")
+	slots := first.Slots()
+	if slots["a"] != 1 || slots["b"] != 2 || slots["c"] != 3 {
+		t.Fatalf("fresh numbers %v, want positions", slots)
+	}
+	for _, tc := range []struct {
+		names []string
+		want  Slots
+	}{
+		{[]string{"c", "a", "b"}, Slots{"a": 1, "b": 2, "c": 3}},              // reordered
+		{[]string{"c", "b"}, Slots{"b": 2, "c": 3}},                           // a removed
+		{[]string{"c", "d", "b"}, Slots{"b": 2, "c": 3, "d": 1}},              // d takes a's freed number
+		{[]string{"a", "b", "c", "d"}, Slots{"a": 1, "b": 2, "c": 3, "d": 4}}, // d at its position
+	} {
+		c := three(tc.names...)
+		if err := c.Renumber(slots); err != nil {
+			t.Fatal(err)
+		}
+		if got := c.Slots(); !maps.Equal(got, tc.want) {
+			t.Errorf("%v: numbers %v, want %v", tc.names, got, tc.want)
+		}
+		for _, u := range c.Uplinks {
+			if u.Table != 200+u.Slot || u.Mark != uint32(u.Slot)<<24 {
+				t.Errorf("%v: line %s number %d has table %d mark %#x", tc.names, u.Name, u.Slot, u.Table, u.Mark)
+			}
+		}
+	}
+	// An explicit table that a kept number's default now takes is a
+	// collision, reported on the line.
+	c, err := Parse("c.yaml", []byte("lan: {interfaces: [eth0]}\nuplinks:\n  - {name: b, interface: eb, gateway: 192.0.2.1, table: 203}\n  - {name: c, interface: ec, gateway: 192.0.2.2}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Renumber(slots); err == nil || !strings.Contains(err.Error(), "its default table (routing.table_base + its number) 203 is also the table of uplinks[0]") {
+		t.Errorf("Renumber = %v, want the collision of c's table 203", err)
 	}
 }

@@ -14,7 +14,7 @@ import (
 // or from the interface) and whether it is usable.
 type Line struct {
 	config.Uplink
-	Index   int          // position in the config, 0-based
+	Index   int          // the line's number (config.Uplink.Slot) less one: its datapath index
 	Address netip.Prefix // zero: the interface has no address in the gateway's subnet (yet)
 	Carrier bool         // the interface is up and has carrier
 	Up      bool         // not taken down by the operator
@@ -57,7 +57,7 @@ func Resolve(c *config.Config, ifs Interfaces) ([]Line, error) {
 	lines := make([]Line, len(c.Uplinks))
 	for i, u := range c.Uplinks {
 		f := fmt.Sprintf("uplinks[%d]", i)
-		lines[i] = Line{Uplink: u, Index: i, Up: true, Carrier: true, Healthy: true}
+		lines[i] = Line{Uplink: u, Index: u.Slot - 1, Up: true, Carrier: true, Healthy: true}
 		addrs, err := ifs.Addrs(u.Interface)
 		if err != nil {
 			errs = append(errs, c.Errorf(f+".interface", "%s: %v", u.Interface, err))
@@ -182,10 +182,7 @@ func Build(c *config.Config, lines []Line) State {
 		{Path: "net/ipv4/fib_multipath_use_neigh", Value: "1", Why: "skip nexthops whose neighbour entry failed"},
 	}
 	for _, l := range lines {
-		s.Sysctls = append(s.Sysctls,
-			Sysctl{Path: "net/ipv4/conf/" + l.Interface + "/rp_filter", Value: "2", Why: "loose: replies may come back by any line"},
-			Sysctl{Path: "net/ipv4/conf/" + l.Interface + "/ignore_routes_with_linkdown", Value: "1", Why: "avoid a line at once when its carrier drops"},
-		)
+		s.Sysctls = append(s.Sysctls, LineSysctls(l.Interface)...)
 	}
 	return s
 }
@@ -204,4 +201,12 @@ func SplitForwarding(all []Sysctl) (forwarding, others []Sysctl) {
 		}
 	}
 	return forwarding, others
+}
+
+// LineSysctls are the settings uplinkd makes on a line's interface.
+func LineSysctls(ifname string) []Sysctl {
+	return []Sysctl{
+		{Path: "net/ipv4/conf/" + ifname + "/rp_filter", Value: "2", Why: "loose: replies may come back by any line"},
+		{Path: "net/ipv4/conf/" + ifname + "/ignore_routes_with_linkdown", Value: "1", Why: "avoid a line at once when its carrier drops"},
+	}
 }

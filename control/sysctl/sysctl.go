@@ -199,3 +199,30 @@ func Owned(path string) bool {
 func store(dir string, saved map[string]string) error {
 	return statefile.Write(dir, savedFile, saved)
 }
+
+// RestorePaths writes back the saved values of paths only (the sysctls of
+// a line a new config removed) and forgets them; the others stay saved.
+func RestorePaths(f FS, stateDir string, paths []string) (int, error) {
+	saved, err := load(stateDir)
+	if err != nil {
+		return 0, err
+	}
+	var errs []error
+	n := 0
+	for _, path := range paths {
+		v, ok := saved[path]
+		if !ok {
+			continue
+		}
+		if err := f.Set(path, v); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("restoring sysctl %s=%s: %w", path, v, err))
+			continue
+		}
+		delete(saved, path)
+		n++
+	}
+	if n > 0 {
+		errs = append(errs, store(stateDir, saved))
+	}
+	return n, errors.Join(errs...)
+}

@@ -17,6 +17,10 @@ type ConfigOptions struct {
 	Weights    []int    // per uplink; default 1 each
 	LineExtra  []string // per uplink: YAML appended to its block, indented by 4
 	Extra      string   // appended as is (YAML at the top level)
+	// Order lists the uplinks (indexes of Lab.Uplinks) in the order the
+	// config names them; nil: all, in order. Weights and LineExtra follow
+	// the uplinks, not the order.
+	Order []int
 }
 
 // Config returns an uplinkd config for the lab's gateway: the LAN
@@ -25,7 +29,14 @@ type ConfigOptions struct {
 func (l *Lab) Config(o ConfigOptions) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "lan:\n  interfaces: [%s]\nuplinks:\n", l.LANInterface)
-	for i, u := range l.Uplinks {
+	order := o.Order
+	if order == nil {
+		for i := range l.Uplinks {
+			order = append(order, i)
+		}
+	}
+	for _, i := range order {
+		u := l.Uplinks[i]
 		fmt.Fprintf(&b, "  - name: %s\n    interface: %s\n    gateway: %s\n", u.Name, u.Interface, u.Gateway)
 		if i < len(o.Weights) {
 			fmt.Fprintf(&b, "    weight: %d\n", o.Weights[i])
