@@ -47,6 +47,10 @@ type Agent struct {
 	// scope is where this agent's rules and routes can be: those of every
 	// config it ran with, so that a line a reload removed is cleaned up.
 	scope plan.Scope
+	// adopting: a previous run left its state (it did not `down`); a
+	// failed start then leaves that state forwarding instead of removing
+	// it.
+	adopting bool
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -76,6 +80,7 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 		reconfig: make(chan *config.Config),
 		probes:   newProbes(),
 		scope:    plan.ScopeOf(cfg),
+		adopting: len(slots) > 0,
 	}, nil
 }
 
@@ -431,9 +436,6 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer lock.Release()
-	if err := statefile.Write(a.cfg.StateDir, slotsFile, a.cfg.Slots()); err != nil {
-		return err
-	}
 	if a.cfg.Datapath.On() {
 		pins, err := lockPins(a.cfg.Datapath.PinDir, a.log)
 		if err != nil {
@@ -449,12 +451,30 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.refuseForeign(); err != nil {
 		return err
 	}
+	if a.cfg.Datapath.On() {
+		if err := loader.CheckPins(loaderOptions(a.cfg)); err != nil {
+			return fmt.Errorf("%w\nthe datapath pinned there goes on forwarding with its maps; either give the config "+
+				"the numbers the pinned maps have (datapath.flow_entries), or `uplinkd down` and run again "+
+				"(flows are then pinned afresh; established TCP flows may break)", err)
+		}
+	}
+	// What a previous run left (it did not `down`) is adopted, forwarding.
+	adopting := a.adopting
+	if err := statefile.Write(a.cfg.StateDir, slotsFile, a.cfg.Slots()); err != nil {
+		return err
+	}
 	rep, err := a.Apply()
 	if err != nil {
-		if derr := Down(a.cfg, a.env); derr != nil {
-			err = errors.Join(err, fmt.Errorf("rolling back: %w", derr))
+		// A fresh start leaves nothing half-applied. Adopted state is a
+		// gateway that was forwarding: it is left as it is.
+		if !adopting {
+			if derr := Down(a.cfg, a.env); derr != nil {
+				err = errors.Join(err, fmt.Errorf("rolling back: %w", derr))
+			}
+			return fmt.Errorf("applying: %w", err)
 		}
-		return fmt.Errorf("applying: %w", err)
+		return fmt.Errorf("applying: %w\nthe kernel state of the previous run is left in place and forwarding goes on; "+
+			"fix the config and run again, or `uplinkd down` to remove it all", err)
 	}
 	a.log.Info("applied", "changes", rep.String())
 

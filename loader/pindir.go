@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -142,4 +143,45 @@ func flockHolder(path string) int {
 		}
 	}
 	return 0
+}
+
+// CheckPins compares the maps pinned in opts.PinDir with those the
+// datapath would create from opts (size, layout, type), without loading
+// anything: a pinned map that does not fit is never replaced, so the
+// error says which map differs and how, before anything is changed.
+func CheckPins(opts Options) error {
+	opts = opts.withDefaults()
+	spec, err := loadUplinkd()
+	if err != nil {
+		return err
+	}
+	spec.Maps[uplinkdMapUlFlows].MaxEntries = opts.FlowEntries
+	var errs []error
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(opts.PinDir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("pinned map %s: %w", name, err))
+			continue
+		}
+		info, err := m.Info()
+		m.Close()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("pinned map %s: %w", name, err))
+			continue
+		}
+		switch {
+		case info.MaxEntries != ms.MaxEntries:
+			errs = append(errs, fmt.Errorf("pinned map %s has %d entries, this config wants %d", name, info.MaxEntries, ms.MaxEntries))
+		case info.Type != ms.Type || info.KeySize != ms.KeySize || info.ValueSize != ms.ValueSize:
+			errs = append(errs, fmt.Errorf("pinned map %s is a %v of %d-byte keys and %d-byte values, this datapath's a %v of %d and %d",
+				name, info.Type, info.KeySize, info.ValueSize, ms.Type, ms.KeySize, ms.ValueSize))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -367,3 +367,29 @@ func TestLineIdentityFollowsName(t *testing.T) {
 		t.Errorf("dsl2's rules are left after its line was removed")
 	}
 }
+
+// A start that cannot adopt what a previous run left (here: the pinned
+// flow map has another size) changes nothing: the gateway goes on
+// forwarding its established flows, and the error says what to do.
+func TestFailedStartKeepsAWorkingGateway(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	a := startAgent(t, l, file)
+	srv := echoServer(t, l)
+	flows := openFlows(t, l, srv.Addr, 10, false)
+	a.stop(t) // the state stays: forwarding goes on
+	before := snapshot(t, l, "wan1", "wan2")
+	bigger := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Flows: 1 << 17}))
+	out, code := exitCode(t, l, "run", "-c", bigger)
+	if code != 1 || !strings.Contains(out, "pinned map ul_flows has 65536 entries, this config wants 131072") ||
+		!strings.Contains(out, "goes on forwarding") {
+		t.Errorf("run with another flow map size: exit %d\n%s\nwant exit 1 naming the map and what to do", code, out)
+	}
+	if after := snapshot(t, l, "wan1", "wan2"); after != before {
+		t.Errorf("the failed start changed the kernel:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	if broken, moved, detail := checkAll(flows); broken+moved > 0 {
+		t.Errorf("%d established flows broken, %d moved: %v", broken, moved, detail)
+	}
+}
