@@ -3,10 +3,11 @@
 package control
 
 import (
+	"context"
+	"errors"
 	"fmt"
-	"slices"
-	"syscall"
 
+	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/statefile"
 )
 
@@ -20,29 +21,17 @@ func LinesDown(stateDir string) ([]string, error) {
 	return names, statefile.Read(stateDir, linesDownFile, &names)
 }
 
-// SetLineDown takes a line down (down true) or brings it back, for the
-// agent to act on at its next reconcile; it returns the pid of the
-// running agent it notified (SIGHUP), or 0 when none runs. Only the
-// process that holds the state dir's lock is signalled, never a pid from a
-// stale file.
-func SetLineDown(stateDir, name string, down bool) (int, error) {
-	names, err := LinesDown(stateDir)
-	if err != nil {
-		return 0, err
+// SetLineDown takes a line down (down true) or brings it back. A running
+// agent is asked over its control socket and acts at once; where none
+// runs, the state dir records it for the next one. It says which.
+func SetLineDown(ctx context.Context, stateDir, name string, down bool) (string, error) {
+	verb := map[bool]string{true: "down", false: "up"}[down]
+	msg, err := ctlsock.Call(ctx, stateDir, ctlsock.Request{Cmd: "line", Line: name, Down: down})
+	if !errors.Is(err, ctlsock.ErrNoAgent) {
+		return msg, err
 	}
-	names = slices.DeleteFunc(names, func(n string) bool { return n == name })
-	if down {
-		names = append(names, name)
+	if err := setLineDown(stateDir, name, down); err != nil {
+		return "", err
 	}
-	slices.Sort(names)
-	if err := statefile.Write(stateDir, linesDownFile, names); err != nil {
-		return 0, err
-	}
-	pid := statefile.Holder(stateDir)
-	if pid != 0 {
-		if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
-			return 0, fmt.Errorf("notifying agent %d: %w", pid, err)
-		}
-	}
-	return pid, nil
+	return fmt.Sprintf("line %s %s; no agent runs with state dir %s: it takes effect when one starts", name, verb, stateDir), nil
 }

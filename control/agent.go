@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/health"
 	"github.com/uplinkd/uplinkd/control/nat"
@@ -32,6 +33,7 @@ type Agent struct {
 	events   *events.Ring
 	lines    []plan.Line
 	reconfig chan *config.Config
+	ctl      chan ctlCall // requests from the control socket
 	dp       datapath
 	dead     []string        // lines whose TCP reset the last Apply installed
 	usable   map[string]bool // lines the last Apply gave new flows
@@ -78,6 +80,7 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 		cfg: cfg, env: env, log: log, lines: lines,
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
+		ctl:      make(chan ctlCall),
 		probes:   newProbes(),
 		scope:    plan.ScopeOf(cfg),
 		adopting: len(slots) > 0,
@@ -486,6 +489,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := ctlsock.Serve(ctx, a.cfg.StateDir, func(req ctlsock.Request) ctlsock.Reply { return a.call(ctx, req) }); err != nil {
+		return err
+	}
 	a.probes.start(ctx)
 	if err := a.probes.sync(a); err != nil {
 		a.log.Error("starting probes", "err", err)
@@ -508,6 +514,9 @@ func (a *Agent) Run(ctx context.Context) error {
 				continue
 			}
 			newConfig = cfg.File()
+		case c := <-a.ctl:
+			c.reply <- a.control(c.req)
+			continue
 		case r := <-a.probes.reports:
 			if !a.observe(r) {
 				continue

@@ -266,14 +266,18 @@ func TestDeadLineFlows(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{Clients: 2})
 	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
-	a := startAgent(t, l, file)
+	startAgent(t, l, file)
 	srv := echoServer(t, l)
 	flows := openFlows(t, l, srv.Addr, 60, true)
 	dead := l.Uplinks[0].Address.Addr()
 
-	gw(t, l, uplinkd, "line", "down", "dsl1", "-c", file)
-	a.waitLog(t, `event=operator line=dsl1 up=false`, 1)
-	a.waitLog(t, `msg="new config applied"`, 1) // `uplinkd line` notifies with SIGHUP
+	// The agent answers once it has taken the line out of service.
+	if out := gw(t, l, uplinkd, "line", "down", "dsl1", "-c", file); !strings.Contains(out, "line dsl1 down") {
+		t.Fatalf("uplinkd line down: %s", out)
+	}
+	if !lineOut(t, l, 1) {
+		t.Fatal("uplinkd line down returned before the line was out of service")
+	}
 
 	var resets, movedUDP, untouched int
 	for _, f := range flows {
@@ -308,8 +312,9 @@ func TestDeadLineFlows(t *testing.T) {
 	}
 
 	gw(t, l, uplinkd, "line", "up", "dsl1", "-c", file)
-	a.waitLog(t, `event=operator line=dsl1 up=true`, 1)
-	a.waitLog(t, `msg="new config applied"`, 2)
+	if !lineIn(t, l, 1) {
+		t.Fatal("uplinkd line up returned before the line was back in service")
+	}
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("line dsl1 is back up but gets no new flows")
 	}

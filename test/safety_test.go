@@ -393,3 +393,47 @@ func TestFailedStartKeepsAWorkingGateway(t *testing.T) {
 		t.Errorf("%d established flows broken, %d moved: %v", broken, moved, detail)
 	}
 }
+
+// The control socket: reload prints what changed, or the errors of a bad
+// config and keeps the running one; it is root's alone (0600 in a 0700
+// dir).
+func TestControlSocket(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	startAgent(t, l, file)
+	sock := filepath.Join(state, "uplinkd.sock")
+	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 || st.Mode()&os.ModeSocket == 0 {
+		t.Errorf("control socket %v %v, want a socket of mode 0600", st.Mode(), err)
+	}
+	before := snapshot(t, l, "wan1", "wan2")
+	if err := os.WriteFile(file, []byte(l.Config(lab.ConfigOptions{StateDir: state, Weights: []int{0, 1}})), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, code := exitCode(t, l, "reload", "-c", file)
+	if code != 2 || !strings.Contains(out, "uplinks[0].weight: want 1..255, got 0") {
+		t.Errorf("reload of a bad config: exit %d\n%s", code, out)
+	}
+	if after := snapshot(t, l, "wan1", "wan2"); after != before {
+		t.Errorf("a refused reload changed the kernel:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	if err := os.WriteFile(file, []byte(l.Config(lab.ConfigOptions{StateDir: state, Weights: []int{3, 1}})), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, code = exitCode(t, l, "reload", "-c", file)
+	if code != 0 || !strings.Contains(out, "line dsl1: weight 1 -> 3 (new flows only)") || !strings.Contains(out, "routes ~1") {
+		t.Errorf("reload: exit %d\n%s\nwant the weight change and the route replaced", code, out)
+	}
+	if !strings.Contains(gw(t, l, "ip", "route", "show", "table", "222"), "weight 3") {
+		t.Error("the reload returned before table 222 had the new weight")
+	}
+	if _, err := exec.LookPath("setpriv"); err == nil {
+		cmd := l.Gateway.Command(context.Background(), "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", uplinkd, "line", "down", "dsl1", "-c", file)
+		if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "permission denied") {
+			t.Errorf("nobody's line down: %v\n%s\nwant permission denied", err, out)
+		}
+		if !lineIn(t, l, 1) {
+			t.Error("nobody took dsl1 down")
+		}
+	}
+}

@@ -14,11 +14,13 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netns"
 
 	"github.com/uplinkd/uplinkd/control"
 	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/statefile"
 	"github.com/uplinkd/uplinkd/loader"
@@ -35,6 +37,8 @@ Usage:
   uplinkd down [-c FILE]   remove everything uplinkd installed (the config names custom numbers)
   uplinkd line down|up NAME -c FILE   take a line out of service (no new flows; its TCP flows get a reset,
                                       its UDP flows move) or bring it back
+  uplinkd reload [-c FILE]            make the running agent re-read its config: prints what changed, or the
+                                      errors (the running config stays); SIGHUP does the same, silently
   uplinkd features [-c FILE]          what this kernel offers uplinkd: attach mode, recovery from conntrack, ...;
                                       exit 1 when it lacks something the config needs
   uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
@@ -73,6 +77,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdLine(args, stdout, stderr)
 	case "features":
 		return cmdFeatures(args, stdout, stderr)
+	case "reload":
+		return cmdReload(args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -254,16 +260,36 @@ func cmdLine(args []string, stdout, stderr io.Writer) error {
 	if !known {
 		return usageError{fmt.Errorf("line %s: no line %q in %s", verb, name, *file)}
 	}
-	pid, err := control.SetLineDown(cfg.StateDir, name, verb == "down")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	msg, err := control.SetLineDown(ctx, cfg.StateDir, name, verb == "down")
 	if err != nil {
 		return err
 	}
-	if pid == 0 {
-		fmt.Fprintf(stdout, "line %s %s; no agent runs with state dir %s: it takes effect when one starts\n", name, verb, cfg.StateDir)
-		return nil
-	}
-	fmt.Fprintf(stdout, "line %s %s; agent %d notified\n", name, verb, pid)
+	fmt.Fprintln(stdout, msg)
 	return nil
+}
+
+func cmdReload(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("reload", flag.ContinueOnError)
+	file := fs.String("c", "", "config `file`: checked here first (a bad one is refused with its errors, exit 2); its state_dir names the agent, which re-reads its own config file")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	cfg, err := optionalConfig(*file)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	msg, err := ctlsock.Call(ctx, cfg.StateDir, ctlsock.Request{Cmd: "reload"})
+	if msg != "" {
+		fmt.Fprint(stdout, msg+"\n")
+	}
+	if errors.Is(err, ctlsock.ErrNoAgent) {
+		return fmt.Errorf("reload: no agent runs with state dir %s", cfg.StateDir)
+	}
+	return err
 }
 
 func cmdFeatures(args []string, stdout, stderr io.Writer) error {

@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package ctlsock is the agent's control socket: a unix socket in the
+// state dir (mode 0600, in a root-only dir, peers checked to be root) over
+// which uplinkd's commands talk to the running agent, one JSON request and
+// one JSON answer per connection. It replaces signalling a pid from a file,
+// which could hit an unrelated process after a crash and pid reuse.
+package ctlsock
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Name is the socket's file name in the state dir.
+const Name = "uplinkd.sock"
+
+// Request is one command to the agent.
+type Request struct {
+	// Cmd: "line" (Line, Down), "reload".
+	Cmd  string `json:"cmd"`
+	Line string `json:"line,omitempty"`
+	Down bool   `json:"down,omitempty"`
+}
+
+// Reply is the agent's answer: Error empty on success, Message for people.
+type Reply struct {
+	Message string `json:"message,omitempty"`
+	Error   string `json:"error,omitempty"`
+}
+
+// ErrNoAgent says no agent listens on the state dir's socket.
+var ErrNoAgent = errors.New("no agent runs with this state dir")
+
+// maxRequest bounds a request: they are a few words.
+const maxRequest = 64 << 10
+
+// Serve listens on dir's socket until ctx ends, answering each request
+// with handle. The caller holds the state dir's lock, so a socket file
+// found there is a dead agent's and is replaced.
+func Serve(ctx context.Context, dir string, handle func(Request) Reply) error {
+	path := filepath.Join(dir, Name)
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	old := unix.Umask(0o177) // the socket is created 0600
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	unix.Umask(old)
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	l.SetUnlinkOnClose(true)
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	go func() {
+		for {
+			c, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			go serveOne(c, handle)
+		}
+	}()
+	return nil
+}
+
+func serveOne(c *net.UnixConn, handle func(Request) Reply) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(time.Minute))
+	var rep Reply
+	var req Request
+	switch err := peerIsRoot(c); {
+	case err != nil:
+		rep.Error = err.Error()
+	default:
+		if err := json.NewDecoder(io.LimitReader(c, maxRequest)).Decode(&req); err != nil {
+			rep.Error = "bad request: " + err.Error()
+		} else {
+			rep = handle(req)
+		}
+	}
+	_ = json.NewEncoder(c).Encode(rep)
+}
+
+// peerIsRoot checks the connecting process's uid (SO_PEERCRED): the
+// socket's mode already keeps others out; this keeps them out even where
+// the state dir's permissions were loosened.
+func peerIsRoot(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return cerr
+	}
+	if int(cred.Uid) != os.Geteuid() {
+		return fmt.Errorf("uid %d may not control the agent", cred.Uid)
+	}
+	return nil
+}
+
+// Call sends req to the agent of dir's state dir and returns its reply;
+// ErrNoAgent where none listens. The agent's own error comes back as an
+// error.
+func Call(ctx context.Context, dir string, req Request) (string, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", filepath.Join(dir, Name))
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
+		return "", ErrNoAgent
+	}
+	if err != nil {
+		return "", fmt.Errorf("control socket: %w", err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	if err := json.NewEncoder(c).Encode(req); err != nil {
+		return "", fmt.Errorf("control socket: %w", err)
+	}
+	var rep Reply
+	if err := json.NewDecoder(io.LimitReader(c, maxRequest)).Decode(&rep); err != nil {
+		return "", fmt.Errorf("control socket: reading the agent's answer: %w", err)
+	}
+	if rep.Error != "" {
+		return rep.Message, errors.New(rep.Error)
+	}
+	return rep.Message, nil
+}
