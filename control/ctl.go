@@ -128,4 +128,3 @@ func setLineDown(stateDir, name string, down bool) error {
 	slices.Sort(names)
 	return statefile.Write(stateDir, linesDownFile, names)
 }
-
