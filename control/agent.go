@@ -185,7 +185,34 @@ func (a *Agent) Lines() []plan.Line { return append([]plan.Line(nil), a.lines...
 // Desired is the kernel state the agent wants now.
 func (a *Agent) Desired() plan.State {
 	lines, _ := a.planLines()
-	return plan.Build(a.cfg, lines)
+	want := plan.Build(a.cfg, lines)
+	want.NAT.LANSubnets = v4(a.lanSubnets())
+	return want
+}
+
+// lanSubnets are the sources LAN clients may have: lan.subnets, or the
+// subnets of the LAN interfaces' addresses, followed as they change.
+func (a *Agent) lanSubnets() []netip.Prefix {
+	if len(a.cfg.LAN.SubnetPrefixes) > 0 {
+		return a.cfg.LAN.SubnetPrefixes
+	}
+	var out []netip.Prefix
+	for _, ifname := range a.cfg.LAN.Interfaces {
+		addrs, err := a.env.Addrs(ifname)
+		if err != nil {
+			continue
+		}
+		for _, p := range addrs {
+			if !slices.Contains(out, p.Masked()) {
+				out = append(out, p.Masked())
+			}
+		}
+	}
+	return out
+}
+
+func v4(ps []netip.Prefix) []netip.Prefix {
+	return slices.DeleteFunc(slices.Clone(ps), func(p netip.Prefix) bool { return !p.Addr().Is4() })
 }
 
 // planLines are the lines as the plan uses them. When every line that
@@ -285,6 +312,8 @@ func (a *Agent) Apply() (Report, error) {
 	}
 	a.allDown = kept != nil
 	want := plan.Build(a.cfg, lines)
+	lan := a.lanSubnets()
+	want.NAT.LANSubnets = v4(lan)
 	if a.kernel.RejectPrerouting != nil {
 		want.NAT.Dead = nil
 	}
@@ -313,7 +342,7 @@ func (a *Agent) Apply() (Report, error) {
 		}
 	}
 	if a.cfg.Datapath.On() {
-		if err := a.dp.sync(a.env, a.cfg, lines, a.log, a.events); err != nil {
+		if err := a.dp.sync(a.env, a.cfg, lines, lan, a.log, a.events); err != nil {
 			errs = append(errs, err)
 		}
 	}

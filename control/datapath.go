@@ -46,7 +46,7 @@ func attachMode(attach string) loader.AttachMode {
 // sync loads and attaches what is missing and writes the maps. Only the
 // buckets that must move for a new weight or a dead line are rewritten, so
 // only new flows see the change.
-func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *slog.Logger, ev *events.Ring) error {
+func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error {
 	if d.dp == nil {
 		var dp *loader.Datapath
 		if err := env.Do(func() (err error) { dp, err = loader.Load(loaderOptions(cfg)); return err }); err != nil {
@@ -125,6 +125,9 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, log *sl
 		} else {
 			log.Info("buckets changed", "moved", moved(prev, next), "of", len(next))
 		}
+	}
+	if err := d.dp.SetLANSubnets(lan); err != nil {
+		errs = append(errs, err)
 	}
 	local, err := env.LocalAddrs()
 	if err == nil {

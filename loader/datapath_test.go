@@ -399,3 +399,32 @@ func TestMarkMask(t *testing.T) {
 		t.Errorf("mark %#x, want 0x13f00: line mark inside the mask, the rest kept", mark)
 	}
 }
+
+// Only the LAN's subnets get flows: a spoofed or bogon source is not
+// steered and not pinned (nftables drops it); a family without subnets
+// given stays allowed.
+func TestForeignSourceGetsNoFlow(t *testing.T) {
+	d := steering(t)
+	if err := d.SetLANSubnets([]netip.Prefix{netip.MustParsePrefix("192.168.1.0/24")}); err != nil {
+		t.Fatal(err)
+	}
+	bogon := tcp4(40000)
+	bogon.src = netip.MustParseAddr("10.66.0.1")
+	if mark := steer(t, d, bogon, "foreign_src"); mark != foreignMark {
+		t.Errorf("a foreign source was marked %#x", mark)
+	}
+	if _, ok := lookupFlow(t, d, bogon); ok {
+		t.Error("a foreign source got a flow entry")
+	}
+	if mark := steer(t, d, tcp4(40001), "new_flow"); mark&d.markMask != lineMark[1] {
+		t.Errorf("a LAN client's flow was marked %#x", mark)
+	}
+	v6 := tcp4(40002)
+	v6.src, v6.dst = client6, server6
+	steer(t, d, v6, "new_flow")
+	// Narrowed again, and widened back: no stale prefix stays.
+	if err := d.SetLANSubnets(nil); err != nil {
+		t.Fatal(err)
+	}
+	steer(t, d, bogon, "new_flow")
+}

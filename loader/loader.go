@@ -140,6 +140,14 @@ func Load(opts Options) (*Datapath, error) {
 		d.objs.Close()
 		return nil, loadError(opts.PinDir, err)
 	}
+	// A fresh ul_lan_src allows every source until SetLANSubnets narrows it.
+	var k uplinkdLanPrefix
+	if err := d.objs.UlLanSrc.NextKey(nil, &k); errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := d.SetLANSubnets(nil); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
 	return d, nil
 }
 

@@ -295,3 +295,65 @@ func (d *Datapath) Reasons() (map[string]uint64, error) {
 	}
 	return counts, nil
 }
+
+// allPrefixes allow every source: what ul_lan_src holds until the control
+// plane knows the LAN's subnets.
+var allPrefixes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+
+// lanKey is p as a key of ul_lan_src: family byte, then the 16-byte
+// address (IPv4 v4-mapped), the prefix length counting from the family.
+func lanKey(p netip.Prefix) uplinkdLanPrefix {
+	bits, family := 8+p.Bits(), uint8(unix.AF_INET6)
+	if p.Addr().Is4() {
+		bits, family = 8+96+p.Bits(), unix.AF_INET
+	}
+	return uplinkdLanPrefix{Prefixlen: uint32(bits), Family: family, Addr: p.Masked().Addr().As16()}
+}
+
+// SetLANSubnets replaces the subnets whose clients get flows: LAN ingress
+// pins no flow from another source (a spoofed or bogon one). A family with
+// no prefix given is allowed whole, so that nothing is refused for want of
+// knowing its subnets.
+func (d *Datapath) SetLANSubnets(subnets []netip.Prefix) error {
+	want := map[uplinkdLanPrefix]bool{}
+	has4, has6 := false, false
+	for _, p := range subnets {
+		if !p.IsValid() {
+			return errors.New("setting LAN subnets: invalid prefix")
+		}
+		want[lanKey(p)] = true
+		has4, has6 = has4 || p.Addr().Is4(), has6 || !p.Addr().Is4()
+	}
+	if !has4 {
+		want[lanKey(allPrefixes[0])] = true
+	}
+	if !has6 {
+		want[lanKey(allPrefixes[1])] = true
+	}
+	var (
+		k     uplinkdLanPrefix
+		v     uint8
+		stale []uplinkdLanPrefix
+	)
+	it := d.objs.UlLanSrc.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+		delete(want, k) // already there: no write
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading LAN subnets: %w", err)
+	}
+	for k := range want {
+		if err := d.objs.UlLanSrc.Put(&k, uint8(1)); err != nil {
+			return fmt.Errorf("adding LAN subnet: %w", err)
+		}
+	}
+	for _, k := range stale {
+		if err := d.objs.UlLanSrc.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing LAN subnet: %w", err)
+		}
+	}
+	return nil
+}

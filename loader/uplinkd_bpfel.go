@@ -37,6 +37,13 @@ type uplinkdFlowKey struct {
 	Dport  uint16
 }
 
+type uplinkdLanPrefix struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Family    uint8
+	Addr      [16]uint8
+}
+
 type uplinkdLine struct {
 	_        structs.HostLayout
 	Mark     uint32
@@ -75,7 +82,8 @@ const (
 	uplinkdUlReasonUL_REASON_MULTICAST       uplinkdUlReason = 14
 	uplinkdUlReasonUL_REASON_LINK_LOCAL      uplinkdUlReason = 15
 	uplinkdUlReasonUL_REASON_LOCAL_DST       uplinkdUlReason = 16
-	uplinkdUlReasonUL_REASON_MAX             uplinkdUlReason = 17
+	uplinkdUlReasonUL_REASON_FOREIGN_SRC     uplinkdUlReason = 17
+	uplinkdUlReasonUL_REASON_MAX             uplinkdUlReason = 18
 )
 
 // Names of all BPF objects in the ELF.
@@ -85,6 +93,7 @@ const (
 	uplinkdMapUlBuckets      = "ul_buckets"
 	uplinkdMapUlFlows        = "ul_flows"
 	uplinkdMapUlIfLine       = "ul_if_line"
+	uplinkdMapUlLanSrc       = "ul_lan_src"
 	uplinkdMapUlLineStats    = "ul_line_stats"
 	uplinkdMapUlLines        = "ul_lines"
 	uplinkdMapUlLocal        = "ul_local"
@@ -154,6 +163,7 @@ type uplinkdMapSpecs struct {
 	UlBuckets   *ebpf.MapSpec `ebpf:"ul_buckets"`
 	UlFlows     *ebpf.MapSpec `ebpf:"ul_flows"`
 	UlIfLine    *ebpf.MapSpec `ebpf:"ul_if_line"`
+	UlLanSrc    *ebpf.MapSpec `ebpf:"ul_lan_src"`
 	UlLineStats *ebpf.MapSpec `ebpf:"ul_line_stats"`
 	UlLines     *ebpf.MapSpec `ebpf:"ul_lines"`
 	UlLocal     *ebpf.MapSpec `ebpf:"ul_local"`
@@ -193,6 +203,7 @@ type uplinkdMaps struct {
 	UlBuckets   *ebpf.Map `ebpf:"ul_buckets"`
 	UlFlows     *ebpf.Map `ebpf:"ul_flows"`
 	UlIfLine    *ebpf.Map `ebpf:"ul_if_line"`
+	UlLanSrc    *ebpf.Map `ebpf:"ul_lan_src"`
 	UlLineStats *ebpf.Map `ebpf:"ul_line_stats"`
 	UlLines     *ebpf.Map `ebpf:"ul_lines"`
 	UlLocal     *ebpf.Map `ebpf:"ul_local"`
@@ -205,6 +216,7 @@ func (m *uplinkdMaps) Close() error {
 		m.UlBuckets,
 		m.UlFlows,
 		m.UlIfLine,
+		m.UlLanSrc,
 		m.UlLineStats,
 		m.UlLines,
 		m.UlLocal,

@@ -4,9 +4,12 @@ package test
 
 import (
 	"context"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -435,5 +438,52 @@ func TestControlSocket(t *testing.T) {
 		if !lineIn(t, l, 1) {
 			t.Error("nobody took dsl1 down")
 		}
+	}
+}
+
+// Only the LAN's subnets are forwarded and NATed (as the seed's -s
+// NWI/NMI): a client spoofing a bogon source is dropped, counted, and gets
+// no flow entry; its real address still works.
+func TestSpoofedSourceDropped(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
+	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	c := l.Clients[0]
+	if _, err := c.Run(context.Background(), "ip", "addr", "add", "10.66.0.1/32", "dev", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	query := func(src string) error {
+		return c.Do(func() error {
+			conn, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.ParseIP(src)}, net.UDPAddrFromAddrPort(srv.Addr))
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(time.Second))
+			if _, err := conn.Write([]byte("hello")); err != nil {
+				return err
+			}
+			_, err = conn.Read(make([]byte, 64))
+			return err
+		})
+	}
+	if err := query("10.66.0.1"); err == nil {
+		t.Error("a spoofed source got an answer through the gateway")
+	}
+	if err := query(lab.ClientAddr(1).Addr().String()); err != nil {
+		t.Errorf("the client's own address: %v", err)
+	}
+	for id := range pins(t, l) {
+		if id.src.Addr() == netip.MustParseAddr("10.66.0.1") {
+			t.Errorf("a spoofed source has a flow entry: %v", id)
+		}
+	}
+	if out := gw(t, l, "nft", "list", "chain", "inet", "uplinkd", "lan_src"); !regexp.MustCompile(`counter packets [1-9]\d* bytes \d+ drop`).MatchString(out) {
+		t.Errorf("no drop counted in lan_src:\n%s", out)
 	}
 }

@@ -132,10 +132,13 @@ static __always_inline enum ul_reason flow_steer(struct __sk_buff *skb, const st
 
 	if (flow)
 		return flow_steer_pinned(skb, key, flow, now);
-	/* Checked only on a miss: the gateway's own addresses never get a flow,
-	 * so the common case costs one lookup. */
+	/* Checked only on a miss: the gateway's own addresses and foreign
+	 * sources never get a flow, so the common case costs one lookup. */
 	if (addr_is_local(key->daddr))
 		return UL_REASON_LOCAL_DST;
+	/* A spoofed or bogon source gets no flow (nftables drops it). */
+	if (!src_on_lan(key->family, key->saddr))
+		return UL_REASON_FOREIGN_SRC;
 	return flow_steer_new(skb, key, now);
 }
 

@@ -103,6 +103,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_local SEC(".maps");
 
+/* A prefix of ul_lan_src: the family, then the 16-byte address; prefixlen
+ * counts bits from the family on (an IPv4 /24 is 8 + 96 + 24, v4-mapped;
+ * "all of IPv6" is 8, which covers no IPv4 address). */
+struct lan_prefix {
+	__u32 prefixlen;
+	__u8  family;			/* UL_AF_INET or UL_AF_INET6 */
+	__u8  addr[UL_ADDR_LEN];
+} __attribute__((packed));
+
+/* The LAN's subnets: only flows from them are pinned (as the seed NATs only
+ * -s NWI/NMI); the control plane fills it (0.0.0.0/0 and ::/0 where it knows
+ * no subnet of a family, so that nothing is refused unknowingly). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lan_prefix);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ul_lan_src SEC(".maps");
+
 /* Uplink ifindex -> line, so the uplink programs know whom to count for. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -162,6 +183,14 @@ static __always_inline __u32 nat_src_line(const __u8 *addr)
 static __always_inline bool addr_is_local(const __u8 *addr)
 {
 	return bpf_map_lookup_elem(&ul_local, addr) != NULL;
+}
+
+static __always_inline bool src_on_lan(__u8 family, const __u8 *addr)
+{
+	struct lan_prefix p = { .prefixlen = 8 + UL_ADDR_LEN * 8, .family = family };
+
+	__builtin_memcpy(p.addr, addr, UL_ADDR_LEN);
+	return bpf_map_lookup_elem(&ul_lan_src, &p) != NULL;
 }
 
 static __always_inline struct line_stats *line_stats_lookup(__u32 ifindex)

@@ -25,6 +25,7 @@ enum ul_reason {
 	UL_REASON_MULTICAST,		/* multicast or broadcast destination, L2 or L3 */
 	UL_REASON_LINK_LOCAL,		/* link-local destination */
 	UL_REASON_LOCAL_DST,		/* one of the gateway's own addresses (ul_local) */
+	UL_REASON_FOREIGN_SRC,		/* a source outside the LAN's subnets (ul_lan_src): no flow */
 	UL_REASON_MAX,
 };
 

@@ -64,6 +64,11 @@ type Config struct {
 // LAN names the interfaces that face the clients.
 type LAN struct {
 	Interfaces []string `yaml:"interfaces"`
+	// Subnets are the sources forwarded (and NATed) from the LAN; empty:
+	// the subnets of the LAN interfaces' addresses, followed as they
+	// change. Others are dropped and get no flow.
+	Subnets        []string       `yaml:"subnets"`
+	SubnetPrefixes []netip.Prefix `yaml:"-"`
 }
 
 // Uplink is one Internet line.
@@ -376,6 +381,18 @@ func (c *Config) check() error {
 			bad(f, "%s is listed twice", ifname)
 		}
 		lanIf[ifname] = true
+	}
+
+	for i, sn := range c.LAN.Subnets {
+		p, err := netip.ParsePrefix(sn)
+		switch {
+		case err != nil:
+			bad(fmt.Sprintf("lan.subnets[%d]", i), "want a prefix such as 192.0.2.0/24, got %q", sn)
+		case p != p.Masked():
+			bad(fmt.Sprintf("lan.subnets[%d]", i), "%s has host bits set: %s?", p, p.Masked())
+		default:
+			c.LAN.SubnetPrefixes = append(c.LAN.SubnetPrefixes, p)
+		}
 	}
 
 	names, ifaces := map[string]string{}, map[string]string{}

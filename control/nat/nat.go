@@ -10,6 +10,7 @@ package nat
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"regexp"
 	"slices"
@@ -36,6 +37,7 @@ var chains = []chainSpec{
 	{plan.ChainPrerouting, nftables.ChainTypeFilter, nftables.ChainHookPrerouting, nftables.ChainPriorityMangle},
 	{plan.ChainPostrouting, nftables.ChainTypeNAT, nftables.ChainHookPostrouting, nftables.ChainPriorityNATSource},
 	{plan.ChainForward, nftables.ChainTypeFilter, nftables.ChainHookForward, nftables.ChainPriorityFilter},
+	{plan.ChainLANSrc, "", nil, nil},
 	{plan.ChainOwner, "", nil, nil},
 }
 
@@ -181,20 +183,23 @@ func Apply(c *nftables.Conn, n plan.NAT) (bool, error) {
 	c.AddTable(t)
 	c.DelTable(t)
 	c.AddTable(t)
+	// Every chain before any rule: a jump needs its target to exist.
+	rules := plan.NFTRules(n)
 	made := map[string]*nftables.Chain{}
 	policy := nftables.ChainPolicyAccept
-	for _, r := range plan.NFTRules(n) {
-		ch := made[r.Chain]
-		if ch == nil {
-			spec := chainSpecOf(r.Chain)
-			ch = &nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority}
-			if spec.hook != nil {
-				ch.Policy = &policy
-			}
-			ch = c.AddChain(ch)
-			made[r.Chain] = ch
+	for _, r := range rules {
+		if made[r.Chain] != nil {
+			continue
 		}
-		c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: ruleExprs(r), UserData: userdata.AppendString(nil, userdata.TypeComment, r.Comment())})
+		spec := chainSpecOf(r.Chain)
+		ch := &nftables.Chain{Name: spec.name, Table: t, Type: spec.typ, Hooknum: spec.hook, Priority: spec.priority}
+		if spec.hook != nil {
+			ch.Policy = &policy
+		}
+		made[r.Chain] = c.AddChain(ch)
+	}
+	for _, r := range rules {
+		c.AddRule(&nftables.Rule{Table: t, Chain: made[r.Chain], Exprs: ruleExprs(r), UserData: userdata.AppendString(nil, userdata.TypeComment, r.Comment())})
 	}
 	if err := c.Flush(); err != nil {
 		return false, fmt.Errorf("replacing nftables table inet %s: %w", n.Table, err)
@@ -263,10 +268,24 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.Mark)},
 		)
 	}
+	if r.IPv4 {
+		e = append(e,
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
+		)
+	}
 	if r.TCP {
 		e = append(e,
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		)
+	}
+	if r.Src.IsValid() {
+		mask := net.CIDRMask(r.Src.Bits(), 32)
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: r.Src.Masked().Addr().AsSlice()},
 		)
 	}
 	e = append(e, &expr.Counter{})
@@ -284,6 +303,10 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 		e = append(e, &expr.Verdict{Kind: expr.VerdictDrop})
 	case plan.NFTReset:
 		e = append(e, &expr.Reject{Type: unix.NFT_REJECT_TCP_RST})
+	case plan.NFTReturn:
+		e = append(e, &expr.Verdict{Kind: expr.VerdictReturn})
+	case plan.NFTJumpLANSrc:
+		e = append(e, &expr.Verdict{Kind: expr.VerdictJump, Chain: plan.ChainLANSrc})
 	}
 	return e
 }

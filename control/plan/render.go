@@ -111,10 +111,12 @@ type NFTRule struct {
 	CtState  string // match "established,related" or "invalid"; "" any
 	Mark     uint32 // with MarkMask: match meta mark & MarkMask == Mark
 	MarkMask uint32
-	TCP      bool       // match meta l4proto tcp
-	Action   string     // NFTMasquerade, NFTSNAT, NFTAccept, NFTDrop or NFTReset
-	SNATTo   netip.Addr // NFTSNAT only
-	Why      string     // the start of the rule's comment in the kernel
+	TCP      bool         // match meta l4proto tcp
+	IPv4     bool         // match meta nfproto ipv4
+	Src      netip.Prefix // match ip saddr (IPv4); zero: any
+	Action   string       // NFTMasquerade, NFTSNAT, NFTAccept, NFTDrop, NFTReset, NFTReturn or NFTJumpLANSrc
+	SNATTo   netip.Addr   // NFTSNAT only
+	Why      string       // the start of the rule's comment in the kernel
 }
 
 // NFT chains and actions.
@@ -122,6 +124,9 @@ const (
 	ChainPrerouting  = "prerouting"
 	ChainPostrouting = "postrouting"
 	ChainForward     = "forward"
+	// ChainLANSrc, a chain without a hook, passes back (return) packets
+	// from the LAN's subnets and drops the rest: the seed's -s NWI/NMI.
+	ChainLANSrc = "lan_src"
 	// ChainOwner, a chain without a hook (it sees no packet), holds the
 	// owner rule: the mark by which uplinkd knows the table is its own.
 	ChainOwner = "owner"
@@ -133,12 +138,14 @@ const (
 	NFTAccept     = "accept"
 	NFTDrop       = "drop"
 	NFTReset      = "reject with tcp reset"
+	NFTReturn     = "return"
+	NFTJumpLANSrc = "jump " + ChainLANSrc
 )
 
 // Text is the rule in nft syntax, without its comment.
 func (r NFTRule) Text() string {
 	var parts []string
-	if r.Action == NFTSNAT {
+	if r.Action == NFTSNAT || r.IPv4 {
 		parts = append(parts, "meta nfproto ipv4")
 	}
 	if r.Iif != "" {
@@ -155,6 +162,9 @@ func (r NFTRule) Text() string {
 	}
 	if r.TCP {
 		parts = append(parts, "meta l4proto tcp")
+	}
+	if r.Src.IsValid() {
+		parts = append(parts, "ip saddr "+r.Src.String())
 	}
 	parts = append(parts, "counter")
 	if r.Action == NFTSNAT {
@@ -197,6 +207,16 @@ func NFTRules(n NAT) []NFTRule {
 			}
 		}
 	}
+	if len(n.LANSubnets) > 0 {
+		for _, lan := range n.LAN {
+			rs = append(rs, NFTRule{Chain: ChainForward, Iif: lan, IPv4: true, Action: NFTJumpLANSrc,
+				Why: "uplinkd: only the LAN's subnets are forwarded from " + lan})
+		}
+		for _, p := range n.LANSubnets {
+			rs = append(rs, NFTRule{Chain: ChainLANSrc, Src: p, Action: NFTReturn, Why: "uplinkd: a LAN subnet"})
+		}
+		rs = append(rs, NFTRule{Chain: ChainLANSrc, Action: NFTDrop, Why: "uplinkd: a source outside the LAN's subnets (spoofed or bogon)"})
+	}
 	if n.Firewall {
 		rs = append(rs,
 			NFTRule{Chain: ChainForward, CtState: "established,related", Action: NFTAccept, Why: "uplinkd: replies pass"},
@@ -220,6 +240,7 @@ func NFTScript(n NAT) string {
 		{ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;"},
 		{ChainPostrouting, "type nat hook postrouting priority srcnat; policy accept;"},
 		{ChainForward, "type filter hook forward priority filter; policy accept;"},
+		{ChainLANSrc, "# no hook: the forward chain jumps here for packets from the LAN"},
 		{ChainOwner, "# no hook: it sees no packet, it marks the table as uplinkd's"},
 	} {
 		var body []string

@@ -134,6 +134,9 @@ type NAT struct {
 	// client treats the prohibit route's ICMP error as soft). UDP and ICMP
 	// flows are moved to a live line by the datapath.
 	Dead []DeadLine
+	// LANSubnets: only these IPv4 sources are forwarded from the LAN (the
+	// seed's -s NWI/NMI); none known, no such check.
+	LANSubnets []netip.Prefix
 }
 
 // Empty reports whether the table has no chain at all and so is not
