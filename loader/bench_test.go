@@ -144,7 +144,7 @@ func BenchmarkInsertMillionthFlow(b *testing.B) {
 	}
 	emptyMap := newFlows(0)
 
-	const fill = DefaultFlowEntries - 1
+	fill := int(DefaultFlowEntries) - 1
 	const batch = 1 << 14
 	keys := make([]uplinkdFlowKey, batch)
 	vals := make([]uplinkdFlow, batch)

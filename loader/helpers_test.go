@@ -65,6 +65,9 @@ func load(tb testing.TB, opts Options) *Datapath {
 	if opts.FlowEntries == 0 {
 		opts.FlowEntries = 4096
 	}
+	if opts.MarkMask == 0 {
+		opts.MarkMask = testMarkMask
+	}
 	d, err := Load(opts)
 	if errors.Is(err, unix.EPERM) || errors.Is(err, ebpf.ErrNotSupported) {
 		tb.Skipf("bpf unavailable: %v", err)
@@ -75,6 +78,9 @@ func load(tb testing.TB, opts Options) *Datapath {
 	tb.Cleanup(func() { d.Close() })
 	return d
 }
+
+// testMarkMask holds the tests' marks (lineMark: 0x100, 0x200, 0x300).
+const testMarkMask = 0x3f00
 
 // skbCtx is the head of struct __sk_buff, with the fields BPF_PROG_TEST_RUN
 // lets a caller set (mark, priority, ifindex, ...).

@@ -21,16 +21,6 @@ const (
 	// DefaultPinDir is where maps and links are pinned unless Options says
 	// otherwise.
 	DefaultPinDir = "/sys/fs/bpf/uplinkd"
-	// DefaultFlowEntries is the default size of the flow map.
-	DefaultFlowEntries = 1 << 20
-	// DefaultMarkMask is the default part of the fwmark owned by uplinkd
-	// (mwan3's default, room for 63 marks).
-	DefaultMarkMask = 0x3f00
-
-	// MaxLines is the number of lines (uplinks) the datapath knows.
-	MaxLines = 16
-	// NumBuckets is the size of the bucket table new flows pick a line from.
-	NumBuckets = 1024
 	// NoLine in a bucket table means that no line is live.
 	NoLine = -1
 
@@ -38,6 +28,35 @@ const (
 	// attachments are recognised on an interface shared with others.
 	ProgPrefix = "uplinkd_"
 )
+
+// The datapath's limits and defaults, defined once, in bpf/, and read from
+// the object built from it.
+var (
+	// MaxLines is the number of lines (uplinks) the datapath knows
+	// (UL_MAX_LINES).
+	MaxLines int
+	// NumBuckets is the size of the bucket table new flows pick a line
+	// from (UL_NUM_BUCKETS).
+	NumBuckets int
+	// DefaultFlowEntries is the default size of the flow map.
+	DefaultFlowEntries uint32
+	// DefaultMarkMask is the default part of the fwmark owned by uplinkd
+	// (UL_DEFAULT_MARK_MASK).
+	DefaultMarkMask uint32
+)
+
+func init() {
+	spec, err := loadUplinkd()
+	if err != nil {
+		panic(fmt.Sprintf("loader: the embedded datapath object: %v", err))
+	}
+	MaxLines = int(spec.Maps[uplinkdMapUlLines].MaxEntries)
+	NumBuckets = int(spec.Maps[uplinkdMapUlBuckets].MaxEntries)
+	DefaultFlowEntries = spec.Maps[uplinkdMapUlFlows].MaxEntries
+	if err := spec.Variables[uplinkdVarMarkMask].Get(&DefaultMarkMask); err != nil {
+		panic(fmt.Sprintf("loader: the embedded datapath object: mark_mask: %v", err))
+	}
+}
 
 // bucketNoLine is NoLine as stored in ul_buckets (UL_NO_LINE).
 const bucketNoLine = ^uint32(0)

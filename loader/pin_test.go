@@ -17,7 +17,7 @@ import (
 func TestLoadAdoptsPinnedMaps(t *testing.T) {
 	requireBPF(t)
 	dir := tempPinDir(t)
-	first, err := Load(Options{PinDir: dir, FlowEntries: 4096})
+	first, err := Load(Options{PinDir: dir, FlowEntries: 4096, MarkMask: testMarkMask})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,8 +36,14 @@
 
 /* Configuration, set from Go before the programs are loaded. */
 
+/* The fwmark bits uplinkd uses by default, clear of Cilium's 0xf00,
+ * kube-proxy's 0xc000 and tailscale's 0xff0000. The Go side reads this
+ * default (and UL_MAX_LINES, UL_NUM_BUCKETS, the flow map's size) from the
+ * object: they are defined here only. */
+#define UL_DEFAULT_MARK_MASK	0x1f000000
+
 /* Bits of skb->mark that belong to uplinkd; the others are preserved. */
-volatile const __u32 mark_mask = 0x3f00;
+volatile const __u32 mark_mask = UL_DEFAULT_MARK_MASK;
 
 /* Flow timestamps: CLOCK_MONOTONIC at tick resolution (1-4 ms), plenty for
  * first and last seen. bpf_ktime_get_ns() reads the same clock precisely, at

@@ -22,11 +22,13 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/uplinkd/uplinkd/loader"
 )
 
-// MaxUplinks is the number of lines uplinkd steers between; it bounds the
-// datapath's line table.
-const MaxUplinks = 16
+// MaxUplinks is the number of lines uplinkd steers between: the size of
+// the datapath's line table.
+var MaxUplinks = loader.MaxLines
 
 // NAT modes.
 const (
@@ -175,11 +177,14 @@ const (
 	AttachTC   = "tc"
 )
 
-// Defaults for the Datapath block.
-const (
-	DefaultPinDir      = "/sys/fs/bpf/uplinkd"
-	DefaultFlowEntries = 1 << 20
+// Defaults for the Datapath block: the datapath's own.
+var (
+	DefaultPinDir      = loader.DefaultPinDir
+	DefaultFlowEntries = loader.DefaultFlowEntries
 )
+
+// DefaultMarkMask is the datapath's default part of the fwmark.
+var DefaultMarkMask = loader.DefaultMarkMask
 
 // Defaults for the Routing block.
 const (
@@ -189,7 +194,6 @@ const (
 	DefaultMultipathPriority = 222
 	DefaultTableBase         = 200
 	DefaultMultipathTable    = 222
-	DefaultMarkMask          = 0x1f000000
 	DefaultProtocol          = 0x55
 	DefaultNFTTable          = "uplinkd"
 	DefaultStateDir          = "/run/uplinkd"
