@@ -92,8 +92,13 @@ func (d *Datapath) SetLine(line int, l Line) error {
 		}
 		nat[a16] = true
 	}
-	if err := d.objs.UlLines.Put(uint32(line), &v); err != nil {
-		return fmt.Errorf("setting line %d: %w", line, err)
+	// Written only when it changed: a reconcile with nothing to change
+	// writes nothing.
+	var cur uplinkdLine
+	if err := d.objs.UlLines.Lookup(uint32(line), &cur); err != nil || cur != v {
+		if err := d.objs.UlLines.Put(uint32(line), &v); err != nil {
+			return fmt.Errorf("setting line %d: %w", line, err)
+		}
 	}
 
 	var (
@@ -101,11 +106,13 @@ func (d *Datapath) SetLine(line int, l Line) error {
 		owner uint32
 		stale [][16]byte
 	)
+	have := map[[16]byte]bool{}
 	it := d.objs.UlNatSrc.Iterate()
 	for it.Next(&addr, &owner) {
 		if owner == uint32(line) && !nat[addr] {
 			stale = append(stale, addr)
 		}
+		have[addr] = owner == uint32(line)
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("reading NAT addresses: %w", err)
@@ -116,6 +123,9 @@ func (d *Datapath) SetLine(line int, l Line) error {
 		}
 	}
 	for a := range nat {
+		if have[a] {
+			continue
+		}
 		if err := d.objs.UlNatSrc.Put(a, uint32(line)); err != nil {
 			return fmt.Errorf("line %d: adding NAT address %s: %w", line, netip.AddrFrom16(a).Unmap(), err)
 		}
@@ -148,16 +158,23 @@ func (d *Datapath) SetBuckets(lines []int) error {
 	return nil
 }
 
-// CurrentBuckets returns the bucket table in force, the prev of Buckets.
+// CurrentBuckets returns the bucket table in force, the prev of Buckets,
+// read in one batch.
 func (d *Datapath) CurrentBuckets() ([]int, error) {
+	keys := make([]uint32, NumBuckets)
+	values := make([]uint32, NumBuckets)
+	var cursor ebpf.MapBatchCursor
+	n, err := d.objs.UlBuckets.BatchLookup(&cursor, keys, values, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("reading buckets: %w", err)
+	}
+	if n != NumBuckets {
+		return nil, fmt.Errorf("reading buckets: %d of %d", n, NumBuckets)
+	}
 	lines := make([]int, NumBuckets)
-	var l uint32
-	for b := range lines {
-		if err := d.objs.UlBuckets.Lookup(uint32(b), &l); err != nil {
-			return nil, fmt.Errorf("reading bucket %d: %w", b, err)
-		}
-		lines[b] = int(l)
-		if l == bucketNoLine {
+	for i, b := range keys {
+		lines[b] = int(values[i])
+		if values[i] == bucketNoLine {
 			lines[b] = NoLine
 		}
 	}
@@ -185,6 +202,7 @@ func (d *Datapath) SetLocal(addrs []netip.Addr) error {
 		if !want[addr] {
 			stale = append(stale, addr)
 		}
+		delete(want, addr) // there already: no write
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("reading local addresses: %w", err)

@@ -2,16 +2,16 @@ package lab
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/uplinkd/uplinkd/control/nsdo"
 )
 
 // Host is one named network namespace of a lab.
@@ -46,41 +46,20 @@ func (h *Host) Netlink() (*netlink.Handle, error) {
 	return nh, nil
 }
 
-// Do runs fn on a locked OS thread that is inside the namespace. Sockets
-// fn creates belong to the namespace for good and may be used from any
-// goroutine afterwards; goroutines fn starts run outside the namespace.
-// If the thread cannot be switched back, it is discarded.
+// Do runs fn on an OS thread inside the namespace (nsdo.Do: the thread is
+// discarded afterwards). Sockets fn creates belong to the namespace for
+// good and may be used from any goroutine afterwards; goroutines fn starts
+// run outside the namespace.
 func (h *Host) Do(fn func() error) error {
 	target, err := h.NetNS()
 	if err != nil {
 		return err
 	}
 	defer target.Close()
-
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		ferr := errors.New("function exited without returning") // runtime.Goexit
-		defer func() { errc <- ferr }()
-
-		orig, err := netns.Get()
-		if err != nil {
-			ferr = fmt.Errorf("getting current namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			ferr = fmt.Errorf("entering namespace %s: %w", h.Name, err)
-			return
-		}
-		defer func() {
-			if netns.Set(orig) == nil {
-				runtime.UnlockOSThread()
-			} // else: leave the thread locked so it dies with this goroutine
-		}()
-		ferr = fn()
-	}()
-	return <-errc
+	if err := nsdo.Do(target, fn); err != nil {
+		return fmt.Errorf("in %s: %w", h.Name, err)
+	}
+	return nil
 }
 
 // Command returns `nsenter --net=PATH -- name args...`. The process gets
