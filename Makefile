@@ -39,7 +39,15 @@ test: deps bpffs check-generated ## every test (needs root): unit, BPF_PROG_TEST
 	$(GOTEST) ./...
 	$(GO) test -run '^$$' -fuzz FuzzLANPrograms -fuzztime $(FUZZ_SHORT) ./loader/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZ_SHORT) ./control/config/
+	$(MAKE) faults
 	$(MAKE) vmtest-all
+
+# The safety tests: each logs a "fault-report:" row for `make faults`.
+FAULT_TESTS ?= Test(RunWithoutBPFFSMounted|PinDirNotOnBPFFS|DownRefusedWhileAgentRuns|LineDownSignalsNoStranger|ForeignObjects.*|ForwardingNeverWithoutFirewall|RepairsOfOthersEdits|OneAgentPerPinDir|LineIdentityFollowsName|FailedStartKeepsAWorkingGateway|ControlSocket|SpoofedSourceDropped|BadConfigTouchesNothing)$$
+
+.PHONY: faults
+faults: deps bpffs ## the fault suite: every safety test, then one table (faults injected, survived, flows lost on healthy lines, leftovers after down, foreign objects touched, bad inputs)
+	@bash -o pipefail -c '$(GO) test -count=1 -v -run "$(FAULT_TESTS)" ./test/ | test/faults-table'
 
 .PHONY: fuzz
 fuzz: deps bpffs ## fuzz the datapath (LAN ingress and egress) and the config parser, FUZZTIME each (default 10m)

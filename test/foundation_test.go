@@ -195,6 +195,7 @@ func TestIdempotentAndDown(t *testing.T) {
 func TestBadConfigTouchesNothing(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "bad configs to run and plan")
 	before := snapshot(t, l, "wan1", "wan2")
 	good := l.Config(lab.ConfigOptions{StateDir: state})
 	for _, tc := range []struct{ name, cfg, want string }{
@@ -210,6 +211,7 @@ func TestBadConfigTouchesNothing(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := writeConfig(t, tc.cfg)
 			for _, cmd := range []string{"run", "plan"} {
+				rep.BadInputs++
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 				out, err := l.Gateway.Command(ctx, uplinkd, cmd, "-c", f).CombinedOutput()
 				cancel()
@@ -224,6 +226,7 @@ func TestBadConfigTouchesNothing(t *testing.T) {
 		})
 	}
 	if after := snapshot(t, l, "wan1", "wan2"); after != before {
+		rep.ForeignTouched++
 		t.Errorf("a bad config changed the kernel:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }

@@ -290,3 +290,51 @@ func lineIn(tb testing.TB, l *lab.Lab, n int) bool {
 	}
 	return false
 }
+
+// faultReport is one safety test's row in the table `make faults` prints:
+// what was injected, whether the gateway survived it (the test passed),
+// established flows lost on healthy lines, objects of uplinkd's left after
+// its `down`, others' objects touched, and bad inputs tried.
+type faultReport struct {
+	Injected, FlowsLost, ForeignTouched, BadInputs int
+}
+
+// faults starts a test's report. Call it right after newLab: it is logged
+// once the test's agents are stopped and downed, with the leftovers of
+// uplinkd it then finds in the lab's gateway (rules and routes of its
+// protocol, its nftables table, its pin dir).
+func faults(t *testing.T, l *lab.Lab, what string) *faultReport {
+	t.Helper()
+	r := &faultReport{}
+	t.Cleanup(func() {
+		// uplinkd's numbers (the default config's): rules at 50, 101..116,
+		// 201..216 and 222, routes in tables 201..216 and 222, tagged 85.
+		left := 0
+		rules, _ := l.Gateway.Run(context.Background(), "ip", "rule", "show")
+		for _, line := range strings.Split(rules, "\n") {
+			var prio int
+			if _, err := fmt.Sscanf(line, "%d:", &prio); err == nil && strings.Contains(line, "proto 85") &&
+				(prio == 50 || prio == 222 || prio > 100 && prio <= 116 || prio > 200 && prio <= 216) {
+				left++
+			}
+		}
+		routes, _ := l.Gateway.Run(context.Background(), "ip", "route", "show", "table", "all", "proto", "85")
+		for _, line := range strings.Split(routes, "\n") {
+			var table int
+			if i := strings.Index(line, " table "); i >= 0 {
+				fmt.Sscanf(line[i+len(" table "):], "%d", &table)
+			}
+			if table == 222 || table > 200 && table <= 216 {
+				left++
+			}
+		}
+		if _, err := l.Gateway.Run(context.Background(), "nft", "list", "table", "inet", "uplinkd"); err == nil {
+			left++
+		}
+		if _, err := os.Stat(l.PinDir()); err == nil {
+			left++
+		}
+		t.Logf("fault-report: %s|%d|%v|%d|%d|%d|%d", what, r.Injected, !t.Failed(), r.FlowsLost, left, r.ForeignTouched, r.BadInputs)
+	})
+	return r
+}

@@ -26,6 +26,8 @@ import (
 func TestRunWithoutBPFFSMounted(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "run and down with bpffs unmounted")
+	rep.Injected = 1
 	pin := "/sys/fs/bpf/uplinkd-" + l.Prefix + "-nofs"
 	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, PinDir: pin}))
 	script := `set -eu
@@ -59,6 +61,8 @@ echo ok`
 func TestPinDirNotOnBPFFS(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "pin_dir not on bpffs")
+	rep.BadInputs = 3
 	dir := t.TempDir()
 	keep := filepath.Join(dir, "keep")
 	if err := os.WriteFile(keep, []byte("mine"), 0o600); err != nil {
@@ -97,6 +101,8 @@ func exitCode(t *testing.T, l *lab.Lab, args ...string) (string, int) {
 func TestDownRefusedWhileAgentRuns(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "down while the agent runs")
+	rep.Injected = 1
 	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	a := startAgent(t, l, cfg)
 	before := snapshot(t, l, "wan1", "wan2")
@@ -114,6 +120,8 @@ func TestDownRefusedWhileAgentRuns(t *testing.T) {
 func TestLineDownSignalsNoStranger(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "stale lock naming a reused pid")
+	rep.Injected = 1
 	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	stranger := exec.Command("sleep", "30")
 	if err := stranger.Start(); err != nil {
@@ -142,6 +150,8 @@ func TestLineDownSignalsNoStranger(t *testing.T) {
 func TestForeignObjectsCoexist(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "others' table, rules, routes, pin")
+	rep.Injected = 9
 	pin := l.PinDir()
 	if err := os.Mkdir(pin, 0o700); err != nil {
 		t.Fatal(err)
@@ -172,6 +182,7 @@ func TestForeignObjectsCoexist(t *testing.T) {
 	a.stop(t)
 	gw(t, l, uplinkd, "down", "-c", cfg)
 	if after := snapshot(t, l, "wan1", "wan2"); after != before {
+		rep.ForeignTouched++
 		t.Errorf("foreign objects changed:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 	if _, err := os.Stat(foreignPin); err != nil {
@@ -195,6 +206,8 @@ func TestForeignObjectsInTheWayRefused(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			l, state := newLab(t, lab.Options{})
+			rep := faults(t, l, "numbers taken: "+tc.name)
+			rep.BadInputs = 1
 			gw(t, l, "nft", strings.Fields("add table inet filter")...)
 			gw(t, l, "nft", strings.Fields("add chain inet filter input { type filter hook input priority 0; policy accept; }")...)
 			if tc.setup != "" {
@@ -220,6 +233,7 @@ func TestForeignObjectsInTheWayRefused(t *testing.T) {
 func TestForwardingNeverWithoutFirewall(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "kill -9 during a start")
 	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	forwarding := func() bool { return strings.TrimSpace(gw(t, l, "cat", "/proc/sys/net/ipv4/ip_forward")) == "1" }
 	// How long a start takes here (seconds in an emulated VM): the kills
@@ -237,6 +251,7 @@ func TestForwardingNeverWithoutFirewall(t *testing.T) {
 	exitCode(t, l, "down", "-c", cfg)
 	seen := 0
 	for i := range 20 {
+		rep.Injected++
 		a := spawnAgent(t, l, cfg)
 		after := start * time.Duration(i) / 16
 		time.Sleep(after)
@@ -270,6 +285,8 @@ func TestRepairsOfOthersEdits(t *testing.T) {
 	t.Parallel()
 	requireTCX(t)
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "others' edits of uplinkd's state")
+	rep.Injected = 4
 	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	startAgent(t, l, cfg)
 	lanPin := filepath.Join(l.PinDir(), "links", l.LANInterface+"_ingress")
@@ -307,6 +324,8 @@ func TestRepairsOfOthersEdits(t *testing.T) {
 func TestOneAgentPerPinDir(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "a second agent on the pin dir")
+	rep.Injected = 2
 	first := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
 	second := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: t.TempDir()}))
 	out, code := exitCode(t, l, "run", "-c", second)
@@ -327,6 +346,8 @@ func TestOneAgentPerPinDir(t *testing.T) {
 func TestLineIdentityFollowsName(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{Clients: 2})
+	rep := faults(t, l, "lines reordered, restarted, removed")
+	rep.Injected = 3
 	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	a := startAgent(t, l, file)
 	srv := echoServer(t, l)
@@ -336,7 +357,9 @@ func TestLineIdentityFollowsName(t *testing.T) {
 
 	check := func(stage string) {
 		t.Helper()
-		if broken, moved, detail := checkAll(flows); broken+moved > 0 {
+		broken, moved, detail := checkAll(flows)
+		rep.FlowsLost += broken
+		if broken+moved > 0 {
 			t.Errorf("%s: %d flows broken, %d moved: %v", stage, broken, moved, detail)
 		}
 		after := checkPinned(t, l, flows)
@@ -377,6 +400,8 @@ func TestLineIdentityFollowsName(t *testing.T) {
 func TestFailedStartKeepsAWorkingGateway(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "a start that cannot adopt the pins")
+	rep.Injected = 1
 	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	a := startAgent(t, l, file)
 	srv := echoServer(t, l)
@@ -392,7 +417,9 @@ func TestFailedStartKeepsAWorkingGateway(t *testing.T) {
 	if after := snapshot(t, l, "wan1", "wan2"); after != before {
 		t.Errorf("the failed start changed the kernel:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
-	if broken, moved, detail := checkAll(flows); broken+moved > 0 {
+	broken, moved, detail := checkAll(flows)
+	rep.FlowsLost += broken
+	if broken+moved > 0 {
 		t.Errorf("%d established flows broken, %d moved: %v", broken, moved, detail)
 	}
 }
@@ -403,6 +430,8 @@ func TestFailedStartKeepsAWorkingGateway(t *testing.T) {
 func TestControlSocket(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "bad reload, non-root control")
+	rep.BadInputs = 2
 	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	startAgent(t, l, file)
 	sock := filepath.Join(state, "uplinkd.sock")
@@ -447,6 +476,8 @@ func TestControlSocket(t *testing.T) {
 func TestSpoofedSourceDropped(t *testing.T) {
 	t.Parallel()
 	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "a spoofed LAN source")
+	rep.Injected = 1
 	startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state})))
 	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
 	if err != nil {
