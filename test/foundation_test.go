@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/uplinkd/uplinkd/control"
+	uagent "github.com/uplinkd/uplinkd/control/agent"
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
@@ -142,22 +142,22 @@ func TestIdempotentAndDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ns.Close()
-	env, err := control.OpenEnv(ns)
+	env, err := uagent.OpenEnv(ns)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer env.Close()
-	agent, err := control.NewAgent(cfg, env, slog.New(slog.DiscardHandler))
+	ag, err := uagent.NewAgent(cfg, env, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer agent.Close()
-	rep, err := agent.Apply()
+	defer ag.Close()
+	rep, err := ag.Apply()
 	if err != nil || !rep.Changed() {
 		t.Fatalf("first apply: %v %v", rep, err)
 	}
 	applied := snapshot(t, l, "wan1", "wan2")
-	rep, err = agent.Apply()
+	rep, err = ag.Apply()
 	if err != nil || rep.Changed() {
 		t.Errorf("second apply changed something: %v %v", rep, err)
 	}

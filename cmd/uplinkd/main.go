@@ -18,7 +18,7 @@ import (
 
 	"github.com/vishvananda/netns"
 
-	"github.com/uplinkd/uplinkd/control"
+	"github.com/uplinkd/uplinkd/control/agent"
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/plan"
@@ -125,12 +125,12 @@ func optionalConfig(file string) (config.Config, error) {
 }
 
 // agentFor opens the current namespace and checks cfg against it.
-func agentFor(cfg *config.Config, log *slog.Logger) (*control.Agent, *control.Env, error) {
-	env, err := control.OpenEnv(netns.None())
+func agentFor(cfg *config.Config, log *slog.Logger) (*agent.Agent, *agent.Env, error) {
+	env, err := agent.OpenEnv(netns.None())
 	if err != nil {
 		return nil, nil, err
 	}
-	a, err := control.NewAgent(cfg, env, log)
+	a, err := agent.NewAgent(cfg, env, log)
 	if err != nil {
 		env.Close()
 		return nil, nil, usageError{err}
@@ -231,12 +231,12 @@ func cmdDown(args []string, stderr io.Writer) error {
 		}
 		defer pins.Release()
 	}
-	env, err := control.OpenEnv(netns.None())
+	env, err := agent.OpenEnv(netns.None())
 	if err != nil {
 		return err
 	}
 	defer env.Close()
-	return control.Down(&cfg, env)
+	return agent.Down(&cfg, env)
 }
 
 func cmdLine(args []string, stdout, stderr io.Writer) error {
@@ -262,7 +262,7 @@ func cmdLine(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	msg, err := control.SetLineDown(ctx, cfg.StateDir, name, verb == "down")
+	msg, err := agent.SetLineDown(ctx, cfg.StateDir, name, verb == "down")
 	if err != nil {
 		return err
 	}
@@ -302,12 +302,12 @@ func cmdFeatures(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	env, err := control.OpenEnv(netns.None())
+	env, err := agent.OpenEnv(netns.None())
 	if err != nil {
 		return err
 	}
 	defer env.Close()
-	k := control.CheckKernel(env, cfg.Routing.NFTTable)
+	k := agent.CheckKernel(env, cfg.Routing.NFTTable)
 	k.Report(stdout)
 	return k.Refuse(&cfg)
 }

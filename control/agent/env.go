@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 
-// Package control is uplinkd's control plane: it turns the config and the
-// lines' state into kernel state (plan), applies it (routing, nat,
-// sysctl), keeps it applied against outside changes, and removes it.
-package control
+// Package agent is uplinkd's run loop: it turns the config and the lines'
+// health into kernel state (plan), applies it through the kernel packages
+// (routing, nat, sysctl, the datapath), keeps it applied against outside
+// changes, answers the control socket, and removes it all on down.
+package agent
 
 import (
 	"errors"
