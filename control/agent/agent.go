@@ -34,7 +34,8 @@ type Agent struct {
 	lines    []plan.Line
 	reconfig chan *config.Config
 	ctl      chan ctlCall // requests from the control socket
-	dp       datapath
+	// k is the kernel as Apply reads and changes it (envOps, or a fake).
+	k ops
 	dead     []string        // lines whose TCP reset the last Apply installed
 	usable   map[string]bool // lines the last Apply gave new flows
 	allDown  bool            // every line failed its probes: the last usable ones are kept
@@ -58,6 +59,16 @@ type Agent struct {
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
 // returns an agent that has not touched anything yet.
 func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
+	a, err := newAgent(cfg, &envOps{env: env}, log)
+	if err != nil {
+		return nil, err
+	}
+	a.env = env
+	return a, nil
+}
+
+// newAgent is NewAgent over any ops: the unit tests pass a fake kernel.
+func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 	// The lines keep the numbers a running agent gave them (read only:
 	// plan touches nothing; Run writes them back).
 	slots, err := ReadSlots(cfg.StateDir)
@@ -67,7 +78,7 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 	if err := cfg.Renumber(slots); err != nil {
 		return nil, err
 	}
-	lines, err := plan.Resolve(cfg, env)
+	lines, err := plan.Resolve(cfg, k)
 	if err != nil {
 		return nil, err
 	}
@@ -77,7 +88,7 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 		}
 	}
 	return &Agent{
-		cfg: cfg, env: env, log: log, lines: lines,
+		cfg: cfg, k: k, log: log, lines: lines,
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		ctl:      make(chan ctlCall),
@@ -113,11 +124,11 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	if err := cfg.Renumber(old.Slots()); err != nil {
 		return err
 	}
-	lines, err := plan.Resolve(cfg, a.env)
+	lines, err := plan.Resolve(cfg, a.k)
 	if err != nil {
 		return err
 	}
-	if err := statefile.Write(cfg.StateDir, slotsFile, cfg.Slots()); err != nil {
+	if err := writeSlots(cfg.StateDir, cfg.Slots()); err != nil {
 		return err
 	}
 	kept := cfg.Slots()
@@ -150,14 +161,14 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 // reconcile (they are in the agent's scope), its flows move or get a reset
 // as a dead line's would.
 func (a *Agent) removeLine(l plan.Line) {
-	if err := a.dp.removeUplink(a.env, l.Interface); err != nil {
+	if err := a.k.RemoveUplink(l.Interface); err != nil {
 		a.log.Error("removing a line's datapath", "line", l.Name, "err", err)
 	}
 	var paths []string
 	for _, s := range plan.LineSysctls(l.Interface) {
 		paths = append(paths, s.Path)
 	}
-	if _, err := sysctl.RestorePaths(a.env.Sysctl, a.cfg.StateDir, paths); err != nil {
+	if _, err := sysctl.RestorePaths(a.k.Sysctls(), a.cfg.StateDir, paths); err != nil {
 		a.log.Error("restoring a line's sysctls", "line", l.Name, "err", err)
 	}
 	a.events.Add(events.Config, l.Name, "line removed by the new config", "interface", l.Interface)
@@ -166,6 +177,10 @@ func (a *Agent) removeLine(l plan.Line) {
 // slotsFile, in the state dir, keeps each line's number by name (see
 // config.Renumber).
 const slotsFile = "lines.json"
+
+func writeSlots(stateDir string, s config.Slots) error {
+	return statefile.Write(stateDir, slotsFile, s)
+}
 
 // ReadSlots returns the lines' numbers a running agent kept in stateDir;
 // none where it has not run.
@@ -198,7 +213,7 @@ func (a *Agent) lanSubnets() []netip.Prefix {
 	}
 	var out []netip.Prefix
 	for _, ifname := range a.cfg.LAN.Interfaces {
-		addrs, err := a.env.Addrs(ifname)
+		addrs, err := a.k.Addrs(ifname)
 		if err != nil {
 			continue
 		}
@@ -261,7 +276,7 @@ func (a *Agent) refresh() error {
 	down, err := LinesDown(a.cfg.StateDir)
 	for i := range a.lines {
 		l := &a.lines[i]
-		if c := a.env.Carrier(l.Interface); c != l.Carrier {
+		if c := a.k.Carrier(l.Interface); c != l.Carrier {
 			a.lineChanged = true
 			a.events.Add(events.Carrier, l.Name, "line state", "carrier", c, "interface", l.Interface)
 			l.Carrier = c
@@ -281,7 +296,7 @@ func (a *Agent) refresh() error {
 			continue
 		}
 		var addr netip.Prefix
-		if addrs, err := a.env.Addrs(l.Interface); err == nil {
+		if addrs, err := a.k.Addrs(l.Interface); err == nil {
 			addr, _ = plan.LineAddress(addrs, l.GatewayAddr)
 		}
 		if addr != l.Address {
@@ -321,11 +336,10 @@ func (a *Agent) Apply() (Report, error) {
 	// Forwarding goes on last, once the firewall is in place: a crash at
 	// any instant of Apply never leaves a gateway forwarding without it.
 	forwarding, others := plan.SplitForwarding(want.Sysctls)
-	if rep.Sysctls, err = sysctl.Apply(a.env.Sysctl, others, a.cfg.StateDir); err != nil {
+	if rep.Sysctls, err = sysctl.Apply(a.k.Sysctls(), others, a.cfg.StateDir); err != nil {
 		errs = append(errs, err)
 	}
-	k := &routing.Netlink{H: a.env.NL, Protocol: a.cfg.Routing.Protocol, Scope: a.scope}
-	if rep.Routing, err = routing.Reconcile(k, want); err != nil {
+	if rep.Routing, err = routing.Reconcile(a.k.Routing(a.cfg.Routing.Protocol, a.scope), want); err != nil {
 		errs = append(errs, err)
 	}
 	// A line coming back loses its TCP reset before the datapath gives it
@@ -337,19 +351,19 @@ func (a *Agent) Apply() (Report, error) {
 		return !slices.Contains(a.dead, d.Line)
 	})
 	if len(interim.Dead) != len(want.NAT.Dead) || len(interim.Dead) != len(a.dead) {
-		if _, err := nat.Apply(a.env.NFT, interim); err != nil {
+		if _, err := a.k.ApplyNAT(interim); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	if a.cfg.Datapath.On() {
-		if err := a.dp.sync(a.env, a.cfg, lines, lan, a.log, a.events); err != nil {
+		if err := a.k.SyncDatapath(a.cfg, lines, lan, a.log, a.events); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if rep.NAT, err = nat.Apply(a.env.NFT, want.NAT); err != nil {
+	if rep.NAT, err = a.k.ApplyNAT(want.NAT); err != nil {
 		errs = append(errs, err)
 	} else {
-		n, err := sysctl.Apply(a.env.Sysctl, forwarding, a.cfg.StateDir)
+		n, err := sysctl.Apply(a.k.Sysctls(), forwarding, a.cfg.StateDir)
 		rep.Sysctls += n
 		if err != nil {
 			errs = append(errs, err)
@@ -366,7 +380,7 @@ func (a *Agent) Apply() (Report, error) {
 		if l.Usable() {
 			usable[l.Name] = true
 		} else if a.usable[l.Name] && l.Address.IsValid() {
-			n, err := a.env.FlushConntrack(l.Address.Addr())
+			n, err := a.k.FlushConntrack(l.Address.Addr())
 			if err != nil {
 				errs = append(errs, err)
 			}
@@ -417,7 +431,7 @@ func (a *Agent) refuseForeign() error {
 // state, BPF pins included, stays.
 func (a *Agent) Close() {
 	a.probes.stopAll()
-	a.dp.close()
+	a.k.Close()
 }
 
 // Down removes everything uplinkd installed in env's namespace, as far as
@@ -492,7 +506,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	// What a previous run left (it did not `down`) is adopted, forwarding.
 	adopting := a.adopting
-	if err := statefile.Write(a.cfg.StateDir, slotsFile, a.cfg.Slots()); err != nil {
+	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
 		return err
 	}
 	rep, err := a.Apply()

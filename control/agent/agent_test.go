@@ -1,0 +1,257 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package agent
+
+import (
+	"errors"
+	"io/fs"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/control/plan"
+	"github.com/uplinkd/uplinkd/control/routing"
+	"github.com/uplinkd/uplinkd/control/sysctl"
+)
+
+// fakeKernel is ops without a kernel: interfaces with addresses and
+// carrier, a /proc/sys in memory, the routing package's fake, and a log of
+// every change in the order Apply made it.
+type fakeKernel struct {
+	addrs   map[string][]netip.Prefix
+	carrier map[string]bool
+	proc    fakeProc
+	routes  routing.Fake
+	log     []string
+	natErr  error // ApplyNAT fails with it
+	synced  [][]plan.Line
+}
+
+type fakeProc struct {
+	k *fakeKernel
+	v map[string]string
+}
+
+func (p fakeProc) Get(path string) (string, error) {
+	v, ok := p.v[path]
+	if !ok {
+		return "", fs.ErrNotExist
+	}
+	return v, nil
+}
+
+func (p fakeProc) Set(path, v string) error {
+	if _, ok := p.v[path]; !ok {
+		return fs.ErrNotExist
+	}
+	p.v[path] = v
+	p.k.log = append(p.k.log, "sysctl "+path+"="+v)
+	return nil
+}
+
+func newFake() *fakeKernel {
+	k := &fakeKernel{
+		addrs: map[string][]netip.Prefix{
+			"lan0": {netip.MustParsePrefix("192.0.2.1/24")},
+			"wan1": {netip.MustParsePrefix("198.51.100.2/28")},
+			"wan2": {netip.MustParsePrefix("198.51.100.18/28")},
+		},
+		carrier: map[string]bool{"lan0": true, "wan1": true, "wan2": true},
+	}
+	k.proc = fakeProc{k: k, v: map[string]string{}}
+	for _, s := range plan.Build(&config.Config{}, nil).Sysctls {
+		k.proc.v[s.Path] = "0"
+	}
+	for _, ifname := range []string{"wan1", "wan2"} {
+		for _, s := range plan.LineSysctls(ifname) {
+			k.proc.v[s.Path] = "0"
+		}
+	}
+	return k
+}
+
+func (k *fakeKernel) Addrs(ifname string) ([]netip.Prefix, error) {
+	a, ok := k.addrs[ifname]
+	if !ok {
+		return nil, plan.ErrNoInterface
+	}
+	return a, nil
+}
+func (k *fakeKernel) Carrier(ifname string) bool             { return k.carrier[ifname] }
+func (k *fakeKernel) Sysctls() sysctl.FS                     { return k.proc }
+func (k *fakeKernel) Routing(int, plan.Scope) routing.Kernel { return &k.routes }
+func (k *fakeKernel) RemoveUplink(ifname string) error {
+	k.log = append(k.log, "detach "+ifname)
+	return nil
+}
+func (k *fakeKernel) Close() {}
+func (k *fakeKernel) FlushConntrack(a netip.Addr) (uint, error) {
+	k.log = append(k.log, "flush "+a.String())
+	return 0, nil
+}
+func (k *fakeKernel) ApplyNAT(n plan.NAT) (bool, error) {
+	var dead []string
+	for _, d := range n.Dead {
+		dead = append(dead, d.Line)
+	}
+	k.log = append(k.log, "nat dead="+strings.Join(dead, ","))
+	return true, k.natErr
+}
+
+func (k *fakeKernel) SyncDatapath(_ *config.Config, lines []plan.Line, _ []netip.Prefix, _ *slog.Logger, _ *events.Ring) error {
+	var s []string
+	for _, l := range lines {
+		state := "live"
+		if !l.Usable() {
+			state = "dead"
+		}
+		s = append(s, l.Name+"="+state)
+	}
+	k.synced = append(k.synced, lines)
+	k.log = append(k.log, "datapath "+strings.Join(s, ","))
+	return nil
+}
+
+const twoLines = `lan: {interfaces: [lan0]}
+uplinks:
+  - {name: dsl1, interface: wan1, gateway: 198.51.100.1}
+  - {name: dsl2, interface: wan2, gateway: 198.51.100.17}
+datapath: {pin_dir: /sys/fs/bpf/uplinkd-unit-test-unused}
+`
+
+func fakeAgent(t *testing.T, text string, k *fakeKernel) *Agent {
+	t.Helper()
+	c, err := config.Parse("unit.yaml", []byte(text+"state_dir: "+t.TempDir()+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := newAgent(c, k, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func index(log []string, prefix string) int {
+	return slices.IndexFunc(log, func(s string) bool { return strings.HasPrefix(s, prefix) })
+}
+
+// Forwarding goes on only after the firewall is in place, and not at all
+// when the nftables table could not be written; Apply goes on past a
+// failure and reports every error.
+func TestApplyForwardingAfterTheFirewall(t *testing.T) {
+	k := newFake()
+	a := fakeAgent(t, twoLines, k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	nat, fwd := index(k.log, "nat"), index(k.log, "sysctl net/ipv4/ip_forward=1")
+	if nat < 0 || fwd < nat {
+		t.Errorf("order %v: want forwarding after the nftables table", k.log)
+	}
+
+	k = newFake()
+	k.natErr = errors.New("nft refused")
+	k.routes.Fail = map[string]string{"AddRule": plan.Rule{Priority: 222, Table: 222, SuppressPrefixLen: -1}.Key()}
+	a = fakeAgent(t, twoLines, k)
+	_, err := a.Apply()
+	if err == nil || !strings.Contains(err.Error(), "nft refused") || !strings.Contains(err.Error(), "injected AddRule failure") {
+		t.Errorf("Apply = %v, want both failures reported", err)
+	}
+	if index(k.log, "sysctl net/ipv4/ip_forward") >= 0 {
+		t.Errorf("forwarding set although the firewall failed: %v", k.log)
+	}
+	if index(k.log, "datapath") < 0 {
+		t.Errorf("Apply stopped at the routing failure: %v", k.log)
+	}
+}
+
+// A line going down: the datapath stops giving it new flows before its
+// TCP reset goes in, and its conntrack entries go last. Coming back: the
+// reset goes before the datapath gives it flows again.
+func TestApplyDeadLineOrder(t *testing.T) {
+	k := newFake()
+	a := fakeAgent(t, twoLines, k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	k.log = nil
+	k.carrier["wan1"] = false
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	dp, reset, flush := index(k.log, "datapath dsl1=dead"), index(k.log, "nat dead=dsl1"), index(k.log, "flush 198.51.100.2")
+	if dp < 0 || reset < dp || flush < reset {
+		t.Errorf("going down, order %v: want datapath, then reset, then conntrack flush", k.log)
+	}
+	k.log = nil
+	k.carrier["wan1"] = true
+	a.lines[0].Healthy = true
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	noReset, dp := index(k.log, "nat dead="), index(k.log, "datapath dsl1=live")
+	if noReset < 0 || dp < noReset || k.log[noReset] != "nat dead=" {
+		t.Errorf("coming back, order %v: want the reset gone before the datapath", k.log)
+	}
+}
+
+// Every line failing its probes: the lines in use before stay in use.
+func TestAllLinesDownKeepsTheLast(t *testing.T) {
+	k := newFake()
+	a := fakeAgent(t, twoLines, k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range a.lines {
+		a.lines[i].Healthy = false
+	}
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	last := k.synced[len(k.synced)-1]
+	if !last[0].Usable() || !last[1].Usable() || !a.allDown {
+		t.Errorf("every line down: datapath got %+v, want both kept in use", last)
+	}
+	if got := a.Events(); got[len(got)-1].Kind != events.AllDown {
+		t.Errorf("last event %+v, want all-down", got[len(got)-1])
+	}
+}
+
+// Reordered lines keep their numbers (datapath index, marks, tables) once
+// an agent has run with them.
+func TestReorderKeepsNumbers(t *testing.T) {
+	k := newFake()
+	dir := t.TempDir()
+	c, err := config.Parse("unit.yaml", []byte(twoLines+"state_dir: "+dir+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSlots(dir, c.Slots()); err != nil {
+		t.Fatal(err)
+	}
+	reordered := `lan: {interfaces: [lan0]}
+uplinks:
+  - {name: dsl2, interface: wan2, gateway: 198.51.100.17}
+  - {name: dsl1, interface: wan1, gateway: 198.51.100.1}
+datapath: {pin_dir: /sys/fs/bpf/uplinkd-unit-test-unused}
+`
+	c2, err := config.Parse("unit.yaml", []byte(reordered+"state_dir: "+dir+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := newAgent(c2, k, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range a.Lines() {
+		want := map[string]int{"dsl1": 0, "dsl2": 1}[l.Name]
+		if l.Index != want || l.Table != 201+want || l.Mark != uint32(want+1)<<24 {
+			t.Errorf("%s after reorder: index %d table %d mark %#x", l.Name, l.Index, l.Table, l.Mark)
+		}
+	}
+}

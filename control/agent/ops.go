@@ -1,0 +1,64 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package agent
+
+import (
+	"log/slog"
+	"net/netip"
+
+	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/control/nat"
+	"github.com/uplinkd/uplinkd/control/plan"
+	"github.com/uplinkd/uplinkd/control/routing"
+	"github.com/uplinkd/uplinkd/control/sysctl"
+)
+
+// ops is the kernel as Apply reads and changes it, one small method per
+// kind of state. envOps is the real one, over an Env; the unit tests' fake
+// records every call, so that apply ordering, partial failure and the
+// all-lines-down and reorder cases are tested without a kernel.
+type ops interface {
+	// Addrs lists the IPv4 addresses of an interface (plan.Interfaces).
+	Addrs(ifname string) ([]netip.Prefix, error)
+	// Carrier reports whether an interface is up with carrier.
+	Carrier(ifname string) bool
+	// Sysctls is /proc/sys of the namespace.
+	Sysctls() sysctl.FS
+	// Routing is the rules and routes tagged proto within scope.
+	Routing(proto int, scope plan.Scope) routing.Kernel
+	// ApplyNAT makes uplinkd's nftables table equal to n.
+	ApplyNAT(n plan.NAT) (bool, error)
+	// FlushConntrack deletes the conntrack entries NAT'd to addr.
+	FlushConntrack(addr netip.Addr) (uint, error)
+	// SyncDatapath loads, attaches and writes the datapath for lines.
+	SyncDatapath(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error
+	// RemoveUplink detaches the datapath from a removed line's interface.
+	RemoveUplink(ifname string) error
+	// Close releases the datapath's handles (its pins stay).
+	Close()
+}
+
+// envOps is ops over the real kernel of an Env.
+type envOps struct {
+	env *Env
+	dp  datapath
+}
+
+var _ ops = (*envOps)(nil)
+
+func (o *envOps) Addrs(ifname string) ([]netip.Prefix, error) { return o.env.Addrs(ifname) }
+func (o *envOps) Carrier(ifname string) bool                  { return o.env.Carrier(ifname) }
+func (o *envOps) Sysctls() sysctl.FS                          { return o.env.Sysctl }
+func (o *envOps) ApplyNAT(n plan.NAT) (bool, error)           { return nat.Apply(o.env.NFT, n) }
+func (o *envOps) FlushConntrack(a netip.Addr) (uint, error)   { return o.env.FlushConntrack(a) }
+func (o *envOps) RemoveUplink(ifname string) error            { return o.dp.removeUplink(o.env, ifname) }
+func (o *envOps) Close()                                      { o.dp.close() }
+
+func (o *envOps) Routing(proto int, scope plan.Scope) routing.Kernel {
+	return &routing.Netlink{H: o.env.NL, Protocol: proto, Scope: scope}
+}
+
+func (o *envOps) SyncDatapath(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error {
+	return o.dp.sync(o.env, cfg, lines, lan, log, ev)
+}
