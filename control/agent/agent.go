@@ -35,10 +35,10 @@ type Agent struct {
 	reconfig chan *config.Config
 	ctl      chan ctlCall // requests from the control socket
 	// k is the kernel as Apply reads and changes it (envOps, or a fake).
-	k ops
-	dead     []string        // lines whose TCP reset the last Apply installed
-	usable   map[string]bool // lines the last Apply gave new flows
-	allDown  bool            // every line failed its probes: the last usable ones are kept
+	k       ops
+	dead    []string        // lines whose TCP reset the last Apply installed
+	usable  map[string]bool // lines the last Apply gave new flows
+	allDown bool            // every line failed its probes: the last usable ones are kept
 	// lineChanged says the last refresh saw a line change (carrier,
 	// operator, address): a change of kernel state that follows is not a
 	// repair of someone else's edit.
