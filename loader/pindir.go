@@ -94,57 +94,6 @@ func below(path, dir string) bool {
 	return strings.HasPrefix(filepath.Clean(path), dir+"/")
 }
 
-// PinLock is a held lock on a pin dir: one agent per pin dir.
-type PinLock struct{ f *os.File }
-
-// LockPinDir takes pinDir's lock (flock on the directory) without waiting.
-// Held by another process, the error names its pid.
-func LockPinDir(pinDir string) (*PinLock, error) {
-	f, err := os.OpenFile(pinDir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
-	if err != nil {
-		return nil, fmt.Errorf("locking pin dir: %w", err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("pin dir %s is in use by pid %d (another uplinkd)", pinDir, flockHolder(pinDir))
-		}
-		return nil, fmt.Errorf("locking pin dir: %w", err)
-	}
-	return &PinLock{f}, nil
-}
-
-// Release gives the lock up.
-func (l *PinLock) Release() {
-	if l != nil && l.f != nil {
-		l.f.Close()
-		l.f = nil
-	}
-}
-
-// flockHolder finds in /proc/locks the pid holding a flock on path, or 0.
-func flockHolder(path string) int {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0
-	}
-	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
-	b, err := os.ReadFile("/proc/locks")
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		// 1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF
-		f := strings.Fields(line)
-		if len(f) >= 6 && f[1] == "FLOCK" && f[5] == id {
-			var pid int
-			fmt.Sscan(f[4], &pid)
-			return pid
-		}
-	}
-	return 0
-}
-
 // CheckPins compares the maps pinned in opts.PinDir with those the
 // datapath would create from opts (size, layout, type), without loading
 // anything: a pinned map that does not fit is never replaced, so the

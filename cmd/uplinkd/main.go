@@ -23,7 +23,6 @@ import (
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/statefile"
-	"github.com/uplinkd/uplinkd/loader"
 )
 
 // usageError is a mistake in the command line or the config: exit 2.
@@ -225,7 +224,7 @@ func cmdDown(args []string, stderr io.Writer) error {
 		defer lock.Release()
 	}
 	if _, err := os.Stat(cfg.Datapath.PinDir); err == nil {
-		pins, err := loader.LockPinDir(cfg.Datapath.PinDir)
+		pins, err := statefile.LockDir(cfg.Datapath.PinDir)
 		if err != nil {
 			return fmt.Errorf("down: %w: stop it first", err)
 		}

@@ -396,7 +396,7 @@ func (a *Agent) Apply() (Report, error) {
 
 // lockPins prepares the pin dir (mounting bpffs where it must) and takes
 // its lock: one agent per pin dir, whatever their state dirs.
-func lockPins(pinDir string, log *slog.Logger) (*loader.PinLock, error) {
+func lockPins(pinDir string, log *slog.Logger) (*statefile.Lock, error) {
 	mounted, err := loader.PreparePinDir(pinDir)
 	if err != nil {
 		return nil, err
@@ -404,7 +404,7 @@ func lockPins(pinDir string, log *slog.Logger) (*loader.PinLock, error) {
 	if mounted {
 		log.Info("mounted bpffs: nothing was mounted there", "path", loader.BPFFSRoot)
 	}
-	return loader.LockPinDir(pinDir)
+	return statefile.LockDir(pinDir)
 }
 
 // refuseForeign fails, naming them, when the nftables table, the rule

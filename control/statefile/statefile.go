@@ -136,10 +136,10 @@ func Remove(dir, name string) error {
 }
 
 // lockFile, in the state dir, is locked (flock) by the agent that owns the
-// dir and holds its pid.
+// dir; it holds the agent's pid, for people.
 const lockFile = "uplinkd.lock"
 
-// Lock is a held lock on a state dir.
+// Lock is a held flock: on a state dir's lock file, or on a directory.
 type Lock struct{ f *os.File }
 
 // ErrLocked says another process holds the lock; the error names it.
@@ -156,15 +156,33 @@ func Acquire(dir string) (*Lock, error) {
 	if err != nil {
 		return nil, fmt.Errorf("locking state dir: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, fmt.Errorf("state dir %s is in use by pid %d: %w", dir, Holder(dir), ErrLocked)
-		}
-		return nil, fmt.Errorf("locking state dir: %w", err)
+	l, err := lock(f, "state dir "+dir)
+	if err != nil {
+		return nil, err
 	}
 	if err := f.Truncate(0); err == nil {
 		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return l, nil
+}
+
+// LockDir takes a lock on a directory itself (the datapath's pin dir),
+// like Acquire.
+func LockDir(dir string) (*Lock, error) {
+	f, err := os.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, fmt.Errorf("locking %s: %w", dir, err)
+	}
+	return lock(f, dir)
+}
+
+func lock(f *os.File, what string) (*Lock, error) {
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		defer f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s is in use by pid %d: %w", what, holder(f), ErrLocked)
+		}
+		return nil, fmt.Errorf("locking %s: %w", what, err)
 	}
 	return &Lock{f}, nil
 }
@@ -177,27 +195,25 @@ func (l *Lock) Release() {
 	}
 }
 
-// Holder returns the pid of the process holding dir's lock, or 0 when
-// nobody does: the pid written in a lock file counts only while its lock
-// is held, so a stale file after a crash names nobody.
-func Holder(dir string) int {
-	f, err := open(dir, lockFile, unix.O_RDONLY, 0)
+// holder finds in /proc/locks the pid holding a flock on f's file, or 0:
+// the kernel's word, not a pid file's, so a crashed holder names nobody.
+func holder(f *os.File) int {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0
+	}
+	id := fmt.Sprintf("%02x:%02x:%d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	b, err := os.ReadFile("/proc/locks")
 	if err != nil {
 		return 0
 	}
-	defer f.Close()
-	// A shared lock is refused only while an exclusive one is held.
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB); err == nil {
-		_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
-		return 0
+	for _, line := range strings.Split(string(b), "\n") {
+		// 1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF
+		fs := strings.Fields(line)
+		if len(fs) >= 6 && fs[1] == "FLOCK" && fs[5] == id {
+			pid, _ := strconv.Atoi(fs[4])
+			return pid
+		}
 	}
-	b, err := io.ReadAll(io.LimitReader(f, 32))
-	if err != nil {
-		return 0
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil || pid <= 0 {
-		return 0
-	}
-	return pid
+	return 0
 }

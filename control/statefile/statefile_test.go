@@ -91,53 +91,56 @@ func TestWriteAndReadFollowNoLink(t *testing.T) {
 	}
 }
 
-// One holder at a time; the holder is named; a lock file left by a dead
-// process names nobody.
+// One holder at a time, named by the kernel (/proc/locks), not by a pid
+// file: a lock file left by a dead process, naming some pid, names nobody.
 func TestLockNamesItsHolder(t *testing.T) {
 	requireRoot(t)
 	dir := t.TempDir()
-	if pid := Holder(dir); pid != 0 {
-		t.Fatalf("Holder of a fresh dir = %d", pid)
-	}
-	// Another process holds it: flock(1) keeps it while sleeping.
-	cmd := exec.Command("flock", "--exclusive", filepath.Join(dir, lockFile), "sleep", "30")
 	if err := os.WriteFile(filepath.Join(dir, lockFile), []byte("4242\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	l, err := Acquire(dir)
+	if err != nil {
+		t.Fatalf("a stale lock file naming pid 4242: %v", err)
+	}
+	l.Release()
+	// Another process holds it: flock(1) keeps it while sleeping.
+	cmd := exec.Command("flock", "--exclusive", filepath.Join(dir, lockFile), "sleep", "30")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // flock and its sleep go together
 	if err := cmd.Start(); err != nil {
 		t.Skipf("flock(1): %v", err)
 	}
 	kill := func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); cmd.Wait() }
 	t.Cleanup(kill)
+	want := "pid " + strconv.Itoa(cmd.Process.Pid)
+	var got error
 	for range 100 {
-		if Holder(dir) != 0 {
+		var l *Lock
+		if l, got = Acquire(dir); got != nil {
 			break
 		}
+		l.Release() // flock(1) has not taken it yet
 		exec.Command("sleep", "0.02").Run()
 	}
-	if pid := Holder(dir); pid != 4242 {
-		t.Errorf("Holder = %d, want the pid in the held lock file (4242)", pid)
+	if !errors.Is(got, ErrLocked) || !strings.Contains(got.Error(), want) {
+		t.Errorf("Acquire = %v, want ErrLocked naming %s", got, want)
 	}
-	if _, err := Acquire(dir); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "pid 4242") {
-		t.Errorf("Acquire = %v, want ErrLocked naming pid 4242", err)
-	}
-	kill()
-	for range 100 { // the killed sleep closes its files as it exits
-		if Holder(dir) == 0 {
-			break
-		}
-		exec.Command("sleep", "0.02").Run()
-	}
-	if pid := Holder(dir); pid != 0 {
-		t.Errorf("Holder after the holder died = %d, want 0", pid)
-	}
-	l, err := Acquire(dir)
+	other := t.TempDir()
+	held, err := LockDir(other)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Release()
-	if b, _ := os.ReadFile(filepath.Join(dir, lockFile)); strings.TrimSpace(string(b)) != strconv.Itoa(os.Getpid()) {
-		t.Errorf("lock file holds %q, want this pid", b)
+	if _, err := LockDir(other); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "pid "+strconv.Itoa(os.Getpid())) {
+		t.Errorf("second LockDir = %v, want ErrLocked naming this process", err)
 	}
+	held.Release()
+	kill()
+	for range 100 { // the killed sleep closes its files as it exits
+		if l, err := Acquire(dir); err == nil {
+			l.Release()
+			return
+		}
+		exec.Command("sleep", "0.02").Run()
+	}
+	t.Error("the lock stayed taken after its holder died")
 }
