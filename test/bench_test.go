@@ -73,7 +73,7 @@ func BenchmarkForwarding(b *testing.B) {
 					state := b.TempDir()
 					file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state, NoDatapath: !dp}))
 					a := spawnAgent(b, l, file)
-					a.waitLog(b, "msg=applied", 1)
+					a.waitReady(b)
 					g := iperf3(b, l, streams, 3)
 					a.stop(b)
 					gw(b, l, uplinkd, "down", "-c", file)

@@ -190,7 +190,7 @@ func TestAgentCrashAdoptsPins(t *testing.T) {
 	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	srv := echoServer(t, l)
 	first := spawnAgent(t, l, file)
-	first.waitLog(t, "msg=applied", 1)
+	first.waitReady(t)
 	t.Cleanup(func() { first.stop(t) })
 
 	flows := openFlows(t, l, srv.Addr, 40, true)
@@ -360,7 +360,7 @@ func TestForeignTCProgramSurvives(t *testing.T) {
 	counts("before uplinkd")
 	first := spawnAgent(t, l, file)
 	t.Cleanup(func() { first.stop(t) })
-	first.waitLog(t, "msg=applied", 1)
+	first.waitReady(t)
 	counts("with uplinkd attached")
 	if got := tcxPrograms(t, l); len(got) != 2 || got[0] != id {
 		t.Errorf("lan0 TCX ingress runs %v, want the foreign program (%d) first, then uplinkd's", got, id)
@@ -371,7 +371,7 @@ func TestForeignTCProgramSurvives(t *testing.T) {
 	first.kill9(t)
 	second := spawnAgent(t, l, file)
 	t.Cleanup(func() { second.stop(t) })
-	second.waitLog(t, "msg=applied", 1)
+	second.waitReady(t)
 	counts("after a crash and restart")
 	second.stop(t)
 	gw(t, l, uplinkd, "down", "-c", file)

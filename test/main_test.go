@@ -19,6 +19,8 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -40,7 +42,11 @@ func TestMain(m *testing.M) {
 	uplinkd = os.Getenv("UPLINKD_BIN")
 	if uplinkd == "" {
 		uplinkd = filepath.Join(dir, "uplinkd")
-		if out, err := exec.Command("go", "build", "-o", uplinkd, "../cmd/uplinkd").CombinedOutput(); err != nil {
+		args := []string{"build", "-o", uplinkd}
+		if raceEnabled {
+			args = append(args, "-race")
+		}
+		if out, err := exec.Command("go", append(args, "../cmd/uplinkd")...).CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "building uplinkd: %v\n%s", err, out)
 			os.Exit(1)
 		}
@@ -92,9 +98,33 @@ func gw(t testing.TB, l *lab.Lab, name string, args ...string) string {
 
 // agent is an `uplinkd run` process in a lab gateway.
 type agent struct {
-	cmd  *exec.Cmd
-	log  *syncBuffer
-	done chan error
+	cmd      *exec.Cmd
+	log      *syncBuffer
+	done     chan error
+	stateDir string
+}
+
+// waitReady waits until the agent answers on its control socket, which it
+// does once it has applied its config and runs its loop.
+func (a *agent) waitReady(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(agentWait)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-a.done:
+			a.done <- err
+			t.Fatalf("agent exited: %v\n%s", err, a.log.String())
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := ctlsock.Call(ctx, a.stateDir, ctlsock.Request{Cmd: "ping"})
+		cancel()
+		if err == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("agent not ready after %v:\n%s", agentWait, a.log.String())
 }
 
 // startAgent runs `uplinkd run -c cfg` in the gateway until the test ends
@@ -112,14 +142,18 @@ func startAgent(t testing.TB, l *lab.Lab, cfg string) *agent {
 			t.Logf("agent log:\n%s", a.log.String())
 		}
 	})
-	a.waitLog(t, "msg=applied", 1)
+	a.waitReady(t)
 	return a
 }
 
 // spawnAgent starts the agent process; the caller stops it.
 func spawnAgent(t testing.TB, l *lab.Lab, cfg string) *agent {
 	t.Helper()
-	a := &agent{log: &syncBuffer{}, done: make(chan error, 1)}
+	c, err := config.Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &agent{log: &syncBuffer{}, done: make(chan error, 1), stateDir: c.StateDir}
 	a.cmd = l.Gateway.Command(context.Background(), uplinkd, "run", "-c", cfg)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {

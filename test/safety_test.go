@@ -378,7 +378,7 @@ func TestLineIdentityFollowsName(t *testing.T) {
 	a.stop(t)
 	a = spawnAgent(t, l, file)
 	t.Cleanup(func() { a.stop(t) })
-	a.waitLog(t, "msg=applied", 1)
+	a.waitReady(t)
 	check("restarted with the reordered config")
 
 	// dsl2 removed: its programs leave wan2, its sysctls come back.
@@ -435,8 +435,10 @@ func TestControlSocket(t *testing.T) {
 	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
 	startAgent(t, l, file)
 	sock := filepath.Join(state, "uplinkd.sock")
-	if st, err := os.Stat(sock); err != nil || st.Mode().Perm() != 0o600 || st.Mode()&os.ModeSocket == 0 {
-		t.Errorf("control socket %v %v, want a socket of mode 0600", st.Mode(), err)
+	if st, err := os.Stat(sock); err != nil {
+		t.Errorf("control socket: %v", err)
+	} else if st.Mode().Perm() != 0o600 || st.Mode()&os.ModeSocket == 0 {
+		t.Errorf("control socket %v, want a socket of mode 0600", st.Mode())
 	}
 	before := snapshot(t, l, "wan1", "wan2")
 	if err := os.WriteFile(file, []byte(l.Config(lab.ConfigOptions{StateDir: state, Weights: []int{0, 1}})), 0o600); err != nil {

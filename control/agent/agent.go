@@ -504,6 +504,11 @@ func (a *Agent) Run(ctx context.Context) error {
 				"(flows are then pinned afresh; established TCP flows may break)", err)
 		}
 	}
+	// Requests wait for the run loop: a ping answers once the config is
+	// applied.
+	if err := ctlsock.Serve(ctx, a.cfg.StateDir, func(req ctlsock.Request) ctlsock.Reply { return a.call(ctx, req) }); err != nil {
+		return err
+	}
 	// What a previous run left (it did not `down`) is adopted, forwarding.
 	adopting := a.adopting
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
@@ -530,9 +535,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	changes, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.cfg.Routing.NFTTable, links, a.log)
 	if err != nil {
-		return err
-	}
-	if err := ctlsock.Serve(ctx, a.cfg.StateDir, func(req ctlsock.Request) ctlsock.Reply { return a.call(ctx, req) }); err != nil {
 		return err
 	}
 	a.probes.start(ctx)

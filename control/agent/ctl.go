@@ -43,6 +43,10 @@ func (a *Agent) call(ctx context.Context, req ctlsock.Request) ctlsock.Reply {
 // control carries out one request, in the run loop.
 func (a *Agent) control(req ctlsock.Request) ctlsock.Reply {
 	switch req.Cmd {
+	case "ping":
+		// Answered by the run loop: the agent has applied its config and
+		// is keeping it applied.
+		return ctlsock.Reply{Message: "running"}
 	case "line":
 		return a.controlLine(req.Line, req.Down)
 	case "reload":

@@ -26,7 +26,8 @@ const Name = "uplinkd.sock"
 
 // Request is one command to the agent.
 type Request struct {
-	// Cmd: "line" (Line, Down), "reload".
+	// Cmd: "ping" (answered once the agent runs its loop), "line" (Line,
+	// Down), "reload".
 	Cmd  string `json:"cmd"`
 	Line string `json:"line,omitempty"`
 	Down bool   `json:"down,omitempty"`

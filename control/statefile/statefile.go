@@ -207,13 +207,30 @@ func holder(f *os.File) int {
 	if err != nil {
 		return 0
 	}
+	// On overlayfs (a VM's root) /proc/locks names the upper layer's
+	// device: then the inode alone, if only one flock has it.
+	byIno, matches := 0, 0
 	for _, line := range strings.Split(string(b), "\n") {
 		// 1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF
 		fs := strings.Fields(line)
-		if len(fs) >= 6 && fs[1] == "FLOCK" && fs[5] == id {
-			pid, _ := strconv.Atoi(fs[4])
+		if len(fs) < 6 || fs[1] != "FLOCK" {
+			continue
+		}
+		pid, _ := strconv.Atoi(fs[4])
+		if fs[5] == id {
 			return pid
 		}
+		if strings.HasSuffix(fs[5], fmt.Sprintf(":%d", st.Ino)) {
+			byIno, matches = pid, matches+1
+		}
+	}
+	if matches == 1 {
+		return byIno
+	}
+	// A state dir's lock file holds its holder's pid; it is locked now.
+	if b, err := io.ReadAll(io.LimitReader(f, 32)); err == nil {
+		pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		return pid
 	}
 	return 0
 }

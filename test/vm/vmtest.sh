@@ -269,11 +269,15 @@ main() {
 		local raw=$run/out/$name.raw
 		[ -f "$raw" ] || { failed=$((failed + 1)); say "$p: no output"; continue; }
 		go tool test2json -p "$p" <"$raw" >"$run/out/$name.json" || true
+		# Top-level tests; a package that failed with no failing test (a
+		# panic, a timeout) counts as one failure.
 		read -r a b c < <(awk '
 			/"Action":"(pass|fail|skip)"/ && /"Test":"[^"\/]*"/ {
 				if ($0 ~ /"Action":"pass"/) p++; else if ($0 ~ /"Action":"fail"/) f++; else s++
+				next
 			}
-			END { print p + 0, f + 0, s + 0 }' "$run/out/$name.json")
+			/"Action":"fail"/ && !/"Test":/ { pf++ }
+			END { if (pf && !f) f = pf; print p + 0, f + 0, s + 0 }' "$run/out/$name.json")
 		passed=$((passed + a)) failed=$((failed + b)) skipped=$((skipped + c))
 	done <"$run/packages"
 	local attach=? ct=?
