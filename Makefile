@@ -43,7 +43,7 @@ test: deps bpffs check-generated ## every test (needs root): unit, BPF_PROG_TEST
 	$(MAKE) vmtest-all
 
 # The safety tests: each logs a "fault-report:" row for `make faults`.
-FAULT_TESTS ?= Test(RunWithoutBPFFSMounted|PinDirNotOnBPFFS|DownRefusedWhileAgentRuns|LineDownSignalsNoStranger|ForeignObjects.*|ForwardingNeverWithoutFirewall|RepairsOfOthersEdits|OneAgentPerPinDir|LineIdentityFollowsName|FailedStartKeepsAWorkingGateway|ControlSocket|SpoofedSourceDropped|BadConfigTouchesNothing)$$
+FAULT_TESTS ?= Test(RunWithoutBPFFSMounted|ReloadIntoForeignTableRefused|PinDirNotOnBPFFS|DownRefusedWhileAgentRuns|LineDownSignalsNoStranger|ForeignObjects.*|ForwardingNeverWithoutFirewall|RepairsOfOthersEdits|OneAgentPerPinDir|LineIdentityFollowsName|FailedStartKeepsAWorkingGateway|ControlSocket|SpoofedSourceDropped|BadConfigTouchesNothing)$$
 
 .PHONY: faults
 faults: deps bpffs ## the fault suite: every safety test, then one table (faults injected, survived, flows lost on healthy lines, leftovers after down, foreign objects touched, bad inputs)

@@ -140,7 +140,8 @@ func attachTCX(ifindex int, dir direction, prog *ebpf.Program, pin string) error
 	return nil
 }
 
-// detachLink detaches and unpins the link pinned at pin, if there is one.
+// detachLink detaches and unpins the link pinned at pin, if there is one
+// and it runs one of uplinkd's programs (ProgPrefix).
 func detachLink(pin string) error {
 	l, err := link.LoadPinnedLink(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
@@ -150,6 +151,15 @@ func detachLink(pin string) error {
 		return err
 	}
 	defer l.Close()
+	if info, err := l.Info(); err == nil && info.Program != 0 {
+		if p, err := ebpf.NewProgramFromID(info.Program); err == nil {
+			pi, ierr := p.Info()
+			p.Close()
+			if ierr == nil && !strings.HasPrefix(pi.Name, ProgPrefix) {
+				return fmt.Errorf("link %s runs %q, not uplinkd's: left alone", pin, pi.Name)
+			}
+		}
+	}
 	// A link whose interface is gone is already detached.
 	if err := l.Detach(); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err

@@ -363,14 +363,16 @@ func (d *Datapath) SetLANSubnets(subnets []netip.Prefix) error {
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("reading LAN subnets: %w", err)
 	}
-	for k := range want {
-		if err := d.objs.UlLanSrc.Put(&k, uint8(1)); err != nil {
-			return fmt.Errorf("adding LAN subnet: %w", err)
-		}
-	}
+	// Stale ones first: the table is small. For an instant a client may
+	// miss a subnet: its new flows then pass unmarked, never moved.
 	for _, k := range stale {
 		if err := d.objs.UlLanSrc.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("removing LAN subnet: %w", err)
+		}
+	}
+	for k := range want {
+		if err := d.objs.UlLanSrc.Put(&k, uint8(1)); err != nil {
+			return fmt.Errorf("adding LAN subnet: %w", err)
 		}
 	}
 	return nil

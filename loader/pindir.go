@@ -25,6 +25,9 @@ func CheckPinDir(pinDir string) error {
 	if !filepath.IsAbs(pinDir) {
 		return fmt.Errorf("%q is not an absolute path", pinDir)
 	}
+	if filepath.Clean(pinDir) == BPFFSRoot || mountRoot(pinDir) {
+		return fmt.Errorf("%s is a file system's root: pick a directory of uplinkd's own in it", pinDir)
+	}
 	onBPF, err := onBPFFS(pinDir)
 	if err != nil {
 		return err
@@ -133,4 +136,14 @@ func CheckPins(opts Options) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// mountRoot reports whether path exists and is the root of a mount (its
+// parent is on another device): others' pins may live there.
+func mountRoot(path string) bool {
+	var st, parent unix.Stat_t
+	if unix.Stat(path, &st) != nil || unix.Stat(filepath.Dir(filepath.Clean(path)), &parent) != nil {
+		return false
+	}
+	return st.Dev != parent.Dev
 }

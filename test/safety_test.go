@@ -520,3 +520,28 @@ func TestSpoofedSourceDropped(t *testing.T) {
 		t.Errorf("no drop counted in lan_src:\n%s", out)
 	}
 }
+
+// A reload that would move a line into a table holding someone else's
+// route is refused, naming it; the route and the running state stay.
+func TestReloadIntoForeignTableRefused(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "a reload into others' table")
+	rep.BadInputs = 1
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	startAgent(t, l, file)
+	gw(t, l, "ip", "route", "add", "default", "via", "198.51.100.1", "table", "300", "proto", "static")
+	before := snapshot(t, l, "wan1", "wan2")
+	extra := []string{"    table: 300\n"}
+	if err := os.WriteFile(file, []byte(l.Config(lab.ConfigOptions{StateDir: state, LineExtra: extra})), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, code := exitCode(t, l, "reload", "-c", file)
+	if code != 1 || !strings.Contains(out, "route default table 300 proto 4") {
+		t.Errorf("reload: exit %d\n%s\nwant exit 1 naming the route in table 300", code, out)
+	}
+	if after := snapshot(t, l, "wan1", "wan2"); after != before {
+		rep.ForeignTouched++
+		t.Errorf("a refused reload changed the kernel:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}

@@ -30,6 +30,16 @@ func SetLineDown(ctx context.Context, stateDir, name string, down bool) (string,
 	if !errors.Is(err, ctlsock.ErrNoAgent) {
 		return msg, err
 	}
+	// No agent answers; one may be starting: only the state dir's owner
+	// writes its files.
+	lock, err := statefile.Acquire(stateDir)
+	if errors.Is(err, statefile.ErrLocked) {
+		return "", fmt.Errorf("an agent is starting (%w): try again", err)
+	}
+	if err != nil {
+		return "", err
+	}
+	defer lock.Release()
 	if err := setLineDown(stateDir, name, down); err != nil {
 		return "", err
 	}

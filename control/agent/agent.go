@@ -9,6 +9,8 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -94,7 +96,7 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		ctl:      make(chan ctlCall),
 		probes:   newProbes(),
 		scope:    plan.ScopeOf(cfg),
-		adopting: len(slots) > 0,
+		adopting: len(slots) > 0 || previousRun(cfg),
 	}, nil
 }
 
@@ -118,11 +120,24 @@ func (a *Agent) Reconfigure(ctx context.Context, cfg *config.Config) error {
 func (a *Agent) reconfigure(cfg *config.Config) error {
 	old := a.cfg
 	if cfg.Routing.Protocol != old.Routing.Protocol || cfg.Routing.NFTTable != old.Routing.NFTTable ||
-		cfg.StateDir != old.StateDir || cfg.Datapath.PinDir != old.Datapath.PinDir || cfg.Datapath.On() != old.Datapath.On() {
-		return errors.New("routing.protocol, routing.nft_table, state_dir and datapath.pin_dir/enabled cannot change while running: uplinkd down, then run")
+		cfg.Routing.MarkMask != old.Routing.MarkMask || cfg.StateDir != old.StateDir ||
+		cfg.Datapath.PinDir != old.Datapath.PinDir || cfg.Datapath.On() != old.Datapath.On() ||
+		cfg.Datapath.FlowEntries != old.Datapath.FlowEntries || cfg.Datapath.Attach != old.Datapath.Attach {
+		return errors.New("routing.protocol, routing.nft_table, routing.mark_mask, state_dir and datapath.pin_dir, enabled, " +
+			"flow_entries and attach cannot change while running (the loaded datapath has them): uplinkd down, then run")
 	}
 	if err := cfg.Renumber(old.Slots()); err != nil {
 		return err
+	}
+	if a.env != nil {
+		k := &routing.Netlink{H: a.env.NL, Protocol: cfg.Routing.Protocol}
+		foreign, err := k.Foreign(plan.Needed(cfg))
+		if err != nil {
+			return err
+		}
+		if len(foreign) > 0 {
+			return fmt.Errorf("the new config's numbers hold rules or routes uplinkd did not create:\n  %s", strings.Join(foreign, "\n  "))
+		}
 	}
 	lines, err := plan.Resolve(cfg, a.k)
 	if err != nil {
@@ -177,6 +192,21 @@ func (a *Agent) removeLine(l plan.Line) {
 // slotsFile, in the state dir, keeps each line's number by name (see
 // config.Renumber).
 const slotsFile = "lines.json"
+
+// previousRun reports whether a run that did not `down` left state behind
+// (saved sysctls, pinned maps), also one of an uplinkd from before
+// lines.json: a failed start then must not remove it.
+func previousRun(cfg *config.Config) bool {
+	for _, p := range []string{
+		filepath.Join(cfg.StateDir, sysctl.SavedFile),
+		filepath.Join(cfg.Datapath.PinDir, "ul_flows"),
+	} {
+		if _, err := os.Lstat(p); err == nil {
+			return true
+		}
+	}
+	return false
+}
 
 func writeSlots(stateDir string, s config.Slots) error {
 	return statefile.Write(stateDir, slotsFile, s)
@@ -416,7 +446,7 @@ func (a *Agent) refuseForeign() error {
 		return err
 	}
 	k := &routing.Netlink{H: a.env.NL, Protocol: a.cfg.Routing.Protocol, Scope: a.scope}
-	foreign, err := k.Foreign(a.Desired())
+	foreign, err := k.Foreign(plan.Needed(a.cfg))
 	if err != nil {
 		return err
 	}
@@ -442,14 +472,18 @@ func Down(cfg *config.Config, env *Env) error {
 	var errs []error
 	// The sysctls first: forwarding is back to what it was before the
 	// firewall goes.
-	if _, err := sysctl.Restore(env.Sysctl, cfg.StateDir); err != nil {
-		errs = append(errs, err)
+	_, restoreErr := sysctl.Restore(env.Sysctl, cfg.StateDir)
+	if restoreErr != nil {
+		errs = append(errs, restoreErr)
 	}
 	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol, Scope: plan.ScopeOf(cfg)}
 	if _, err := routing.Remove(k); err != nil {
 		errs = append(errs, fmt.Errorf("removing rules and routes: %w", err))
 	}
-	if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
+	// Forwarding may still be on: the firewall stays until it is off.
+	if restoreErr != nil {
+		errs = append(errs, fmt.Errorf("nftables table inet %s kept: forwarding may still be on (restore the sysctls, then down again)", cfg.Routing.NFTTable))
+	} else if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
 		errs = append(errs, err)
 	}
 	for _, f := range []string{linesDownFile, slotsFile} {

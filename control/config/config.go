@@ -26,6 +26,10 @@ import (
 	"github.com/uplinkd/uplinkd/loader"
 )
 
+// MaxLANSubnets bounds lan.subnets: the datapath's table of them has room
+// for these and the two "all of a family" entries.
+const MaxLANSubnets = 254
+
 // MaxUplinks is the number of lines uplinkd steers between: the size of
 // the datapath's line table.
 var MaxUplinks = loader.MaxLines
@@ -387,6 +391,9 @@ func (c *Config) check() error {
 		lanIf[ifname] = true
 	}
 
+	if len(c.LAN.Subnets) > MaxLANSubnets {
+		bad("lan.subnets", "at most %d subnets, got %d", MaxLANSubnets, len(c.LAN.Subnets))
+	}
 	for i, sn := range c.LAN.Subnets {
 		p, err := netip.ParsePrefix(sn)
 		switch {
@@ -394,6 +401,8 @@ func (c *Config) check() error {
 			bad(fmt.Sprintf("lan.subnets[%d]", i), "want a prefix such as 192.0.2.0/24, got %q", sn)
 		case p != p.Masked():
 			bad(fmt.Sprintf("lan.subnets[%d]", i), "%s has host bits set: %s?", p, p.Masked())
+		case p.Addr().Is4In6():
+			bad(fmt.Sprintf("lan.subnets[%d]", i), "%s is IPv4 written as IPv6: write it as IPv4", p)
 		default:
 			c.LAN.SubnetPrefixes = append(c.LAN.SubnetPrefixes, p)
 		}
@@ -486,7 +495,9 @@ func (c *Config) check() error {
 		}
 	}
 
-	n := len(c.Uplinks)
+	// Lines are numbered up to MaxUplinks (see Renumber), whatever their
+	// count: each band of rules has room for all of them.
+	n := MaxUplinks
 	prio := func(field string, v, span int) {
 		if v < 1 || v+span > 32765 {
 			bad(field, "want a priority in 1..%d, got %d", 32765-span, v)

@@ -219,3 +219,20 @@ func (s Scope) Union(o Scope) Scope {
 	maps.Copy(u.Tables, o.Tables)
 	return u
 }
+
+// Needed is the exact rule priorities and tables a config's lines use,
+// whatever their state now: where others' rules or routes would be
+// shadowed or replaced by uplinkd's.
+func Needed(c *config.Config) Scope {
+	r := c.Routing
+	s := Scope{
+		Priorities: map[int]bool{r.MainPriority: true, r.MultipathPriority: true},
+		Tables:     map[int]bool{r.MultipathTable: true},
+	}
+	for _, u := range c.Uplinks {
+		s.Priorities[r.FwmarkPriority+u.Slot] = true
+		s.Priorities[r.SourcePriority+u.Slot] = true
+		s.Tables[u.Table] = true
+	}
+	return s
+}

@@ -205,16 +205,10 @@ func ipNet(p netip.Prefix) *net.IPNet {
 }
 
 // Foreign lists, as `ip` would show them, the rules and routes without
-// uplinkd's protocol tag at the priorities and in the tables that want
-// uses: uplinkd would shadow or replace them, so it refuses to start.
-func (n *Netlink) Foreign(want plan.State) ([]string, error) {
-	prios, tables := map[int]bool{}, map[int]bool{}
-	for _, r := range want.Rules {
-		prios[r.Priority] = true
-	}
-	for _, r := range want.Routes {
-		tables[r.Table] = true
-	}
+// uplinkd's protocol tag at the priorities and in the tables of needed
+// (plan.Needed): uplinkd would shadow or replace them, so it refuses them.
+func (n *Netlink) Foreign(needed plan.Scope) ([]string, error) {
+	prios, tables := needed.Priorities, needed.Tables
 	rules, err := retryDump(func() ([]netlink.Rule, error) { return n.H.RuleList(unix.AF_INET) })
 	if err != nil {
 		return nil, fmt.Errorf("listing rules: %w", err)

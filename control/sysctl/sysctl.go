@@ -62,8 +62,8 @@ func (p Proc) do(f func() error) error {
 	return nsdo.Do(p.NS, f)
 }
 
-// savedFile is where the replaced values are kept, in the state dir.
-const savedFile = "sysctl-saved.json"
+// SavedFile is where the replaced values are kept, in the state dir.
+const SavedFile = "sysctl-saved.json"
 
 // Same compares two sysctl values, numerically where both are numbers
 // ("0x37" and "55" are the same).
@@ -135,7 +135,7 @@ func Restore(f FS, stateDir string) (int, error) {
 		}
 	}
 	if len(errs) == 0 {
-		errs = append(errs, statefile.Remove(stateDir, savedFile))
+		errs = append(errs, statefile.Remove(stateDir, SavedFile))
 	}
 	return n, errors.Join(errs...)
 }
@@ -145,15 +145,15 @@ func Restore(f FS, stateDir string) (int, error) {
 // are accepted: a file edited to name another path is refused whole.
 func load(dir string) (map[string]string, error) {
 	saved := map[string]string{}
-	if err := statefile.Read(dir, savedFile, &saved); err != nil {
+	if err := statefile.Read(dir, SavedFile, &saved); err != nil {
 		return nil, err
 	}
 	var errs []error
 	for path, v := range saved {
 		if !Owned(path) {
-			errs = append(errs, fmt.Errorf("%s names %q, which uplinkd never sets: refused", filepath.Join(dir, savedFile), path))
+			errs = append(errs, fmt.Errorf("%s names %q, which uplinkd never sets: refused", filepath.Join(dir, SavedFile), path))
 		} else if _, err := strconv.ParseInt(v, 0, 64); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %s=%q is not a number: refused", filepath.Join(dir, savedFile), path, v))
+			errs = append(errs, fmt.Errorf("%s: %s=%q is not a number: refused", filepath.Join(dir, SavedFile), path, v))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -197,7 +197,7 @@ func Owned(path string) bool {
 }
 
 func store(dir string, saved map[string]string) error {
-	return statefile.Write(dir, savedFile, saved)
+	return statefile.Write(dir, SavedFile, saved)
 }
 
 // RestorePaths writes back the saved values of paths only (the sysctls of

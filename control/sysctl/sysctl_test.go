@@ -62,7 +62,7 @@ func TestApplyRestore(t *testing.T) {
 	if !maps.Equal(m, orig) {
 		t.Errorf("after Restore %v, want %v", m, orig)
 	}
-	if _, err := os.Stat(filepath.Join(dir, savedFile)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(dir, SavedFile)); !os.IsNotExist(err) {
 		t.Errorf("saved file left behind: %v", err)
 	}
 	if n, err := Restore(m, dir); err != nil || n != 0 {
@@ -116,7 +116,7 @@ func TestRestoreRefusesForeignKeys(t *testing.T) {
 		`{"net/ipv4/ip_forward": "1; reboot"}`,
 	} {
 		dir := t.TempDir()
-		if err := os.WriteFile(filepath.Join(dir, savedFile), []byte(bad), 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, SavedFile), []byte(bad), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		fs := memFS{"net/ipv4/ip_forward": "1"}
