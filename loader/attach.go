@@ -245,10 +245,11 @@ func verifyTCX(ifindex int, dir direction, pin string) error {
 	return nil
 }
 
-// DetachUplink undoes AttachUplink for a line that is gone from the
-// config: its programs leave ifname (TCX links unpinned, or uplinkd's tc
-// filters deleted) and its ul_if_line entry goes. An interface that no
-// longer exists took its attachments with it; its pins are removed.
+// DetachUplink undoes AttachUplink (or AttachLAN) for an interface the
+// config no longer has in that role: its programs leave ifname (TCX links
+// unpinned, or uplinkd's tc filters deleted) and its ul_if_line entry
+// goes. An interface that no longer exists took its attachments with it;
+// its pins are removed.
 func (d *Datapath) DetachUplink(ifname string) error {
 	var errs []error
 	for _, dir := range []direction{ingress, egress} {

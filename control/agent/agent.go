@@ -152,6 +152,14 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 			a.removeLine(l)
 		}
 	}
+	// A LAN interface the new config drops, or that changes role (LAN to
+	// line or back), loses its programs; the next apply attaches what its
+	// new role wants.
+	for _, ifname := range changedRoles(old, cfg) {
+		if err := a.k.RemoveUplink(ifname); err != nil {
+			a.log.Error("detaching the datapath", "interface", ifname, "err", err)
+		}
+	}
 	was := map[string]plan.Line{}
 	for _, l := range a.lines {
 		was[l.Name] = l
@@ -187,6 +195,18 @@ func (a *Agent) removeLine(l plan.Line) {
 		a.log.Error("restoring a line's sysctls", "line", l.Name, "err", err)
 	}
 	a.events.Add(events.Config, l.Name, "line removed by the new config", "interface", l.Interface)
+}
+
+// changedRoles lists the LAN interfaces of old that cfg no longer has as
+// LAN interfaces (dropped, or now a line's).
+func changedRoles(old, cfg *config.Config) []string {
+	var out []string
+	for _, ifname := range old.LAN.Interfaces {
+		if !slices.Contains(cfg.LAN.Interfaces, ifname) {
+			out = append(out, ifname)
+		}
+	}
+	return out
 }
 
 // slotsFile, in the state dir, keeps each line's number by name (see

@@ -255,3 +255,31 @@ datapath: {pin_dir: /sys/fs/bpf/uplinkd-unit-test-unused}
 		}
 	}
 }
+
+// A reload that drops a LAN interface takes the datapath off it at once; a
+// reload that removes a line does so for the line's interface.
+func TestReloadDetachesWhatItDrops(t *testing.T) {
+	k := newFake()
+	k.addrs["lan1"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.129/25")}
+	a := fakeAgent(t, strings.Replace(twoLines, "[lan0]", "[lan0, lan1]", 1), k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	k.log = nil
+	next := strings.Replace(twoLines, "  - {name: dsl2, interface: wan2, gateway: 198.51.100.17}\n", "", 1)
+	c, err := config.Parse("unit.yaml", []byte(next+"state_dir: "+a.cfg.StateDir+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.reconfigure(c); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"detach wan2", "detach lan1"} {
+		if !slices.Contains(k.log, want) {
+			t.Errorf("log %v lacks %q", k.log, want)
+		}
+	}
+	if slices.Contains(k.log, "detach lan0") || slices.Contains(k.log, "detach wan1") {
+		t.Errorf("log %v: an interface still in use was detached", k.log)
+	}
+}
