@@ -138,7 +138,8 @@ fetch_kernel() {
 		cp "$vmlinuz" "$kdir/vmlinuz"
 		mv "$src" "$kdir/mods/lib/modules/$kver"
 		rm -rf "$kdir/root"
-		depmod -b "$kdir/mods" "$kver"
+		# Quiet: 7.x ships no modules.builtin, which depmod warns about.
+		depmod -b "$kdir/mods" "$kver" 2>/dev/null || depmod -b "$kdir/mods" "$kver"
 		echo "$kver" >"$kdir/kver"
 		make_initrd
 		touch "$kdir/ready"
