@@ -10,6 +10,7 @@ BPF_CFLAGS ?= -O2 -g -Wall -Werror
 export CLANG LLVM_STRIP BPF_CFLAGS
 
 BIN        := bin/uplinkd
+MODULE     := github.com/uplinkd/uplinkd
 GOTEST     ?= $(GO) test -count=1 -timeout 20m
 # Debian packages: the tools tests and the demo call (ip, tc, nft, bpftool,
 # conntrack, ping, iperf3, modprobe), the pinned clang for `make generate`,
@@ -36,17 +37,17 @@ demo: deps build ## the main job on a built-in default: a namespace lab, the age
 .PHONY: test
 test: deps bpffs check-generated ## every test (needs root): unit, BPF_PROG_TEST_RUN, namespace lab, a short fuzz, the kernel matrix in VMs
 	$(GO) vet ./...
-	$(GOTEST) ./...
+	$(GOTEST) $$($(GO) list ./... | grep -vx '$(MODULE)/test')
+	$(MAKE) faults FAULT_TESTS=.
 	$(GO) test -run '^$$' -fuzz FuzzLANPrograms -fuzztime $(FUZZ_SHORT) ./loader/
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZ_SHORT) ./control/config/
-	$(MAKE) faults
 	$(MAKE) vmtest-all
 
 # The safety tests: each logs a "fault-report:" row for `make faults`.
 FAULT_TESTS ?= Test(RunWithoutBPFFSMounted|ReloadIntoForeignTableRefused|PinDirNotOnBPFFS|DownRefusedWhileAgentRuns|LineDownSignalsNoStranger|ForeignObjects.*|ForwardingNeverWithoutFirewall|RepairsOfOthersEdits|OneAgentPerPinDir|LineIdentityFollowsName|FailedStartKeepsAWorkingGateway|ControlSocket|SpoofedSourceDropped|BadConfigTouchesNothing)$$
 
 .PHONY: faults
-faults: deps bpffs ## the fault suite: every safety test, then one table (faults injected, survived, flows lost on healthy lines, leftovers after down, foreign objects touched, bad inputs)
+faults: deps bpffs ## the fault suite: every safety test, then one table (faults injected, survived, flows lost on healthy lines, leftovers after down, foreign objects touched, bad inputs); make test runs it with FAULT_TESTS=. (all of ./test)
 	@bash -o pipefail -c '$(GO) test -count=1 -v -run "$(FAULT_TESTS)" ./test/ | test/faults-table'
 
 .PHONY: fuzz

@@ -224,21 +224,32 @@ accel() {
 }
 
 main() {
-	apt_update
 	local pkg
-	pkg=$(image_package "$kernel")
+	# A kernel fetched already, named by its package (matrix.sh does so
+	# for runs in parallel), needs no apt at all: apt-cache rebuilding its
+	# cache in several processes at once loses packages.
+	if [[ $kernel == linux-image-* && -f $cache/kernels/$kernel/ready ]]; then
+		pkg=$kernel
+	else
+		apt_update
+		pkg=$(image_package "$kernel")
+	fi
 	[ -n "$pkg" ] || die "could not resolve kernel $kernel"
 	fetch_kernel "$pkg"
-	[ -z "${VMTEST_PREPARE_ONLY:-}" ] || return 0
+	# Names for test/vm/vmtest.toml: kernels/6.1, runs/6.1, ...
+	if [ "$kernel" != "$pkg" ]; then
+		mkdir -p "$cache/runs"
+		ln -sfn "$pkg" "$cache/kernels/$kernel"
+		ln -sfn "$kver" "$cache/runs/$kernel"
+	fi
+	if [ -n "${VMTEST_PREPARE_ONLY:-}" ]; then
+		echo "$pkg"
+		return 0
+	fi
 
 	local run=$cache/runs/$kver
 	rm -rf "$run"
 	mkdir -p "$run/out"
-	# Names for test/vm/vmtest.toml: kernels/6.1, runs/6.1, ...
-	if [ "$kernel" != "$pkg" ]; then
-		ln -sfn "$pkg" "$cache/kernels/$kernel"
-		ln -sfn "$kver" "$cache/runs/$kernel"
-	fi
 	build_binaries "$run"
 	cat >"$run/env" <<-EOF
 		VMTEST_TOP=$top
