@@ -46,11 +46,14 @@ func ProbeKernel() Kernel {
 	if err := unix.Uname(&uts); err == nil {
 		k.Release = unix.ByteSliceToString(uts.Release[:])
 	}
-	if _, err := btf.LoadKernelSpec(); err != nil {
-		k.BTF = fmt.Errorf("kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF): %w", err)
-	}
 	k.TCX = TCXSupported()
-	k.CTKfuncs = conntrackKfuncs()
+	kernel, err := btf.LoadKernelSpec()
+	if err != nil {
+		k.BTF = fmt.Errorf("kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF): %w", err)
+		k.CTKfuncs = fmt.Errorf("conntrack kfuncs: no kernel BTF: %w", err)
+		return k
+	}
+	k.CTKfuncs = conntrackKfuncsIn(kernel)
 	return k
 }
 
@@ -68,6 +71,11 @@ func conntrackKfuncs() error {
 	if err != nil {
 		return fmt.Errorf("conntrack kfuncs: no kernel BTF: %w", err)
 	}
+	return conntrackKfuncsIn(kernel)
+}
+
+// conntrackKfuncsIn is conntrackKfuncs with the kernel's BTF read already.
+func conntrackKfuncsIn(kernel *btf.Spec) error {
 	if hasFuncs(kernel) {
 		return nil
 	}

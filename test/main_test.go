@@ -108,6 +108,20 @@ type agent struct {
 // does once it has applied its config and runs its loop.
 func (a *agent) waitReady(t testing.TB) {
 	t.Helper()
+	a.waitFor(t, "ready (control socket answers)", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, err := ctlsock.Call(ctx, a.stateDir, ctlsock.Request{Cmd: "ping"})
+		return err == nil
+	})
+}
+
+// waitFor polls ok until it holds, failing the test when the agent exits
+// or agentWait passes. Generous: a first start loads kernel modules
+// (nf_conntrack, nft_*), which takes seconds in the emulated VMs of the
+// kernel matrix.
+func (a *agent) waitFor(t testing.TB, what string, ok func() bool) {
+	t.Helper()
 	deadline := time.Now().Add(agentWait)
 	for time.Now().Before(deadline) {
 		select {
@@ -116,15 +130,12 @@ func (a *agent) waitReady(t testing.TB) {
 			t.Fatalf("agent exited: %v\n%s", err, a.log.String())
 		default:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_, err := ctlsock.Call(ctx, a.stateDir, ctlsock.Request{Cmd: "ping"})
-		cancel()
-		if err == nil {
+		if ok() {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatalf("agent not ready after %v:\n%s", agentWait, a.log.String())
+	t.Fatalf("agent not %s after %v:\n%s", what, agentWait, a.log.String())
 }
 
 // startAgent runs `uplinkd run -c cfg` in the gateway until the test ends
@@ -196,22 +207,9 @@ const agentWait = 30 * time.Second
 // waitLog waits until the agent's log holds substr at least n times.
 func (a *agent) waitLog(t testing.TB, substr string, n int) {
 	t.Helper()
-	// Generous: a first start loads kernel modules (nf_conntrack, nft_*),
-	// which takes seconds in the emulated VMs of the kernel matrix.
-	deadline := time.Now().Add(agentWait)
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-a.done:
-			a.done <- err
-			t.Fatalf("agent exited: %v\n%s", err, a.log.String())
-		default:
-		}
-		if strings.Count(a.log.String(), substr) >= n {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("agent log has %q fewer than %d times after %v:\n%s", substr, n, agentWait, a.log.String())
+	a.waitFor(t, fmt.Sprintf("logging %q %d times", substr, n), func() bool {
+		return strings.Count(a.log.String(), substr) >= n
+	})
 }
 
 // reload rewrites the config file and sends SIGHUP; it waits until the
