@@ -4,15 +4,20 @@ package health
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
+	"github.com/mdlayher/arp"
+	"github.com/mdlayher/ethernet"
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
 	"golang.org/x/sys/unix"
 
 	"github.com/uplinkd/uplinkd/control/config"
@@ -26,7 +31,7 @@ type Line struct {
 	Name    string
 	Ifname  string
 	Ifindex int
-	MAC     net.HardwareAddr // for ARP
+	MAC     net.HardwareAddr // the interface's; ARP requests use the one the kernel has when the prober opens
 	Mark    uint32
 	Source  netip.Addr
 	Gateway netip.Addr
@@ -43,20 +48,41 @@ type Report struct {
 // errNoAnswer is a probe that timed out.
 var errNoAnswer = errors.New("no answer")
 
-// Prober probes one line in rounds.
+// echoData is the payload of every echo request.
+var echoData = []byte("uplinkd!")
+
+// echoIDs tells the echo IDs of the probers of this process apart: a raw
+// ICMP socket sees every echo reply of its namespace that reaches it.
+var echoIDs atomic.Uint32
+
+// Prober probes one line in rounds. Each round sets a deadline of its
+// start plus the timeout on the sockets and reads them until every probe
+// has answered or the deadline passes; nothing reads between rounds.
 type Prober struct {
 	line     Line
 	interval time.Duration
 	timeout  time.Duration
-	icmp     *rawConn // nil when nothing is probed with ICMP
-	arp      *rawConn // nil unless the gateway is probed with ARP
+
+	icmp   net.PacketConn // nil when nothing is probed with ICMP
+	echoID uint16
+	seq    uint16 // echo sequence number of the next request; rounds run one at a time
+
+	arp    *arp.Client // nil unless the gateway is probed with ARP
+	arpMAC net.HardwareAddr
+
+	closeOnce sync.Once
+	closed    chan struct{}
 }
 
 // NewProber opens the line's probe sockets; do runs a function in the
 // line's network namespace (sockets stay in the namespace they are made
 // in).
 func NewProber(l Line, interval, timeout time.Duration, do func(func() error) error) (*Prober, error) {
-	p := &Prober{line: l, interval: interval, timeout: timeout}
+	p := &Prober{
+		line: l, interval: interval, timeout: timeout,
+		echoID: uint16(os.Getpid()) ^ uint16(echoIDs.Add(1)),
+		closed: make(chan struct{}),
+	}
 	err := do(func() error {
 		var err error
 		if l.Probe.Gateway == config.ProbeICMP || len(l.Probe.Targets) > 0 {
@@ -65,214 +91,45 @@ func NewProber(l Line, interval, timeout time.Duration, do func(func() error) er
 			}
 		}
 		if l.Probe.Gateway == config.ProbeARP {
-			if p.arp, err = openARP(l); err != nil {
-				p.Close()
+			if err = p.openARP(); err != nil {
 				return fmt.Errorf("opening ARP probe socket of %s: %w", l.Name, err)
 			}
 		}
 		return nil
 	})
-	return p, err
-}
-
-// Close closes the sockets.
-func (p *Prober) Close() {
-	if p.icmp != nil {
-		p.icmp.close()
-	}
-	if p.arp != nil {
-		p.arp.close()
-	}
-}
-
-// Run sends a round every interval and reports it on out until ctx ends;
-// then it closes the prober.
-func (p *Prober) Run(ctx context.Context, out chan<- Report) {
-	defer p.Close()
-	tick := time.NewTicker(p.interval)
-	defer tick.Stop()
-	for {
-		r := p.round(ctx)
-		select {
-		case out <- Report{Line: p.line.Name, ID: p.line.ID, Round: r}:
-		case <-ctx.Done():
-			return
-		}
-		select {
-		case <-tick.C:
-		case <-ctx.Done():
-			return
-		}
-	}
-}
-
-// round sends every probe of a round at once and waits for the answers
-// until the timeout.
-func (p *Prober) round(ctx context.Context) Round {
-	r := Round{At: time.Now()}
-	type probe struct {
-		conn   *rawConn
-		target netip.Addr
-		method string
-	}
-	var probes []probe
-	switch p.line.Probe.Gateway {
-	case config.ProbeICMP:
-		probes = append(probes, probe{p.icmp, p.line.Gateway, config.ProbeICMP})
-	case config.ProbeARP:
-		probes = append(probes, probe{p.arp, p.line.Gateway, config.ProbeARP})
-	}
-	for _, t := range p.line.Probe.Targets {
-		probes = append(probes, probe{p.icmp, t, config.ProbeICMP})
-	}
-	for _, c := range []*rawConn{p.icmp, p.arp} {
-		if c != nil {
-			c.newRound()
-		}
-	}
-	sendErr := make([]error, len(probes))
-	for i, pr := range probes {
-		sendErr[i] = pr.conn.send(pr.target)
-	}
-	select {
-	case <-time.After(p.timeout):
-	case <-ctx.Done():
-	}
-	for i, pr := range probes {
-		res := Result{Target: pr.target, Method: pr.method, Err: sendErr[i]}
-		if res.Err == nil {
-			if rtt, ok := pr.conn.answer(pr.target); ok {
-				res.RTT = rtt
-			} else {
-				res.Err = fmt.Errorf("%w in %v", errNoAnswer, p.timeout)
-			}
-		}
-		if i == 0 && p.line.Probe.Gateway != config.ProbeNone {
-			r.Gateway = &res
-		} else {
-			r.Targets = append(r.Targets, res)
-		}
-	}
-	return r
-}
-
-// rawConn is one probe socket with its receiver: probes of the current
-// round are matched to answers by the receiver goroutine.
-type rawConn struct {
-	fd      int
-	request func(seq uint16, target netip.Addr) ([]byte, unix.Sockaddr)
-	parse   func(b []byte, from unix.Sockaddr) (seq uint16, src netip.Addr, ok bool)
-
-	mu      sync.Mutex
-	seq     uint16
-	sent    map[netip.Addr]time.Time
-	answers map[netip.Addr]time.Duration
-
-	closed atomic.Bool
-	done   chan struct{}
-}
-
-// recvTimeout bounds a receive, so that the receiver notices Close.
-const recvTimeout = 50 * time.Millisecond
-
-func newRawConn(fd int) (*rawConn, error) {
-	tv := unix.NsecToTimeval(recvTimeout.Nanoseconds())
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		unix.Close(fd)
+	if err != nil {
+		p.Close()
 		return nil, err
 	}
-	return &rawConn{fd: fd, done: make(chan struct{})}, nil
-}
-
-func (c *rawConn) start() { go c.receive() }
-
-func (c *rawConn) newRound() {
-	c.mu.Lock()
-	c.seq++
-	c.sent = map[netip.Addr]time.Time{}
-	c.answers = map[netip.Addr]time.Duration{}
-	c.mu.Unlock()
-}
-
-func (c *rawConn) send(target netip.Addr) error {
-	c.mu.Lock()
-	seq := c.seq
-	c.sent[target] = time.Now()
-	c.mu.Unlock()
-	b, to := c.request(seq, target)
-	return unix.Sendto(c.fd, b, 0, to)
-}
-
-func (c *rawConn) answer(target netip.Addr) (time.Duration, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	rtt, ok := c.answers[target]
-	return rtt, ok
-}
-
-func (c *rawConn) receive() {
-	defer close(c.done)
-	buf := make([]byte, 1500)
-	for !c.closed.Load() {
-		n, from, err := unix.Recvfrom(c.fd, buf, 0)
-		if err != nil {
-			continue // timeout (EAGAIN) or EINTR: look at closed again
-		}
-		now := time.Now()
-		seq, src, ok := c.parse(buf[:n], from)
-		if !ok {
-			continue
-		}
-		c.mu.Lock()
-		if sent, asked := c.sent[src]; asked && seq == c.seq {
-			if _, dup := c.answers[src]; !dup {
-				c.answers[src] = now.Sub(sent)
-			}
-		}
-		c.mu.Unlock()
-	}
-}
-
-// close stops the receiver, then closes the socket (never the other way
-// round: the descriptor number could be reused under the receiver).
-func (c *rawConn) close() {
-	if c.closed.Swap(true) {
-		return
-	}
-	<-c.done
-	unix.Close(c.fd)
+	return p, nil
 }
 
 // openICMP opens a raw ICMP socket bound to the line's interface and
-// address and marked for its table; echo ids are the socket's own.
-func openICMP(l Line) (*rawConn, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_ICMP)
+// address and marked for its table. It only receives echo replies.
+func openICMP(l Line) (net.PacketConn, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var err error
+		if cerr := c.Control(func(fd uintptr) { err = bindLine(int(fd), l) }); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	c, err := lc.ListenPacket(context.Background(), "ip4:icmp", l.Source.String())
 	if err != nil {
 		return nil, err
 	}
-	if err := bindLine(fd, l); err != nil {
-		unix.Close(fd)
-		return nil, err
+	var f ipv4.ICMPFilter
+	f.SetAll(true)
+	f.Accept(ipv4.ICMPTypeEchoReply)
+	if err := ipv4.NewPacketConn(c).SetICMPFilter(&f); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("filtering echo replies: %w", err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: l.Source.As4()}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("binding to %s: %w", l.Source, err)
-	}
-	c, err := newRawConn(fd)
-	if err != nil {
-		return nil, err
-	}
-	id := uint16(fd) ^ uint16(unix.Getpid())
-	c.request = func(seq uint16, target netip.Addr) ([]byte, unix.Sockaddr) {
-		return echoRequest(id, seq), &unix.SockaddrInet4{Addr: target.As4()}
-	}
-	c.parse = func(b []byte, from unix.Sockaddr) (uint16, netip.Addr, bool) {
-		return parseEchoReply(b, id)
-	}
-	c.start()
 	return c, nil
 }
 
+// bindLine binds a socket to the line's interface and marks it for the
+// line's routing table.
 func bindLine(fd int, l Line) error {
 	if err := unix.SetsockoptString(fd, unix.SOL_SOCKET, unix.SO_BINDTODEVICE, l.Ifname); err != nil {
 		return fmt.Errorf("binding to %s: %w", l.Ifname, err)
@@ -283,109 +140,268 @@ func bindLine(fd int, l Line) error {
 	return nil
 }
 
-const (
-	icmpEchoReply   = 0
-	icmpEchoRequest = 8
-)
-
-// echoRequest builds an ICMP echo request.
-func echoRequest(id, seq uint16) []byte {
-	b := make([]byte, 16)
-	b[0] = icmpEchoRequest
-	binary.BigEndian.PutUint16(b[4:], id)
-	binary.BigEndian.PutUint16(b[6:], seq)
-	copy(b[8:], "uplinkd!")
-	binary.BigEndian.PutUint16(b[2:], checksum(b))
-	return b
-}
-
-// parseEchoReply reads an IPv4 packet holding an echo reply with our id.
-func parseEchoReply(b []byte, id uint16) (uint16, netip.Addr, bool) {
-	if len(b) < 20 {
-		return 0, netip.Addr{}, false
-	}
-	ihl := int(b[0]&0x0f) * 4
-	if ihl < 20 || len(b) < ihl+8 {
-		return 0, netip.Addr{}, false
-	}
-	icmp := b[ihl:]
-	if icmp[0] != icmpEchoReply || binary.BigEndian.Uint16(icmp[4:]) != id {
-		return 0, netip.Addr{}, false
-	}
-	src := netip.AddrFrom4([4]byte(b[12:16]))
-	return binary.BigEndian.Uint16(icmp[6:]), src, true
-}
-
-func checksum(b []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		sum += uint32(b[len(b)-1]) << 8
-	}
-	for sum>>16 != 0 {
-		sum = sum&0xffff + sum>>16
-	}
-	return ^uint16(sum)
-}
-
-// openARP opens a packet socket on the line's interface for ARP requests
-// to its gateway, broadcast each time (a gateway whose MAC address
-// changes is still found).
-func openARP(l Line) (*rawConn, error) {
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ARP)))
+// openARP opens an ARP client on the line's interface, looked up in the
+// calling thread's namespace.
+func (p *Prober) openARP() error {
+	ifi, err := net.InterfaceByName(p.line.Ifname)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: l.Ifindex}); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("binding to %s: %w", l.Ifname, err)
+	if len(ifi.HardwareAddr) != 6 {
+		return fmt.Errorf("%s has no Ethernet address for ARP", p.line.Ifname)
 	}
-	c, err := newRawConn(fd)
+	if p.arp, err = arp.Dial(ifi); err != nil {
+		return err
+	}
+	p.arpMAC = ifi.HardwareAddr
+	return nil
+}
+
+// Close closes the sockets: a round under way ends, and Run returns.
+func (p *Prober) Close() {
+	p.closeOnce.Do(func() {
+		close(p.closed)
+		if p.icmp != nil {
+			p.icmp.Close()
+		}
+		if p.arp != nil {
+			p.arp.Close()
+		}
+	})
+}
+
+// Run sends a round every interval and reports it on out until ctx ends
+// or the prober is closed; then it closes the prober. A round cut short
+// by either is not reported.
+func (p *Prober) Run(ctx context.Context, out chan<- Report) {
+	defer p.Close()
+	tick := time.NewTicker(p.interval)
+	defer tick.Stop()
+	for {
+		r := p.round(ctx)
+		if ctx.Err() != nil || p.isClosed() {
+			return
+		}
+		select {
+		case out <- Report{Line: p.line.Name, ID: p.line.ID, Round: r}:
+		case <-ctx.Done():
+			return
+		case <-p.closed:
+			return
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			return
+		case <-p.closed:
+			return
+		}
+	}
+}
+
+func (p *Prober) isClosed() bool {
+	select {
+	case <-p.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// probe is one probe of a round.
+type probe struct {
+	target   netip.Addr
+	method   string
+	seq      uint16 // echo sequence number (ICMP)
+	sent     time.Time
+	sendErr  error
+	answered bool
+	rtt      time.Duration
+}
+
+// deadliner is what a round sets deadlines on.
+type deadliner interface{ SetDeadline(time.Time) error }
+
+// round sends every probe of a round at once and reads the answers until
+// all have come or the timeout passes. Rounds must not overlap.
+func (p *Prober) round(ctx context.Context) Round {
+	r := Round{At: time.Now()}
+	var gw *probe
+	var echo []*probe // the ICMP probes, gateway first
+	switch p.line.Probe.Gateway {
+	case config.ProbeICMP:
+		gw = &probe{target: p.line.Gateway, method: config.ProbeICMP}
+		echo = append(echo, gw)
+	case config.ProbeARP:
+		gw = &probe{target: p.line.Gateway, method: config.ProbeARP}
+	}
+	targets := make([]*probe, len(p.line.Probe.Targets))
+	for i, t := range p.line.Probe.Targets {
+		targets[i] = &probe{target: t, method: config.ProbeICMP}
+		echo = append(echo, targets[i])
+	}
+
+	// Deadlines first, then the cancellation that cuts them short: a
+	// context that is done already ends the round at once.
+	var conns []deadliner
+	if p.icmp != nil {
+		conns = append(conns, p.icmp)
+	}
+	if p.arp != nil {
+		conns = append(conns, p.arp)
+	}
+	deadline := r.At.Add(p.timeout)
+	for _, c := range conns {
+		c.SetDeadline(deadline) // fails only once closed: the reads say so
+	}
+	stop := context.AfterFunc(ctx, func() {
+		for _, c := range conns {
+			c.SetDeadline(time.Now())
+		}
+	})
+	defer stop()
+
+	// Send everything, then read both sockets at once. Every probe of the
+	// round gets its own sequence number, so that a reply answers exactly
+	// one probe.
+	for i, pr := range echo {
+		pr.seq = p.seq + uint16(i)
+		pr.sendErr = p.sendEcho(pr)
+	}
+	p.seq += uint16(len(echo))
+	arpGW := gw != nil && gw.method == config.ProbeARP
+	if arpGW {
+		gw.sendErr = p.sendARP(gw)
+	}
+	var icmpErr, arpErr error
+	var wg sync.WaitGroup
+	if len(echo) > 0 {
+		wg.Go(func() { icmpErr = p.readEcho(echo) })
+	}
+	if arpGW {
+		wg.Go(func() { arpErr = p.readARP(gw) })
+	}
+	wg.Wait()
+
+	result := func(pr *probe, readErr error) Result {
+		res := Result{Target: pr.target, Method: pr.method}
+		switch {
+		case pr.sendErr != nil:
+			res.Err = pr.sendErr
+		case pr.answered:
+			res.RTT = pr.rtt
+		case ctx.Err() != nil:
+			res.Err = fmt.Errorf("round cut short: %w", ctx.Err())
+		case readErr == nil || errors.Is(readErr, os.ErrDeadlineExceeded):
+			res.Err = fmt.Errorf("%w in %v", errNoAnswer, p.timeout)
+		default:
+			res.Err = fmt.Errorf("reading replies: %w", readErr)
+		}
+		return res
+	}
+	if gw != nil {
+		readErr := icmpErr
+		if arpGW {
+			readErr = arpErr
+		}
+		res := result(gw, readErr)
+		r.Gateway = &res
+	}
+	for _, pr := range targets {
+		r.Targets = append(r.Targets, result(pr, icmpErr))
+	}
+	return r
+}
+
+// sendEcho sends an echo request.
+func (p *Prober) sendEcho(pr *probe) error {
+	m := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: int(p.echoID), Seq: int(pr.seq), Data: echoData}}
+	b, err := m.Marshal(nil)
 	if err != nil {
-		return nil, err
+		return fmt.Errorf("building echo request: %w", err)
 	}
-	broadcast := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: l.Ifindex, Halen: 6, Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
-	c.request = func(_ uint16, target netip.Addr) ([]byte, unix.Sockaddr) {
-		return arpRequest(l.MAC, l.Source, target), broadcast
+	pr.sent = time.Now()
+	if _, err := p.icmp.WriteTo(b, &net.IPAddr{IP: pr.target.AsSlice()}); err != nil {
+		return fmt.Errorf("sending echo request: %w", err)
 	}
-	c.parse = func(b []byte, _ unix.Sockaddr) (uint16, netip.Addr, bool) {
-		// An ARP reply answers the current round whatever it carries: ARP
-		// has no sequence number.
-		src, ok := parseARPReply(b)
-		c.mu.Lock()
-		seq := c.seq
-		c.mu.Unlock()
-		return seq, src, ok
-	}
-	c.start()
-	return c, nil
+	return nil
 }
 
-const (
-	arpRequestOp = 1
-	arpReplyOp   = 2
-)
-
-func arpRequest(mac net.HardwareAddr, src, target netip.Addr) []byte {
-	b := make([]byte, 28)
-	binary.BigEndian.PutUint16(b[0:], 1)      // Ethernet
-	binary.BigEndian.PutUint16(b[2:], 0x0800) // IPv4
-	b[4], b[5] = 6, 4
-	binary.BigEndian.PutUint16(b[6:], arpRequestOp)
-	copy(b[8:14], mac)
-	s, t := src.As4(), target.As4()
-	copy(b[14:18], s[:])
-	copy(b[24:28], t[:])
-	return b
-}
-
-func parseARPReply(b []byte) (netip.Addr, bool) {
-	if len(b) < 28 || binary.BigEndian.Uint16(b[6:]) != arpReplyOp {
-		return netip.Addr{}, false
+// readEcho reads echo replies until every probe that was sent has its
+// answer (nil) or reading fails (the deadline, or Close).
+func (p *Prober) readEcho(probes []*probe) error {
+	pending := 0
+	for _, pr := range probes {
+		if pr.sendErr == nil {
+			pending++
+		}
 	}
-	return netip.AddrFrom4([4]byte(b[14:18])), true
+	buf := make([]byte, 1500)
+	for pending > 0 {
+		n, from, err := p.icmp.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		now := time.Now()
+		m, err := icmp.ParseMessage(ipv4.ICMPTypeEchoReply.Protocol(), buf[:n])
+		if err != nil || m.Type != ipv4.ICMPTypeEchoReply {
+			continue
+		}
+		e, ok := m.Body.(*icmp.Echo)
+		if !ok || e.ID != int(p.echoID) {
+			continue
+		}
+		i := int(uint16(e.Seq) - probes[0].seq)
+		if i >= len(probes) {
+			continue // another round's, or not ours
+		}
+		pr := probes[i]
+		ipa, ok := from.(*net.IPAddr)
+		if !ok || pr.sendErr != nil || pr.answered {
+			continue
+		}
+		if src, ok := netip.AddrFromSlice(ipa.IP); !ok || src.Unmap() != pr.target {
+			continue
+		}
+		pr.answered, pr.rtt = true, now.Sub(pr.sent)
+		pending--
+	}
+	return nil
 }
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
+// sendARP broadcasts an ARP request for the gateway from the line's
+// address (not the interface's first one, as arp.Client.Request would),
+// so that the gateway sees the line's own address.
+func (p *Prober) sendARP(pr *probe) error {
+	req, err := arp.NewPacket(arp.OperationRequest, p.arpMAC, p.line.Source, make(net.HardwareAddr, 6), pr.target)
+	if err != nil {
+		return fmt.Errorf("building ARP request: %w", err)
+	}
+	pr.sent = time.Now()
+	if err := p.arp.WriteTo(req, ethernet.Broadcast); err != nil {
+		return fmt.Errorf("sending ARP request: %w", err)
+	}
+	return nil
+}
+
+// readARP reads ARP packets until the gateway's reply (nil) or reading
+// fails (the deadline, or Close). ARP has no sequence number: any reply
+// of the gateway during the round answers it.
+func (p *Prober) readARP(pr *probe) error {
+	if pr.sendErr != nil {
+		return nil
+	}
+	for {
+		pkt, _, err := p.arp.Read()
+		if err != nil {
+			if _, ok := errors.AsType[*net.OpError](err); ok {
+				return err // the socket's: deadline, closed, or failed
+			}
+			continue // a malformed frame
+		}
+		if pkt.Operation == arp.OperationReply && pkt.SenderIP == pr.target {
+			pr.answered, pr.rtt = true, time.Since(pr.sent)
+			return nil
+		}
+	}
+}

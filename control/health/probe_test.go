@@ -1,0 +1,340 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package health
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/nsdo"
+)
+
+// The probe tests run in throwaway network namespaces of their own: the
+// line's end of a veth pair (192.0.2.1) in one, the gateway's end
+// (192.0.2.2, answered by the kernel) in another. Unnamed namespaces
+// vanish with their last descriptor, and the veth pair with them, so
+// nothing outlives the test, also when it fails.
+var (
+	probeSource  = netip.MustParseAddr("192.0.2.1")
+	probeGateway = netip.MustParseAddr("192.0.2.2")
+	probeNobody  = netip.MustParseAddr("192.0.2.99")
+)
+
+// probeLab is a line in a namespace of its own with a live gateway.
+type probeLab struct {
+	ns        netns.NsHandle // the line's
+	line      Line
+	lineNL    *netlink.Handle // in the line's namespace
+	gatewayNL *netlink.Handle // in the gateway's
+}
+
+func (l probeLab) do(f func() error) error { return nsdo.Do(l.ns, f) }
+
+// newNS makes an unnamed network namespace, closed by the test's cleanup.
+func newNS(t *testing.T) netns.NsHandle {
+	t.Helper()
+	type made struct {
+		ns  netns.NsHandle
+		err error
+	}
+	c := make(chan made, 1)
+	go func() {
+		// Never unlocked: the thread, now in the new namespace, ends with
+		// the goroutine instead of going back to the scheduler.
+		runtime.LockOSThread()
+		ns, err := netns.New()
+		c <- made{ns, err}
+	}()
+	m := <-c
+	if errors.Is(m.err, unix.EPERM) {
+		t.Skipf("cannot create network namespaces: %v", m.err)
+	}
+	if m.err != nil {
+		t.Fatalf("creating a network namespace: %v", m.err)
+	}
+	t.Cleanup(func() { m.ns.Close() })
+	return m.ns
+}
+
+func newProbeLab(t *testing.T) probeLab {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: raw sockets and network namespaces")
+	}
+	lineNS, gwNS := newNS(t), newNS(t)
+	line := handleAt(t, lineNS)
+	gw := handleAt(t, gwNS)
+
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "ul0"}, PeerName: "gw0", PeerNamespace: netlink.NsFd(int(gwNS))}
+	if err := line.LinkAdd(veth); err != nil {
+		t.Fatalf("adding veth pair: %v", err)
+	}
+	setUp := func(h *netlink.Handle, name string, a netip.Addr) netlink.Link {
+		t.Helper()
+		link, err := h.LinkByName(name)
+		if err != nil {
+			t.Fatalf("finding %s: %v", name, err)
+		}
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(24, 32)}}
+		if err := h.AddrAdd(link, addr); err != nil {
+			t.Fatalf("adding %s to %s: %v", a, name, err)
+		}
+		if err := h.LinkSetUp(link); err != nil {
+			t.Fatalf("setting %s up: %v", name, err)
+		}
+		return link
+	}
+	gwLink := setUp(gw, "gw0", probeGateway)
+	ulLink := setUp(line, "ul0", probeSource)
+
+	// Wait for the carrier: a veth is up once both ends are.
+	for end := time.Now().Add(5 * time.Second); ; {
+		l, err := line.LinkByIndex(ulLink.Attrs().Index)
+		if err == nil && l.Attrs().OperState == netlink.OperUp {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("ul0 (peer %s) did not come up", gwLink.Attrs().Name)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return probeLab{ns: lineNS, lineNL: line, gatewayNL: gw, line: Line{
+		ID: 7, Name: "wan", Ifname: "ul0", Ifindex: ulLink.Attrs().Index, MAC: ulLink.Attrs().HardwareAddr,
+		Mark: 0x42, Source: probeSource, Gateway: probeGateway,
+	}}
+}
+
+func handleAt(t *testing.T, ns netns.NsHandle) *netlink.Handle {
+	t.Helper()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatalf("netlink handle: %v", err)
+	}
+	t.Cleanup(h.Close)
+	return h
+}
+
+func newTestProber(t *testing.T, lab probeLab, l Line, interval, timeout time.Duration) *Prober {
+	t.Helper()
+	p, err := NewProber(l, interval, timeout, lab.do)
+	if err != nil {
+		t.Fatalf("NewProber: %v", err)
+	}
+	t.Cleanup(p.Close)
+	return p
+}
+
+func TestProbeLiveGateway(t *testing.T) {
+	lab := newProbeLab(t)
+	const timeout = 5 * time.Second
+	for _, gwProbe := range []string{config.ProbeICMP, config.ProbeARP} {
+		t.Run(gwProbe, func(t *testing.T) {
+			l := lab.line
+			// The gateway a second time as an extra target: the two echo
+			// requests must be answered one each.
+			l.Probe = config.Probe{Gateway: gwProbe, Targets: []netip.Addr{probeGateway}, MinTargets: 1}
+			p := newTestProber(t, lab, l, time.Second, timeout)
+			for i := range 3 {
+				start := time.Now()
+				r := p.round(t.Context())
+				took := time.Since(start)
+				if r.Gateway == nil || len(r.Targets) != 1 {
+					t.Fatalf("round %d: want a gateway and 1 target, got %+v", i, r)
+				}
+				for _, res := range append([]Result{*r.Gateway}, r.Targets...) {
+					if res.Err != nil || res.RTT <= 0 || res.Target != probeGateway {
+						t.Errorf("round %d: want an RTT from %s, got %+v", i, probeGateway, res)
+					}
+				}
+				if r.Gateway.Method != gwProbe || r.Targets[0].Method != config.ProbeICMP {
+					t.Errorf("round %d: methods %s and %s, want %s and icmp", i, r.Gateway.Method, r.Targets[0].Method, gwProbe)
+				}
+				if took >= timeout {
+					t.Errorf("round %d took %v: it must end once every probe has answered", i, took)
+				}
+				if ok, why := r.ok(1); !ok {
+					t.Errorf("round %d not ok: %s", i, why)
+				}
+			}
+		})
+	}
+}
+
+// TestProbeARPSource probes from a secondary address of the interface:
+// the gateway must learn that one, not the interface's first.
+func TestProbeARPSource(t *testing.T) {
+	lab := newProbeLab(t)
+	secondary := netip.MustParseAddr("192.0.2.10")
+	link, err := lab.lineNL.LinkByName("ul0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.lineNL.AddrAdd(link, &netlink.Addr{IPNet: &net.IPNet{IP: secondary.AsSlice(), Mask: net.CIDRMask(24, 32)}}); err != nil {
+		t.Fatalf("adding %s: %v", secondary, err)
+	}
+	l := lab.line
+	l.Source = secondary
+	l.Probe = config.Probe{Gateway: config.ProbeARP}
+	p := newTestProber(t, lab, l, time.Second, 5*time.Second)
+	r := p.round(t.Context())
+	if r.Gateway == nil || r.Gateway.Err != nil || r.Gateway.Method != config.ProbeARP {
+		t.Fatalf("want an ARP answer from the gateway, got %+v", r.Gateway)
+	}
+	neighs, err := lab.gatewayNL.NeighList(0, unix.AF_INET)
+	if err != nil {
+		t.Fatal(err)
+	}
+	learnt := map[netip.Addr]string{}
+	for _, n := range neighs {
+		if a, ok := netip.AddrFromSlice(n.IP); ok {
+			learnt[a.Unmap()] = n.HardwareAddr.String()
+		}
+	}
+	if mac := learnt[secondary]; mac != l.MAC.String() {
+		t.Errorf("the gateway has %s at %q, want %s (all: %v)", secondary, mac, l.MAC, learnt)
+	}
+	if mac, ok := learnt[probeSource]; ok {
+		t.Errorf("the gateway learnt the interface's first address %s (%s): the request was not from the line's", probeSource, mac)
+	}
+}
+
+func TestProbeNoAnswer(t *testing.T) {
+	lab := newProbeLab(t)
+	const timeout = 300 * time.Millisecond
+	for _, gwProbe := range []string{config.ProbeICMP, config.ProbeARP} {
+		t.Run(gwProbe, func(t *testing.T) {
+			l := lab.line
+			l.Gateway = probeNobody
+			// A live target next to the dead gateway: it answers, the round
+			// still waits out the timeout for the gateway.
+			l.Probe = config.Probe{Gateway: gwProbe, Targets: []netip.Addr{probeGateway, probeNobody}, MinTargets: 1}
+			p := newTestProber(t, lab, l, time.Second, timeout)
+			start := time.Now()
+			r := p.round(t.Context())
+			took := time.Since(start)
+			if took < timeout || took > timeout+time.Second {
+				t.Errorf("round took %v, want about the timeout %v", took, timeout)
+			}
+			if r.Gateway == nil || len(r.Targets) != 2 {
+				t.Fatalf("want a gateway and 2 targets, got %+v", r)
+			}
+			for _, res := range []Result{*r.Gateway, r.Targets[1]} {
+				if !errors.Is(res.Err, errNoAnswer) || res.Target != probeNobody {
+					t.Errorf("want no answer from %s, got %+v", probeNobody, res)
+				}
+			}
+			if res := r.Targets[0]; res.Err != nil || res.RTT <= 0 {
+				t.Errorf("want an RTT from %s, got %+v", probeGateway, res)
+			}
+			if ok, _ := r.ok(1); ok {
+				t.Error("a round whose gateway did not answer is ok")
+			}
+		})
+	}
+}
+
+// TestProbeEndsPromptly cuts a round with a long timeout short in every
+// way it can be: it must end at once, not at the timeout.
+func TestProbeEndsPromptly(t *testing.T) {
+	lab := newProbeLab(t)
+	const timeout, bound = 10 * time.Second, 2 * time.Second
+	l := lab.line
+	l.Gateway = probeNobody
+	l.Probe = config.Probe{Gateway: config.ProbeARP, Targets: []netip.Addr{probeNobody}, MinTargets: 1}
+
+	within := func(t *testing.T, what string, done <-chan struct{}) {
+		t.Helper()
+		select {
+		case <-done:
+		case <-time.After(bound):
+			t.Fatalf("%s did not return within %v (timeout %v)", what, bound, timeout)
+		}
+	}
+
+	t.Run("cancel round", func(t *testing.T) {
+		p := newTestProber(t, lab, l, time.Second, timeout)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan struct{})
+		var r Round
+		go func() { defer close(done); r = p.round(ctx) }()
+		time.Sleep(200 * time.Millisecond)
+		cancel()
+		within(t, "round", done)
+		if r.Gateway == nil || !errors.Is(r.Gateway.Err, context.Canceled) {
+			t.Errorf("gateway: want the cancellation, got %+v", r.Gateway)
+		}
+	})
+
+	t.Run("close round", func(t *testing.T) {
+		p := newTestProber(t, lab, l, time.Second, timeout)
+		done := make(chan struct{})
+		var r Round
+		go func() { defer close(done); r = p.round(t.Context()) }()
+		time.Sleep(200 * time.Millisecond)
+		p.Close()
+		within(t, "round", done)
+		if r.Gateway == nil || r.Gateway.Err == nil || len(r.Targets) != 1 || r.Targets[0].Err == nil {
+			t.Errorf("want every probe failed, got %+v", r)
+		}
+	})
+
+	for _, how := range []string{"cancel", "close"} {
+		t.Run(how+" run", func(t *testing.T) {
+			p := newTestProber(t, lab, l, time.Second, timeout)
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			out := make(chan Report, 1)
+			done := make(chan struct{})
+			go func() { defer close(done); p.Run(ctx, out) }()
+			time.Sleep(200 * time.Millisecond)
+			if how == "cancel" {
+				cancel()
+			} else {
+				p.Close()
+			}
+			within(t, "Run", done)
+			select {
+			case r := <-out:
+				t.Errorf("a round cut short was reported: %+v", r)
+			default:
+			}
+		})
+	}
+}
+
+func TestProbeRun(t *testing.T) {
+	lab := newProbeLab(t)
+	l := lab.line
+	l.Probe = config.Probe{Gateway: config.ProbeARP, Targets: []netip.Addr{probeGateway}, MinTargets: 1}
+	p := newTestProber(t, lab, l, 50*time.Millisecond, 2*time.Second)
+	ctx, cancel := context.WithCancel(t.Context())
+	out := make(chan Report)
+	done := make(chan struct{})
+	go func() { defer close(done); p.Run(ctx, out) }()
+	for i := range 3 {
+		select {
+		case r := <-out:
+			if r.Line != l.Name || r.ID != l.ID {
+				t.Errorf("report %d of %s/%d, want %s/%d", i, r.Line, r.ID, l.Name, l.ID)
+			}
+			if ok, why := r.Round.ok(1); !ok {
+				t.Errorf("report %d: round not ok: %s", i, why)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no report %d", i)
+		}
+	}
+	cancel()
+	<-done
+}
