@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -180,7 +181,7 @@ func BenchmarkAgentSteadyState(b *testing.B) {
 		b.ReportMetric(100*used/period.Seconds(), "cpu-%")
 	}
 	b.ReportMetric(float64(rssKiB(b, pid))/1024, "rss-MiB")
-	if strings.Contains(a.log.String(), "event=line-down") {
+	if a.countEvents(events.LineDown, "") > 0 {
 		b.Error("a line went down at steady state")
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/loader"
 	"github.com/uplinkd/uplinkd/test/foreign"
 	"github.com/uplinkd/uplinkd/test/lab"
@@ -461,15 +462,15 @@ func TestCarrierLoss(t *testing.T) {
 	if err := l.SetCarrier(1, false); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, `event=carrier line=dsl1 carrier=false`, 1)
+	a.waitEvent(t, 1, events.Carrier, "dsl1", "carrier=false")
 	eventually(t, "dsl1 out of service", func() bool { return lineOut(t, l, 1) })
 	checkFailover(t, l, srv, flowsOn(l, flows, 2))
 
 	if err := l.SetCarrier(1, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, `event=carrier line=dsl1 carrier=true`, 1)
-	a.waitLog(t, `event=line-up line=dsl1`, 1) // after the hold-down
+	a.waitEvent(t, 1, events.Carrier, "dsl1", "carrier=true")
+	a.waitEvent(t, 1, events.LineUp, "dsl1") // after the hold-down
 	eventually(t, "dsl1 back in service", func() bool { return lineIn(t, l, 1) })
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
 		t.Error("dsl1 has its carrier back but gets no new flows")

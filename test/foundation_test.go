@@ -15,6 +15,7 @@ import (
 
 	uagent "github.com/uplinkd/uplinkd/control/agent"
 	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -242,7 +243,7 @@ func TestRunRestoresAndFollows(t *testing.T) {
 	eventually(t, "rule 222 restored", func() bool {
 		return strings.Contains(gw(t, l, "ip", "rule", "show", "prio", "222"), "lookup 222")
 	})
-	a.waitLog(t, "event=restored", 1)
+	a.waitEvent(t, 1, events.Restored, "")
 	gw(t, l, "ip", "route", "del", "default", "table", "201")
 	eventually(t, "route in table 201 restored", func() bool {
 		return strings.Contains(gw(t, l, "ip", "route", "show", "table", "201"), "default via 198.51.100.1")

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -53,7 +54,7 @@ func TestGatewaySilent(t *testing.T) {
 	if err := l.SetGatewaySilent(1, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-down line=dsl1", 1)
+	a.waitEvent(t, 1, events.LineDown, "dsl1")
 	t.Logf("dsl1 down %v after its gateway went silent", time.Since(start).Round(time.Millisecond))
 	eventually(t, "dsl1 out of service", func() bool { return lineOut(t, l, 1) })
 	checkFailover(t, l, srv, flowsOn(l, flows, 2))
@@ -62,7 +63,7 @@ func TestGatewaySilent(t *testing.T) {
 	if err := l.SetGatewaySilent(1, false); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-up line=dsl1", 1)
+	a.waitEvent(t, 1, events.LineUp, "dsl1")
 	t.Logf("dsl1 up %v after its gateway answered again", time.Since(start).Round(time.Millisecond))
 	eventually(t, "dsl1 back in service", func() bool { return lineIn(t, l, 1) })
 	if got := newShare(t, l, srv.Addr, 50); got[0] == 0 {
@@ -86,11 +87,11 @@ func TestLossBeyondGateway(t *testing.T) {
 	if err := l.SetLossBeyond(1, 100); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-down line=dsl1", 1)
-	if log := a.log.String(); !strings.Contains(log, "target "+target) {
-		t.Errorf("the reason does not name the target %s:\n%s", target, log)
+	a.waitEvent(t, 1, events.LineDown, "dsl1")
+	if why := a.lastEvent(events.LineDown, "dsl1").Fields["why"]; !strings.Contains(why, "target "+target) {
+		t.Errorf("the reason %q does not name the target %s", why, target)
 	}
-	if strings.Contains(a.log.String(), "event=line-down line=dsl2") {
+	if a.countEvents(events.LineDown, "dsl2") > 0 {
 		t.Error("dsl2 went down too")
 	}
 	eventually(t, "dsl1 out of service", func() bool { return lineOut(t, l, 1) })
@@ -99,7 +100,7 @@ func TestLossBeyondGateway(t *testing.T) {
 	if err := l.SetLossBeyond(1, 0); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-up line=dsl1", 1)
+	a.waitEvent(t, 1, events.LineUp, "dsl1")
 }
 
 // A line that flaps (its gateway silent and back every 400 ms) stays out:
@@ -115,7 +116,7 @@ func TestFlappingLineStaysOut(t *testing.T) {
 	if err := l.SetGatewaySilent(1, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-down line=dsl1", 1)
+	a.waitEvent(t, 1, events.LineDown, "dsl1")
 	var longest time.Duration // the longest the gateway answered in a row
 	answering := time.Time{}
 	for i := range 10 {
@@ -131,20 +132,19 @@ func TestFlappingLineStaysOut(t *testing.T) {
 		}
 		time.Sleep(400 * time.Millisecond)
 	}
-	log := a.log.String()
 	if longest >= holdDown {
 		t.Fatalf("the test flapped too slowly to judge (the gateway answered %v in a row; hold-down %v)", longest, holdDown)
 	}
-	if strings.Contains(log, "event=line-up line=dsl1") {
-		t.Fatalf("the flapping line came back (it answered %v in a row at most):\n%s", longest, log)
+	if a.countEvents(events.LineUp, "dsl1") > 0 {
+		t.Fatalf("the flapping line came back (it answered %v in a row at most)", longest)
 	}
-	if n := strings.Count(log, "event=line-probing line=dsl1"); n < 2 {
+	if n := a.countEvents(events.LineProbing, "dsl1"); n < 2 {
 		t.Errorf("the line was probing %d times while flapping, want at least 2 (is the flapping real?)", n)
 	}
 	if err := l.SetGatewaySilent(1, false); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-up line=dsl1", 1)
+	a.waitEvent(t, 1, events.LineUp, "dsl1")
 }
 
 // counterRE reads an nft counter and the comment naming it.
@@ -172,7 +172,7 @@ func TestProbesStayOnTheirLine(t *testing.T) {
 	if err := l.SetGatewaySilent(1, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-down line=dsl1", 1)
+	a.waitEvent(t, 1, events.LineDown, "dsl1")
 	time.Sleep(time.Second) // five more rounds of probes of the dead line
 	out, err := l.ISPs[1].Run(ctx, "nft", "list", "table", "inet", "watch")
 	if err != nil {
@@ -205,15 +205,15 @@ func TestARPProbe(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(1500 * time.Millisecond) // more than down_after rounds
-	if strings.Contains(a.log.String(), "event=line-down line=dsl1") {
-		t.Fatalf("dsl1, probed by ARP, went down when its gateway stopped answering pings:\n%s", a.log.String())
+	if a.countEvents(events.LineDown, "dsl1") > 0 {
+		t.Fatalf("dsl1, probed by ARP, went down when its gateway stopped answering pings: %+v", a.lastEvent(events.LineDown, "dsl1"))
 	}
 	if err := l.SetGatewaySilent(1, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-down line=dsl1", 1)
-	if !strings.Contains(a.log.String(), "(arp)") {
-		t.Errorf("the reason does not name the ARP probe:\n%s", a.log.String())
+	a.waitEvent(t, 1, events.LineDown, "dsl1")
+	if why := a.lastEvent(events.LineDown, "dsl1").Fields["why"]; !strings.Contains(why, "(arp)") {
+		t.Errorf("the reason %q does not name the ARP probe", why)
 	}
 }
 
@@ -227,14 +227,14 @@ func TestAllLinesDownKeepsTheLast(t *testing.T) {
 	if err := l.SetGatewaySilent(1, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-down line=dsl1", 1)
+	a.waitEvent(t, 1, events.LineDown, "dsl1")
 	if err := l.SetGatewaySilent(2, true); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-down line=dsl2", 1)
-	a.waitLog(t, "event=all-lines-down", 1)
-	if !strings.Contains(a.log.String(), "level=ERROR msg=\"every line failed its probes: keeping the last configuration\"") {
-		t.Errorf("the fallback is not logged as an error:\n%s", a.log.String())
+	a.waitEvent(t, 1, events.LineDown, "dsl2")
+	a.waitEvent(t, 1, events.AllDown, "")
+	if st := a.status(t); !st.AllLinesDown {
+		t.Errorf("status does not say every line is down: %+v", st)
 	}
 	routes := gw(t, l, "ip", "route", "show", "table", "222")
 	if !strings.Contains(routes, "dev wan2") || strings.Contains(routes, "dev wan1") {
@@ -243,8 +243,8 @@ func TestAllLinesDownKeepsTheLast(t *testing.T) {
 	if err := l.SetGatewaySilent(1, false); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=line-up line=dsl1", 1)
-	a.waitLog(t, "event=all-lines-down", 2) // leaving the fallback
+	a.waitEvent(t, 1, events.LineUp, "dsl1")
+	a.waitEvent(t, 2, events.AllDown, "") // leaving the fallback
 	eventually(t, "table 222 has wan1 only (dsl2 is still down)", func() bool {
 		routes := gw(t, l, "ip", "route", "show", "table", "222")
 		return strings.Contains(routes, "dev wan1") && !strings.Contains(routes, "dev wan2")
@@ -267,7 +267,7 @@ func TestAdaptiveWeights(t *testing.T) {
 	if err := l.SetLossBeyond(1, 40); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "event=weight line=dsl1", 1) // within one adaptation period (5 s)
+	a.waitEvent(t, 1, events.Weight, "dsl1") // within one adaptation period (5 s)
 	routes := gw(t, l, "ip", "route", "show", "table", "222")
 	w := regexp.MustCompile(`dev wan1 weight (\d+)`).FindStringSubmatch(routes)
 	if w == nil {
@@ -279,7 +279,7 @@ func TestAdaptiveWeights(t *testing.T) {
 	if !strings.Contains(routes, "dev wan2 weight 10") {
 		t.Errorf("dsl2's weight changed:\n%s", routes)
 	}
-	if strings.Contains(a.log.String(), "event=line-down") {
+	if a.countEvents(events.LineDown, "") > 0 {
 		t.Error("a line went down")
 	}
 	// The loss itself slows dsl1's flows down, so their pins are checked,

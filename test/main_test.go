@@ -19,8 +19,10 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	agentpkg "github.com/uplinkd/uplinkd/control/agent"
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -204,11 +206,67 @@ func (a *agent) kill9(t testing.TB) {
 // agentWait bounds how long a test waits for the agent to act.
 const agentWait = 30 * time.Second
 
-// waitLog waits until the agent's log holds substr at least n times.
-func (a *agent) waitLog(t testing.TB, substr string, n int) {
+// events returns the events the agent keeps, asked over its control
+// socket (nil when it does not answer).
+func (a *agent) events() []events.Event {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var evs []events.Event
+	if err := ctlsock.CallData(ctx, a.stateDir, ctlsock.Request{Cmd: "events"}, &evs); err != nil {
+		return nil
+	}
+	return evs
+}
+
+// countEvents counts the agent's events of kind about line ("": any)
+// whose fields hold every key=value pair of fields.
+func (a *agent) countEvents(kind, line string, fields ...string) int {
+	n := 0
+	for _, e := range a.events() {
+		if e.Kind != kind || (line != "" && e.Line != line) {
+			continue
+		}
+		match := true
+		for _, kv := range fields {
+			k, v, _ := strings.Cut(kv, "=")
+			match = match && e.Fields[k] == v
+		}
+		if match {
+			n++
+		}
+	}
+	return n
+}
+
+// lastEvent is the agent's last event of kind about line (zero if none).
+func (a *agent) lastEvent(kind, line string) events.Event {
+	var last events.Event
+	for _, e := range a.events() {
+		if e.Kind == kind && (line == "" || e.Line == line) {
+			last = e
+		}
+	}
+	return last
+}
+
+// status is the agent's status, asked over its control socket.
+func (a *agent) status(t testing.TB) agentpkg.Status {
 	t.Helper()
-	a.waitFor(t, fmt.Sprintf("logging %q %d times", substr, n), func() bool {
-		return strings.Count(a.log.String(), substr) >= n
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var st agentpkg.Status
+	if err := ctlsock.CallData(ctx, a.stateDir, ctlsock.Request{Cmd: "status"}, &st); err != nil {
+		t.Fatalf("asking the agent's status: %v", err)
+	}
+	return st
+}
+
+// waitEvent waits until the agent has reported at least n events of kind
+// about line ("": any) with the given key=value fields.
+func (a *agent) waitEvent(t testing.TB, n int, kind, line string, fields ...string) {
+	t.Helper()
+	a.waitFor(t, fmt.Sprintf("reporting %d %s events of line %q %v", n, kind, line, fields), func() bool {
+		return a.countEvents(kind, line, fields...) >= n
 	})
 }
 
@@ -216,14 +274,24 @@ func (a *agent) waitLog(t testing.TB, substr string, n int) {
 // agent has applied the new config.
 func (a *agent) reload(t testing.TB, file, text string) {
 	t.Helper()
-	n := strings.Count(a.log.String(), "msg=\"new config applied\"")
+	n := a.countConfigApplied()
 	if err := os.WriteFile(file, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	a.waitLog(t, "msg=\"new config applied\"", n+1)
+	a.waitFor(t, "applying the new config", func() bool { return a.countConfigApplied() > n })
+}
+
+func (a *agent) countConfigApplied() int {
+	n := 0
+	for _, e := range a.events() {
+		if e.Kind == events.Config && e.Msg == "new config applied" {
+			n++
+		}
+	}
+	return n
 }
 
 // syncBuffer is a strings.Builder safe for the agent's output goroutines.

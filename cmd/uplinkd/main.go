@@ -38,6 +38,8 @@ Usage:
                                       its UDP flows move) or bring it back
   uplinkd reload [-c FILE]            make the running agent re-read its config: prints what changed, or the
                                       errors (the running config stays); SIGHUP does the same, silently
+  uplinkd status [-c FILE] [--json]   each line: usable, health and why, RTT/jitter/loss, weights; attach modes
+  uplinkd events [-c FILE] [--json] [--follow]   what happened to the lines (the agent keeps the last 1024)
   uplinkd features [-c FILE]          what this kernel offers uplinkd: attach mode, recovery from conntrack, ...;
                                       exit 1 when it lacks something the config needs
   uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
@@ -78,6 +80,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdFeatures(args, stdout, stderr)
 	case "reload":
 		return cmdReload(args, stdout, stderr)
+	case "status":
+		return cmdStatus(args, stdout, stderr)
+	case "events":
+		return cmdEvents(args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil

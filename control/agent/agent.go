@@ -560,7 +560,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	// Requests wait for the run loop: a ping answers once the config is
 	// applied.
-	if err := ctlsock.Serve(ctx, a.cfg.StateDir, func(req ctlsock.Request) ctlsock.Reply { return a.call(ctx, req) }); err != nil {
+	if err := ctlsock.Serve(ctx, a.cfg.StateDir, func(req ctlsock.Request) ctlsock.Reply { return a.handle(ctx, req) }); err != nil {
 		return err
 	}
 	// What a previous run left (it did not `down`) is adopted, forwarding.
@@ -636,7 +636,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		rep, err := a.Apply()
 		switch {
 		case newConfig != "":
-			a.log.Info("new config applied", "file", newConfig, "changes", rep.String())
+			a.events.Add(events.Config, "", "new config applied", "file", newConfig, "changes", rep.String())
 		case repair && rep.Changed() && !a.lineChanged:
 			a.events.Add(events.Restored, "", "reconciled", "changes", rep.String(), "why", "kernel state changed by someone else")
 		case rep.Changed():

@@ -89,6 +89,7 @@ func (k *fakeKernel) RemoveUplink(ifname string) error {
 	return nil
 }
 func (k *fakeKernel) Close() {}
+func (k *fakeKernel) Attached() map[string]string { return nil }
 func (k *fakeKernel) FlushConntrack(a netip.Addr) (uint, error) {
 	k.log = append(k.log, "flush "+a.String())
 	return 0, nil

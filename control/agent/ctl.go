@@ -11,6 +11,7 @@ import (
 
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/statefile"
 )
 
@@ -51,6 +52,8 @@ func (a *Agent) control(req ctlsock.Request) ctlsock.Reply {
 		return a.controlLine(req.Line, req.Down)
 	case "reload":
 		return a.controlReload()
+	case "status":
+		return ctlsock.DataReply(a.status())
 	}
 	return ctlsock.Reply{Error: fmt.Sprintf("unknown command %q", req.Cmd)}
 }
@@ -87,7 +90,7 @@ func (a *Agent) controlReload() ctlsock.Reply {
 		return ctlsock.Reply{Error: "config refused, the running one stays:\n" + err.Error()}
 	}
 	rep, err := a.Apply()
-	a.log.Info("new config applied", "file", file, "changes", rep.String())
+	a.events.Add(events.Config, "", "new config applied", "file", file, "changes", rep.String())
 	msg := describeChange(old, cfg) + "kernel: " + rep.String()
 	if err != nil {
 		return ctlsock.Reply{Message: msg, Error: "applying: " + err.Error()}

@@ -35,6 +35,8 @@ type ops interface {
 	SyncDatapath(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error
 	// RemoveUplink detaches the datapath from a removed line's interface.
 	RemoveUplink(ifname string) error
+	// Attached is the datapath's attach mode by interface.
+	Attached() map[string]string
 	// Close releases the datapath's handles (its pins stay).
 	Close()
 }
@@ -54,6 +56,17 @@ func (o *envOps) ApplyNAT(n plan.NAT) (bool, error)           { return nat.Apply
 func (o *envOps) FlushConntrack(a netip.Addr) (uint, error)   { return o.env.FlushConntrack(a) }
 func (o *envOps) RemoveUplink(ifname string) error            { return o.dp.removeUplink(o.env, ifname) }
 func (o *envOps) Close()                                      { o.dp.close() }
+
+func (o *envOps) Attached() map[string]string {
+	if o.dp.dp == nil {
+		return nil
+	}
+	m := map[string]string{}
+	for ifname, mode := range o.dp.dp.Attached() {
+		m[ifname] = string(mode)
+	}
+	return m
+}
 
 func (o *envOps) Routing(proto int, scope plan.Scope) routing.Kernel {
 	return &routing.Netlink{H: o.env.NL, Protocol: proto, Scope: scope}

@@ -27,16 +27,21 @@ const Name = "uplinkd.sock"
 // Request is one command to the agent.
 type Request struct {
 	// Cmd: "ping" (answered once the agent runs its loop), "line" (Line,
-	// Down), "reload".
-	Cmd  string `json:"cmd"`
-	Line string `json:"line,omitempty"`
-	Down bool   `json:"down,omitempty"`
+	// Down), "reload", "status", "events" (those after Since; with Wait,
+	// waiting a while for one when there is none yet).
+	Cmd   string `json:"cmd"`
+	Line  string `json:"line,omitempty"`
+	Down  bool   `json:"down,omitempty"`
+	Since uint64 `json:"since,omitempty"`
+	Wait  bool   `json:"wait,omitempty"`
 }
 
-// Reply is the agent's answer: Error empty on success, Message for people.
+// Reply is the agent's answer: Error empty on success, Message for people,
+// Data for the commands that return a value.
 type Reply struct {
-	Message string `json:"message,omitempty"`
-	Error   string `json:"error,omitempty"`
+	Message string          `json:"message,omitempty"`
+	Error   string          `json:"error,omitempty"`
+	Data    json.RawMessage `json:"data,omitempty"`
 }
 
 // ErrNoAgent says no agent listens on the state dir's socket.
@@ -44,6 +49,9 @@ var ErrNoAgent = errors.New("no agent runs with this state dir")
 
 // maxRequest bounds a request: they are a few words.
 const maxRequest = 64 << 10
+
+// maxReply bounds an answer: a status or the event ring.
+const maxReply = 16 << 20
 
 // Serve listens on dir's socket until ctx ends, answering each request
 // with handle. The caller holds the state dir's lock, so a socket file
@@ -122,27 +130,59 @@ func peerIsRoot(c *net.UnixConn) error {
 // ErrNoAgent where none listens. The agent's own error comes back as an
 // error.
 func Call(ctx context.Context, dir string, req Request) (string, error) {
+	rep, err := roundTrip(ctx, dir, req)
+	if err != nil {
+		return "", err
+	}
+	if rep.Error != "" {
+		return rep.Message, errors.New(rep.Error)
+	}
+	return rep.Message, nil
+}
+
+// CallData sends req and decodes the reply's Data into out.
+func CallData(ctx context.Context, dir string, req Request, out any) error {
+	rep, err := roundTrip(ctx, dir, req)
+	if err != nil {
+		return err
+	}
+	if rep.Error != "" {
+		return errors.New(rep.Error)
+	}
+	if err := json.Unmarshal(rep.Data, out); err != nil {
+		return fmt.Errorf("control socket: decoding the agent's answer: %w", err)
+	}
+	return nil
+}
+
+// DataReply is a successful reply carrying v.
+func DataReply(v any) Reply {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return Reply{Error: "encoding the answer: " + err.Error()}
+	}
+	return Reply{Data: b}
+}
+
+func roundTrip(ctx context.Context, dir string, req Request) (Reply, error) {
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "unix", filepath.Join(dir, Name))
 	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ECONNREFUSED) {
-		return "", ErrNoAgent
+		return Reply{}, ErrNoAgent
 	}
 	if err != nil {
-		return "", fmt.Errorf("control socket: %w", err)
+		return Reply{}, fmt.Errorf("control socket: %w", err)
 	}
 	defer c.Close()
 	if dl, ok := ctx.Deadline(); ok {
 		_ = c.SetDeadline(dl)
 	}
 	if err := json.NewEncoder(c).Encode(req); err != nil {
-		return "", fmt.Errorf("control socket: %w", err)
+		return Reply{}, fmt.Errorf("control socket: %w", err)
 	}
 	var rep Reply
-	if err := json.NewDecoder(io.LimitReader(c, maxRequest)).Decode(&rep); err != nil {
-		return "", fmt.Errorf("control socket: reading the agent's answer: %w", err)
+	if err := json.NewDecoder(io.LimitReader(c, maxReply)).Decode(&rep); err != nil {
+		return Reply{}, fmt.Errorf("control socket: reading the agent's answer: %w", err)
 	}
-	if rep.Error != "" {
-		return rep.Message, errors.New(rep.Error)
-	}
-	return rep.Message, nil
+	return rep, nil
 }

@@ -7,6 +7,7 @@ package events
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -27,22 +28,28 @@ const (
 	ConntrackFlush = "conntrack-flush"
 )
 
-// Event is one thing that happened.
+// Event is one thing that happened. Its JSON form is the one `uplinkd
+// events --json` prints, one per line.
 type Event struct {
-	Time  time.Time
-	Kind  string
-	Line  string // "" for events of the whole gateway
-	Msg   string
-	Attrs []any // slog key/value pairs
+	Seq   uint64    `json:"seq"` // 1 for the agent's first event, then one more each
+	Time  time.Time `json:"time"`
+	Kind  string    `json:"kind"`
+	Line  string    `json:"line,omitempty"` // "" for events of the whole gateway
+	Msg   string    `json:"msg"`
+	Attrs []any     `json:"-"` // slog key/value pairs
+	// Fields holds Attrs as text, by key, for readers outside the agent.
+	Fields map[string]string `json:"fields,omitempty"`
 }
 
 // Ring holds the last events, oldest overwritten first.
 type Ring struct {
-	mu   sync.Mutex
-	buf  []Event
-	next int
-	full bool
-	log  *slog.Logger
+	mu      sync.Mutex
+	buf     []Event
+	next    int
+	full    bool
+	seq     uint64
+	changed chan struct{} // closed and replaced at each Add
+	log     *slog.Logger
 }
 
 // DefaultSize is how many events a Ring keeps.
@@ -50,12 +57,12 @@ const DefaultSize = 1024
 
 // NewRing returns a ring of size events that also logs to log.
 func NewRing(size int, log *slog.Logger) *Ring {
-	return &Ring{buf: make([]Event, size), log: log}
+	return &Ring{buf: make([]Event, size), changed: make(chan struct{}), log: log}
 }
 
 // Add records and logs an event.
 func (r *Ring) Add(kind, line, msg string, attrs ...any) {
-	e := Event{Time: time.Now(), Kind: kind, Line: line, Msg: msg, Attrs: attrs}
+	e := Event{Time: time.Now(), Kind: kind, Line: line, Msg: msg, Attrs: attrs, Fields: fields(attrs)}
 	level := slog.LevelInfo
 	if kind == AllDown || kind == LineDown {
 		level = slog.LevelWarn
@@ -70,16 +77,50 @@ func (r *Ring) Add(kind, line, msg string, attrs ...any) {
 	args = append(args, attrs...)
 	r.log.Log(context.Background(), level, msg, args...)
 	r.mu.Lock()
+	r.seq++
+	e.Seq = r.seq
 	r.buf[r.next] = e
 	r.next = (r.next + 1) % len(r.buf)
 	r.full = r.full || r.next == 0
+	close(r.changed)
+	r.changed = make(chan struct{})
 	r.mu.Unlock()
+}
+
+// fields turns slog key/value pairs into text by key.
+func fields(attrs []any) map[string]string {
+	if len(attrs) < 2 {
+		return nil
+	}
+	m := make(map[string]string, len(attrs)/2)
+	for i := 0; i+1 < len(attrs); i += 2 {
+		m[fmt.Sprint(attrs[i])] = fmt.Sprint(attrs[i+1])
+	}
+	return m
+}
+
+// Since returns the events kept whose Seq is above seq, oldest first, and
+// a channel that is closed at the next Add (to wait for more).
+func (r *Ring) Since(seq uint64) ([]Event, <-chan struct{}) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []Event
+	for _, e := range r.ordered() {
+		if e.Seq > seq {
+			out = append(out, e)
+		}
+	}
+	return out, r.changed
 }
 
 // List returns the events kept, oldest first.
 func (r *Ring) List() []Event {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.ordered()
+}
+
+func (r *Ring) ordered() []Event {
 	if !r.full {
 		return append([]Event(nil), r.buf[:r.next]...)
 	}

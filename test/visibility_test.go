@@ -1,0 +1,96 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	agentpkg "github.com/uplinkd/uplinkd/control/agent"
+	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/test/lab"
+)
+
+// `uplinkd status` and `uplinkd events` answer from the running agent:
+// the status names every line with its health, events --follow streams a
+// line taken down as it happens, and without an agent both say so at once.
+func TestStatusAndEvents(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+
+	start := time.Now()
+	out, err := l.Gateway.Run(context.Background(), uplinkd, "status", "-c", cfg)
+	if err == nil || !strings.Contains(out, "no agent runs with state dir "+state) {
+		t.Errorf("status without an agent: %v\n%s\nwant an error naming the state dir", err, out)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("status without an agent took %v", d)
+	}
+
+	a := startAgent(t, l, cfg)
+	var st agentpkg.Status
+	if err := json.Unmarshal([]byte(gw(t, l, uplinkd, "status", "--json", "-c", cfg)), &st); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Lines) != 2 || st.Lines[0].Name != "dsl1" || st.Lines[1].Number != 2 {
+		t.Fatalf("status lines: %+v", st.Lines)
+	}
+	for _, ln := range st.Lines {
+		if !ln.Usable || ln.Health != "up" || ln.Address == "" || ln.WeightEffective != ln.WeightConfigured {
+			t.Errorf("line %s at start: %+v", ln.Name, ln)
+		}
+	}
+	if len(st.Attached) != 3 {
+		t.Errorf("attached: %v, want the LAN and both lines", st.Attached)
+	}
+	if text := gw(t, l, uplinkd, "status", "-c", cfg); !strings.Contains(text, "dsl2") || !strings.Contains(text, "wan1") {
+		t.Errorf("status text:\n%s", text)
+	}
+
+	follow := l.Gateway.Command(context.Background(), uplinkd, "events", "--follow", "--json", "-c", cfg)
+	stdout, err := follow.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := follow.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = follow.Process.Kill()
+		_ = follow.Wait()
+	}()
+	got := make(chan events.Event)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			var e events.Event
+			if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+				t.Errorf("events --json line %q: %v", sc.Text(), err)
+				continue
+			}
+			got <- e
+		}
+		close(got)
+	}()
+	gw(t, l, uplinkd, "line", "down", "dsl1", "-c", cfg)
+	deadline := time.After(agentWait)
+	for found := false; !found; {
+		select {
+		case e, ok := <-got:
+			if !ok {
+				t.Fatal("events --follow ended")
+			}
+			found = e.Kind == events.Operator && e.Line == "dsl1" && e.Fields["up"] == "false"
+		case <-deadline:
+			t.Fatal("events --follow did not stream the line taken down")
+		}
+	}
+	if ln := a.status(t).Lines[0]; ln.Usable || !ln.OperatorDown {
+		t.Errorf("dsl1 after line down: %+v", ln)
+	}
+}
