@@ -45,7 +45,9 @@ type Agent struct {
 	// operator, address): a change of kernel state that follows is not a
 	// repair of someone else's edit.
 	lineChanged bool
-	probes      probes
+	// health probes and judges the lines (nil in unit tests without a
+	// kernel).
+	health *health.Monitor
 	// kernel is what the kernel offers, checked by Run; the zero value
 	// (everything there) until then.
 	kernel Kernel
@@ -66,6 +68,7 @@ func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	a.env = env
+	a.health = health.NewMonitor(env.Do)
 	return a, nil
 }
 
@@ -94,7 +97,6 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		ctl:      make(chan ctlCall),
-		probes:   newProbes(),
 		scope:    plan.ScopeOf(cfg),
 		adopting: len(slots) > 0 || previousRun(cfg),
 	}, nil
@@ -332,7 +334,7 @@ func (a *Agent) refresh() error {
 			l.Carrier = c
 			// Without carrier the line's probes fail too: judge it down now,
 			// so that it comes back after the hold-down, not flaps later.
-			if t := a.probes.trackers[l.Name]; t != nil && !c && t.Down(time.Now(), "no carrier on "+l.Interface) {
+			if a.health != nil && !c && a.health.Down(l.Name, time.Now(), "no carrier on "+l.Interface) {
 				a.events.Add(events.LineDown, l.Name, "line health", "state", health.Down, "why", "no carrier on "+l.Interface)
 				l.Healthy = false
 			}
@@ -438,7 +440,7 @@ func (a *Agent) Apply() (Report, error) {
 		}
 	}
 	a.usable = usable
-	if err := a.probes.sync(a); err != nil {
+	if err := a.syncProbes(); err != nil {
 		errs = append(errs, err)
 	}
 	return rep, errors.Join(errs...)
@@ -480,7 +482,9 @@ func (a *Agent) refuseForeign() error {
 // Close stops the probes and releases the agent's handles; the kernel
 // state, BPF pins included, stays.
 func (a *Agent) Close() {
-	a.probes.stopAll()
+	if a.health != nil {
+		a.health.Stop()
+	}
 	a.k.Close()
 }
 
@@ -591,11 +595,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	a.probes.start(ctx)
-	if err := a.probes.sync(a); err != nil {
+	a.health.Start(ctx)
+	if err := a.syncProbes(); err != nil {
 		a.log.Error("starting probes", "err", err)
 	}
-	defer a.probes.stopAll()
+	defer a.health.Stop()
 	tick := time.NewTicker(fullReconcile)
 	defer tick.Stop()
 	adapt := time.NewTicker(adaptEvery)
@@ -616,7 +620,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case c := <-a.ctl:
 			c.reply <- a.control(c.req)
 			continue
-		case r := <-a.probes.reports:
+		case r := <-a.health.Reports():
 			if !a.observe(r) {
 				continue
 			}

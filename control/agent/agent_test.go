@@ -88,7 +88,7 @@ func (k *fakeKernel) RemoveUplink(ifname string) error {
 	k.log = append(k.log, "detach "+ifname)
 	return nil
 }
-func (k *fakeKernel) Close() {}
+func (k *fakeKernel) Close()                      {}
 func (k *fakeKernel) Attached() map[string]string { return nil }
 func (k *fakeKernel) FlushConntrack(a netip.Addr) (uint, error) {
 	k.log = append(k.log, "flush "+a.String())
