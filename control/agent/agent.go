@@ -17,6 +17,7 @@ import (
 
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
+	"github.com/uplinkd/uplinkd/control/datapath"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/health"
 	"github.com/uplinkd/uplinkd/control/nat"
@@ -63,7 +64,7 @@ type Agent struct {
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
 // returns an agent that has not touched anything yet.
 func NewAgent(cfg *config.Config, env *Env, log *slog.Logger) (*Agent, error) {
-	a, err := newAgent(cfg, &envOps{env: env}, log)
+	a, err := newAgent(cfg, newEnvOps(env), log)
 	if err != nil {
 		return nil, err
 	}
@@ -556,7 +557,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	if a.cfg.Datapath.On() {
-		if err := loader.CheckPins(loaderOptions(a.cfg)); err != nil {
+		if err := loader.CheckPins(datapath.Options(a.cfg)); err != nil {
 			return fmt.Errorf("%w\nthe datapath pinned there goes on forwarding with its maps; either give the config "+
 				"the numbers the pinned maps have (datapath.flow_entries), or `uplinkd down` and run again "+
 				"(flows are then pinned afresh; established TCP flows may break)", err)

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 
 	"github.com/uplinkd/uplinkd/control/config"
+	"github.com/uplinkd/uplinkd/control/datapath"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/nat"
 	"github.com/uplinkd/uplinkd/control/plan"
@@ -44,34 +45,38 @@ type ops interface {
 // envOps is ops over the real kernel of an Env.
 type envOps struct {
 	env *Env
-	dp  datapath
+	dp  *datapath.Sync
 }
 
 var _ ops = (*envOps)(nil)
+
+func newEnvOps(env *Env) *envOps {
+	return &envOps{env: env, dp: datapath.New(datapath.Kernel{
+		Do:         env.Do,
+		LocalAddrs: env.LocalAddrs,
+		LinkIndex: func(ifname string) (int, error) {
+			link, err := env.NL.LinkByName(ifname)
+			if err != nil {
+				return 0, err
+			}
+			return link.Attrs().Index, nil
+		},
+	})}
+}
 
 func (o *envOps) Addrs(ifname string) ([]netip.Prefix, error) { return o.env.Addrs(ifname) }
 func (o *envOps) Carrier(ifname string) bool                  { return o.env.Carrier(ifname) }
 func (o *envOps) Sysctls() sysctl.FS                          { return o.env.Sysctl }
 func (o *envOps) ApplyNAT(n plan.NAT) (bool, error)           { return nat.Apply(o.env.NFT, n) }
 func (o *envOps) FlushConntrack(a netip.Addr) (uint, error)   { return o.env.FlushConntrack(a) }
-func (o *envOps) RemoveUplink(ifname string) error            { return o.dp.removeUplink(o.env, ifname) }
-func (o *envOps) Close()                                      { o.dp.close() }
-
-func (o *envOps) Attached() map[string]string {
-	if o.dp.dp == nil {
-		return nil
-	}
-	m := map[string]string{}
-	for ifname, mode := range o.dp.dp.Attached() {
-		m[ifname] = string(mode)
-	}
-	return m
-}
+func (o *envOps) RemoveUplink(ifname string) error            { return o.dp.RemoveLine(ifname) }
+func (o *envOps) Close()                                      { o.dp.Close() }
+func (o *envOps) Attached() map[string]string                 { return o.dp.Attached() }
 
 func (o *envOps) Routing(proto int, scope plan.Scope) routing.Kernel {
 	return &routing.Netlink{H: o.env.NL, Protocol: proto, Scope: scope}
 }
 
 func (o *envOps) SyncDatapath(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error {
-	return o.dp.sync(o.env, cfg, lines, lan, log, ev)
+	return o.dp.Apply(cfg, lines, lan, log, ev)
 }

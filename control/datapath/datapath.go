@@ -1,6 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 
-package agent
+// Package datapath keeps uplinkd's eBPF datapath (package loader) in step
+// with the lines, as routing, nat and sysctl do for their kernel state: it
+// loads or adopts the pinned maps, attaches to every LAN and line
+// interface (re-attaching what someone detached), and writes the line
+// table, the buckets, the LAN subnets and the local addresses, each only
+// when it changed.
+package datapath
 
 import (
 	"errors"
@@ -15,15 +21,28 @@ import (
 	"github.com/uplinkd/uplinkd/loader"
 )
 
-// datapath keeps the eBPF datapath in step with the lines: loaded (or
-// adopted from its pins), attached to every LAN and uplink interface, and
-// its line table, buckets and local addresses written.
-type datapath struct {
+// Kernel is what Sync needs from the gateway's namespace.
+type Kernel struct {
+	// Do runs a function in the namespace (programs attach there).
+	Do func(func() error) error
+	// LinkIndex is an interface's index.
+	LinkIndex func(ifname string) (int, error)
+	// LocalAddrs lists the gateway's own addresses.
+	LocalAddrs func() ([]netip.Addr, error)
+}
+
+// Sync is the datapath of one agent: nil until the first Apply loads it.
+type Sync struct {
+	k        Kernel
 	dp       *loader.Datapath
 	attached map[string]int // interface name → ifindex it was attached at
 }
 
-func loaderOptions(cfg *config.Config) loader.Options {
+// New returns a Sync that has loaded nothing yet.
+func New(k Kernel) *Sync { return &Sync{k: k} }
+
+// Options are the loader options that cfg names.
+func Options(cfg *config.Config) loader.Options {
 	return loader.Options{
 		PinDir:      cfg.Datapath.PinDir,
 		FlowEntries: cfg.Datapath.FlowEntries,
@@ -43,13 +62,14 @@ func attachMode(attach string) loader.AttachMode {
 	return ""
 }
 
-// sync loads and attaches what is missing and writes the maps. Only the
+// Apply loads and attaches what is missing and writes the maps. Only the
 // buckets that must move for a new weight or a dead line are rewritten, so
 // only new flows see the change.
-func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error {
+func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error {
+	env := d.k
 	if d.dp == nil {
 		var dp *loader.Datapath
-		if err := env.Do(func() (err error) { dp, err = loader.Load(loaderOptions(cfg)); return err }); err != nil {
+		if err := env.Do(func() (err error) { dp, err = loader.Load(Options(cfg)); return err }); err != nil {
 			return fmt.Errorf("loading datapath: %w", err)
 		}
 		d.dp, d.attached = dp, map[string]int{}
@@ -61,13 +81,13 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, lan []n
 	}
 	var errs []error
 	attach := func(ifname string, f func() error) {
-		link, err := env.NL.LinkByName(ifname)
+		index, err := env.LinkIndex(ifname)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("attaching to %s: %w", ifname, err))
 			return
 		}
 		repair := ""
-		if idx, ok := d.attached[ifname]; ok && idx == link.Attrs().Index {
+		if idx, ok := d.attached[ifname]; ok && idx == index {
 			// Someone may have unpinned a link or deleted a filter.
 			verr := env.Do(func() error { return d.dp.Verify(ifname) })
 			if verr == nil {
@@ -79,7 +99,7 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, lan []n
 			errs = append(errs, err)
 			return
 		}
-		d.attached[ifname] = link.Attrs().Index
+		d.attached[ifname] = index
 		if repair != "" {
 			ev.Add(events.Restored, "", "datapath re-attached", "interface", ifname, "why", repair)
 			return
@@ -139,14 +159,26 @@ func (d *datapath) sync(env *Env, cfg *config.Config, lines []plan.Line, lan []n
 	return errors.Join(errs...)
 }
 
-// removeUplink detaches the datapath from the interface of a line that is
+// RemoveLine detaches the datapath from the interface of a line that is
 // gone from the config.
-func (d *datapath) removeUplink(env *Env, ifname string) error {
+func (d *Sync) RemoveLine(ifname string) error {
 	if d.dp == nil {
 		return nil
 	}
 	delete(d.attached, ifname)
-	return env.Do(func() error { return d.dp.DetachUplink(ifname) })
+	return d.k.Do(func() error { return d.dp.DetachUplink(ifname) })
+}
+
+// Attached is the attach mode ("tcx" or "tc") by interface.
+func (d *Sync) Attached() map[string]string {
+	if d.dp == nil {
+		return nil
+	}
+	m := map[string]string{}
+	for ifname, mode := range d.dp.Attached() {
+		m[ifname] = string(mode)
+	}
+	return m
 }
 
 func moved(a, b []int) int {
@@ -159,7 +191,8 @@ func moved(a, b []int) int {
 	return n
 }
 
-func (d *datapath) close() {
+// Close releases the datapath's handles; its pins stay.
+func (d *Sync) Close() {
 	if d.dp != nil {
 		d.dp.Close()
 		d.dp = nil
