@@ -428,3 +428,34 @@ func TestForeignSourceGetsNoFlow(t *testing.T) {
 	}
 	steer(t, d, bogon, "new_flow")
 }
+
+// More new flows than the flow map holds: FlowMapUse counts every insert
+// and says at least the excess was evicted, and the map holds no more
+// than its capacity.
+func TestFlowMapUseCountsEvictions(t *testing.T) {
+	d := steering(t)
+	use, err := d.FlowMapUse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if use.Capacity != 4096 || use.Inserted != 0 || use.EvictedAtLeast != 0 {
+		t.Fatalf("empty map: %+v", use)
+	}
+	const flows = 4096 + 300
+	for i := range flows {
+		steer(t, d, tcp4(uint16(1000+i)), "new_flow")
+	}
+	if use, err = d.FlowMapUse(); err != nil {
+		t.Fatal(err)
+	}
+	if use.Inserted != flows || use.EvictedAtLeast != 300 {
+		t.Errorf("after %d new flows into 4096 entries: %+v, want %d inserted, at least 300 evicted", flows, use, flows)
+	}
+	held := 0
+	if err := d.Flows(func(Flow) bool { held++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if held > use.Capacity || uint64(held) > use.Inserted-use.EvictedAtLeast {
+		t.Errorf("the map holds %d flows; capacity %d, at least %d evicted", held, use.Capacity, use.EvictedAtLeast)
+	}
+}

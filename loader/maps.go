@@ -314,6 +314,39 @@ func (d *Datapath) Reasons() (map[string]uint64, error) {
 	return counts, nil
 }
 
+// FlowMapUse is how full the flow map has been: the LRU map evicts its
+// least recently used flow to make room for a new one, so a flow map
+// smaller than the gateway's flows loses pins.
+type FlowMapUse struct {
+	Capacity int    // max entries
+	Inserted uint64 // flows pinned since the maps were created (new and recovered)
+	// EvictedAtLeast is Inserted beyond Capacity: flows only leave the map
+	// by eviction, so at least that many were evicted (the LRU may evict
+	// a little before it is full, so it can be more).
+	EvictedAtLeast uint64
+}
+
+// FlowMapUse reads the flow map's use from the new-flow counters.
+func (d *Datapath) FlowMapUse() (FlowMapUse, error) {
+	u := FlowMapUse{Capacity: int(d.objs.UlFlows.MaxEntries())}
+	var perCPU []uint64
+	for code, name := range d.reasons {
+		if name != "new_flow" && name != "recovered_ct" {
+			continue
+		}
+		if err := d.objs.UlReasons.Lookup(uint32(code), &perCPU); err != nil {
+			return u, fmt.Errorf("reading reason %s: %w", name, err)
+		}
+		for _, c := range perCPU {
+			u.Inserted += c
+		}
+	}
+	if u.Inserted > uint64(u.Capacity) {
+		u.EvictedAtLeast = u.Inserted - uint64(u.Capacity)
+	}
+	return u, nil
+}
+
 // allPrefixes allow every source: what ul_lan_src holds until the control
 // plane knows the LAN's subnets.
 var allPrefixes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}

@@ -6,6 +6,8 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -92,5 +94,42 @@ func TestStatusAndEvents(t *testing.T) {
 	}
 	if ln := a.status(t).Lines[0]; ln.Usable || !ln.OperatorDown {
 		t.Errorf("dsl1 after line down: %+v", ln)
+	}
+}
+
+// A flood of new flows into a flow map too small for them: the agent
+// reports the map full with its eviction count (rate-limited) and its
+// status shows the use.
+func TestFlowMapFullReported(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	a := startAgent(t, l, writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Flows: 1024})))
+	const flows = 3000
+	srv := netip.AddrPortFrom(l.ServerAddrs[0], 9)
+	if err := l.Clients[0].Do(func() error {
+		for range flows { // each socket a new source port: a new flow
+			c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(srv))
+			if err != nil {
+				return err
+			}
+			_, err = c.Write([]byte("x"))
+			c.Close()
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	a.waitEvent(t, 1, events.FlowMapFull, "", "capacity=1024")
+	fm := a.status(t).FlowMap
+	// A few source ports repeat (the kernel picks them at random): those
+	// are no new flow.
+	if fm.Capacity != 1024 || fm.Inserted < 2*1024 || fm.EvictedAtLeast != fm.Inserted-1024 {
+		t.Errorf("status flow map after %d new flows: %+v", flows, fm)
+	}
+	if n := a.countEvents(events.FlowMapFull, ""); n != 1 {
+		t.Errorf("%d flow-map-full events within a minute, want 1", n)
 	}
 }

@@ -46,6 +46,7 @@ type Agent struct {
 	// operator, address): a change of kernel state that follows is not a
 	// repair of someone else's edit.
 	lineChanged bool
+	flowMap flowMapWatch
 	// health probes and judges the lines (nil in unit tests without a
 	// kernel).
 	health *health.Monitor
@@ -630,6 +631,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				continue
 			}
 		case <-tick.C:
+			a.checkFlowMap(time.Now())
 		case <-changes:
 			// Rate limit: someone deleting uplinkd's rules in a loop gets
 			// a repair every minRepair, not a busy agent.

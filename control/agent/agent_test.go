@@ -10,12 +10,14 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/routing"
 	"github.com/uplinkd/uplinkd/control/sysctl"
+	"github.com/uplinkd/uplinkd/loader"
 )
 
 // fakeKernel is ops without a kernel: interfaces with addresses and
@@ -29,6 +31,7 @@ type fakeKernel struct {
 	log     []string
 	natErr  error // ApplyNAT fails with it
 	synced  [][]plan.Line
+	flowMap loader.FlowMapUse
 }
 
 type fakeProc struct {
@@ -88,8 +91,9 @@ func (k *fakeKernel) RemoveUplink(ifname string) error {
 	k.log = append(k.log, "detach "+ifname)
 	return nil
 }
-func (k *fakeKernel) Close()                      {}
-func (k *fakeKernel) Attached() map[string]string { return nil }
+func (k *fakeKernel) Close()                                 {}
+func (k *fakeKernel) Attached() map[string]string            { return nil }
+func (k *fakeKernel) FlowMapUse() (loader.FlowMapUse, error) { return k.flowMap, nil }
 func (k *fakeKernel) FlushConntrack(a netip.Addr) (uint, error) {
 	k.log = append(k.log, "flush "+a.String())
 	return 0, nil
@@ -282,5 +286,51 @@ func TestReloadDetachesWhatItDrops(t *testing.T) {
 	}
 	if slices.Contains(k.log, "detach lan0") || slices.Contains(k.log, "detach wan1") {
 		t.Errorf("log %v: an interface still in use was detached", k.log)
+	}
+}
+
+// A flow map that evicts is reported at once, then at most once a
+// minute and only when it evicted more; the status shows its use.
+func TestFlowMapFullIsReportedRateLimited(t *testing.T) {
+	k := newFake()
+	a := fakeAgent(t, twoLines, k)
+	count := func() int {
+		n := 0
+		for _, e := range a.Events() {
+			if e.Kind == events.FlowMapFull {
+				n++
+			}
+		}
+		return n
+	}
+	now := time.Now()
+	k.flowMap = loader.FlowMapUse{Capacity: 1024, Inserted: 1000}
+	a.checkFlowMap(now)
+	if count() != 0 {
+		t.Fatal("a map that never evicted reported full")
+	}
+	k.flowMap = loader.FlowMapUse{Capacity: 1024, Inserted: 7024, EvictedAtLeast: 6000}
+	a.checkFlowMap(now)
+	if count() != 1 {
+		t.Fatalf("%d flow-map-full events after 6000 evictions, want 1", count())
+	}
+	if e := a.Events()[len(a.Events())-1]; e.Fields["evicted_at_least"] != "6000" || e.Fields["capacity"] != "1024" {
+		t.Errorf("event fields %v", e.Fields)
+	}
+	k.flowMap.EvictedAtLeast = 9000
+	a.checkFlowMap(now.Add(30 * time.Second))
+	if count() != 1 {
+		t.Error("reported again within a minute")
+	}
+	a.checkFlowMap(now.Add(61 * time.Second))
+	if count() != 2 {
+		t.Error("not reported again after a minute of more evictions")
+	}
+	a.checkFlowMap(now.Add(200 * time.Second))
+	if count() != 2 {
+		t.Error("reported again without new evictions")
+	}
+	if st := a.status(); st.FlowMap.EvictedAtLeast != 9000 || st.FlowMap.Capacity != 1024 {
+		t.Errorf("status flow map %+v", st.FlowMap)
 	}
 }

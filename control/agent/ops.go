@@ -13,6 +13,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/routing"
 	"github.com/uplinkd/uplinkd/control/sysctl"
+	"github.com/uplinkd/uplinkd/loader"
 )
 
 // ops is the kernel as Apply reads and changes it, one small method per
@@ -36,6 +37,9 @@ type ops interface {
 	SyncDatapath(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error
 	// RemoveUplink detaches the datapath from a removed line's interface.
 	RemoveUplink(ifname string) error
+	// FlowMapUse is how full the datapath's flow map has been (zero
+	// before the datapath is loaded).
+	FlowMapUse() (loader.FlowMapUse, error)
 	// Attached is the datapath's attach mode by interface.
 	Attached() map[string]string
 	// Close releases the datapath's handles (its pins stay).
@@ -72,6 +76,7 @@ func (o *envOps) FlushConntrack(a netip.Addr) (uint, error)   { return o.env.Flu
 func (o *envOps) RemoveUplink(ifname string) error            { return o.dp.RemoveLine(ifname) }
 func (o *envOps) Close()                                      { o.dp.Close() }
 func (o *envOps) Attached() map[string]string                 { return o.dp.Attached() }
+func (o *envOps) FlowMapUse() (loader.FlowMapUse, error)      { return o.dp.FlowMapUse() }
 
 func (o *envOps) Routing(proto int, scope plan.Scope) routing.Kernel {
 	return &routing.Netlink{H: o.env.NL, Protocol: proto, Scope: scope}

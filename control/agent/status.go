@@ -20,6 +20,16 @@ type Status struct {
 	Lines        []LineStatus `json:"lines"`
 	// Attached is the datapath's attach mode ("tcx" or "tc") by interface.
 	Attached map[string]string `json:"attached,omitempty"`
+	FlowMap  FlowMapStatus     `json:"flow_map"`
+}
+
+// FlowMapStatus is how full the datapath's flow map has been.
+type FlowMapStatus struct {
+	Capacity int    `json:"capacity"`
+	Inserted uint64 `json:"inserted"` // flows pinned since the maps were created
+	// EvictedAtLeast: flows only leave the map when the LRU evicts them
+	// for a new one, so at least this many pins were lost.
+	EvictedAtLeast uint64 `json:"evicted_at_least"`
 }
 
 // LineStatus is one line in a Status.
@@ -51,6 +61,9 @@ type LineStatus struct {
 // status builds the Status, in the run loop.
 func (a *Agent) status() Status {
 	s := Status{Config: a.cfg.File(), AllLinesDown: a.allDown, Lines: []LineStatus{}, Attached: a.k.Attached()}
+	if use, err := a.k.FlowMapUse(); err == nil {
+		s.FlowMap = FlowMapStatus{Capacity: use.Capacity, Inserted: use.Inserted, EvictedAtLeast: use.EvictedAtLeast}
+	}
 	hs := a.Health()
 	for _, l := range a.lines {
 		ls := LineStatus{

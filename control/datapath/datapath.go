@@ -191,6 +191,15 @@ func moved(a, b []int) int {
 	return n
 }
 
+// FlowMapUse is how full the flow map has been; zero before Apply loaded
+// the datapath.
+func (d *Sync) FlowMapUse() (loader.FlowMapUse, error) {
+	if d.dp == nil {
+		return loader.FlowMapUse{}, nil
+	}
+	return d.dp.FlowMapUse()
+}
+
 // Close releases the datapath's handles; its pins stay.
 func (d *Sync) Close() {
 	if d.dp != nil {

@@ -26,6 +26,7 @@ const (
 	Restored       = "restored"
 	Config         = "config"
 	ConntrackFlush = "conntrack-flush"
+	FlowMapFull    = "flow-map-full"
 )
 
 // Event is one thing that happened. Its JSON form is the one `uplinkd
@@ -64,7 +65,7 @@ func NewRing(size int, log *slog.Logger) *Ring {
 func (r *Ring) Add(kind, line, msg string, attrs ...any) {
 	e := Event{Time: time.Now(), Kind: kind, Line: line, Msg: msg, Attrs: attrs, Fields: fields(attrs)}
 	level := slog.LevelInfo
-	if kind == AllDown || kind == LineDown {
+	if kind == AllDown || kind == LineDown || kind == FlowMapFull {
 		level = slog.LevelWarn
 		if kind == AllDown {
 			level = slog.LevelError
