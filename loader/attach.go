@@ -59,9 +59,9 @@ func (d *Datapath) AttachLAN(ifname string) error {
 	)
 }
 
-// AttachUplink attaches the per-line counters to the uplink interface ifname
+// AttachLine attaches the per-line counters to the line interface ifname
 // of line. The namespace rules of AttachLAN apply.
-func (d *Datapath) AttachUplink(ifname string, line int) error {
+func (d *Datapath) AttachLine(ifname string, line int) error {
 	if err := checkLine(line); err != nil {
 		return err
 	}
@@ -245,12 +245,12 @@ func verifyTCX(ifindex int, dir direction, pin string) error {
 	return nil
 }
 
-// DetachUplink undoes AttachUplink (or AttachLAN) for an interface the
+// DetachLine undoes AttachLine (or AttachLAN) for an interface the
 // config no longer has in that role: its programs leave ifname (TCX links
 // unpinned, or uplinkd's tc filters deleted) and its ul_if_line entry
 // goes. An interface that no longer exists took its attachments with it;
 // its pins are removed.
-func (d *Datapath) DetachUplink(ifname string) error {
+func (d *Datapath) DetachLine(ifname string) error {
 	var errs []error
 	for _, dir := range []direction{ingress, egress} {
 		if err := detachLink(filepath.Join(d.pinDir, linksDir, ifname+"_"+dir.name)); err != nil {

@@ -130,7 +130,7 @@ func TestAttachTCX(t *testing.T) {
 		if err := first.AttachLAN("lan0"); err != nil {
 			return err
 		}
-		if err := first.AttachUplink("up0", 2); err != nil {
+		if err := first.AttachLine("up0", 2); err != nil {
 			return err
 		}
 		frames, err := lanFrames(3)
@@ -298,7 +298,7 @@ func TestAttachTC(t *testing.T) {
 		if err := d.AttachLAN("lan0"); err != nil {
 			return err
 		}
-		if err := d.AttachUplink("up0", 0); err != nil {
+		if err := d.AttachLine("up0", 0); err != nil {
 			return err
 		}
 		// Again, as after a restart: our filters are replaced, not added.

@@ -1,6 +1,6 @@
 // Package loader loads uplinkd's eBPF datapath (bpf/), pins its maps and
 // links in bpffs so that forwarding and flow state survive an agent restart,
-// attaches it to the LAN and uplink interfaces, and gives the control plane
+// attaches it to the LAN and line interfaces, and gives the control plane
 // typed access to its maps.
 package loader
 
@@ -32,7 +32,7 @@ const (
 // The datapath's limits and defaults, defined once, in bpf/, and read from
 // the object built from it.
 var (
-	// MaxLines is the number of lines (uplinks) the datapath knows
+	// MaxLines is the number of lines the datapath knows
 	// (UL_MAX_LINES).
 	MaxLines int
 	// NumBuckets is the size of the bucket table new flows pick a line

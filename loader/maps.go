@@ -16,12 +16,12 @@ const (
 	flowRecovered = 1 << 0 // FLOW_F_RECOVERED
 )
 
-// Line is the datapath's view of a line (uplink).
+// Line is the datapath's view of a line.
 type Line struct {
 	// Mark is the fwmark of the line's routing rule, within the mark mask.
 	// 0 leaves the line unconfigured: nothing is steered to it.
 	Mark uint32
-	// Ifindex of the uplink interface, for people reading the map.
+	// Ifindex of the line's interface, for people reading the map.
 	Ifindex int
 	// Weight, for people reading the map: weights act through SetBuckets.
 	Weight uint32
@@ -54,7 +54,7 @@ type Flow struct {
 	FirstSeen, LastSeen                    time.Time
 }
 
-// LineStats are a line's packets and bytes on its uplink interface.
+// LineStats are a line's packets and bytes on its interface.
 type LineStats struct {
 	TxPackets, TxBytes, RxPackets, RxBytes uint64
 }

@@ -116,7 +116,7 @@ func allVia(b *testing.B, l *lab.Lab, srv *lab.EchoServer, n, want int) {
 			b.Fatalf("connection %d after the agent acted: %v", i, err)
 		}
 		c.Close()
-		on1 := seen.Addr() == l.Uplinks[0].Address.Addr()
+		on1 := seen.Addr() == l.Lines[0].Address.Addr()
 		if want == 0 && on1 {
 			b.Fatalf("connection %d went through the failed line", i)
 		}

@@ -77,7 +77,7 @@ func checkPinned(t *testing.T, l *lab.Lab, fs []*flow) map[*flow]int {
 			t.Errorf("%v (from %v) is not in the flow table", f, f.id())
 			continue
 		}
-		if got := l.Uplinks[p.Line].Address.Addr(); got != f.seen.Addr() {
+		if got := l.Lines[p.Line].Address.Addr(); got != f.seen.Addr() {
 			t.Errorf("%v is pinned to line %d (%s) but the server sees %s", f, p.Line, got, f.seen.Addr())
 		}
 		lines[f] = p.Line
@@ -89,14 +89,14 @@ func checkPinned(t *testing.T, l *lab.Lab, fs []*flow) map[*flow]int {
 // among them.
 func newShare(t *testing.T, l *lab.Lab, dst netip.AddrPort, n int) []float64 {
 	t.Helper()
-	counts := make([]float64, len(l.Uplinks))
+	counts := make([]float64, len(l.Lines))
 	for i := range n {
 		c, seen, err := lab.DialTCP(l.Clients[i%len(l.Clients)], dst, 2*time.Second)
 		if err != nil {
 			t.Fatalf("new connection %d: %v", i, err)
 		}
 		c.Close()
-		for j, u := range l.Uplinks {
+		for j, u := range l.Lines {
 			if u.Address.Addr() == seen.Addr() {
 				counts[j]++
 			}
@@ -156,7 +156,7 @@ func TestDatapathPinsFlowsAcrossWeightChanges(t *testing.T) {
 	before := checkPinned(t, l, flows)
 	per := share(l, flows)
 	t.Logf("240 long-lived flows (120 TCP, 120 UDP) over weights 1:1: %v", per)
-	for _, u := range l.Uplinks {
+	for _, u := range l.Lines {
 		if s := float64(per[u.Name]) / 240; s < 0.5-shareTolerance || s > 0.5+shareTolerance {
 			t.Errorf("line %s has %.0f%% of the flows, want 50%% ± %.0f", u.Name, 100*s, 100*shareTolerance)
 		}
@@ -203,7 +203,7 @@ func TestAgentCrashAdoptsPins(t *testing.T) {
 		t.Fatalf("without the agent: %d broken, %d moved: %v", broken, moved, detail)
 	}
 	statsAfter := lineStats(t, l)
-	for i := range l.Uplinks {
+	for i := range l.Lines {
 		if statsAfter[i].TxPackets <= statsBefore[i].TxPackets || statsAfter[i].RxPackets <= statsBefore[i].RxPackets {
 			t.Errorf("line %d counters stopped without the agent: %+v -> %+v", i+1, statsBefore[i], statsAfter[i])
 		}
@@ -270,7 +270,7 @@ func TestDeadLineFlows(t *testing.T) {
 	startAgent(t, l, file)
 	srv := echoServer(t, l)
 	flows := openFlows(t, l, srv.Addr, 60, true)
-	dead := l.Uplinks[0].Address.Addr()
+	dead := l.Lines[0].Address.Addr()
 
 	// The agent answers once it has taken the line out of service.
 	if out := gw(t, l, uplinkd, "line", "down", "dsl1", "-c", file); !strings.Contains(out, "line dsl1 down") {

@@ -123,7 +123,7 @@ func checkAll(fs []*flow) (broken, moved int, detail []string) {
 func share(l *lab.Lab, fs []*flow) map[string]int {
 	per := map[string]int{}
 	for _, f := range fs {
-		for _, u := range l.Uplinks {
+		for _, u := range l.Lines {
 			if u.Address.Addr() == f.seen.Addr() {
 				per[u.Name]++
 			}

@@ -55,7 +55,7 @@ func TestSeedLayout(t *testing.T) {
 		t.Errorf("a default route in main:\n%s", got)
 	}
 	server := l.ServerAddrs[0].String()
-	for _, u := range l.Uplinks {
+	for _, u := range l.Lines {
 		got := gw(t, l, "ip", "route", "get", "from", u.Address.Addr().String(), "to", server)
 		if !strings.Contains(got, "via "+u.Gateway.String()+" dev "+u.Interface) {
 			t.Errorf("ip route get from %s to %s: %s; want via %s dev %s", u.Address.Addr(), server, got, u.Gateway, u.Interface)
@@ -73,7 +73,7 @@ func TestNATBothLines(t *testing.T) {
 	srv := echoServer(t, l)
 
 	lines := map[netip.Addr]string{}
-	for _, u := range l.Uplinks {
+	for _, u := range l.Lines {
 		lines[u.Address.Addr()] = u.Name
 	}
 	const n = 100
@@ -92,7 +92,7 @@ func TestNATBothLines(t *testing.T) {
 	}
 	// 100 flows hashed over two equal lines: each gets at least 25 with
 	// probability 1 - 2e-7.
-	for _, u := range l.Uplinks {
+	for _, u := range l.Lines {
 		if per[u.Name] < 25 {
 			t.Errorf("line %s carried %d of %d connections: %v", u.Name, per[u.Name], n, per)
 		}

@@ -31,7 +31,7 @@ func checkFailover(t *testing.T, l *lab.Lab, srv *lab.EchoServer, others []*flow
 func flowsOn(l *lab.Lab, fs []*flow, n int) []*flow {
 	var out []*flow
 	for _, f := range fs {
-		if f.seen.Addr() == l.Uplinks[n-1].Address.Addr() {
+		if f.seen.Addr() == l.Lines[n-1].Address.Addr() {
 			out = append(out, f)
 		}
 	}
@@ -158,11 +158,11 @@ func TestProbesStayOnTheirLine(t *testing.T) {
 	l, state := newLab(t, lab.Options{Servers: 2})
 	target := l.ServerAddrs[1].String()
 	ctx := context.Background()
-	line1, line2 := l.Uplinks[0].Address.Addr().String(), l.Uplinks[1].Address.Addr().String()
+	line1, line2 := l.Lines[0].Address.Addr().String(), l.Lines[1].Address.Addr().String()
 	if _, err := l.ISPs[1].Run(ctx, "nft", "add table inet watch; "+
 		"add chain inet watch c { type filter hook prerouting priority -300; }; "+
 		"add rule inet watch c ip saddr "+line1+" counter comment \"line1-source\"; "+
-		"add rule inet watch c ip daddr "+l.Uplinks[0].Gateway.String()+" counter comment \"line1-gateway\"; "+
+		"add rule inet watch c ip daddr "+l.Lines[0].Gateway.String()+" counter comment \"line1-gateway\"; "+
 		"add rule inet watch c ip daddr "+target+" ip saddr != "+line2+" counter comment \"target-not-from-line2\"; "+
 		"add rule inet watch c ip daddr "+target+" ip saddr "+line2+" counter comment \"line2-probes\""); err != nil {
 		t.Fatal(err)

@@ -361,7 +361,7 @@ func eventually(t testing.TB, what string, ok func() bool) {
 // of the multipath route, and its TCP reset installed (which happens after
 // the datapath's buckets are rewritten).
 func lineOut(tb testing.TB, l *lab.Lab, n int) bool {
-	u := l.Uplinks[n-1]
+	u := l.Lines[n-1]
 	routes := gw(tb, l, "ip", "route", "show", "table", "222")
 	nft := gw(tb, l, "nft", "list", "table", "inet", "uplinkd")
 	return !strings.Contains(routes, "dev "+u.Interface+" ") && strings.Contains(nft, u.Name+" is down")
@@ -371,7 +371,7 @@ func lineOut(tb testing.TB, l *lab.Lab, n int) bool {
 // multipath route, its TCP reset gone, and buckets of the datapath's (the
 // last step: from then on new flows take it).
 func lineIn(tb testing.TB, l *lab.Lab, n int) bool {
-	u := l.Uplinks[n-1]
+	u := l.Lines[n-1]
 	routes := gw(tb, l, "ip", "route", "show", "table", "222")
 	nft := gw(tb, l, "nft", "list", "table", "inet", "uplinkd")
 	if !strings.Contains(routes, "dev "+u.Interface+" ") || strings.Contains(nft, u.Name+" is down") {

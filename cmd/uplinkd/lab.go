@@ -216,7 +216,7 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 		tw := tabwriter.NewWriter(stdout, 2, 8, 2, ' ', 0)
 		fmt.Fprintln(tw, "  line\tinterface\tsource seen by server\tconnections\tshare")
 		used := 0
-		for _, u := range l.Uplinks {
+		for _, u := range l.Lines {
 			n := counts[u.Address.Addr()]
 			if n > 0 {
 				used++
@@ -232,57 +232,57 @@ func labDemo(args []string, stdout, stderr io.Writer) (err error) {
 		}
 		return nil
 	}
-	if err := round("all lines up", len(l.Uplinks)); err != nil {
+	if err := round("all lines up", len(l.Lines)); err != nil {
 		return err
 	}
-	say("\nkilling line %s: carrier down on %s", l.Uplinks[0].Name, l.Uplinks[0].Interface)
+	say("\nkilling line %s: carrier down on %s", l.Lines[0].Name, l.Lines[0].Interface)
 	start := time.Now()
 	if err := l.SetCarrier(1, false); err != nil {
 		return err
 	}
-	if err := waitLine(ctx, l, l.Uplinks[0], false); err != nil {
+	if err := waitLine(ctx, l, l.Lines[0], false); err != nil {
 		return err
 	}
-	say("the agent took %s out of service %v after the fault", l.Uplinks[0].Name, time.Since(start).Round(time.Millisecond))
-	if err := round("line "+l.Uplinks[0].Name+" dead", len(l.Uplinks)-1); err != nil {
+	say("the agent took %s out of service %v after the fault", l.Lines[0].Name, time.Since(start).Round(time.Millisecond))
+	if err := round("line "+l.Lines[0].Name+" dead", len(l.Lines)-1); err != nil {
 		return err
 	}
 	start = time.Now()
 	if err := l.SetCarrier(1, true); err != nil {
 		return err
 	}
-	if err := waitLine(ctx, l, l.Uplinks[0], true); err != nil {
+	if err := waitLine(ctx, l, l.Lines[0], true); err != nil {
 		return err
 	}
-	say("\nline %s has its carrier back: in service %v later (after 5 good rounds of probes)", l.Uplinks[0].Name, time.Since(start).Round(time.Millisecond))
-	if err := round("all lines up again", len(l.Uplinks)); err != nil {
+	say("\nline %s has its carrier back: in service %v later (after 5 good rounds of probes)", l.Lines[0].Name, time.Since(start).Round(time.Millisecond))
+	if err := round("all lines up again", len(l.Lines)); err != nil {
 		return err
 	}
 
 	// The harder fault: the gateway stops answering while the carrier
 	// stays up. Only probing sees it.
-	last := l.Uplinks[len(l.Uplinks)-1]
+	last := l.Lines[len(l.Lines)-1]
 	say("\n%s's gateway goes silent, its carrier stays up", last.Name)
 	start = time.Now()
-	if err := l.SetGatewaySilent(len(l.Uplinks), true); err != nil {
+	if err := l.SetGatewaySilent(len(l.Lines), true); err != nil {
 		return err
 	}
 	if err := waitLine(ctx, l, last, false); err != nil {
 		return err
 	}
 	say("the agent's probes took %s out of service %v after the fault", last.Name, time.Since(start).Round(time.Millisecond))
-	if err := round("line "+last.Name+" silent", len(l.Uplinks)-1); err != nil {
+	if err := round("line "+last.Name+" silent", len(l.Lines)-1); err != nil {
 		return err
 	}
 	start = time.Now()
-	if err := l.SetGatewaySilent(len(l.Uplinks), false); err != nil {
+	if err := l.SetGatewaySilent(len(l.Lines), false); err != nil {
 		return err
 	}
 	if err := waitLine(ctx, l, last, true); err != nil {
 		return err
 	}
 	say("\n%s answers again: back in service %v later (after 5 good rounds of probes)", last.Name, time.Since(start).Round(time.Millisecond))
-	return round("all lines up again", len(l.Uplinks))
+	return round("all lines up again", len(l.Lines))
 }
 
 // waitApplied waits until the agent's multipath rule is in the gateway.
@@ -301,7 +301,7 @@ func waitApplied(ctx context.Context, l *lab.Lab) error {
 // waitLine waits until the agent has acted on a line going up or down:
 // the line is in the multipath route or not, and its TCP reset rule,
 // installed after the datapath's buckets are rewritten, is gone or there.
-func waitLine(ctx context.Context, l *lab.Lab, u lab.Uplink, up bool) error {
+func waitLine(ctx context.Context, l *lab.Lab, u lab.Line, up bool) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
 		routes, _ := l.Gateway.Run(ctx, "ip", "route", "show", "table", "222")

@@ -259,7 +259,7 @@ func cmdLine(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	known := false
-	for _, u := range cfg.Uplinks {
+	for _, u := range cfg.Lines {
 		known = known || u.Name == name
 	}
 	if !known {

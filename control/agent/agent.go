@@ -46,7 +46,7 @@ type Agent struct {
 	// operator, address): a change of kernel state that follows is not a
 	// repair of someone else's edit.
 	lineChanged bool
-	flowMap flowMapWatch
+	flowMap     flowMapWatch
 	// health probes and judges the lines (nil in unit tests without a
 	// kernel).
 	health *health.Monitor
@@ -160,7 +160,7 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	// line or back), loses its programs; the next apply attaches what its
 	// new role wants.
 	for _, ifname := range changedRoles(old, cfg) {
-		if err := a.k.RemoveUplink(ifname); err != nil {
+		if err := a.k.RemoveLine(ifname); err != nil {
 			a.log.Error("detaching the datapath", "interface", ifname, "err", err)
 		}
 	}
@@ -183,12 +183,12 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 }
 
 // removeLine undoes at once what was the line's alone, when a new config
-// drops it: the uplink programs on its interface and its datapath entry,
+// drops it: the line programs on its interface and its datapath entry,
 // and its interface's sysctls. Its rules and routes go with the next
 // reconcile (they are in the agent's scope), its flows move or get a reset
 // as a dead line's would.
 func (a *Agent) removeLine(l plan.Line) {
-	if err := a.k.RemoveUplink(l.Interface); err != nil {
+	if err := a.k.RemoveLine(l.Interface); err != nil {
 		a.log.Error("removing a line's datapath", "line", l.Name, "err", err)
 	}
 	var paths []string

@@ -87,7 +87,7 @@ func (k *fakeKernel) Addrs(ifname string) ([]netip.Prefix, error) {
 func (k *fakeKernel) Carrier(ifname string) bool             { return k.carrier[ifname] }
 func (k *fakeKernel) Sysctls() sysctl.FS                     { return k.proc }
 func (k *fakeKernel) Routing(int, plan.Scope) routing.Kernel { return &k.routes }
-func (k *fakeKernel) RemoveUplink(ifname string) error {
+func (k *fakeKernel) RemoveLine(ifname string) error {
 	k.log = append(k.log, "detach "+ifname)
 	return nil
 }

@@ -59,7 +59,7 @@ func (a *Agent) control(req ctlsock.Request) ctlsock.Reply {
 }
 
 func (a *Agent) controlLine(name string, down bool) ctlsock.Reply {
-	if !slices.ContainsFunc(a.cfg.Uplinks, func(u config.Uplink) bool { return u.Name == name }) {
+	if !slices.ContainsFunc(a.cfg.Lines, func(u config.Line) bool { return u.Name == name }) {
 		return ctlsock.Reply{Error: fmt.Sprintf("no line %q in %s", name, a.cfg.File())}
 	}
 	if err := setLineDown(a.cfg.StateDir, name, down); err != nil {
@@ -101,11 +101,11 @@ func (a *Agent) controlReload() ctlsock.Reply {
 // describeChange says, a line each, what a new config changes in the lines.
 func describeChange(old, cfg *config.Config) string {
 	var b strings.Builder
-	was := map[string]config.Uplink{}
-	for _, u := range old.Uplinks {
+	was := map[string]config.Line{}
+	for _, u := range old.Lines {
 		was[u.Name] = u
 	}
-	for _, u := range cfg.Uplinks {
+	for _, u := range cfg.Lines {
 		w, ok := was[u.Name]
 		delete(was, u.Name)
 		switch {

@@ -30,9 +30,9 @@ import (
 // for these and the two "all of a family" entries.
 const MaxLANSubnets = 254
 
-// MaxUplinks is the number of lines uplinkd steers between: the size of
+// MaxLines is the number of lines uplinkd steers between: the size of
 // the datapath's line table.
-var MaxUplinks = loader.MaxLines
+var MaxLines = loader.MaxLines
 
 // NAT modes.
 const (
@@ -49,11 +49,11 @@ const (
 
 // Config is the whole configuration file.
 type Config struct {
-	LAN      LAN      `yaml:"lan"`
-	Uplinks  []Uplink `yaml:"uplinks"`
-	NAT      string   `yaml:"nat"`
-	Firewall string   `yaml:"firewall"`
-	Routing  Routing  `yaml:"routing"`
+	LAN      LAN     `yaml:"lan"`
+	Lines    []Line  `yaml:"uplinks"`
+	NAT      string  `yaml:"nat"`
+	Firewall string  `yaml:"firewall"`
+	Routing  Routing `yaml:"routing"`
 	// StateDir holds what uplinkd must remember between runs to undo its
 	// changes (the sysctl values it replaced).
 	StateDir string   `yaml:"state_dir"`
@@ -77,8 +77,8 @@ type LAN struct {
 	SubnetPrefixes []netip.Prefix `yaml:"-"`
 }
 
-// Uplink is one Internet line.
-type Uplink struct {
+// Line is one Internet line.
+type Line struct {
 	Name      string `yaml:"name"`
 	Interface string `yaml:"interface"`
 	Gateway   string `yaml:"gateway"`
@@ -97,7 +97,7 @@ type Uplink struct {
 	GatewayAddr netip.Addr   `yaml:"-"`
 	Prefix      netip.Prefix `yaml:"-"` // zero when Address is empty
 	Probe       Probe        `yaml:"-"` // the global health block with this line's overrides
-	// Slot is the line's number, 1..MaxUplinks: its datapath index is
+	// Slot is the line's number, 1..MaxLines: its datapath index is
 	// Slot-1, its rules' priorities and its default table and mark follow
 	// from it. Load numbers lines by position; Renumber keeps each name's
 	// number across reorders, reloads and restarts.
@@ -316,8 +316,8 @@ func (c *Config) check() error {
 	if len(c.LAN.Interfaces) == 0 {
 		bad("lan.interfaces", "at least one LAN interface is needed")
 	}
-	if n := len(c.Uplinks); n < 1 || n > MaxUplinks {
-		bad("uplinks", "want 1 to %d lines, got %d", MaxUplinks, n)
+	if n := len(c.Lines); n < 1 || n > MaxLines {
+		bad("uplinks", "want 1 to %d lines, got %d", MaxLines, n)
 	}
 	switch c.NAT {
 	case NATMasquerade, NATSNAT, NATNone:
@@ -409,8 +409,8 @@ func (c *Config) check() error {
 	}
 
 	names, ifaces := map[string]string{}, map[string]string{}
-	for i := range c.Uplinks {
-		u := &c.Uplinks[i]
+	for i := range c.Lines {
+		u := &c.Lines[i]
 		f := fmt.Sprintf("uplinks[%d]", i)
 		if !nameRE.MatchString(u.Name) {
 			bad(f+".name", "want 1 to 15 characters of [a-z0-9-], got %q", u.Name)
@@ -476,7 +476,7 @@ func (c *Config) check() error {
 
 	// A target that is a line's gateway says nothing beyond it.
 	gateways := map[netip.Addr]string{}
-	for i, u := range c.Uplinks {
+	for i, u := range c.Lines {
 		if u.GatewayAddr.IsValid() {
 			gateways[u.GatewayAddr] = fmt.Sprintf("uplinks[%d]", i)
 		}
@@ -489,15 +489,15 @@ func (c *Config) check() error {
 		}
 	}
 	checkTargets("health", h.Targets)
-	for i, u := range c.Uplinks {
+	for i, u := range c.Lines {
 		if u.Health != nil {
 			checkTargets(fmt.Sprintf("uplinks[%d].health", i), u.Health.Targets)
 		}
 	}
 
-	// Lines are numbered up to MaxUplinks (see Renumber), whatever their
+	// Lines are numbered up to MaxLines (see Renumber), whatever their
 	// count: each band of rules has room for all of them.
-	n := MaxUplinks
+	n := MaxLines
 	prio := func(field string, v, span int) {
 		if v < 1 || v+span > 32765 {
 			bad(field, "want a priority in 1..%d, got %d", 32765-span, v)
@@ -522,8 +522,8 @@ func (c *Config) check() error {
 	if !validTable(r.MultipathTable) {
 		bad("routing.multipath_table", "table %d is reserved or out of range (1..252, 256..%d)", r.MultipathTable, maxTable)
 	}
-	if r.TableBase < 0 || r.TableBase > maxTable-MaxUplinks {
-		bad("routing.table_base", "want 0..%d, got %d", maxTable-MaxUplinks, r.TableBase)
+	if r.TableBase < 0 || r.TableBase > maxTable-MaxLines {
+		bad("routing.table_base", "want 0..%d, got %d", maxTable-MaxLines, r.TableBase)
 	}
 	return errors.Join(errs...)
 }
@@ -539,8 +539,8 @@ func (c *Config) number() []error {
 	r := &c.Routing
 	tables, marks := map[int]string{}, map[uint32]string{}
 	shift := bits.TrailingZeros32(r.MarkMask)
-	for i := range c.Uplinks {
-		u := &c.Uplinks[i]
+	for i := range c.Lines {
+		u := &c.Lines[i]
 		f := fmt.Sprintf("uplinks[%d]", i)
 		tf, tdesc := f+".table", "table"
 		if !u.TableSet {
@@ -574,13 +574,13 @@ func (c *Config) number() []error {
 	return errs
 }
 
-// Slots are the lines' numbers by name (see Uplink.Slot).
+// Slots are the lines' numbers by name (see Line.Slot).
 type Slots map[string]int
 
 // Slots returns the lines' numbers.
 func (c *Config) Slots() Slots {
 	s := Slots{}
-	for _, u := range c.Uplinks {
+	for _, u := range c.Lines {
 		s[u.Name] = u.Slot
 	}
 	return s
@@ -594,13 +594,13 @@ func (c *Config) Slots() Slots {
 func (c *Config) Renumber(prev Slots) error {
 	used := map[int]bool{}
 	keep := map[string]bool{}
-	for _, u := range c.Uplinks {
-		if n, ok := prev[u.Name]; ok && n >= 1 && n <= MaxUplinks && !used[n] {
+	for _, u := range c.Lines {
+		if n, ok := prev[u.Name]; ok && n >= 1 && n <= MaxLines && !used[n] {
 			used[n], keep[u.Name] = true, true
 		}
 	}
-	for i := range c.Uplinks {
-		u := &c.Uplinks[i]
+	for i := range c.Lines {
+		u := &c.Lines[i]
 		if keep[u.Name] {
 			u.Slot = prev[u.Name]
 			continue

@@ -33,7 +33,7 @@ func TestParseSeedDefaults(t *testing.T) {
 	if r.MainPriority != 50 || r.SourcePriority != 200 || r.MultipathPriority != 222 || r.MultipathTable != 222 {
 		t.Errorf("routing defaults are not the seed's: %+v", r)
 	}
-	u1, u2 := c.Uplinks[0], c.Uplinks[1]
+	u1, u2 := c.Lines[0], c.Lines[1]
 	if u1.Table != 201 || u2.Table != 202 {
 		t.Errorf("tables = %d, %d; want 201, 202", u1.Table, u2.Table)
 	}
@@ -66,8 +66,8 @@ state_dir: /tmp/x
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Uplinks[0].Table != 101 || c.Uplinks[1].Mark != 0x20 || c.Routing.Protocol != 200 || c.Routing.NFTTable != "gw" || c.StateDir != "/tmp/x" {
-		t.Errorf("overrides not applied: %+v %+v", c.Routing, c.Uplinks)
+	if c.Lines[0].Table != 101 || c.Lines[1].Mark != 0x20 || c.Routing.Protocol != 200 || c.Routing.NFTTable != "gw" || c.StateDir != "/tmp/x" {
+		t.Errorf("overrides not applied: %+v %+v", c.Routing, c.Lines)
 	}
 }
 
@@ -146,7 +146,7 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
-func TestSeventeenUplinks(t *testing.T) {
+func TestSeventeenLines(t *testing.T) {
 	var b strings.Builder
 	b.WriteString("lan: {interfaces: [eth0]}\nuplinks:\n")
 	for i := range 17 {
@@ -173,7 +173,7 @@ weights: adaptive
 	if h.Interval.Milliseconds() != 100 || h.Timeout.Milliseconds() != 50 || h.DownAfter != 2 || h.UpAfter != 5 || c.Weights != WeightsAdaptive {
 		t.Errorf("health %+v weights %q", h, c.Weights)
 	}
-	p1, p2 := c.Uplinks[0].Probe, c.Uplinks[1].Probe
+	p1, p2 := c.Lines[0].Probe, c.Lines[1].Probe
 	if p1.Gateway != ProbeARP || len(p1.Targets) != 2 || p1.MinTargets != 1 {
 		t.Errorf("line 1 probe %+v: want arp, its own two targets, 1 must answer", p1)
 	}
@@ -184,7 +184,7 @@ weights: adaptive
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p := d.Uplinks[0].Probe; p.Gateway != ProbeICMP || len(p.Targets) != 0 {
+	if p := d.Lines[0].Probe; p.Gateway != ProbeICMP || len(p.Targets) != 0 {
 		t.Errorf("default probe %+v: want icmp to the gateway only", p)
 	}
 }
@@ -256,7 +256,7 @@ func TestRenumberFollowsNames(t *testing.T) {
 		if got := c.Slots(); !maps.Equal(got, tc.want) {
 			t.Errorf("%v: numbers %v, want %v", tc.names, got, tc.want)
 		}
-		for _, u := range c.Uplinks {
+		for _, u := range c.Lines {
 			if u.Table != 200+u.Slot || u.Mark != uint32(u.Slot)<<24 {
 				t.Errorf("%v: line %s number %d has table %d mark %#x", tc.names, u.Name, u.Slot, u.Table, u.Mark)
 			}

@@ -48,7 +48,7 @@ func FuzzParse(f *testing.F) {
 
 func checkConsistent(t *testing.T, c *Config) {
 	t.Helper()
-	if n := len(c.Uplinks); n < 1 || n > MaxUplinks {
+	if n := len(c.Lines); n < 1 || n > MaxLines {
 		t.Fatalf("%d lines accepted", n)
 	}
 	if len(c.LAN.Interfaces) == 0 || !filepath.IsAbs(c.StateDir) || !filepath.IsAbs(c.Datapath.PinDir) {
@@ -56,7 +56,7 @@ func checkConsistent(t *testing.T, c *Config) {
 	}
 	seen := map[string]bool{}
 	r := c.Routing
-	for _, u := range c.Uplinks {
+	for _, u := range c.Lines {
 		for _, k := range []string{"name " + u.Name, "if " + u.Interface, "table " + strconv.Itoa(u.Table), "mark " + strconv.Itoa(int(u.Mark))} {
 			if seen[k] {
 				t.Fatalf("accepted a duplicate %s", k)
@@ -79,7 +79,7 @@ func checkConsistent(t *testing.T, c *Config) {
 			t.Fatalf("gateway %v outside %v accepted", u.GatewayAddr, u.Prefix)
 		}
 	}
-	n := len(c.Uplinks)
+	n := len(c.Lines)
 	if r.MainPriority >= r.FwmarkPriority || r.FwmarkPriority+n >= r.MultipathPriority ||
 		r.SourcePriority+n >= r.MultipathPriority || r.MultipathPriority > 32765 || r.MainPriority < 1 {
 		t.Fatalf("priorities out of order accepted: %+v", r)

@@ -113,7 +113,7 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 	weights := make([]int, loader.MaxLines)
 	live := make([]bool, loader.MaxLines)
 	for _, l := range lines {
-		attach(l.Interface, func() error { return d.dp.AttachUplink(l.Interface, l.Index) })
+		attach(l.Interface, func() error { return d.dp.AttachLine(l.Interface, l.Index) })
 		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Usable()}
 		if idx, ok := d.attached[l.Interface]; ok {
 			dl.Ifindex = idx
@@ -166,7 +166,7 @@ func (d *Sync) RemoveLine(ifname string) error {
 		return nil
 	}
 	delete(d.attached, ifname)
-	return d.k.Do(func() error { return d.dp.DetachUplink(ifname) })
+	return d.k.Do(func() error { return d.dp.DetachLine(ifname) })
 }
 
 // Attached is the attach mode ("tcx" or "tc") by interface.

@@ -10,11 +10,11 @@ import (
 	"github.com/uplinkd/uplinkd/control/config"
 )
 
-// Line is a configured uplink as it is now: its address (from the config
+// Line is a configured line as it is now: its address (from the config
 // or from the interface) and whether it is usable.
 type Line struct {
-	config.Uplink
-	Index   int          // the line's number (config.Uplink.Slot) less one: its datapath index
+	config.Line
+	Index   int          // the line's number (config.Line.Slot) less one: its datapath index
 	Address netip.Prefix // zero: the interface has no address in the gateway's subnet (yet)
 	Carrier bool         // the interface is up and has carrier
 	Up      bool         // not taken down by the operator
@@ -54,10 +54,10 @@ func Resolve(c *config.Config, ifs Interfaces) ([]Line, error) {
 			errs = append(errs, c.Errorf(fmt.Sprintf("lan.interfaces[%d]", i), "%s: %v", name, err))
 		}
 	}
-	lines := make([]Line, len(c.Uplinks))
-	for i, u := range c.Uplinks {
+	lines := make([]Line, len(c.Lines))
+	for i, u := range c.Lines {
 		f := fmt.Sprintf("uplinks[%d]", i)
-		lines[i] = Line{Uplink: u, Index: u.Slot - 1, Up: true, Carrier: true, Healthy: true}
+		lines[i] = Line{Line: u, Index: u.Slot - 1, Up: true, Carrier: true, Healthy: true}
 		addrs, err := ifs.Addrs(u.Interface)
 		if err != nil {
 			errs = append(errs, c.Errorf(f+".interface", "%s: %v", u.Interface, err))

@@ -180,7 +180,7 @@ func SortRoutes(rs []Route) {
 
 // Scope is where uplinkd's rules and routes can be: the rule priorities
 // and routing tables a config numbers for its lines (every position up to
-// config.MaxUplinks, so that lines a reload removed are found too). A rule
+// config.MaxLines, so that lines a reload removed are found too). A rule
 // or route outside it is never taken for uplinkd's, whatever its protocol
 // tag.
 type Scope struct {
@@ -195,12 +195,12 @@ func ScopeOf(c *config.Config) Scope {
 		Priorities: map[int]bool{r.MainPriority: true, r.MultipathPriority: true},
 		Tables:     map[int]bool{r.MultipathTable: true},
 	}
-	for n := 1; n <= config.MaxUplinks; n++ {
+	for n := 1; n <= config.MaxLines; n++ {
 		s.Priorities[r.FwmarkPriority+n] = true
 		s.Priorities[r.SourcePriority+n] = true
 		s.Tables[r.TableBase+n] = true
 	}
-	for _, u := range c.Uplinks {
+	for _, u := range c.Lines {
 		s.Tables[u.Table] = true
 	}
 	return s
@@ -229,7 +229,7 @@ func Needed(c *config.Config) Scope {
 		Priorities: map[int]bool{r.MainPriority: true, r.MultipathPriority: true},
 		Tables:     map[int]bool{r.MultipathTable: true},
 	}
-	for _, u := range c.Uplinks {
+	for _, u := range c.Lines {
 		s.Priorities[r.FwmarkPriority+u.Slot] = true
 		s.Priorities[r.SourcePriority+u.Slot] = true
 		s.Tables[u.Table] = true

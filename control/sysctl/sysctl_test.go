@@ -132,7 +132,7 @@ func TestRestoreRefusesForeignKeys(t *testing.T) {
 
 // Every sysctl the plan sets is one Restore accepts back.
 func TestOwnedCoversThePlan(t *testing.T) {
-	lines := []plan.Line{{Uplink: config.Uplink{Name: "a", Interface: "wan-1.100"}}}
+	lines := []plan.Line{{Line: config.Line{Name: "a", Interface: "wan-1.100"}}}
 	for _, s := range plan.Build(ptr(config.Default()), lines).Sysctls {
 		if !Owned(s.Path) {
 			t.Errorf("plan sets %s, which Owned refuses", s.Path)

@@ -14,29 +14,29 @@ type ConfigOptions struct {
 	NoDatapath bool     // datapath.enabled: false (the seed's behaviour)
 	Attach     string   // datapath.attach; default auto
 	Flows      uint32   // datapath.flow_entries; default 65536 (the product's default, 1M, preallocates 176 MiB)
-	Weights    []int    // per uplink; default 1 each
-	LineExtra  []string // per uplink: YAML appended to its block, indented by 4
+	Weights    []int    // per line; default 1 each
+	LineExtra  []string // per line: YAML appended to its block, indented by 4
 	Extra      string   // appended as is (YAML at the top level)
-	// Order lists the uplinks (indexes of Lab.Uplinks) in the order the
+	// Order lists the lines (indexes of Lab.Lines) in the order the
 	// config names them; nil: all, in order. Weights and LineExtra follow
-	// the uplinks, not the order.
+	// the lines, not the order.
 	Order []int
 }
 
 // Config returns an uplinkd config for the lab's gateway: the LAN
-// interface and every uplink, the line addresses left to discovery (as
+// interface and every line, the line addresses left to discovery (as
 // with DHCP).
 func (l *Lab) Config(o ConfigOptions) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "lan:\n  interfaces: [%s]\nuplinks:\n", l.LANInterface)
 	order := o.Order
 	if order == nil {
-		for i := range l.Uplinks {
+		for i := range l.Lines {
 			order = append(order, i)
 		}
 	}
 	for _, i := range order {
-		u := l.Uplinks[i]
+		u := l.Lines[i]
 		fmt.Fprintf(&b, "  - name: %s\n    interface: %s\n    gateway: %s\n", u.Name, u.Interface, u.Gateway)
 		if i < len(o.Weights) {
 			fmt.Fprintf(&b, "    weight: %d\n", o.Weights[i])

@@ -56,7 +56,7 @@ func (l *Lab) SetCarrier(n int, up bool) error {
 		return err
 	}
 	defer gw.Close()
-	wan := l.Uplinks[n-1].Interface
+	wan := l.Lines[n-1].Interface
 	deadline := time.Now().Add(faultTimeout)
 	for {
 		wl, err := gw.LinkByName(wan)

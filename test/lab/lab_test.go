@@ -94,7 +94,7 @@ func TestTopology(t *testing.T) {
 		t.Errorf("gateway has a default route: %s", out)
 	}
 
-	for i, u := range l.Uplinks {
+	for i, u := range l.Lines {
 		if err := eventually(3, func() error { return Ping(l.Gateway, u.Gateway, time.Second) }); err != nil {
 			t.Errorf("gateway → ISP %d: %v", i+1, err)
 		}
@@ -126,10 +126,10 @@ func TestTopology(t *testing.T) {
 	}
 }
 
-func TestGatewayUplinkAndFaults(t *testing.T) {
+func TestGatewayLineAndFaults(t *testing.T) {
 	t.Parallel()
 	l := newLab(t, Options{})
-	u := l.Uplinks[0]
+	u := l.Lines[0]
 	srv := netip.AddrPortFrom(l.ServerAddrs[0], 7007)
 
 	es, err := StartEchoServer(l.Server, srv.Addr(), srv.Port())
@@ -270,7 +270,7 @@ func TestParallelLabs(t *testing.T) {
 		t.Fatalf("two labs share prefix %q", a.Prefix)
 	}
 	for _, l := range []*Lab{a, b} {
-		if err := eventually(3, func() error { return Ping(l.Gateway, l.Uplinks[0].Gateway, time.Second) }); err != nil {
+		if err := eventually(3, func() error { return Ping(l.Gateway, l.Lines[0].Gateway, time.Second) }); err != nil {
 			t.Errorf("%s: %v", l.Prefix, err)
 		}
 	}
@@ -310,7 +310,7 @@ func TestDoLeavesNoThreadBehind(t *testing.T) {
 		if err := l.Server.Do(func() error { return nil }); err != nil {
 			t.Fatal(err)
 		}
-		if err := Ping(l.Gateway, l.Uplinks[0].Gateway, time.Second); err != nil {
+		if err := Ping(l.Gateway, l.Lines[0].Gateway, time.Second); err != nil {
 			t.Fatal(err)
 		}
 	}

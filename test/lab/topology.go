@@ -40,8 +40,8 @@ type Options struct {
 	Servers int    // number of server addresses on srv, default 1, 1..8
 }
 
-// Uplink describes one gateway uplink as the agent would be configured.
-type Uplink struct {
+// Line describes one gateway line as the agent would be configured.
+type Line struct {
 	Name      string       // line name: "dsl1", "dsl2", ...
 	Interface string       // gateway interface: "wan1", "wan2", ...
 	Address   netip.Prefix // gateway address, e.g. 198.51.100.2/28
@@ -58,7 +58,7 @@ type Lab struct {
 	Server       *Host        // server host behind every ISP
 	LANInterface string       // gateway LAN interface: "lan0"
 	LANAddress   netip.Prefix // gateway LAN address: 192.0.2.1/24
-	Uplinks      []Uplink     // one per ISP, same order
+	Lines        []Line       // one per ISP, same order
 	ServerAddrs  []netip.Addr // 203.0.113.100, .101, ...
 }
 
@@ -72,10 +72,10 @@ func ClientAddr(i int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(10 + i)}), 24)
 }
 
-// UplinkFor returns the addressing of uplink n (1-based).
-func UplinkFor(n int) Uplink {
+// LineFor returns the addressing of line n (1-based).
+func LineFor(n int) Line {
 	base := byte(16 * (n - 1))
-	return Uplink{
+	return Line{
 		Name:      "dsl" + strconv.Itoa(n),
 		Interface: "wan" + strconv.Itoa(n),
 		Address:   netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 51, 100, base + 2}), 28),
@@ -134,7 +134,7 @@ func New(opts Options) (l *Lab, err error) {
 			return nil, err
 		}
 		l.ISPs = append(l.ISPs, h)
-		l.Uplinks = append(l.Uplinks, UplinkFor(n))
+		l.Lines = append(l.Lines, LineFor(n))
 	}
 	if l.Server, err = b.host("srv"); err != nil {
 		return nil, err
@@ -427,10 +427,10 @@ func (b *builder) build() error {
 		}
 	}
 
-	// Uplinks: gateway wanN ↔ ispN down0, ispN up0 ↔ srv ispN.
+	// Lines: gateway wanN ↔ ispN down0, ispN up0 ↔ srv ispN.
 	for i, isp := range l.ISPs {
 		n := i + 1
-		u := l.Uplinks[i]
+		u := l.Lines[i]
 		wan, down, err := b.veth(l.Gateway, u.Interface, isp, "down0")
 		if err != nil {
 			return err
