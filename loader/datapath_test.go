@@ -1,9 +1,14 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package loader
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"testing"
+
+	"github.com/cilium/ebpf"
 )
 
 // These tests run the programs with BPF_PROG_TEST_RUN on packets built in
@@ -458,4 +463,50 @@ func TestFlowMapUseCountsEvictions(t *testing.T) {
 	if held > use.Capacity || uint64(held) > use.Inserted-use.EvictedAtLeast {
 		t.Errorf("the map holds %d flows; capacity %d, at least %d evicted", held, use.Capacity, use.EvictedAtLeast)
 	}
+}
+
+// RemoveLine takes the line's flows with it, and only its own: a line
+// given the number later inherits none.
+func TestRemoveLineTakesItsFlows(t *testing.T) {
+	d := steering(t)
+	setWeights(t, d, []int{0, 1, 1}, []bool{true, true, true})
+	for i := range 200 {
+		steer(t, d, tcp4(uint16(2000+i)), "new_flow")
+	}
+	perLine := func() map[int]int {
+		m := map[int]int{}
+		if err := d.Flows(func(f Flow) bool { m[f.Line]++; return true }); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	before := perLine()
+	if before[1] == 0 || before[2] == 0 {
+		t.Fatalf("flows per line %v: want both lines used", before)
+	}
+	n, err := d.RemoveLine(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := perLine()
+	if n != before[1] || after[1] != 0 || after[2] != before[2] {
+		t.Errorf("RemoveLine(1) removed %d; flows per line %v -> %v", n, before, after)
+	}
+	if _, ok := lookupNATOwner(t, d, natAddrs(1)[0]); ok {
+		t.Error("the removed line's NAT address still recovers flows onto it")
+	}
+}
+
+// lookupNATOwner is the line that ul_nat_src gives a NAT address.
+func lookupNATOwner(t *testing.T, d *Datapath, a netip.Addr) (uint32, bool) {
+	t.Helper()
+	var owner uint32
+	err := d.objs.UlNatSrc.Lookup(a.As16(), &owner)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return 0, false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return owner, true
 }

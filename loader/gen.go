@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package loader
 
 // The generated uplinkd_bpfel.{go,o} and empty_bpfel.{go,o} are committed, so

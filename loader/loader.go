@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Package loader loads uplinkd's eBPF datapath (bpf/), pins its maps and
 // links in bpffs so that forwarding and flow state survive an agent restart,
 // attaches it to the LAN and line interfaces, and gives the control plane

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 package loader
 
 import (
@@ -247,6 +249,45 @@ func (d *Datapath) Flows(fn func(Flow) bool) error {
 			return fmt.Errorf("reading flows: %w", err)
 		}
 	}
+}
+
+// RemoveLine takes a line out of the datapath for good (a new config
+// dropped it): its entry goes (dead, no NAT address, so that no flow is
+// recovered onto it) and so do the flows pinned to it, so that a line
+// given its number later inherits none of them. It returns how many
+// flows it removed.
+func (d *Datapath) RemoveLine(line int) (int, error) {
+	if err := d.SetLine(line, Line{Dead: true}); err != nil {
+		return 0, err
+	}
+	keys := make([]uplinkdFlowKey, flowBatch)
+	values := make([]uplinkdFlow, flowBatch)
+	var doomed []uplinkdFlowKey
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
+		for i := range n {
+			if int(values[i].Line) == line {
+				doomed = append(doomed, keys[i])
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return 0, fmt.Errorf("reading flows: %w", err)
+		}
+	}
+	removed := 0
+	for _, k := range doomed {
+		// One by one: a flow the LRU evicted meanwhile is no error.
+		if err := d.objs.UlFlows.Delete(&k); err == nil {
+			removed++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return removed, fmt.Errorf("removing a flow of line %d: %w", line, err)
+		}
+	}
+	return removed, nil
 }
 
 func flowOf(k *uplinkdFlowKey, v *uplinkdFlow, boot time.Time) Flow {

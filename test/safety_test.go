@@ -4,6 +4,7 @@ package test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -546,5 +548,95 @@ func TestReloadIntoForeignTableRefused(t *testing.T) {
 	if after := snapshot(t, l, "wan1", "wan2"); after != before {
 		rep.ForeignTouched++
 		t.Errorf("a refused reload changed the kernel:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+}
+
+// A reload that removes a line and gives its number to a new one: the new
+// line inherits none of the removed line's flows (they would leave by it
+// with the removed line's NAT address), the flows of the other lines stay
+// as they are.
+func TestRemovedLineLeavesNoFlows(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{ISPs: 3, Clients: 2})
+	rep := faults(t, l, "a line removed, its number given to a new one")
+	rep.Injected = 1
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Order: []int{0, 1}}))
+	a := startAgent(t, l, file)
+	srv := echoServer(t, l)
+	flows := openFlows(t, l, srv.Addr, 40, false)
+	pinned := checkPinned(t, l, flows)
+	var kept, removed []*flow
+	for _, f := range flows {
+		if pinned[f] == 0 {
+			kept = append(kept, f)
+		} else {
+			removed = append(removed, f)
+		}
+	}
+	if len(kept) == 0 || len(removed) == 0 {
+		t.Fatalf("%d flows on dsl1, %d on dsl2: want both", len(kept), len(removed))
+	}
+
+	a.reload(t, file, l.Config(lab.ConfigOptions{StateDir: state, Order: []int{0, 2}}))
+	var number int
+	for _, ln := range a.status(t).Lines {
+		if ln.Name == "dsl3" {
+			number = ln.Number
+		}
+	}
+	if number != 2 {
+		t.Fatalf("dsl3 got number %d; the test wants dsl2's (2)", number)
+	}
+	table := pins(t, l)
+	for _, f := range removed {
+		if p, ok := table[f.id()]; ok {
+			t.Errorf("%v of the removed dsl2 is still pinned (to line %d, NAT %s)", f, p.Line, p.NATAddr)
+		}
+	}
+	if ev := a.lastEvent(events.Config, "dsl2"); ev.Fields["flows_removed"] != strconv.Itoa(len(removed)) {
+		t.Errorf("removal event %v: want flows_removed=%d", ev.Fields, len(removed))
+	}
+	broken, moved, detail := checkAll(kept)
+	rep.FlowsLost += broken
+	if broken+moved > 0 {
+		t.Errorf("dsl1's flows: %d broken, %d moved: %v", broken, moved, detail)
+	}
+	after := checkPinned(t, l, kept)
+	for _, f := range kept {
+		if after[f] != 0 {
+			t.Errorf("%v moved from dsl1 to line %d", f, after[f])
+		}
+	}
+}
+
+// A restart with a line's table changed while the agent was stopped: the
+// routes it left in the old table are found (the state dir keeps every
+// number it used) and removed, and `down` leaves none anywhere.
+func TestRestartWithOtherTableCleansTheOld(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	rep := faults(t, l, "restart with a line's table changed")
+	rep.Injected = 1
+	table := func(n int) []string { return []string{"", fmt.Sprintf("    table: %d\n", n)} }
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, LineExtra: table(301)}))
+	a := startAgent(t, l, file)
+	if routes := gw(t, l, "ip", "route", "show", "table", "301"); !strings.Contains(routes, "wan2") {
+		t.Fatalf("table 301 before:\n%s", routes)
+	}
+	a.stop(t) // its state stays, forwarding
+	if err := os.WriteFile(file, []byte(l.Config(lab.ConfigOptions{StateDir: state, LineExtra: table(302)})), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a = spawnAgent(t, l, file)
+	t.Cleanup(func() { a.stop(t) })
+	a.waitReady(t)
+	if routes := gw(t, l, "ip", "route", "show", "table", "301"); routes != "" {
+		t.Errorf("the old table 301 after a restart with table 302:\n%s", routes)
+	}
+	if routes := gw(t, l, "ip", "route", "show", "table", "302"); !strings.Contains(routes, "wan2") {
+		t.Errorf("table 302 after the restart:\n%s", routes)
+	}
+	if rules := gw(t, l, "ip", "rule", "show"); strings.Contains(rules, "lookup 301") {
+		t.Errorf("rules still look up table 301:\n%s", rules)
 	}
 }

@@ -94,12 +94,16 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 			return nil, cfg.Errorf("datapath.pin_dir", "%v", err)
 		}
 	}
+	saved, err := savedScope(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
 	return &Agent{
 		cfg: cfg, k: k, log: log, lines: lines,
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		ctl:      make(chan ctlCall),
-		scope:    plan.ScopeOf(cfg),
+		scope:    plan.ScopeOf(cfg).Union(saved),
 		adopting: len(slots) > 0 || previousRun(cfg),
 	}, nil
 }
@@ -150,6 +154,10 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	if err := writeSlots(cfg.StateDir, cfg.Slots()); err != nil {
 		return err
 	}
+	scope := a.scope.Union(plan.ScopeOf(cfg))
+	if err := writeScope(cfg.StateDir, scope); err != nil {
+		return err
+	}
 	kept := cfg.Slots()
 	for _, l := range a.lines {
 		if _, ok := kept[l.Name]; !ok {
@@ -160,7 +168,7 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	// line or back), loses its programs; the next apply attaches what its
 	// new role wants.
 	for _, ifname := range changedRoles(old, cfg) {
-		if err := a.k.RemoveLine(ifname); err != nil {
+		if err := a.k.Detach(ifname); err != nil {
 			a.log.Error("detaching the datapath", "interface", ifname, "err", err)
 		}
 	}
@@ -177,19 +185,32 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		}
 	}
 	a.cfg, a.lines = cfg, lines
-	a.scope = a.scope.Union(plan.ScopeOf(cfg))
+	a.scope = scope
 	a.events.Add(events.Config, "", "new config", "file", cfg.File())
 	return nil
 }
 
 // removeLine undoes at once what was the line's alone, when a new config
-// drops it: the line programs on its interface and its datapath entry,
-// and its interface's sysctls. Its rules and routes go with the next
-// reconcile (they are in the agent's scope), its flows move or get a reset
-// as a dead line's would.
+// drops it: the line programs on its interface, its datapath entry and
+// the flows pinned to it, the conntrack entries NAT'd to its address, and
+// its interface's sysctls. A line that gets its number later inherits no
+// flow. The removed flows' next packets start afresh on a live line (a
+// TCP connection sees the server reset it: its address changed). Its
+// rules and routes go with the next reconcile (they are in the agent's
+// scope).
 func (a *Agent) removeLine(l plan.Line) {
-	if err := a.k.RemoveLine(l.Interface); err != nil {
+	if err := a.k.Detach(l.Interface); err != nil {
 		a.log.Error("removing a line's datapath", "line", l.Name, "err", err)
+	}
+	flows, err := a.k.RemoveLine(l.Index)
+	if err != nil {
+		a.log.Error("removing a line's flows", "line", l.Name, "err", err)
+	}
+	var entries uint
+	if l.Address.IsValid() {
+		if entries, err = a.k.FlushConntrack(l.Address.Addr()); err != nil {
+			a.log.Error("flushing a removed line's conntrack entries", "line", l.Name, "err", err)
+		}
 	}
 	var paths []string
 	for _, s := range plan.LineSysctls(l.Interface) {
@@ -198,7 +219,8 @@ func (a *Agent) removeLine(l plan.Line) {
 	if _, err := sysctl.RestorePaths(a.k.Sysctls(), a.cfg.StateDir, paths); err != nil {
 		a.log.Error("restoring a line's sysctls", "line", l.Name, "err", err)
 	}
-	a.events.Add(events.Config, l.Name, "line removed by the new config", "interface", l.Interface)
+	a.events.Add(events.Config, l.Name, "line removed by the new config", "interface", l.Interface,
+		"number", l.Slot, "flows_removed", flows, "conntrack_flushed", entries)
 }
 
 // changedRoles lists the LAN interfaces of old that cfg no longer has as
@@ -502,9 +524,16 @@ func Down(cfg *config.Config, env *Env) error {
 	if restoreErr != nil {
 		errs = append(errs, restoreErr)
 	}
-	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol, Scope: plan.ScopeOf(cfg)}
-	if _, err := routing.Remove(k); err != nil {
-		errs = append(errs, fmt.Errorf("removing rules and routes: %w", err))
+	scope := plan.ScopeOf(cfg)
+	if saved, err := savedScope(cfg.StateDir); err != nil {
+		errs = append(errs, fmt.Errorf("rules and routes of earlier numbers not looked for: %w", err))
+	} else {
+		scope = scope.Union(saved)
+	}
+	k := &routing.Netlink{H: env.NL, Protocol: cfg.Routing.Protocol, Scope: scope}
+	_, routesErr := routing.Remove(k)
+	if routesErr != nil {
+		errs = append(errs, fmt.Errorf("removing rules and routes: %w", routesErr))
 	}
 	// Forwarding may still be on: the firewall stays until it is off.
 	if restoreErr != nil {
@@ -512,7 +541,11 @@ func Down(cfg *config.Config, env *Env) error {
 	} else if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
 		errs = append(errs, err)
 	}
-	for _, f := range []string{linesDownFile, slotsFile} {
+	files := []string{linesDownFile, slotsFile}
+	if routesErr == nil {
+		files = append(files, scopeFile) // kept until its rules and routes are gone
+	}
+	for _, f := range files {
 		if err := statefile.Remove(cfg.StateDir, f); err != nil {
 			errs = append(errs, err)
 		}
@@ -572,6 +605,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	// What a previous run left (it did not `down`) is adopted, forwarding.
 	adopting := a.adopting
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
+		return err
+	}
+	if err := writeScope(a.cfg.StateDir, a.scope); err != nil {
 		return err
 	}
 	rep, err := a.Apply()

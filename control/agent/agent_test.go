@@ -4,6 +4,7 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"net/netip"
@@ -16,6 +17,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/routing"
+	"github.com/uplinkd/uplinkd/control/statefile"
 	"github.com/uplinkd/uplinkd/control/sysctl"
 	"github.com/uplinkd/uplinkd/loader"
 )
@@ -87,7 +89,11 @@ func (k *fakeKernel) Addrs(ifname string) ([]netip.Prefix, error) {
 func (k *fakeKernel) Carrier(ifname string) bool             { return k.carrier[ifname] }
 func (k *fakeKernel) Sysctls() sysctl.FS                     { return k.proc }
 func (k *fakeKernel) Routing(int, plan.Scope) routing.Kernel { return &k.routes }
-func (k *fakeKernel) RemoveLine(ifname string) error {
+func (k *fakeKernel) RemoveLine(index int) (int, error) {
+	k.log = append(k.log, fmt.Sprintf("remove line %d", index))
+	return 0, nil
+}
+func (k *fakeKernel) Detach(ifname string) error {
 	k.log = append(k.log, "detach "+ifname)
 	return nil
 }
@@ -332,5 +338,37 @@ func TestFlowMapFullIsReportedRateLimited(t *testing.T) {
 	}
 	if st := a.status(); st.FlowMap.EvictedAtLeast != 9000 || st.FlowMap.Capacity != 1024 {
 		t.Errorf("status flow map %+v", st.FlowMap)
+	}
+}
+
+// The scope kept in the state dir widens where the agent looks for its
+// own rules and routes, but never to the kernel's own tables or
+// priorities, whatever the file says.
+func TestSavedScopeTrustsOnlyOurNumbers(t *testing.T) {
+	dir := t.TempDir()
+	if err := statefile.Prepare(dir); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := savedScope(dir); err != nil || len(s.Tables) != 0 {
+		t.Fatalf("no scope file: %+v, %v", s, err)
+	}
+	if err := writeScope(dir, plan.Scope{Priorities: map[int]bool{150: true}, Tables: map[int]bool{301: true}}); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := savedScope(dir); err != nil || !s.Tables[301] || !s.Priorities[150] {
+		t.Fatalf("saved scope read back as %+v, %v", s, err)
+	}
+	for _, bad := range []plan.Scope{
+		{Tables: map[int]bool{254: true}},
+		{Tables: map[int]bool{0: true}},
+		{Priorities: map[int]bool{32766: true}},
+		{Priorities: map[int]bool{0: true}},
+	} {
+		if err := writeScope(dir, bad); err != nil {
+			t.Fatal(err)
+		}
+		if s, err := savedScope(dir); err == nil {
+			t.Errorf("scope %+v accepted as %+v", bad, s)
+		}
 	}
 }

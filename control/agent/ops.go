@@ -35,8 +35,12 @@ type ops interface {
 	FlushConntrack(addr netip.Addr) (uint, error)
 	// SyncDatapath loads, attaches and writes the datapath for lines.
 	SyncDatapath(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, log *slog.Logger, ev *events.Ring) error
-	// RemoveLine detaches the datapath from a removed line's interface.
-	RemoveLine(ifname string) error
+	// Detach takes the datapath off an interface the config no longer
+	// names.
+	Detach(ifname string) error
+	// RemoveLine removes a dropped line's datapath entry and its pinned
+	// flows; it returns how many flows it removed.
+	RemoveLine(index int) (int, error)
 	// FlowMapUse is how full the datapath's flow map has been (zero
 	// before the datapath is loaded).
 	FlowMapUse() (loader.FlowMapUse, error)
@@ -73,7 +77,8 @@ func (o *envOps) Carrier(ifname string) bool                  { return o.env.Car
 func (o *envOps) Sysctls() sysctl.FS                          { return o.env.Sysctl }
 func (o *envOps) ApplyNAT(n plan.NAT) (bool, error)           { return nat.Apply(o.env.NFT, n) }
 func (o *envOps) FlushConntrack(a netip.Addr) (uint, error)   { return o.env.FlushConntrack(a) }
-func (o *envOps) RemoveLine(ifname string) error              { return o.dp.RemoveLine(ifname) }
+func (o *envOps) Detach(ifname string) error                  { return o.dp.Detach(ifname) }
+func (o *envOps) RemoveLine(index int) (int, error)           { return o.dp.RemoveLine(index) }
 func (o *envOps) Close()                                      { o.dp.Close() }
 func (o *envOps) Attached() map[string]string                 { return o.dp.Attached() }
 func (o *envOps) FlowMapUse() (loader.FlowMapUse, error)      { return o.dp.FlowMapUse() }

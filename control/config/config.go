@@ -499,8 +499,8 @@ func (c *Config) check() error {
 	// count: each band of rules has room for all of them.
 	n := MaxLines
 	prio := func(field string, v, span int) {
-		if v < 1 || v+span > 32765 {
-			bad(field, "want a priority in 1..%d, got %d", 32765-span, v)
+		if v < 1 || v+span > MaxPriority {
+			bad(field, "want a priority in 1..%d, got %d", MaxPriority-span, v)
 		}
 	}
 	prio("routing.main_priority", r.MainPriority, 0)
@@ -519,7 +519,7 @@ func (c *Config) check() error {
 	if overlap(r.FwmarkPriority, r.SourcePriority, n) {
 		bad("routing.source_priority", "the source rules (%d..%d) overlap the fwmark rules (%d..%d)", r.SourcePriority+1, r.SourcePriority+n, r.FwmarkPriority+1, r.FwmarkPriority+n)
 	}
-	if !validTable(r.MultipathTable) {
+	if !ValidTable(r.MultipathTable) {
 		bad("routing.multipath_table", "table %d is reserved or out of range (1..252, 256..%d)", r.MultipathTable, maxTable)
 	}
 	if r.TableBase < 0 || r.TableBase > maxTable-MaxLines {
@@ -548,7 +548,7 @@ func (c *Config) number() []error {
 			tf, tdesc = f, "its default table (routing.table_base + its number)"
 		}
 		switch {
-		case !validTable(u.Table):
+		case !ValidTable(u.Table):
 			bad(tf, "%s %d is reserved or out of range (1..252, 256..%d)", tdesc, u.Table, maxTable)
 		case u.Table == r.MultipathTable:
 			bad(tf, "%s %d is also the multipath table", tdesc, u.Table)
@@ -674,8 +674,13 @@ var otherProtocols = map[int]string{
 // maxTable is the largest routing table number (the kernel's is 32 bits).
 const maxTable = 1<<32 - 1
 
-// validTable excludes 0 and the kernel's default, main and local tables.
-func validTable(t int) bool { return t >= 1 && t <= maxTable && (t < 253 || t > 255) }
+// MaxPriority is the highest rule priority uplinkd may use: the kernel's
+// own main and default rules are at 32766 and 32767.
+const MaxPriority = 32765
+
+// ValidTable reports whether uplinkd may use routing table t: not the
+// kernel's own (unspec, default, main, local) and within 32 bits.
+func ValidTable(t int) bool { return t >= 1 && t <= maxTable && (t < 253 || t > 255) }
 
 // unicast reports whether a can be a router or a probe target: not
 // unspecified, loopback, multicast, link-local multicast or the limited

@@ -69,7 +69,7 @@ func checkConsistent(t *testing.T, c *Config) {
 		switch {
 		case u.Weight < 1 || u.Weight > 255:
 			t.Fatalf("weight %d accepted", u.Weight)
-		case !validTable(u.Table) || u.Table == r.MultipathTable:
+		case !ValidTable(u.Table) || u.Table == r.MultipathTable:
 			t.Fatalf("table %d accepted", u.Table)
 		case u.Mark == 0 || u.Mark&^r.MarkMask != 0:
 			t.Fatalf("mark %#x accepted with mask %#x", u.Mark, r.MarkMask)
@@ -84,7 +84,7 @@ func checkConsistent(t *testing.T, c *Config) {
 		r.SourcePriority+n >= r.MultipathPriority || r.MultipathPriority > 32765 || r.MainPriority < 1 {
 		t.Fatalf("priorities out of order accepted: %+v", r)
 	}
-	if r.Protocol < 5 || r.Protocol > 255 || !validTable(r.MultipathTable) {
+	if r.Protocol < 5 || r.Protocol > 255 || !ValidTable(r.MultipathTable) {
 		t.Fatalf("routing accepted: %+v", r)
 	}
 }

@@ -159,14 +159,23 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 	return errors.Join(errs...)
 }
 
-// RemoveLine detaches the datapath from the interface of a line that is
-// gone from the config.
-func (d *Sync) RemoveLine(ifname string) error {
+// Detach takes the datapath off an interface that a new config no
+// longer names (a removed line's, or a dropped LAN interface).
+func (d *Sync) Detach(ifname string) error {
 	if d.dp == nil {
 		return nil
 	}
 	delete(d.attached, ifname)
 	return d.k.Do(func() error { return d.dp.DetachLine(ifname) })
+}
+
+// RemoveLine removes a line that a new config dropped from the datapath,
+// with the flows pinned to it; it returns how many flows it removed.
+func (d *Sync) RemoveLine(index int) (int, error) {
+	if d.dp == nil {
+		return 0, nil
+	}
+	return d.dp.RemoveLine(index)
 }
 
 // Attached is the attach mode ("tcx" or "tc") by interface.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+
 // Package lab builds a throw-away multi-uplink network in named network
 // namespaces: clients behind a switch, a gateway (the device under test),
 // several ISP routers and a server host. Integration tests, the demo and the
