@@ -510,3 +510,25 @@ func lookupNATOwner(t *testing.T, d *Datapath, a netip.Addr) (uint32, bool) {
 	}
 	return owner, true
 }
+
+// OpenStats reads the pinned maps of a datapath it did not load, and
+// says so clearly where there is none.
+func TestOpenStatsReadsPins(t *testing.T) {
+	d := steering(t)
+	steer(t, d, tcp4(3000), "new_flow")
+	s, err := OpenStats(d.pinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	n := 0
+	if err := s.Flows(func(f Flow) bool { n++; return f.Src.Port() != 3000 }); err != nil || n != 1 {
+		t.Errorf("flows through the pins: %d, %v", n, err)
+	}
+	if r, err := s.Reasons(); err != nil || r["new_flow"] != 1 {
+		t.Errorf("reasons through the pins: %v, %v", r, err)
+	}
+	if _, err := OpenStats(t.TempDir()); !errors.Is(err, ErrNoDatapath) {
+		t.Errorf("an empty dir: %v, want ErrNoDatapath", err)
+	}
+}

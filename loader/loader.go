@@ -99,7 +99,8 @@ type Datapath struct {
 	mode     AttachMode // forced attach mode; "": auto
 	objs     uplinkdObjects
 	tcState  *ebpf.Map
-	reasons  []string // reason names, by code
+	// Stats reads the flows and counters from the maps the programs use.
+	Stats
 	// ctRecovery is nil when flows the flow map lost are recovered from
 	// conntrack, else why not.
 	ctRecovery error
@@ -148,7 +149,6 @@ func Load(opts Options) (*Datapath, error) {
 		pinDir:     opts.PinDir,
 		markMask:   opts.MarkMask,
 		mode:       opts.Attach,
-		reasons:    reasons,
 		ctRecovery: ctRecovery,
 		attached:   map[string]AttachMode{},
 	}
@@ -156,6 +156,7 @@ func Load(opts Options) (*Datapath, error) {
 	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: pinned}); err != nil {
 		return nil, loadError(opts.PinDir, err)
 	}
+	d.Stats = Stats{flows: d.objs.UlFlows, lineStats: d.objs.UlLineStats, reasons: d.objs.UlReasons, reasonNames: reasons}
 	d.tcState, err = ebpf.NewMapWithOptions(tcStateSpec, pinned)
 	if err != nil {
 		d.objs.Close()

@@ -226,8 +226,9 @@ func (d *Datapath) SetLocal(addrs []netip.Addr) error {
 const flowBatch = 4096
 
 // Flows calls fn for each flow in the flow map until fn returns false. The
-// map changes meanwhile: a flow may be missed or seen twice.
-func (d *Datapath) Flows(fn func(Flow) bool) error {
+// map changes meanwhile: a flow may be missed or seen twice. Memory stays
+// bounded whatever the map's size: flowBatch flows are read at a time.
+func (s *Stats) Flows(fn func(Flow) bool) error {
 	boot, err := bootTime()
 	if err != nil {
 		return err
@@ -236,7 +237,7 @@ func (d *Datapath) Flows(fn func(Flow) bool) error {
 	values := make([]uplinkdFlow, flowBatch)
 	var cursor ebpf.MapBatchCursor
 	for {
-		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
+		n, err := s.flows.BatchLookup(&cursor, keys, values, nil)
 		for i := range n {
 			if !fn(flowOf(&keys[i], &values[i], boot)) {
 				return nil
@@ -320,11 +321,11 @@ func bootTime() (time.Time, error) {
 }
 
 // LineStats returns the packets and bytes of every line, indexed by line.
-func (d *Datapath) LineStats() ([]LineStats, error) {
+func (s *Stats) LineStats() ([]LineStats, error) {
 	stats := make([]LineStats, MaxLines)
 	var perCPU []uplinkdLineStats
 	for l := range stats {
-		if err := d.objs.UlLineStats.Lookup(uint32(l), &perCPU); err != nil {
+		if err := s.lineStats.Lookup(uint32(l), &perCPU); err != nil {
 			return nil, fmt.Errorf("reading stats of line %d: %w", l, err)
 		}
 		for _, c := range perCPU {
@@ -339,11 +340,11 @@ func (d *Datapath) LineStats() ([]LineStats, error) {
 
 // Reasons returns how many packets LAN ingress handled for each reason
 // ("new_flow", "existing_flow", "not_ip", ...: see bpf/lib/reasons.h).
-func (d *Datapath) Reasons() (map[string]uint64, error) {
-	counts := make(map[string]uint64, len(d.reasons))
+func (s *Stats) Reasons() (map[string]uint64, error) {
+	counts := make(map[string]uint64, len(s.reasonNames))
 	var perCPU []uint64
-	for code, name := range d.reasons {
-		if err := d.objs.UlReasons.Lookup(uint32(code), &perCPU); err != nil {
+	for code, name := range s.reasonNames {
+		if err := s.reasons.Lookup(uint32(code), &perCPU); err != nil {
 			return nil, fmt.Errorf("reading reason %s: %w", name, err)
 		}
 		var sum uint64
@@ -368,14 +369,14 @@ type FlowMapUse struct {
 }
 
 // FlowMapUse reads the flow map's use from the new-flow counters.
-func (d *Datapath) FlowMapUse() (FlowMapUse, error) {
-	u := FlowMapUse{Capacity: int(d.objs.UlFlows.MaxEntries())}
+func (s *Stats) FlowMapUse() (FlowMapUse, error) {
+	u := FlowMapUse{Capacity: int(s.flows.MaxEntries())}
 	var perCPU []uint64
-	for code, name := range d.reasons {
+	for code, name := range s.reasonNames {
 		if name != "new_flow" && name != "recovered_ct" {
 			continue
 		}
-		if err := d.objs.UlReasons.Lookup(uint32(code), &perCPU); err != nil {
+		if err := s.reasons.Lookup(uint32(code), &perCPU); err != nil {
 			return u, fmt.Errorf("reading reason %s: %w", name, err)
 		}
 		for _, c := range perCPU {

@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+)
+
+// Stats reads what the datapath counts: the flow map, the per-line
+// counters and the per-reason counters. A Datapath has one over the maps
+// its programs use; OpenStats opens one over the pinned maps alone, for
+// readers that load no program (`uplinkd flows`, metrics), with or
+// without a running agent.
+type Stats struct {
+	flows, lineStats, reasons *ebpf.Map
+	reasonNames               []string // by code
+	owned                     bool     // opened by OpenStats: Close closes the maps
+}
+
+// ErrNoDatapath says the pin dir holds no datapath maps (no agent has run
+// with it, or `down` removed them).
+var ErrNoDatapath = errors.New("no datapath pinned there")
+
+// OpenStats opens the maps pinned in pinDir read-only.
+func OpenStats(pinDir string) (*Stats, error) {
+	spec, err := loadUplinkd()
+	if err != nil {
+		return nil, err
+	}
+	names, err := reasonNames(spec.Types)
+	if err != nil {
+		return nil, err
+	}
+	s := &Stats{reasonNames: names, owned: true}
+	ro := &ebpf.LoadPinOptions{ReadOnly: true}
+	for _, m := range []struct {
+		name string
+		to   **ebpf.Map
+	}{{"ul_flows", &s.flows}, {"ul_line_stats", &s.lineStats}, {"ul_reasons", &s.reasons}} {
+		*m.to, err = ebpf.LoadPinnedMap(filepath.Join(pinDir, m.name), ro)
+		if errors.Is(err, os.ErrNotExist) {
+			s.Close()
+			return nil, fmt.Errorf("%s: %w", pinDir, ErrNoDatapath)
+		}
+		if err != nil {
+			s.Close()
+			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
+		}
+		want := spec.Maps[m.name]
+		if got := *m.to; got.KeySize() != want.KeySize || got.ValueSize() != want.ValueSize || got.Type() != want.Type {
+			s.Close()
+			return nil, fmt.Errorf("pinned map %s in %s has another layout than this uplinkd's (another version's?)", m.name, pinDir)
+		}
+	}
+	return s, nil
+}
+
+// Close closes the maps OpenStats opened (a Datapath's close with it).
+func (s *Stats) Close() {
+	if !s.owned {
+		return
+	}
+	for _, m := range []*ebpf.Map{s.flows, s.lineStats, s.reasons} {
+		if m != nil {
+			m.Close()
+		}
+	}
+}
