@@ -133,3 +133,102 @@ func TestFlowMapFullReported(t *testing.T) {
 		t.Errorf("%d flow-map-full events within a minute, want 1", n)
 	}
 }
+
+// `uplinkd flows` lists every flow with its line, NAT source and bytes
+// each way, from the pinned map (also with the agent stopped); filters
+// select exactly, --sort with --limit gives the top; status counts the
+// lines' bytes and flows.
+func TestFlowsAndStatusFigures(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{Clients: 2})
+	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	a := startAgent(t, l, cfg)
+	srv := echoServer(t, l)
+	fs := openFlows(t, l, srv.Addr, 20, true)
+	for range 3 {
+		if broken, _, detail := checkAll(fs); broken > 0 {
+			t.Fatalf("flows broken: %v", detail)
+		}
+	}
+	pinned := checkPinned(t, l, fs)
+
+	list := func(args ...string) []flowRow {
+		t.Helper()
+		out := gw(t, l, uplinkd, append([]string{"flows", "--json", "-c", cfg}, args...)...)
+		var rows []flowRow
+		sc := bufio.NewScanner(strings.NewReader(out))
+		for sc.Scan() {
+			var r flowRow
+			if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+				t.Fatalf("flows --json line %q: %v", sc.Text(), err)
+			}
+			rows = append(rows, r)
+		}
+		return rows
+	}
+	byClient := map[netip.AddrPort]flowRow{}
+	for _, r := range list() {
+		byClient[netip.AddrPortFrom(netip.MustParseAddr(r.Client), r.ClientPort)] = r
+	}
+	for _, f := range fs {
+		r, ok := byClient[f.id().src]
+		line := l.Lines[pinned[f]]
+		switch {
+		case !ok:
+			t.Errorf("%v (%v) not listed", f, f.id().src)
+		case r.Line != line.Name || r.NATSource != line.Address.Addr().String() || r.NATSource != f.seen.Addr().String():
+			t.Errorf("%v listed on %s NAT %s, want %s NAT %s", f, r.Line, r.NATSource, line.Name, f.seen.Addr())
+		case r.TxBytes == 0 || r.RxBytes == 0 || r.TxPackets < 3 || r.RxPackets < 3:
+			t.Errorf("%v: %+v, want packets and bytes each way", f, r)
+		}
+	}
+	for _, r := range list("--line", "dsl2", "--proto", "udp") {
+		if r.Line != "dsl2" || r.Proto != "udp" {
+			t.Errorf("--line dsl2 --proto udp listed %+v", r)
+		}
+	}
+	c1 := lab.ClientAddr(1).Addr().String()
+	for _, r := range list("--client", c1) {
+		if r.Client != c1 {
+			t.Errorf("--client %s listed %+v", c1, r)
+		}
+	}
+	top := list("--sort", "bytes", "--limit", "3")
+	if len(top) != 3 || top[0].TxBytes+top[0].RxBytes < top[2].TxBytes+top[2].RxBytes {
+		t.Errorf("--sort bytes --limit 3: %+v", top)
+	}
+	if out, code := exitCode(t, l, "flows", "-c", cfg, "--line", "nosuch"); code != 2 {
+		t.Errorf("flows --line nosuch: exit %d\n%s", code, out)
+	}
+	if text := gw(t, l, uplinkd, "flows", "-c", cfg, "--limit", "2"); strings.Count(text, "\n") != 3 || !strings.Contains(text, "NAT SOURCE") {
+		t.Errorf("flows text:\n%s", text)
+	}
+
+	st := a.status(t)
+	for _, ln := range st.Lines {
+		if ln.TxBytes == 0 || ln.RxBytes == 0 || ln.Flows == 0 {
+			t.Errorf("status of %s: tx %d rx %d flows %d, want traffic on every line", ln.Name, ln.TxBytes, ln.RxBytes, ln.Flows)
+		}
+	}
+	if st.Totals.Flows < len(fs) || st.FlowMap.Entries != st.Totals.Flows || st.Reasons["new_flow"] == 0 || st.DatapathError != "" {
+		t.Errorf("status totals %+v, flow map %+v, reasons %v, error %q", st.Totals, st.FlowMap, st.Reasons, st.DatapathError)
+	}
+
+	a.stop(t)
+	if n := len(list()); n < len(fs) {
+		t.Errorf("with the agent stopped, flows lists %d flows, want at least %d", n, len(fs))
+	}
+}
+
+// flowRow is a line of `uplinkd flows --json`.
+type flowRow struct {
+	Client     string `json:"client"`
+	ClientPort uint16 `json:"client_port"`
+	Proto      string `json:"proto"`
+	Line       string `json:"line"`
+	NATSource  string `json:"nat_source"`
+	TxPackets  uint64 `json:"tx_packets"`
+	TxBytes    uint64 `json:"tx_bytes"`
+	RxPackets  uint64 `json:"rx_packets"`
+	RxBytes    uint64 `json:"rx_bytes"`
+}

@@ -39,6 +39,9 @@ Usage:
   uplinkd reload [-c FILE]            make the running agent re-read its config: prints what changed, or the
                                       errors (the running config stays); SIGHUP does the same, silently
   uplinkd status [-c FILE] [--json]   each line: usable, health and why, RTT/jitter/loss, weights; attach modes
+  uplinkd flows [-c FILE] [--json] [--line L] [--client A] [--proto P] [--port N] [--sort bytes|age|idle] [--limit N]
+                                      the flow table from the pinned flow map (no agent needed): client, remote,
+                                      line, NAT source, packets and bytes each way, age, idle
   uplinkd events [-c FILE] [--json] [--follow]   what happened to the lines (the agent keeps the last 1024)
   uplinkd features [-c FILE]          what this kernel offers uplinkd: attach mode, recovery from conntrack, ...;
                                       exit 1 when it lacks something the config needs
@@ -84,6 +87,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdStatus(args, stdout, stderr)
 	case "events":
 		return cmdEvents(args, stdout, stderr)
+	case "flows":
+		return cmdFlows(args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -58,14 +59,14 @@ func cmdStatus(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-// printStatus writes the status as a table for people.
+// printStatus writes the status as tables for people.
 func printStatus(w io.Writer, st agent.Status, now time.Time) {
 	fmt.Fprintf(w, "config %s\n", st.Config)
 	if st.AllLinesDown {
 		fmt.Fprintln(w, "ALL LINES DOWN: the last usable lines keep carrying traffic")
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LINE\tNR\tINTERFACE\tADDRESS\tUSABLE\tHEALTH\tSINCE\tRTT\tJITTER\tLOSS\tWEIGHT\tWHY")
+	fmt.Fprintln(tw, "LINE\tNR\tINTERFACE\tADDRESS\tUSABLE\tHEALTH\tSINCE\tRTT\tJITTER\tLOSS\tWEIGHT\tTX\tRX\tTX/s\tRX/s\tFLOWS\tWHY")
 	for _, l := range st.Lines {
 		health := l.Health
 		switch {
@@ -78,20 +79,58 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 		if !l.HealthSince.IsZero() {
 			since = now.Sub(l.HealthSince).Round(time.Second).String()
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%v\t%s\t%s\t%s\t%s\t%.0f%%\t%d/%d\t%s\n",
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%v\t%s\t%s\t%s\t%s\t%.0f%%\t%d/%d\t%s\t%s\t%s\t%s\t%d\t%s\n",
 			l.Name, l.Number, l.Interface, orDash(l.Address), l.Usable, health, since,
 			seconds(l.RTTSeconds), seconds(l.JitterSeconds), l.LossRatio*100,
-			l.WeightEffective, l.WeightConfigured, l.HealthWhy)
+			l.WeightEffective, l.WeightConfigured, bytesText(l.TxBytes), bytesText(l.RxBytes),
+			bitsText(l.TxBytesPerSecond), bitsText(l.RxBytesPerSecond), l.Flows, l.HealthWhy)
 	}
 	tw.Flush()
-	if len(st.Attached) > 0 {
-		var ifs []string
-		for ifname, mode := range st.Attached {
-			ifs = append(ifs, ifname+" "+mode)
-		}
-		sort.Strings(ifs)
-		fmt.Fprintf(w, "datapath attached: %s\n", strings.Join(ifs, ", "))
+	fmt.Fprintf(w, "total: tx %s, rx %s, %d flows; flow map %d of %d entries", bytesText(st.Totals.TxBytes), bytesText(st.Totals.RxBytes),
+		st.Totals.Flows, st.FlowMap.Entries, st.FlowMap.Capacity)
+	if st.FlowMap.EvictedAtLeast > 0 {
+		fmt.Fprintf(w, ", at least %d flows evicted (raise datapath.flow_entries)", st.FlowMap.EvictedAtLeast)
 	}
+	fmt.Fprintf(w, "; %d reconcile errors, %d repairs of others' changes\n", st.ReconcileErrors, st.Restored)
+	if st.DatapathError != "" {
+		fmt.Fprintf(w, "datapath figures missing: %s\n", st.DatapathError)
+	}
+	if len(st.Attached) > 0 {
+		fmt.Fprintf(w, "datapath attached: %s\n", joinSorted(st.Attached, " "))
+	}
+	if len(st.Reasons) > 0 {
+		nonzero := map[string]string{}
+		for r, n := range st.Reasons {
+			if n > 0 {
+				nonzero[r] = strconv.FormatUint(n, 10)
+			}
+		}
+		fmt.Fprintf(w, "LAN packets by reason: %s\n", joinSorted(nonzero, "="))
+	}
+}
+
+// joinSorted writes a map as "k<sep>v, ..." sorted by key.
+func joinSorted(m map[string]string, sep string) string {
+	var out []string
+	for k, v := range m {
+		out = append(out, k+sep+v)
+	}
+	sort.Strings(out)
+	return strings.Join(out, ", ")
+}
+
+// bitsText is a rate in bytes per second as bits per second for people.
+func bitsText(bytesPerSecond float64) string {
+	b := bytesPerSecond * 8
+	for _, u := range []struct {
+		div  float64
+		unit string
+	}{{1e9, "Gbit"}, {1e6, "Mbit"}, {1e3, "kbit"}} {
+		if b >= u.div {
+			return fmt.Sprintf("%.1f%s", b/u.div, u.unit)
+		}
+	}
+	return fmt.Sprintf("%.0fbit", b)
 }
 
 func orDash(s string) string {

@@ -47,6 +47,13 @@ type Agent struct {
 	// repair of someone else's edit.
 	lineChanged bool
 	flowMap     flowMapWatch
+	// stats reads the pinned maps for status; reconcileErrors counts
+	// failed applies.
+	stats           statsReader
+	reconcileErrors uint64
+	// pinDir is the datapath's pin dir ("": no datapath), for readers
+	// outside the run loop (a reload cannot change it).
+	pinDir string
 	// health probes and judges the lines (nil in unit tests without a
 	// kernel).
 	health *health.Monitor
@@ -98,8 +105,12 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	pinDir := ""
+	if cfg.Datapath.On() {
+		pinDir = cfg.Datapath.PinDir
+	}
 	return &Agent{
-		cfg: cfg, k: k, log: log, lines: lines,
+		cfg: cfg, k: k, log: log, lines: lines, pinDir: pinDir,
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		ctl:      make(chan ctlCall),
@@ -509,6 +520,7 @@ func (a *Agent) Close() {
 	if a.health != nil {
 		a.health.Stop()
 	}
+	a.stats.close()
 	a.k.Close()
 }
 
@@ -686,6 +698,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Info("reconciled", "changes", rep.String())
 		}
 		if err != nil {
+			a.reconcileErrors++
 			a.log.Error("reconciling", "err", err)
 			select {
 			case <-ctx.Done():

@@ -4,10 +4,15 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"sync"
 	"time"
 
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/control/flows"
+	"github.com/uplinkd/uplinkd/loader"
 )
 
 // Status is what `uplinkd status --json` prints: the agent's view of every
@@ -21,10 +26,28 @@ type Status struct {
 	// Attached is the datapath's attach mode ("tcx" or "tc") by interface.
 	Attached map[string]string `json:"attached,omitempty"`
 	FlowMap  FlowMapStatus     `json:"flow_map"`
+	// Reasons counts the packets LAN ingress handled, by datapath reason
+	// (new_flow, existing_flow, foreign_src, ...: see bpf/lib/reasons.h).
+	Reasons map[string]uint64 `json:"reasons,omitempty"`
+	Totals  Totals            `json:"totals"`
+	// ReconcileErrors counts applies that failed since the agent started;
+	// Restored the repairs of state someone else changed.
+	ReconcileErrors uint64 `json:"reconcile_errors"`
+	Restored        uint64 `json:"restored"`
+	// DatapathError says why the datapath figures are missing, if they are.
+	DatapathError string `json:"datapath_error,omitempty"`
+}
+
+// Totals sums the lines.
+type Totals struct {
+	TxBytes uint64 `json:"tx_bytes"`
+	RxBytes uint64 `json:"rx_bytes"`
+	Flows   int    `json:"flows"`
 }
 
 // FlowMapStatus is how full the datapath's flow map has been.
 type FlowMapStatus struct {
+	Entries  int    `json:"entries"` // flows in the map now
 	Capacity int    `json:"capacity"`
 	Inserted uint64 `json:"inserted"` // flows pinned since the maps were created
 	// EvictedAtLeast: flows only leave the map when the LRU evicts them
@@ -56,11 +79,26 @@ type LineStatus struct {
 	// new flows get now (adaptive weights change it).
 	WeightConfigured int `json:"weight_configured"`
 	WeightEffective  int `json:"weight_effective"`
+	// StateChanges counts the line's health changes (up, down, probing)
+	// since the agent started.
+	StateChanges uint64 `json:"state_changes"`
+	// Packets and bytes on the line's interface, as the datapath counts
+	// them (Tx: out to the ISP), and their rate over the last second or so.
+	TxPackets        uint64  `json:"tx_packets"`
+	TxBytes          uint64  `json:"tx_bytes"`
+	RxPackets        uint64  `json:"rx_packets"`
+	RxBytes          uint64  `json:"rx_bytes"`
+	TxBytesPerSecond float64 `json:"tx_bytes_per_second"`
+	RxBytesPerSecond float64 `json:"rx_bytes_per_second"`
+	Flows            int     `json:"flows"` // flows pinned to it
 }
 
 // status builds the Status, in the run loop.
 func (a *Agent) status() Status {
-	s := Status{Config: a.cfg.File(), AllLinesDown: a.allDown, Lines: []LineStatus{}, Attached: a.k.Attached()}
+	s := Status{
+		Config: a.cfg.File(), AllLinesDown: a.allDown, Lines: []LineStatus{}, Attached: a.k.Attached(),
+		ReconcileErrors: a.reconcileErrors, Restored: a.events.CountKind(events.Restored),
+	}
 	if use, err := a.k.FlowMapUse(); err == nil {
 		s.FlowMap = FlowMapStatus{Capacity: use.Capacity, Inserted: use.Inserted, EvictedAtLeast: use.EvictedAtLeast}
 	}
@@ -74,6 +112,7 @@ func (a *Agent) status() Status {
 		if l.Address.IsValid() {
 			ls.Address = l.Address.Addr().String()
 		}
+		ls.StateChanges = a.events.Count(events.LineUp, l.Name) + a.events.Count(events.LineDown, l.Name) + a.events.Count(events.LineProbing, l.Name)
 		if h, ok := hs[l.Name]; ok {
 			ls.Health, ls.HealthSince, ls.HealthWhy = string(h.State), h.Since, h.Why
 			ls.LossRatio, ls.RTTSeconds, ls.JitterSeconds, ls.Samples = h.Loss, h.RTT.Seconds(), h.Jitter.Seconds(), h.Samples
@@ -81,6 +120,112 @@ func (a *Agent) status() Status {
 		s.Lines = append(s.Lines, ls)
 	}
 	return s
+}
+
+// addDatapath adds the datapath's figures to a status, outside the run
+// loop (reading a large flow map takes a while; the maps need no lock).
+func (a *Agent) addDatapath(s *Status) {
+	st, err := a.stats.open(a.pinDir)
+	if err != nil {
+		s.DatapathError = err.Error()
+		return
+	}
+	lines, err := st.LineStats()
+	if err == nil {
+		s.Reasons, err = st.Reasons()
+	}
+	var perLine map[int]int
+	if err == nil {
+		perLine, s.FlowMap.Entries, err = flows.Count(st)
+	}
+	if err != nil {
+		s.DatapathError = err.Error()
+		return
+	}
+	rates := a.stats.rates(lines, time.Now())
+	for i := range s.Lines {
+		l := &s.Lines[i]
+		idx := l.Number - 1
+		if idx < 0 || idx >= len(lines) {
+			continue
+		}
+		c := lines[idx]
+		l.TxPackets, l.TxBytes, l.RxPackets, l.RxBytes = c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes
+		l.TxBytesPerSecond, l.RxBytesPerSecond = rates[idx][0], rates[idx][1]
+		l.Flows = perLine[l.Number]
+		s.Totals.TxBytes += c.TxBytes
+		s.Totals.RxBytes += c.RxBytes
+	}
+	s.Totals.Flows = s.FlowMap.Entries
+}
+
+// statsReader reads the pinned maps for status, and keeps the last
+// samples of the line counters to give rates.
+type statsReader struct {
+	mu    sync.Mutex
+	st    *loader.Stats
+	prev  []loader.LineStats // the sample before last
+	prevT time.Time
+	last  []loader.LineStats
+	lastT time.Time
+}
+
+func (r *statsReader) open(pinDir string) (*loader.Stats, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.st == nil {
+		st, err := loader.OpenStats(pinDir)
+		if err != nil {
+			return nil, err
+		}
+		r.st = st
+	}
+	return r.st, nil
+}
+
+// rates returns bytes per second (tx, rx) per line since a sample at
+// least half a second old.
+func (r *statsReader) rates(now []loader.LineStats, at time.Time) [][2]float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.last != nil && at.Sub(r.lastT) >= 500*time.Millisecond {
+		r.prev, r.prevT = r.last, r.lastT
+		r.last, r.lastT = now, at
+	} else if r.last == nil {
+		r.last, r.lastT = now, at
+	}
+	out := make([][2]float64, len(now))
+	if r.prev == nil {
+		return out
+	}
+	dt := at.Sub(r.prevT).Seconds()
+	for i := range min(len(now), len(r.prev)) {
+		if now[i].TxBytes >= r.prev[i].TxBytes && now[i].RxBytes >= r.prev[i].RxBytes {
+			out[i] = [2]float64{float64(now[i].TxBytes-r.prev[i].TxBytes) / dt, float64(now[i].RxBytes-r.prev[i].RxBytes) / dt}
+		}
+	}
+	return out
+}
+
+func (r *statsReader) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.st != nil {
+		r.st.Close()
+		r.st = nil
+	}
+}
+
+// Status asks the run loop for the agent's status and adds the
+// datapath's figures (for the metrics endpoint, in the agent's process).
+func (a *Agent) Status(ctx context.Context) (Status, error) {
+	rep := a.handle(ctx, ctlsock.Request{Cmd: "status"})
+	if rep.Error != "" {
+		return Status{}, errors.New(rep.Error)
+	}
+	var s Status
+	err := json.Unmarshal(rep.Data, &s)
+	return s, err
 }
 
 // eventsWait bounds how long an events request waits for a new event
@@ -91,6 +236,18 @@ const eventsWait = 20 * time.Second
 // (waiting for one when asked, without holding up the run loop), the
 // rest in the run loop.
 func (a *Agent) handle(ctx context.Context, req ctlsock.Request) ctlsock.Reply {
+	if req.Cmd == "status" {
+		rep := a.call(ctx, req)
+		if rep.Error != "" || a.pinDir == "" || a.env == nil {
+			return rep
+		}
+		var s Status
+		if err := json.Unmarshal(rep.Data, &s); err != nil {
+			return ctlsock.Reply{Error: err.Error()}
+		}
+		a.addDatapath(&s)
+		return ctlsock.DataReply(s)
+	}
 	if req.Cmd != "events" {
 		return a.call(ctx, req)
 	}

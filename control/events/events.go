@@ -49,7 +49,8 @@ type Ring struct {
 	next    int
 	full    bool
 	seq     uint64
-	changed chan struct{} // closed and replaced at each Add
+	counts  map[[2]string]uint64 // events ever added, by kind and line
+	changed chan struct{}        // closed and replaced at each Add
 	log     *slog.Logger
 }
 
@@ -58,7 +59,7 @@ const DefaultSize = 1024
 
 // NewRing returns a ring of size events that also logs to log.
 func NewRing(size int, log *slog.Logger) *Ring {
-	return &Ring{buf: make([]Event, size), changed: make(chan struct{}), log: log}
+	return &Ring{buf: make([]Event, size), counts: map[[2]string]uint64{}, changed: make(chan struct{}), log: log}
 }
 
 // Add records and logs an event.
@@ -80,12 +81,34 @@ func (r *Ring) Add(kind, line, msg string, attrs ...any) {
 	r.mu.Lock()
 	r.seq++
 	e.Seq = r.seq
+	r.counts[[2]string{kind, line}]++
 	r.buf[r.next] = e
 	r.next = (r.next + 1) % len(r.buf)
 	r.full = r.full || r.next == 0
 	close(r.changed)
 	r.changed = make(chan struct{})
 	r.mu.Unlock()
+}
+
+// Count is how many events of kind about line ("": the whole gateway)
+// were ever added, also those the ring no longer keeps.
+func (r *Ring) Count(kind, line string) uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.counts[[2]string{kind, line}]
+}
+
+// CountKind is how many events of kind were ever added, about any line.
+func (r *Ring) CountKind(kind string) uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var n uint64
+	for k, c := range r.counts {
+		if k[0] == kind {
+			n += c
+		}
+	}
+	return n
 }
 
 // fields turns slog key/value pairs into text by key.

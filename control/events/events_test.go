@@ -49,3 +49,14 @@ func TestSinceAndWait(t *testing.T) {
 		t.Errorf("fields = %v", e[0].Fields)
 	}
 }
+
+func TestCountsOutliveTheRing(t *testing.T) {
+	r := NewRing(2, slog.New(slog.DiscardHandler))
+	for range 5 {
+		r.Add(LineDown, "dsl1", "down")
+	}
+	r.Add(Restored, "", "back")
+	if r.Count(LineDown, "dsl1") != 5 || r.Count(LineDown, "dsl2") != 0 || r.CountKind(Restored) != 1 {
+		t.Errorf("counts: %d %d %d", r.Count(LineDown, "dsl1"), r.Count(LineDown, "dsl2"), r.CountKind(Restored))
+	}
+}
