@@ -64,8 +64,9 @@ vmtest-all: deps vm-deps ## the kernel matrix (KERNELS), one summary line per ke
 	test/vm/matrix.sh $(KERNELS)
 
 .PHONY: bench
-bench: deps bpffs ## benchmarks: ns/packet vs an empty program, 1M-flow map, throughput with vs without the datapath, failover and recovery times, agent CPU and memory
+bench: deps bpffs ## benchmarks: ns/packet vs an empty program, 1M-flow map, `uplinkd flows` over 1M flows (time, peak RSS), throughput with vs without the datapath, failover and recovery times, agent CPU and memory
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 20000x ./loader/
+	$(GO) test -count=1 -run '^$$' -bench . -benchtime 3x ./control/flows/
 	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./test/
 
 .PHONY: build

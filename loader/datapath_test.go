@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 )
@@ -530,5 +531,25 @@ func TestOpenStatsReadsPins(t *testing.T) {
 	}
 	if _, err := OpenStats(t.TempDir()); !errors.Is(err, ErrNoDatapath) {
 		t.Errorf("an empty dir: %v, want ErrNoDatapath", err)
+	}
+}
+
+// Seeded flows read back as they were written.
+func TestSeedFlowsRoundTrip(t *testing.T) {
+	d := steering(t)
+	now := time.Now().Truncate(time.Millisecond)
+	want := Flow{Proto: 17, Src: netip.MustParseAddrPort("192.0.2.10:5353"), Dst: netip.MustParseAddrPort("[2001:db8::1]:53"),
+		Line: 2, NATAddr: netip.MustParseAddr("198.51.100.2"), Recovered: true,
+		TxPackets: 1, TxBytes: 2, RxPackets: 3, RxBytes: 4, FirstSeen: now.Add(-time.Minute), LastSeen: now}
+	if err := d.SeedFlows(1, func(int) Flow { return want }); err != nil {
+		t.Fatal(err)
+	}
+	var got []Flow
+	if err := d.Flows(func(f Flow) bool { got = append(got, f); return true }); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Src != want.Src || got[0].Dst != want.Dst || got[0].Line != 2 || got[0].NATAddr != want.NATAddr ||
+		!got[0].Recovered || got[0].RxBytes != 4 || got[0].LastSeen.Sub(now).Abs() > time.Millisecond {
+		t.Errorf("read back %+v, want %+v", got, want)
 	}
 }
