@@ -232,3 +232,49 @@ type flowRow struct {
 	RxPackets  uint64 `json:"rx_packets"`
 	RxBytes    uint64 `json:"rx_bytes"`
 }
+
+// `uplinkd top --once` renders one frame without a terminal: every line
+// with its state and throughput bars, and the busiest flows with their
+// rates while traffic runs.
+func TestTopOnce(t *testing.T) {
+	t.Parallel()
+	l, state := newLab(t, lab.Options{})
+	cfg := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state}))
+	startAgent(t, l, cfg)
+	srv := echoServer(t, l)
+	fs := openFlows(t, l, srv.Addr, 6, false)
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-done:
+				return
+			default:
+				checkAll(fs)
+			}
+		}
+	}()
+	out := gw(t, l, uplinkd, "top", "--once", "-c", cfg, "--flows", "3")
+	t.Logf("top --once:\n%s", out)
+	close(done)
+	<-stopped
+	for _, want := range []string{"dsl1", "dsl2", "#", "PROTO", "tcp"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("top --once lacks %q:\n%s", want, out)
+		}
+	}
+	rows := 0
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "tcp ") && strings.Contains(line, "bit") {
+			rows++
+		}
+	}
+	if rows == 0 || rows > 3 {
+		t.Errorf("top --once --flows 3 shows %d flows with a rate:\n%s", rows, out)
+	}
+	if out, code := exitCode(t, l, "top", "-c", cfg); code != 2 || !strings.Contains(out, "needs a terminal") {
+		t.Errorf("top without a terminal: exit %d\n%s", code, out)
+	}
+}

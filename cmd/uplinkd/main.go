@@ -42,6 +42,7 @@ Usage:
   uplinkd flows [-c FILE] [--json] [--line L] [--client A] [--proto P] [--port N] [--sort bytes|age|idle] [--limit N]
                                       the flow table from the pinned flow map (no agent needed): client, remote,
                                       line, NAT source, packets and bytes each way, age, idle
+  uplinkd top [-c FILE] [--once]      a live view: per-line throughput bars, state, RTT/loss, the top flows by rate
   uplinkd events [-c FILE] [--json] [--follow]   what happened to the lines (the agent keeps the last 1024)
   uplinkd features [-c FILE]          what this kernel offers uplinkd: attach mode, recovery from conntrack, ...;
                                       exit 1 when it lacks something the config needs
@@ -89,6 +90,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdEvents(args, stdout, stderr)
 	case "flows":
 		return cmdFlows(args, stdout, stderr)
+	case "top":
+		return cmdTop(args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil
