@@ -496,6 +496,19 @@ func TestRemoveLineTakesItsFlows(t *testing.T) {
 	if _, ok := lookupNATOwner(t, d, natAddrs(1)[0]); ok {
 		t.Error("the removed line's NAT address still recovers flows onto it")
 	}
+	// Removed flows are no evictions: refill to just the capacity (the
+	// buckets moved off the removed line, as the agent's next apply does).
+	setWeights(t, d, []int{0, 0, 1}, []bool{true, false, true})
+	for i := range 4096 - after[2] {
+		steer(t, d, tcp4(uint16(10000+i)), "new_flow")
+	}
+	use, err := d.FlowMapUse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if use.Removed != uint64(n) || use.EvictedAtLeast != 0 {
+		t.Errorf("after removing %d flows and refilling to the capacity: %+v, want none evicted", n, use)
+	}
 }
 
 // lookupNATOwner is the line that ul_nat_src gives a NAT address.

@@ -280,15 +280,36 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 		}
 	}
 	removed := 0
+	var delErr error
 	for _, k := range doomed {
 		// One by one: a flow the LRU evicted meanwhile is no error.
 		if err := d.objs.UlFlows.Delete(&k); err == nil {
 			removed++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return removed, fmt.Errorf("removing a flow of line %d: %w", line, err)
+			delErr = fmt.Errorf("removing a flow of line %d: %w", line, err)
+			break
 		}
 	}
-	return removed, nil
+	return removed, errors.Join(delErr, d.countRemoved(removed))
+}
+
+// countRemoved adds n to the flows the control plane removed, kept in
+// the last slot of ul_reasons (no reason uses it), pinned with the flows:
+// FlowMapUse tells them from evictions.
+func (d *Datapath) countRemoved(n int) error {
+	if n == 0 {
+		return nil
+	}
+	slot := d.objs.UlReasons.MaxEntries() - 1
+	var perCPU []uint64
+	if err := d.objs.UlReasons.Lookup(slot, &perCPU); err != nil {
+		return fmt.Errorf("counting removed flows: %w", err)
+	}
+	perCPU[0] += uint64(n)
+	if err := d.objs.UlReasons.Update(slot, perCPU, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("counting removed flows: %w", err)
+	}
+	return nil
 }
 
 func flowOf(k *uplinkdFlowKey, v *uplinkdFlow, boot time.Time) Flow {
@@ -362,9 +383,11 @@ func (s *Stats) Reasons() (map[string]uint64, error) {
 type FlowMapUse struct {
 	Capacity int    // max entries
 	Inserted uint64 // flows pinned since the maps were created (new and recovered)
-	// EvictedAtLeast is Inserted beyond Capacity: flows only leave the map
-	// by eviction, so at least that many were evicted (the LRU may evict
-	// a little before it is full, so it can be more).
+	Removed  uint64 // flows the control plane removed (with a removed line)
+	// EvictedAtLeast is Inserted less Removed beyond Capacity: flows
+	// leave the map only by eviction otherwise, so at least that many were
+	// evicted (the LRU may evict a little before it is full: it can be
+	// more).
 	EvictedAtLeast uint64
 }
 
@@ -383,8 +406,14 @@ func (s *Stats) FlowMapUse() (FlowMapUse, error) {
 			u.Inserted += c
 		}
 	}
-	if u.Inserted > uint64(u.Capacity) {
-		u.EvictedAtLeast = u.Inserted - uint64(u.Capacity)
+	if err := s.reasons.Lookup(s.reasons.MaxEntries()-1, &perCPU); err != nil {
+		return u, fmt.Errorf("reading removed flows: %w", err)
+	}
+	for _, c := range perCPU {
+		u.Removed += c
+	}
+	if held := u.Inserted - min(u.Removed, u.Inserted); held > uint64(u.Capacity) {
+		u.EvictedAtLeast = held - uint64(u.Capacity)
 	}
 	return u, nil
 }

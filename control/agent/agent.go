@@ -145,6 +145,9 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		return errors.New("routing.protocol, routing.nft_table, routing.mark_mask, state_dir and datapath.pin_dir, enabled, " +
 			"flow_entries and attach cannot change while running (the loaded datapath has them): uplinkd down, then run")
 	}
+	if cfg.Metrics.Listen != old.Metrics.Listen {
+		return errors.New("metrics.listen cannot change while running (the endpoint is bound at start): restart the agent")
+	}
 	if err := cfg.Renumber(old.Slots()); err != nil {
 		return err
 	}
@@ -537,8 +540,9 @@ func Down(cfg *config.Config, env *Env) error {
 		errs = append(errs, restoreErr)
 	}
 	scope := plan.ScopeOf(cfg)
-	if saved, err := savedScope(cfg.StateDir); err != nil {
-		errs = append(errs, fmt.Errorf("rules and routes of earlier numbers not looked for: %w", err))
+	saved, scopeErr := savedScope(cfg.StateDir)
+	if scopeErr != nil {
+		errs = append(errs, fmt.Errorf("rules and routes of earlier numbers not looked for (%s kept): %w", scopeFile, scopeErr))
 	} else {
 		scope = scope.Union(saved)
 	}
@@ -554,7 +558,7 @@ func Down(cfg *config.Config, env *Env) error {
 		errs = append(errs, err)
 	}
 	files := []string{linesDownFile, slotsFile}
-	if routesErr == nil {
+	if routesErr == nil && scopeErr == nil {
 		files = append(files, scopeFile) // kept until its rules and routes are gone
 	}
 	for _, f := range files {
@@ -680,6 +684,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case <-tick.C:
 			a.checkFlowMap(time.Now())
+			if a.env != nil {
+				a.stats.sample(a.pinDir, time.Now())
+			}
 		case <-changes:
 			// Rate limit: someone deleting uplinkd's rules in a loop gets
 			// a repair every minRepair, not a busy agent.

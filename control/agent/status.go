@@ -207,6 +207,21 @@ func (r *statsReader) rates(now []loader.LineStats, at time.Time) [][2]float64 {
 	return out
 }
 
+// sample takes a sample of the line counters, so that a status has rates
+// even when nothing asked for one lately.
+func (r *statsReader) sample(pinDir string, at time.Time) {
+	if pinDir == "" {
+		return
+	}
+	st, err := r.open(pinDir)
+	if err != nil {
+		return
+	}
+	if lines, err := st.LineStats(); err == nil {
+		r.rates(lines, at)
+	}
+}
+
 func (r *statsReader) close() {
 	r.mu.Lock()
 	defer r.mu.Unlock()

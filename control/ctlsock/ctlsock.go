@@ -50,6 +50,16 @@ var ErrNoAgent = errors.New("no agent runs with this state dir")
 // maxRequest bounds a request: they are a few words.
 const maxRequest = 64 << 10
 
+// maxConns bounds the requests served at once (each holds a descriptor
+// and a goroutine; a follower holds one for a long poll).
+const maxConns = 128
+
+// requestWait bounds how long a client may take to send its request.
+const requestWait = 5 * time.Second
+
+// acceptRetry is the pause after a failed accept (out of descriptors).
+const acceptRetry = 50 * time.Millisecond
+
 // maxReply bounds an answer: a status or the event ring.
 const maxReply = 16 << 20
 
@@ -73,12 +83,29 @@ func Serve(ctx context.Context, dir string, handle func(Request) Reply) error {
 		l.Close()
 	}()
 	go func() {
+		busy := make(chan struct{}, maxConns)
 		for {
 			c, err := l.AcceptUnix()
-			if err != nil {
+			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			go serveOne(c, handle)
+			if err != nil {
+				// EMFILE and the like pass: the socket must outlive them.
+				time.Sleep(acceptRetry)
+				continue
+			}
+			select {
+			case busy <- struct{}{}:
+				go func() {
+					defer func() { <-busy }()
+					serveOne(c, handle)
+				}()
+			default:
+				// Over the limit: answer at once, hold nothing.
+				_ = c.SetDeadline(time.Now().Add(time.Second))
+				_ = json.NewEncoder(c).Encode(Reply{Error: fmt.Sprintf("the agent is busy: %d requests at once", maxConns)})
+				c.Close()
+			}
 		}
 	}()
 	return nil
@@ -86,7 +113,9 @@ func Serve(ctx context.Context, dir string, handle func(Request) Reply) error {
 
 func serveOne(c *net.UnixConn, handle func(Request) Reply) {
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(time.Minute))
+	// A request is a few words: a client that sends none soon loses its
+	// place. The answer may take a while (a long poll, a reload).
+	_ = c.SetDeadline(time.Now().Add(requestWait))
 	var rep Reply
 	var req Request
 	switch err := peerIsRoot(c); {
@@ -96,6 +125,7 @@ func serveOne(c *net.UnixConn, handle func(Request) Reply) {
 		if err := json.NewDecoder(io.LimitReader(c, maxRequest)).Decode(&req); err != nil {
 			rep.Error = "bad request: " + err.Error()
 		} else {
+			_ = c.SetDeadline(time.Now().Add(time.Minute))
 			rep = handle(req)
 		}
 	}
