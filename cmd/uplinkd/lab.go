@@ -10,11 +10,8 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strings"
-	"syscall"
-	"text/tabwriter"
 	"time"
 
 	"github.com/uplinkd/uplinkd/test/lab"
@@ -24,8 +21,9 @@ const labUsage = `Usage:
   uplinkd lab up [-isps N] [-clients N] [-prefix P]   build a lab; prints its prefix and writes an uplinkd config for it
   uplinkd lab down -prefix P                          remove a lab
   uplinkd lab exec -prefix P HOST -- CMD [ARGS...]    run a command in a lab host (gw, sw, srv, cN, ispN)
-  uplinkd lab demo [-isps N] [-flows N]               build a lab, run the agent, show traffic over every line,
-                                                      kill a line, show the failover, clean up
+  uplinkd lab demo [-isps N] [-short]                 build a lab of lines of different capacity, run the agent with
+                                                      traffic on every line, silence a gateway, show the failover and
+                                                      the recovery, a summary, clean up
 `
 
 func cmdLab(args []string, stdout, stderr io.Writer) error {
@@ -130,159 +128,6 @@ func exe() string {
 		return "uplinkd"
 	}
 	return p
-}
-
-// labDemo is the main job on a built-in default: the seed's two lines in a
-// lab, the agent, connections from the clients, the failover of a line.
-func labDemo(args []string, stdout, stderr io.Writer) (err error) {
-	fs := flag.NewFlagSet("lab demo", flag.ContinueOnError)
-	isps := fs.Int("isps", 2, "number of ISPs (lines), 1..8")
-	flows := fs.Int("flows", 64, "connections per round")
-	if err := parseFlags(fs, args, stderr); err != nil {
-		return err
-	}
-	if *flows < 1 || *flows > 1000 {
-		return usageError{fmt.Errorf("lab demo: -flows wants 1..1000, got %d", *flows)}
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-
-	say := func(format string, a ...any) { fmt.Fprintf(stdout, format+"\n", a...) }
-	l, err := lab.New(lab.Options{ISPs: *isps, Clients: 2})
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if cerr := l.Close(); cerr != nil {
-			err = errors.Join(err, cerr)
-		}
-		say("lab %s removed", l.Prefix)
-	}()
-	say("lab %s: 2 clients on %s, gateway, %d ISP routers, server %s", l.Prefix, l.LANAddress.Masked(), *isps, l.ServerAddrs[0])
-
-	dir, err := os.MkdirTemp("", "uplinkd-demo-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	cfgFile := filepath.Join(dir, "uplinkd.yaml")
-	if err := os.WriteFile(cfgFile, []byte(l.Config(lab.ConfigOptions{StateDir: dir})), 0o600); err != nil {
-		return err
-	}
-	say("\n$ uplinkd plan -c %s   (in the gateway)", cfgFile)
-	if out, err := l.Gateway.Run(ctx, exe(), "plan", "-c", cfgFile); err != nil {
-		return err
-	} else {
-		fmt.Fprint(stdout, indent(out))
-	}
-
-	agent := l.Gateway.Command(ctx, exe(), "run", "-c", cfgFile)
-	agentLog, err := os.Create(filepath.Join(dir, "agent.log"))
-	if err != nil {
-		return err
-	}
-	agent.Stdout, agent.Stderr = agentLog, agentLog
-	if err := agent.Start(); err != nil {
-		return fmt.Errorf("starting the agent: %w", err)
-	}
-	defer func() {
-		_ = agent.Process.Signal(syscall.SIGTERM)
-		_ = agent.Wait()
-		if out, derr := l.Gateway.Run(context.Background(), exe(), "down", "-c", cfgFile); derr != nil {
-			err = errors.Join(err, derr)
-		} else {
-			fmt.Fprint(stdout, out)
-		}
-		say("agent stopped, uplinkd down: the gateway is as before")
-		if err != nil {
-			log, _ := os.ReadFile(agentLog.Name())
-			fmt.Fprintf(stderr, "agent log:\n%s", indent(string(log)))
-		}
-	}()
-	if err := waitApplied(ctx, l); err != nil {
-		return err
-	}
-	say("\nagent running in %s", l.Gateway.Name)
-
-	srv, err := lab.StartEchoServer(l.Server, l.ServerAddrs[0], 7)
-	if err != nil {
-		return err
-	}
-	defer srv.Close()
-
-	round := func(title string, wantLines int) error {
-		counts, failed, firstErr := connect(l, srv.Addr, *flows)
-		say("\n%s: %d new connections from %d clients", title, *flows, len(l.Clients))
-		tw := tabwriter.NewWriter(stdout, 2, 8, 2, ' ', 0)
-		fmt.Fprintln(tw, "  line\tinterface\tsource seen by server\tconnections\tshare")
-		used := 0
-		for _, u := range l.Lines {
-			n := counts[u.Address.Addr()]
-			if n > 0 {
-				used++
-			}
-			fmt.Fprintf(tw, "  %s\t%s\t%s\t%d\t%s\n", u.Name, u.Interface, u.Address.Addr(), n, bar(n, *flows))
-		}
-		tw.Flush()
-		if failed > 0 {
-			return fmt.Errorf("%s: %d of %d connections failed, the first with: %w", title, failed, *flows, firstErr)
-		}
-		if used != wantLines {
-			return fmt.Errorf("%s: traffic used %d lines, want %d", title, used, wantLines)
-		}
-		return nil
-	}
-	if err := round("all lines up", len(l.Lines)); err != nil {
-		return err
-	}
-	say("\nkilling line %s: carrier down on %s", l.Lines[0].Name, l.Lines[0].Interface)
-	start := time.Now()
-	if err := l.SetCarrier(1, false); err != nil {
-		return err
-	}
-	if err := waitLine(ctx, l, l.Lines[0], false); err != nil {
-		return err
-	}
-	say("the agent took %s out of service %v after the fault", l.Lines[0].Name, time.Since(start).Round(time.Millisecond))
-	if err := round("line "+l.Lines[0].Name+" dead", len(l.Lines)-1); err != nil {
-		return err
-	}
-	start = time.Now()
-	if err := l.SetCarrier(1, true); err != nil {
-		return err
-	}
-	if err := waitLine(ctx, l, l.Lines[0], true); err != nil {
-		return err
-	}
-	say("\nline %s has its carrier back: in service %v later (after 5 good rounds of probes)", l.Lines[0].Name, time.Since(start).Round(time.Millisecond))
-	if err := round("all lines up again", len(l.Lines)); err != nil {
-		return err
-	}
-
-	// The harder fault: the gateway stops answering while the carrier
-	// stays up. Only probing sees it.
-	last := l.Lines[len(l.Lines)-1]
-	say("\n%s's gateway goes silent, its carrier stays up", last.Name)
-	start = time.Now()
-	if err := l.SetGatewaySilent(len(l.Lines), true); err != nil {
-		return err
-	}
-	if err := waitLine(ctx, l, last, false); err != nil {
-		return err
-	}
-	say("the agent's probes took %s out of service %v after the fault", last.Name, time.Since(start).Round(time.Millisecond))
-	if err := round("line "+last.Name+" silent", len(l.Lines)-1); err != nil {
-		return err
-	}
-	start = time.Now()
-	if err := l.SetGatewaySilent(len(l.Lines), false); err != nil {
-		return err
-	}
-	if err := waitLine(ctx, l, last, true); err != nil {
-		return err
-	}
-	say("\n%s answers again: back in service %v later (after 5 good rounds of probes)", last.Name, time.Since(start).Round(time.Millisecond))
-	return round("all lines up again", len(l.Lines))
 }
 
 // waitApplied waits until the agent's multipath rule is in the gateway.

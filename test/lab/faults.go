@@ -130,3 +130,31 @@ func (l *Lab) nftTable(n int, table, rules string) error {
 	}
 	return nil
 }
+
+// SetRate limits ISP n's line to mbit Mbit/s each way (a token bucket on
+// its router's interfaces towards the gateway and towards the server), as
+// lines of different capacity are; 0 removes the limit.
+func (l *Lab) SetRate(n int, mbit int) error {
+	isp, err := l.isp(n)
+	if err != nil {
+		return err
+	}
+	if mbit < 0 || mbit > 100000 {
+		return fmt.Errorf("rate %d Mbit/s out of range 0..100000", mbit)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), faultTimeout)
+	defer cancel()
+	for _, dev := range []string{"down0", "up0"} {
+		args := []string{"qdisc", "del", "dev", dev, "root"}
+		if mbit > 0 {
+			// A burst of a few ms at the rate, at least a few frames.
+			burst := max(32<<10, mbit*1000*1000/8/200)
+			args = []string{"qdisc", "replace", "dev", dev, "root", "tbf", "rate", fmt.Sprintf("%dmbit", mbit),
+				"burst", fmt.Sprint(burst), "latency", "50ms"}
+		}
+		if out, err := isp.Run(ctx, "tc", args...); err != nil && mbit > 0 {
+			return fmt.Errorf("limiting %s of %s: %w: %s", dev, isp.Name, err, strings.TrimSpace(out))
+		}
+	}
+	return nil
+}
