@@ -21,6 +21,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/agent"
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
+	"github.com/uplinkd/uplinkd/control/metrics"
 	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/statefile"
 )
@@ -207,8 +208,26 @@ func cmdRun(args []string, stderr io.Writer) error {
 			}
 		}
 	}()
+	// The metrics endpoint opens once the agent runs, and stops with it;
+	// an address it cannot listen on stops the agent.
+	ctx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	metricsErr := make(chan error, 1)
+	if listen := cfg.Metrics.Listen; listen != "" {
+		go func() {
+			if err := metrics.ServeOnceRunning(ctx, listen, a.Status, log); err != nil {
+				metricsErr <- fmt.Errorf("metrics.listen: %w (the kernel state stays applied: free the address or change metrics.listen, then run again)", err)
+				stopRun()
+			}
+		}()
+	}
 	if err := a.Run(ctx); err != nil {
 		return err
+	}
+	select {
+	case err := <-metricsErr:
+		return err
+	default:
 	}
 	log.Info("stopped; kernel state left in place (uplinkd down removes it)")
 	return nil

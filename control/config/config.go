@@ -12,12 +12,14 @@ import (
 	"fmt"
 	"io"
 	"math/bits"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -62,6 +64,9 @@ type Config struct {
 	// Weights: static (as configured) or adaptive (the configured weight
 	// scaled down by measured loss and latency, within bounds).
 	Weights string `yaml:"weights"`
+
+	// Metrics is the Prometheus endpoint.
+	Metrics Metrics `yaml:"metrics"`
 
 	file string
 	pos  positions
@@ -161,6 +166,18 @@ type Routing struct {
 	NFTTable string `yaml:"nft_table"` // uplinkd's own nftables table (family inet)
 }
 
+// Metrics configures the Prometheus endpoint.
+type Metrics struct {
+	// Listen is the host:port the agent serves /metrics on; "" turns the
+	// endpoint off. The default is loopback only: another address is
+	// reachable from wherever routes lead, so it must be configured.
+	Listen string `yaml:"listen"`
+}
+
+// DefaultMetricsListen is where the metrics endpoint listens unless the
+// config says otherwise: this host only.
+const DefaultMetricsListen = "127.0.0.1:9488"
+
 // Datapath configures the eBPF programs that pin flows to lines.
 type Datapath struct {
 	// Enabled false leaves steering to the kernel's multipath route alone,
@@ -216,6 +233,7 @@ func Default() Config {
 			LineHealth: LineHealth{GatewayProbe: ProbeICMP},
 		},
 		Weights: WeightsStatic,
+		Metrics: Metrics{Listen: DefaultMetricsListen},
 		Routing: Routing{
 			MainPriority:      DefaultMainPriority,
 			FwmarkPriority:    DefaultFwmarkPriority,
@@ -363,6 +381,11 @@ func (c *Config) check() error {
 	case WeightsStatic, WeightsAdaptive:
 	default:
 		bad("weights", "want static or adaptive, got %q", c.Weights)
+	}
+	if l := c.Metrics.Listen; l != "" {
+		if msg := checkListen(l); msg != "" {
+			bad("metrics.listen", "%s (\"\" turns the endpoint off)", msg)
+		}
 	}
 	global, globalErrs := c.probe("health", h.LineHealth, Probe{})
 	errs = append(errs, globalErrs...)
@@ -661,6 +684,24 @@ func (c *Config) probe(field string, h LineHealth, base Probe) (Probe, []error) 
 }
 
 func overlap(a, b, n int) bool { return a < b+n && b < a+n }
+
+// checkListen checks a listen address: an IP address (or nothing, for
+// every address) and a port number. It returns what is wrong, or "".
+func checkListen(l string) string {
+	host, port, err := net.SplitHostPort(l)
+	if err != nil {
+		return fmt.Sprintf("want host:port such as %s, got %q", DefaultMetricsListen, l)
+	}
+	if host != "" {
+		if a, err := netip.ParseAddr(host); err != nil || a.IsMulticast() {
+			return fmt.Sprintf("want an IP address of this host (or none for every address) before the port, got %q", host)
+		}
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Sprintf("want a port number 1..65535, got %q", port)
+	}
+	return ""
+}
 
 // otherProtocols are the rtnetlink protocol numbers the kernel names for
 // other routing daemons (include/uapi/linux/rtnetlink.h, and iproute2's

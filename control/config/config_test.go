@@ -130,6 +130,14 @@ func TestParseErrors(t *testing.T) {
 		{"dhcp's protocol", seed + "routing:\n  protocol: 16\n", "bad.yaml:14: routing.protocol: 16 is dhcp's (rtnetlink RTPROT_DHCP)"},
 		{"bird's protocol", seed + "routing:\n  protocol: 12\n", "bad.yaml:14: routing.protocol: 12 is bird's"},
 		{"kernel's protocol", seed + "routing:\n  protocol: 4\n", "bad.yaml:14: routing.protocol: want 5..255, got 4"},
+		{"metrics listen without port", seed + "metrics:\n  listen: 127.0.0.1\n", `bad.yaml:14: metrics.listen: want host:port such as 127.0.0.1:9488, got "127.0.0.1"`},
+		{"metrics listen port zero", seed + "metrics:\n  listen: 127.0.0.1:0\n", `bad.yaml:14: metrics.listen: want a port number 1..65535, got "0"`},
+		{"metrics listen port too big", seed + "metrics:\n  listen: \"[::1]:65536\"\n", `bad.yaml:14: metrics.listen: want a port number 1..65535, got "65536"`},
+		{"metrics listen port name", seed + "metrics:\n  listen: 127.0.0.1:http\n", `bad.yaml:14: metrics.listen: want a port number 1..65535, got "http"`},
+		{"metrics listen host name", seed + "metrics:\n  listen: gw.example:9488\n", `bad.yaml:14: metrics.listen: want an IP address of this host (or none for every address) before the port, got "gw.example"`},
+		{"metrics listen multicast", seed + "metrics:\n  listen: 224.0.0.1:9488\n", `bad.yaml:14: metrics.listen: want an IP address`},
+		{"metrics listen a number", seed + "metrics:\n  listen: 9488\n", `bad.yaml:14: metrics.listen: want host:port`},
+		{"metrics unknown key", seed + "metrics:\n  port: 9488\n", "bad.yaml:14: metrics.port: unknown key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse("bad.yaml", []byte(tc.yaml))
@@ -143,6 +151,32 @@ func TestParseErrors(t *testing.T) {
 				t.Errorf("want one error, got %d:\n%v", n, err)
 			}
 		})
+	}
+}
+
+// The metrics endpoint listens on loopback unless the config names
+// another address; "" turns it off, and an empty value keeps the default.
+func TestParseMetrics(t *testing.T) {
+	for _, tc := range []struct{ add, want string }{
+		{"", "127.0.0.1:9488"},
+		{"metrics:\n", "127.0.0.1:9488"},
+		{"metrics:\n  listen:\n", "127.0.0.1:9488"},
+		{"metrics:\n  listen: \"\"\n", ""},
+		{"metrics:\n  listen: 192.0.2.1:9100\n", "192.0.2.1:9100"},
+		{"metrics:\n  listen: \"[::1]:9488\"\n", "[::1]:9488"},
+		{"metrics:\n  listen: \":9488\"\n", ":9488"},
+	} {
+		c, err := Parse("m.yaml", []byte(seed+tc.add))
+		if err != nil {
+			t.Errorf("%q: %v", tc.add, err)
+			continue
+		}
+		if c.Metrics.Listen != tc.want {
+			t.Errorf("%q: metrics.listen = %q, want %q", tc.add, c.Metrics.Listen, tc.want)
+		}
+	}
+	if d := Default(); d.Metrics.Listen != DefaultMetricsListen {
+		t.Errorf("default metrics.listen %q", d.Metrics.Listen)
 	}
 }
 
