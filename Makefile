@@ -73,6 +73,39 @@ bench: deps bpffs ## benchmarks: ns/packet vs an empty program, 1M-flow map, `up
 build: ## build bin/uplinkd (no clang needed: the BPF objects are committed)
 	$(GO) build -o $(BIN) ./cmd/uplinkd
 
+# Where `make install` puts uplinkd; the unit (cmd/uplinkd/dist/uplinkd.service)
+# names these paths, and cmd/uplinkd/dist_test.go checks that they agree.
+# DESTDIR stages the files under another root (a package build, a test).
+SBIN_DIR   := /usr/local/sbin
+UNIT_DIR   := /etc/systemd/system
+CONF_DIR   := /etc/uplinkd
+# systemd runs this machine (what sd_booted(3) checks).
+SYSTEMD_UP  = test -z "$(DESTDIR)" && test -d /run/systemd/system
+
+.PHONY: install
+install: build ## install the binary, the systemd unit and (where there is none) the example config /etc/uplinkd/uplinkd.yaml; DESTDIR=... stages them
+	install -D -m 0755 $(BIN) $(DESTDIR)$(SBIN_DIR)/uplinkd
+	install -D -m 0644 cmd/uplinkd/dist/uplinkd.service $(DESTDIR)$(UNIT_DIR)/uplinkd.service
+	@if [ -e $(DESTDIR)$(CONF_DIR)/uplinkd.yaml ] || [ -L $(DESTDIR)$(CONF_DIR)/uplinkd.yaml ]; then \
+		echo "kept $(DESTDIR)$(CONF_DIR)/uplinkd.yaml (the example is cmd/uplinkd/dist/uplinkd.yaml)"; \
+	else \
+		echo "install -D -m 0644 cmd/uplinkd/dist/uplinkd.yaml $(DESTDIR)$(CONF_DIR)/uplinkd.yaml"; \
+		install -D -m 0644 cmd/uplinkd/dist/uplinkd.yaml $(DESTDIR)$(CONF_DIR)/uplinkd.yaml; \
+	fi
+	@if $(SYSTEMD_UP); then echo systemctl daemon-reload; systemctl daemon-reload; fi
+	@echo "next: edit $(CONF_DIR)/uplinkd.yaml, check it with uplinkd plan -c $(CONF_DIR)/uplinkd.yaml, then systemctl enable --now uplinkd"
+
+.PHONY: uninstall
+uninstall: ## remove the binary and the unit (refused while the service runs); keeps the config and the kernel state (uplinkd down removes that: run it first)
+	@if $(SYSTEMD_UP) && systemctl -q is-active uplinkd.service; then \
+		echo "uplinkd.service is running: systemctl disable --now uplinkd, then uplinkd down -c $(CONF_DIR)/uplinkd.yaml to remove its kernel state, then make uninstall"; \
+		exit 1; \
+	fi
+	@if $(SYSTEMD_UP) && systemctl -q is-enabled uplinkd.service 2>/dev/null; then echo systemctl disable uplinkd.service; systemctl disable uplinkd.service; fi
+	rm -f $(DESTDIR)$(SBIN_DIR)/uplinkd $(DESTDIR)$(UNIT_DIR)/uplinkd.service
+	@if $(SYSTEMD_UP); then echo systemctl daemon-reload; systemctl daemon-reload; fi
+	@echo "kept $(DESTDIR)$(CONF_DIR)/uplinkd.yaml"
+
 .PHONY: generate
 generate: gen-deps ## rebuild the BPF objects and their Go bindings with the pinned clang
 	$(GO) generate ./...
