@@ -320,7 +320,7 @@ func snapshot(t testing.TB, l *lab.Lab, ifaces ...string) string {
 	b.WriteString(gw(t, l, "ip", "-4", "rule", "show"))
 	b.WriteString(gw(t, l, "ip", "-6", "rule", "show"))
 	b.WriteString(gw(t, l, "ip", "-4", "route", "show", "table", "all"))
-	b.WriteString(gw(t, l, "nft", "list", "ruleset"))
+	b.WriteString(gw(t, l, "nft", "--stateless", "list", "ruleset")) // no counters: traffic may flow meanwhile
 	keys := []string{"net/ipv4/ip_forward", "net/ipv4/fib_multipath_hash_policy", "net/ipv4/fib_multipath_hash_fields", "net/ipv4/fib_multipath_use_neigh"}
 	for _, i := range ifaces {
 		keys = append(keys, "net/ipv4/conf/"+i+"/rp_filter", "net/ipv4/conf/"+i+"/ignore_routes_with_linkdown")
