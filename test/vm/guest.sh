@@ -18,7 +18,7 @@ while read -r pkg bin name pattern; do
 	cd "$VMTEST_TOP/$pkg" || { status=1; continue; }
 	args=(-test.v=test2json -test.count=1 -test.timeout=20m)
 	[ "$pattern" != - ] && args+=(-test.run "$pattern")
-	[ "$pattern" = - ] && [ -n "$VMTEST_RUN" ] && args+=(-test.run "$VMTEST_RUN")
+	[ "$pattern" = - ] && [ -n "${VMTEST_RUN:-}" ] && args+=(-test.run "$VMTEST_RUN")
 	# shellcheck disable=SC2086
 	"$run/bin/$bin.test" "${args[@]}" $VMTEST_ARGS 2>&1 | tee "$run/out/$name.raw" | tr -d '\026'
 	[ "${PIPESTATUS[0]}" = 0 ] || status=1
