@@ -147,20 +147,11 @@ func BenchmarkInsertMillionthFlow(b *testing.B) {
 	emptyMap := newFlows(0)
 
 	fill := int(DefaultFlowEntries) - 1
-	const batch = 1 << 14
-	keys := make([]uplinkdFlowKey, batch)
-	vals := make([]uplinkdFlow, batch)
-	for start := 0; start < fill; start += batch {
-		n := min(batch, fill-start)
-		for i := range n {
-			k := &keys[i]
-			*k = uplinkdFlowKey{Family: 2, Proto: 6, Sport: uint16(i), Dport: 443}
-			k.Saddr[10], k.Saddr[11] = 0xff, 0xff
-			k.Saddr[12], k.Saddr[13], k.Saddr[14], k.Saddr[15] = 172, byte((start+i)>>16), byte((start+i)>>8), byte(start+i)
-		}
-		if _, err := d.objs.UlFlows.BatchUpdate(keys[:n], vals[:n], nil); err != nil {
-			b.Fatal(err)
-		}
+	if err := d.SeedFlows(fill, func(i int) Flow {
+		return Flow{Proto: 6, Src: netip.AddrPortFrom(netip.AddrFrom4([4]byte{172, byte(i >> 16), byte(i >> 8), byte(i)}), uint16(i)),
+			Dst: netip.AddrPortFrom(netip.IPv4Unspecified(), 443)}
+	}); err != nil {
+		b.Fatal(err)
 	}
 	b.ResetTimer()
 	full := newFlows(1 << 20)
