@@ -261,6 +261,18 @@ func (a *agent) status(t testing.TB) agentpkg.Status {
 	return st
 }
 
+// lineStatus is one line's part of the agent's status.
+func (a *agent) lineStatus(t testing.TB, name string) agentpkg.LineStatus {
+	t.Helper()
+	for _, l := range a.status(t).Lines {
+		if l.Name == name {
+			return l
+		}
+	}
+	t.Fatalf("no line %s in the agent's status", name)
+	return agentpkg.LineStatus{}
+}
+
 // waitEvent waits until the agent has reported at least n events of kind
 // about line ("": any) with the given key=value fields.
 func (a *agent) waitEvent(t testing.TB, n int, kind, line string, fields ...string) {

@@ -588,13 +588,7 @@ func TestRemovedLineLeavesNoFlows(t *testing.T) {
 	}
 
 	a.reload(t, file, l.Config(lab.ConfigOptions{StateDir: state, Order: []int{0, 2}}))
-	var number int
-	for _, ln := range a.status(t).Lines {
-		if ln.Name == "dsl3" {
-			number = ln.Number
-		}
-	}
-	if number != 2 {
+	if number := a.lineStatus(t, "dsl3").Number; number != 2 {
 		t.Fatalf("dsl3 got number %d; the test wants dsl2's (2)", number)
 	}
 	table := pins(t, l)
