@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0-only OR BSD-2-Clause
-/* uplinkd datapath: TC programs that pin every flow from the LAN to one
- * uplink ("line") by its fwmark, and count per flow and per line. All of
- * them return TC_ACT_UNSPEC ("next" under TCX): other programs still run
- * and nothing is ever dropped here. */
+/* uplinkd datapath: TC programs on the LAN interfaces that pin every flow
+ * from the LAN to one uplink ("line") by its fwmark, and count per flow and
+ * per line. Both return TC_ACT_UNSPEC ("next" under TCX): other programs
+ * still run and nothing is ever dropped here. The uplinks carry no program:
+ * a forwarded packet's line is known where its flow is, and the gateway's
+ * own traffic is in the uplink interface's counters. */
 
 #include "lib/common.h"
 #include "lib/flow.h"
@@ -23,7 +25,7 @@ int uplinkd_lan_in(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
-/* LAN egress: count the replies, de-NATed, per flow. */
+/* LAN egress: count the replies, de-NATed, per flow and per line. */
 SEC("tc")
 int uplinkd_lan_out(struct __sk_buff *skb)
 {
@@ -32,22 +34,6 @@ int uplinkd_lan_out(struct __sk_buff *skb)
 
 	if (parse_flow(skb, &key, &reason))
 		flow_count_rx(skb, &key);
-	return TC_ACT_UNSPEC;
-}
-
-/* Uplink egress: transmitted packets and bytes of the line. */
-SEC("tc")
-int uplinkd_up_out(struct __sk_buff *skb)
-{
-	line_count(skb, true);
-	return TC_ACT_UNSPEC;
-}
-
-/* Uplink ingress: received packets and bytes of the line. */
-SEC("tc")
-int uplinkd_up_in(struct __sk_buff *skb)
-{
-	line_count(skb, false);
 	return TC_ACT_UNSPEC;
 }
 

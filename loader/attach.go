@@ -61,25 +61,6 @@ func (d *Datapath) AttachLAN(ifname string) error {
 	)
 }
 
-// AttachLine attaches the per-line counters to the line interface ifname
-// of line. The namespace rules of AttachLAN apply.
-func (d *Datapath) AttachLine(ifname string, line int) error {
-	if err := checkLine(line); err != nil {
-		return err
-	}
-	iface, err := net.InterfaceByName(ifname)
-	if err != nil {
-		return fmt.Errorf("attaching to %s: %w", ifname, err)
-	}
-	if err := d.objs.UlIfLine.Put(uint32(iface.Index), uint32(line)); err != nil {
-		return fmt.Errorf("mapping %s to line %d: %w", ifname, line, err)
-	}
-	return errors.Join(
-		d.attach(iface, ingress, d.objs.UplinkdUpIn),
-		d.attach(iface, egress, d.objs.UplinkdUpOut),
-	)
-}
-
 // attach puts prog on a hook of iface with TCX, or with tc where TCX is
 // missing or not wanted, and removes an attachment of the other kind left
 // there by an earlier run.
@@ -247,12 +228,12 @@ func verifyTCX(ifindex int, dir direction, pin string) error {
 	return nil
 }
 
-// DetachLine undoes AttachLine (or AttachLAN) for an interface the
-// config no longer has in that role: its programs leave ifname (TCX links
-// unpinned, or uplinkd's tc filters deleted) and its ul_if_line entry
-// goes. An interface that no longer exists took its attachments with it;
+// Detach undoes AttachLAN for an interface the config no longer has in
+// that role: uplinkd's programs leave ifname (TCX links unpinned, or
+// uplinkd's tc filters deleted). It also takes the per-line counters that
+// earlier uplinkd attached to line interfaces off them. An interface that no longer exists took its attachments with it;
 // its pins are removed.
-func (d *Datapath) DetachLine(ifname string) error {
+func (d *Datapath) Detach(ifname string) error {
 	var errs []error
 	for _, dir := range []direction{ingress, egress} {
 		if err := detachLink(filepath.Join(d.pinDir, linksDir, ifname+"_"+dir.name)); err != nil {
@@ -268,9 +249,6 @@ func (d *Datapath) DetachLine(ifname string) error {
 		if err := tcDetach(d.tcState, iface.Index, dir); err != nil {
 			errs = append(errs, fmt.Errorf("detaching tc from %s %s: %w", ifname, dir.name, err))
 		}
-	}
-	if err := d.objs.UlIfLine.Delete(uint32(iface.Index)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		errs = append(errs, fmt.Errorf("forgetting %s: %w", ifname, err))
 	}
 	return errors.Join(errs...)
 }

@@ -304,23 +304,88 @@ func TestLANEgressCountsReplies(t *testing.T) {
 	run(t, d.objs.UplinkdLanOut, stray.bytes(), 0)
 }
 
+// TestParserFallback pins which packets the fast, direct-access parser
+// reads and which fall back to the full one, and that both give a flow
+// the same key: the plain packet of a flow first pinned from a tagged,
+// optioned or extended one finds that flow.
+func TestParserFallback(t *testing.T) {
+	d := steering(t)
+	tests := []struct {
+		name  string
+		pkt   packet
+		plain packet // the same flow without what made it slow; zero: none
+		slow  bool
+	}{
+		{"ipv4 tcp", tcp4(41000), packet{}, false},
+		{"ipv6 udp", packet{src: client6, dst: server6, proto: protoUDP, sport: 41000, dport: 53}, packet{}, false},
+		{"802.1q", packet{vlans: []uint16{tpid8021Q}, src: client4, dst: server4, proto: protoTCP, sport: 41001, dport: 443}, tcp4(41001), true},
+		{"qinq", packet{vlans: []uint16{tpid8021AD, tpid8021Q}, src: client6, dst: server6, proto: protoUDP, sport: 41001, dport: 53},
+			packet{src: client6, dst: server6, proto: protoUDP, sport: 41001, dport: 53}, true},
+		{"ipv4 options", packet{src: client4, dst: server4, proto: protoUDP, sport: 41002, dport: 53, ipOptions: 12}, udp4(41002), true},
+		{"ipv6 extension headers", packet{src: client6, dst: server6, proto: protoTCP, sport: 41002, dport: 443, extHdrs: []uint8{extHopByHop, extDestOpts}},
+			packet{src: client6, dst: server6, proto: protoTCP, sport: 41002, dport: 443}, true},
+		{"icmp echo", packet{src: client4, dst: server4, proto: protoICMP, icmpType: icmpEcho, sport: 41003}, packet{}, true},
+		{"ipv4 truncated ports", packet{src: client4, dst: server4, proto: protoTCP, sport: 41004, dport: 443, cut: 18}, packet{}, true},
+		{"ipv6 truncated ports", packet{src: client6, dst: server6, proto: protoUDP, sport: 41004, dport: 53, cut: 6}, packet{}, true},
+		{"multicast mac", packet{dstMAC: net.HardwareAddr{0x01, 0, 0x5e, 0, 0, 1}, src: client4, dst: server4, proto: protoUDP, sport: 41005, dport: 53}, packet{}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before, err := d.SlowParsed()
+			if err != nil {
+				t.Fatal(err)
+			}
+			run(t, d.objs.UplinkdLanIn, tt.pkt.bytes(), 0)
+			after, err := d.SlowParsed()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if slow := after > before; slow != tt.slow {
+				t.Errorf("slow parser used: %v, want %v", slow, tt.slow)
+			}
+			if tt.plain.proto == 0 {
+				return
+			}
+			run(t, d.objs.UplinkdLanIn, tt.plain.bytes(), 0)
+			if again, _ := d.SlowParsed(); again != after {
+				t.Errorf("the plain packet took the slow parser")
+			}
+			if f, ok := lookupFlow(t, d, tt.plain); !ok || f.TxPackets != 2 {
+				t.Errorf("flow %+v (pinned %v): want both packets on one flow", f, ok)
+			}
+		})
+	}
+}
+
+// TestLineStats: a line counts the forwarded packets of the flows pinned
+// to it, out at LAN ingress and back at LAN egress, and nothing else.
 func TestLineStats(t *testing.T) {
-	d := load(t, Options{})
-	const lo, line = 1, 3 // BPF_PROG_TEST_RUN runs on lo, ifindex 1
-	if err := d.objs.UlIfLine.Put(uint32(lo), uint32(line)); err != nil {
-		t.Fatal(err)
-	}
-	pkt := udp4(45000).bytes()
+	d := steering(t)
+	p := udp4(45000)
+	pkt := p.bytes()
 	for range 3 {
-		run(t, d.objs.UplinkdUpOut, pkt, 0)
+		run(t, d.objs.UplinkdLanIn, pkt, 0)
 	}
-	run(t, d.objs.UplinkdUpIn, pkt, 0)
+	reply := p
+	reply.src, reply.dst, reply.sport, reply.dport = p.dst, p.src, p.dport, p.sport
+	run(t, d.objs.UplinkdLanOut, reply.bytes(), 0)
+	// Not a flow: no line counts it.
+	stray := udp4(44999)
+	stray.src, stray.dst = stray.dst, stray.src
+	run(t, d.objs.UplinkdLanOut, stray.bytes(), 0)
+	run(t, d.objs.UplinkdLanIn, packet{etherType: etherARP}.bytes(), 0)
+
+	f, ok := lookupFlow(t, d, p)
+	if !ok {
+		t.Fatal("flow not pinned")
+	}
 	stats, err := d.LineStats()
 	if err != nil {
 		t.Fatal(err)
 	}
 	n := uint64(len(pkt))
-	if want := (LineStats{TxPackets: 3, TxBytes: 3 * n, RxPackets: 1, RxBytes: n}); stats[line] != want {
+	line := int(f.Line)
+	if want := (LineStats{TxPackets: 3, TxBytes: 3 * n, RxPackets: 1, RxBytes: uint64(len(reply.bytes()))}); stats[line] != want {
 		t.Errorf("line %d: %+v, want %+v", line, stats[line], want)
 	}
 	for l, s := range stats {

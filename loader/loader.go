@@ -249,7 +249,7 @@ func Remove(pinDir string) error {
 	if err != nil {
 		return err
 	}
-	for _, name := range append(names, tcStateSpec.Name) {
+	for _, name := range append(append(names, tcStateSpec.Name), legacyPins...) {
 		if err := os.Remove(filepath.Join(pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("unpinning %s: %w", name, err))
 		}
@@ -261,6 +261,11 @@ func Remove(pinDir string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// legacyPins are maps that earlier uplinkd pinned and this one no longer
+// has: ul_if_line mapped uplink interfaces to lines for the uplink
+// programs. Remove takes them too, by name.
+var legacyPins = []string{"ul_if_line"}
 
 // pinnedMapNames are the maps the datapath pins by name.
 func pinnedMapNames() ([]string, error) {

@@ -300,7 +300,7 @@ func (d *Datapath) countRemoved(n int) error {
 	if n == 0 {
 		return nil
 	}
-	slot := d.objs.UlReasons.MaxEntries() - 1
+	slot := d.slotFromEnd(slotRemovedFlowsFromEnd)
 	var perCPU []uint64
 	if err := d.objs.UlReasons.Lookup(slot, &perCPU); err != nil {
 		return fmt.Errorf("counting removed flows: %w", err)
@@ -363,18 +363,48 @@ func (s *Stats) LineStats() ([]LineStats, error) {
 // ("new_flow", "existing_flow", "not_ip", ...: see bpf/lib/reasons.h).
 func (s *Stats) Reasons() (map[string]uint64, error) {
 	counts := make(map[string]uint64, len(s.reasonNames))
-	var perCPU []uint64
 	for code, name := range s.reasonNames {
-		if err := s.reasons.Lookup(uint32(code), &perCPU); err != nil {
+		sum, err := s.slotSum(uint32(code))
+		if err != nil {
 			return nil, fmt.Errorf("reading reason %s: %w", name, err)
-		}
-		var sum uint64
-		for _, c := range perCPU {
-			sum += c
 		}
 		counts[name] = sum
 	}
 	return counts, nil
+}
+
+// The slots of ul_reasons past the reasons, counted from its end
+// (UL_SLOT_* in bpf/lib/reasons.h).
+const (
+	slotSlowParseFromEnd    = 2
+	slotRemovedFlowsFromEnd = 1
+)
+
+func (s *Stats) slotFromEnd(n uint32) uint32 { return s.reasons.MaxEntries() - n }
+
+// slotSum is one ul_reasons slot summed over the CPUs.
+func (s *Stats) slotSum(slot uint32) (uint64, error) {
+	var perCPU []uint64
+	if err := s.reasons.Lookup(slot, &perCPU); err != nil {
+		return 0, err
+	}
+	var sum uint64
+	for _, c := range perCPU {
+		sum += c
+	}
+	return sum, nil
+}
+
+// SlowParsed counts the packets (LAN ingress and egress) that the fast,
+// direct-access parser could not read and the full one did: VLAN tags,
+// IPv4 options, IPv6 extension headers, ICMP, headers outside the skb's
+// linear part, and whatever is not steered at all.
+func (s *Stats) SlowParsed() (uint64, error) {
+	n, err := s.slotSum(s.slotFromEnd(slotSlowParseFromEnd))
+	if err != nil {
+		return 0, fmt.Errorf("reading slow-parsed packets: %w", err)
+	}
+	return n, nil
 }
 
 // FlowMapUse is how full the flow map has been: the LRU map evicts its
@@ -394,24 +424,21 @@ type FlowMapUse struct {
 // FlowMapUse reads the flow map's use from the new-flow counters.
 func (s *Stats) FlowMapUse() (FlowMapUse, error) {
 	u := FlowMapUse{Capacity: int(s.flows.MaxEntries())}
-	var perCPU []uint64
 	for code, name := range s.reasonNames {
 		if name != "new_flow" && name != "recovered_ct" {
 			continue
 		}
-		if err := s.reasons.Lookup(uint32(code), &perCPU); err != nil {
+		n, err := s.slotSum(uint32(code))
+		if err != nil {
 			return u, fmt.Errorf("reading reason %s: %w", name, err)
 		}
-		for _, c := range perCPU {
-			u.Inserted += c
-		}
+		u.Inserted += n
 	}
-	if err := s.reasons.Lookup(s.reasons.MaxEntries()-1, &perCPU); err != nil {
+	removed, err := s.slotSum(s.slotFromEnd(slotRemovedFlowsFromEnd))
+	if err != nil {
 		return u, fmt.Errorf("reading removed flows: %w", err)
 	}
-	for _, c := range perCPU {
-		u.Removed += c
-	}
+	u.Removed = removed
 	if held := u.Inserted - min(u.Removed, u.Inserted); held > uint64(u.Capacity) {
 		u.EvictedAtLeast = held - uint64(u.Capacity)
 	}

@@ -13,6 +13,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type uplinkdClockCache struct {
+	_       structs.HostLayout
+	Jiffies uint64
+	Ns      uint64
+}
+
 type uplinkdFlow struct {
 	_         structs.HostLayout
 	Line      uint32
@@ -91,8 +97,8 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	uplinkdMapUlBuckets      = "ul_buckets"
+	uplinkdMapUlClock        = "ul_clock"
 	uplinkdMapUlFlows        = "ul_flows"
-	uplinkdMapUlIfLine       = "ul_if_line"
 	uplinkdMapUlLanSrc       = "ul_lan_src"
 	uplinkdMapUlLineStats    = "ul_line_stats"
 	uplinkdMapUlLines        = "ul_lines"
@@ -101,8 +107,6 @@ const (
 	uplinkdMapUlReasons      = "ul_reasons"
 	uplinkdProgUplinkdLanIn  = "uplinkd_lan_in"
 	uplinkdProgUplinkdLanOut = "uplinkd_lan_out"
-	uplinkdProgUplinkdUpIn   = "uplinkd_up_in"
-	uplinkdProgUplinkdUpOut  = "uplinkd_up_out"
 	uplinkdVarCtRecovery     = "ct_recovery"
 	uplinkdVarMarkMask       = "mark_mask"
 	uplinkdVarUlReasonMax    = "ul_reason_max"
@@ -152,8 +156,6 @@ type uplinkdSpecs struct {
 type uplinkdProgramSpecs struct {
 	UplinkdLanIn  *ebpf.ProgramSpec `ebpf:"uplinkd_lan_in"`
 	UplinkdLanOut *ebpf.ProgramSpec `ebpf:"uplinkd_lan_out"`
-	UplinkdUpIn   *ebpf.ProgramSpec `ebpf:"uplinkd_up_in"`
-	UplinkdUpOut  *ebpf.ProgramSpec `ebpf:"uplinkd_up_out"`
 }
 
 // uplinkdMapSpecs contains maps before they are loaded into the kernel.
@@ -161,8 +163,8 @@ type uplinkdProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type uplinkdMapSpecs struct {
 	UlBuckets   *ebpf.MapSpec `ebpf:"ul_buckets"`
+	UlClock     *ebpf.MapSpec `ebpf:"ul_clock"`
 	UlFlows     *ebpf.MapSpec `ebpf:"ul_flows"`
-	UlIfLine    *ebpf.MapSpec `ebpf:"ul_if_line"`
 	UlLanSrc    *ebpf.MapSpec `ebpf:"ul_lan_src"`
 	UlLineStats *ebpf.MapSpec `ebpf:"ul_line_stats"`
 	UlLines     *ebpf.MapSpec `ebpf:"ul_lines"`
@@ -201,8 +203,8 @@ func (o *uplinkdObjects) Close() error {
 // It can be passed to loadUplinkdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type uplinkdMaps struct {
 	UlBuckets   *ebpf.Map `ebpf:"ul_buckets"`
+	UlClock     *ebpf.Map `ebpf:"ul_clock"`
 	UlFlows     *ebpf.Map `ebpf:"ul_flows"`
-	UlIfLine    *ebpf.Map `ebpf:"ul_if_line"`
 	UlLanSrc    *ebpf.Map `ebpf:"ul_lan_src"`
 	UlLineStats *ebpf.Map `ebpf:"ul_line_stats"`
 	UlLines     *ebpf.Map `ebpf:"ul_lines"`
@@ -214,8 +216,8 @@ type uplinkdMaps struct {
 func (m *uplinkdMaps) Close() error {
 	return _UplinkdClose(
 		m.UlBuckets,
+		m.UlClock,
 		m.UlFlows,
-		m.UlIfLine,
 		m.UlLanSrc,
 		m.UlLineStats,
 		m.UlLines,
@@ -240,16 +242,12 @@ type uplinkdVariables struct {
 type uplinkdPrograms struct {
 	UplinkdLanIn  *ebpf.Program `ebpf:"uplinkd_lan_in"`
 	UplinkdLanOut *ebpf.Program `ebpf:"uplinkd_lan_out"`
-	UplinkdUpIn   *ebpf.Program `ebpf:"uplinkd_up_in"`
-	UplinkdUpOut  *ebpf.Program `ebpf:"uplinkd_up_out"`
 }
 
 func (p *uplinkdPrograms) Close() error {
 	return _UplinkdClose(
 		p.UplinkdLanIn,
 		p.UplinkdLanOut,
-		p.UplinkdUpIn,
-		p.UplinkdUpOut,
 	)
 }
 

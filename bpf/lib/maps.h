@@ -49,9 +49,9 @@ struct line {
 };
 
 struct line_stats {
-	__u64 tx_packets;		/* uplink egress */
+	__u64 tx_packets;		/* LAN ingress: to the Internet over the line */
 	__u64 tx_bytes;
-	__u64 rx_packets;		/* uplink ingress */
+	__u64 rx_packets;		/* LAN egress: replies that came in over the line */
 	__u64 rx_bytes;
 };
 
@@ -124,17 +124,9 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_lan_src SEC(".maps");
 
-/* Uplink ifindex -> line, so the uplink programs know whom to count for. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ul_if_line SEC(".maps");
-
-/* Packets and bytes per line on its uplink, the gateway's own traffic
- * included; per CPU, summed by the loader. */
+/* Forwarded LAN traffic per line, counted at LAN ingress (tx) and egress
+ * (rx) from the flow's line; per CPU, summed by the loader. The gateway's
+ * own traffic is only in the uplink interface's counters. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, UL_MAX_LINES);
@@ -193,9 +185,7 @@ static __always_inline bool src_on_lan(__u8 family, const __u8 *addr)
 	return bpf_map_lookup_elem(&ul_lan_src, &p) != NULL;
 }
 
-static __always_inline struct line_stats *line_stats_lookup(__u32 ifindex)
+static __always_inline struct line_stats *line_stats_lookup(__u32 line)
 {
-	const __u32 *line = bpf_map_lookup_elem(&ul_if_line, &ifindex);
-
-	return line ? bpf_map_lookup_elem(&ul_line_stats, line) : NULL;
+	return bpf_map_lookup_elem(&ul_line_stats, &line);
 }

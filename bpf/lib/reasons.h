@@ -35,7 +35,13 @@ const enum ul_reason ul_reason_max = UL_REASON_MAX;
 /* Room for reasons added later, so that a pinned ul_reasons map stays
  * compatible across upgrades. */
 #define UL_REASON_SLOTS	64
-_Static_assert(UL_REASON_MAX <= UL_REASON_SLOTS, "too many reasons");
+/* The last slots count what is not a packet's reason: packets the full
+ * parser read because the fast one could not (counted at LAN ingress and
+ * egress alike), and flows the control plane removed (the loader writes
+ * that one). */
+#define UL_SLOT_SLOW_PARSE	(UL_REASON_SLOTS - 2)
+#define UL_SLOT_REMOVED_FLOWS	(UL_REASON_SLOTS - 1)
+_Static_assert(UL_REASON_MAX <= UL_SLOT_SLOW_PARSE, "too many reasons");
 
 /* Packets per reason, per CPU: summed by the loader. */
 struct {
@@ -46,11 +52,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_reasons SEC(".maps");
 
-static __always_inline void reason_count(enum ul_reason reason)
+static __always_inline void slot_count(__u32 slot)
 {
-	__u32 key = reason;
-	__u64 *count = bpf_map_lookup_elem(&ul_reasons, &key);
+	__u64 *count = bpf_map_lookup_elem(&ul_reasons, &slot);
 
 	if (count)
 		*count += 1;
+}
+
+static __always_inline void reason_count(enum ul_reason reason)
+{
+	slot_count(reason);
+}
+
+static __always_inline void slow_parse_count(void)
+{
+	slot_count(UL_SLOT_SLOW_PARSE);
 }

@@ -684,8 +684,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case <-tick.C:
 			a.checkFlowMap(time.Now())
-			if a.env != nil {
-				a.stats.sample(a.pinDir, time.Now())
+			// A sample, so that a status has rates even when nothing
+			// asked for one lately.
+			if counters := a.interfaceCounters(); counters != nil {
+				a.stats.rates(counters, time.Now())
 			}
 		case <-changes:
 			// Rate limit: someone deleting uplinkd's rules in a loop gets

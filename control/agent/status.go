@@ -29,6 +29,9 @@ type Status struct {
 	// Reasons counts the packets LAN ingress handled, by datapath reason
 	// (new_flow, existing_flow, foreign_src, ...: see bpf/lib/reasons.h).
 	Reasons map[string]uint64 `json:"reasons,omitempty"`
+	// SlowParsed counts the LAN packets that the datapath's fast parser
+	// (direct packet access) could not read, so the full one did.
+	SlowParsed uint64 `json:"slow_parsed"`
 	Totals  Totals            `json:"totals"`
 	// ReconcileErrors counts applies that failed since the agent started;
 	// Restored the repairs of state someone else changed.
@@ -82,15 +85,22 @@ type LineStatus struct {
 	// StateChanges counts the line's health changes (up, down, probing)
 	// since the agent started.
 	StateChanges uint64 `json:"state_changes"`
-	// Packets and bytes on the line's interface, as the datapath counts
-	// them (Tx: out to the ISP), and their rate over the last second or so.
+	// Packets and bytes on the line's interface, as the kernel counts them
+	// (Tx: out to the ISP; the gateway's own traffic included), and their
+	// rate over the last second or so.
 	TxPackets        uint64  `json:"tx_packets"`
 	TxBytes          uint64  `json:"tx_bytes"`
 	RxPackets        uint64  `json:"rx_packets"`
 	RxBytes          uint64  `json:"rx_bytes"`
 	TxBytesPerSecond float64 `json:"tx_bytes_per_second"`
 	RxBytesPerSecond float64 `json:"rx_bytes_per_second"`
-	Flows            int     `json:"flows"` // flows pinned to it
+	// The LAN's traffic forwarded over the line, as the datapath counts it
+	// from the flows pinned there (Tx at LAN ingress, Rx at LAN egress).
+	ForwardedTxPackets uint64 `json:"forwarded_tx_packets"`
+	ForwardedTxBytes   uint64 `json:"forwarded_tx_bytes"`
+	ForwardedRxPackets uint64 `json:"forwarded_rx_packets"`
+	ForwardedRxBytes   uint64 `json:"forwarded_rx_bytes"`
+	Flows              int    `json:"flows"` // flows pinned to it
 }
 
 // status builds the Status, in the run loop.
@@ -119,7 +129,43 @@ func (a *Agent) status() Status {
 		}
 		s.Lines = append(s.Lines, ls)
 	}
+	counters := a.interfaceCounters()
+	rates := a.stats.rates(counters, time.Now())
+	for i := range s.Lines {
+		l := &s.Lines[i]
+		idx := l.Number - 1
+		if counters == nil || idx < 0 || idx >= len(counters) {
+			continue
+		}
+		c := counters[idx]
+		l.TxPackets, l.TxBytes, l.RxPackets, l.RxBytes = c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes
+		l.TxBytesPerSecond, l.RxBytesPerSecond = rates[idx][0], rates[idx][1]
+		s.Totals.TxBytes += c.TxBytes
+		s.Totals.RxBytes += c.RxBytes
+	}
 	return s
+}
+
+// interfaceCounters are the kernel's counters of each line's interface,
+// indexed by line (number - 1), in the run loop; nil without a kernel.
+func (a *Agent) interfaceCounters() []loader.LineStats {
+	if a.env == nil {
+		return nil
+	}
+	out := make([]loader.LineStats, loader.MaxLines)
+	for _, l := range a.lines {
+		idx := l.Slot - 1
+		if idx < 0 || idx >= len(out) {
+			continue
+		}
+		link, err := a.env.NL.LinkByName(l.Interface)
+		if err != nil || link.Attrs().Statistics == nil {
+			continue
+		}
+		st := link.Attrs().Statistics
+		out[idx] = loader.LineStats{TxPackets: st.TxPackets, TxBytes: st.TxBytes, RxPackets: st.RxPackets, RxBytes: st.RxBytes}
+	}
+	return out
 }
 
 // addDatapath adds the datapath's figures to a status, outside the run
@@ -134,6 +180,9 @@ func (a *Agent) addDatapath(s *Status) {
 	if err == nil {
 		s.Reasons, err = st.Reasons()
 	}
+	if err == nil {
+		s.SlowParsed, err = st.SlowParsed()
+	}
 	var perLine map[int]int
 	if err == nil {
 		perLine, s.FlowMap.Entries, err = flows.Count(st)
@@ -142,7 +191,6 @@ func (a *Agent) addDatapath(s *Status) {
 		s.DatapathError = err.Error()
 		return
 	}
-	rates := a.stats.rates(lines, time.Now())
 	for i := range s.Lines {
 		l := &s.Lines[i]
 		idx := l.Number - 1
@@ -150,17 +198,14 @@ func (a *Agent) addDatapath(s *Status) {
 			continue
 		}
 		c := lines[idx]
-		l.TxPackets, l.TxBytes, l.RxPackets, l.RxBytes = c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes
-		l.TxBytesPerSecond, l.RxBytesPerSecond = rates[idx][0], rates[idx][1]
+		l.ForwardedTxPackets, l.ForwardedTxBytes, l.ForwardedRxPackets, l.ForwardedRxBytes = c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes
 		l.Flows = perLine[l.Number]
-		s.Totals.TxBytes += c.TxBytes
-		s.Totals.RxBytes += c.RxBytes
 	}
 	s.Totals.Flows = s.FlowMap.Entries
 }
 
 // statsReader reads the pinned maps for status, and keeps the last
-// samples of the line counters to give rates.
+// samples of the line interfaces' counters to give rates.
 type statsReader struct {
 	mu    sync.Mutex
 	st    *loader.Stats
@@ -205,21 +250,6 @@ func (r *statsReader) rates(now []loader.LineStats, at time.Time) [][2]float64 {
 		}
 	}
 	return out
-}
-
-// sample takes a sample of the line counters, so that a status has rates
-// even when nothing asked for one lately.
-func (r *statsReader) sample(pinDir string, at time.Time) {
-	if pinDir == "" {
-		return
-	}
-	st, err := r.open(pinDir)
-	if err != nil {
-		return
-	}
-	if lines, err := st.LineStats(); err == nil {
-		r.rates(lines, at)
-	}
 }
 
 func (r *statsReader) close() {

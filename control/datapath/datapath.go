@@ -2,10 +2,10 @@
 
 // Package datapath keeps uplinkd's eBPF datapath (package loader) in step
 // with the lines, as routing, nat and sysctl do for their kernel state: it
-// loads or adopts the pinned maps, attaches to every LAN and line
-// interface (re-attaching what someone detached), and writes the line
-// table, the buckets, the LAN subnets and the local addresses, each only
-// when it changed.
+// loads or adopts the pinned maps, attaches to every LAN interface
+// (re-attaching what someone detached), and writes the line table, the
+// buckets, the LAN subnets and the local addresses, each only when it
+// changed. Line interfaces carry no program.
 package datapath
 
 import (
@@ -36,6 +36,9 @@ type Sync struct {
 	k        Kernel
 	dp       *loader.Datapath
 	attached map[string]int // interface name → ifindex it was attached at
+	// lineIfs are the line interfaces by name → ifindex, each cleared once
+	// of the uplink programs earlier uplinkd attached there.
+	lineIfs map[string]int
 }
 
 // New returns a Sync that has loaded nothing yet.
@@ -72,7 +75,7 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 		if err := env.Do(func() (err error) { dp, err = loader.Load(Options(cfg)); return err }); err != nil {
 			return fmt.Errorf("loading datapath: %w", err)
 		}
-		d.dp, d.attached = dp, map[string]int{}
+		d.dp, d.attached, d.lineIfs = dp, map[string]int{}, map[string]int{}
 		if err := dp.CTRecovery(); err != nil {
 			log.Warn("datapath loaded; recovery from conntrack is off: flows the flow map loses are picked afresh", "ct_recovery", "off", "why", err)
 		} else {
@@ -113,10 +116,16 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 	weights := make([]int, loader.MaxLines)
 	live := make([]bool, loader.MaxLines)
 	for _, l := range lines {
-		attach(l.Interface, func() error { return d.dp.AttachLine(l.Interface, l.Index) })
 		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Usable()}
-		if idx, ok := d.attached[l.Interface]; ok {
-			dl.Ifindex = idx
+		if index, err := env.LinkIndex(l.Interface); err == nil {
+			if d.lineIfs[l.Interface] != index {
+				if err := env.Do(func() error { return d.dp.Detach(l.Interface) }); err != nil {
+					errs = append(errs, fmt.Errorf("taking earlier uplinkd's counters off %s: %w", l.Interface, err))
+				} else {
+					d.lineIfs[l.Interface] = index
+				}
+			}
+			dl.Ifindex = index
 		}
 		if l.Address.IsValid() {
 			dl.NATAddrs = []netip.Addr{l.Address.Addr()}
@@ -166,7 +175,8 @@ func (d *Sync) Detach(ifname string) error {
 		return nil
 	}
 	delete(d.attached, ifname)
-	return d.k.Do(func() error { return d.dp.DetachLine(ifname) })
+	delete(d.lineIfs, ifname)
+	return d.k.Do(func() error { return d.dp.Detach(ifname) })
 }
 
 // RemoveLine removes a line that a new config dropped from the datapath,

@@ -54,17 +54,20 @@ var (
 		"1 when the line was taken out of service with `uplinkd line down`, else 0.",
 		[]string{"line"}, nil)
 	lineTxBytes = prometheus.NewDesc("uplinkd_line_tx_bytes_total",
-		"Bytes sent out of the line's interface to the ISP, as the datapath counts them (the gateway's own traffic included).",
+		"Bytes sent out of the line's interface to the ISP, as the kernel counts them (the gateway's own traffic included).",
 		[]string{"line"}, nil)
 	lineRxBytes = prometheus.NewDesc("uplinkd_line_rx_bytes_total",
-		"Bytes received on the line's interface from the ISP, as the datapath counts them (the gateway's own traffic included).",
+		"Bytes received on the line's interface from the ISP, as the kernel counts them (the gateway's own traffic included).",
 		[]string{"line"}, nil)
 	lineTxPackets = prometheus.NewDesc("uplinkd_line_tx_packets_total",
-		"Packets sent out of the line's interface to the ISP, as the datapath counts them.",
+		"Packets sent out of the line's interface to the ISP, as the kernel counts them.",
 		[]string{"line"}, nil)
 	lineRxPackets = prometheus.NewDesc("uplinkd_line_rx_packets_total",
-		"Packets received on the line's interface from the ISP, as the datapath counts them.",
+		"Packets received on the line's interface from the ISP, as the kernel counts them.",
 		[]string{"line"}, nil)
+	lineForwardedBytes = prometheus.NewDesc("uplinkd_line_forwarded_bytes_total",
+		"Bytes of the LAN's flows pinned to the line, as the datapath counts them: direction tx out at LAN ingress, rx back at LAN egress.",
+		[]string{"line", "direction"}, nil)
 	lineRTT = prometheus.NewDesc("uplinkd_line_rtt_seconds",
 		"Mean round-trip time of the line's answered probes over the health window.",
 		[]string{"line"}, nil)
@@ -97,6 +100,8 @@ var (
 		"Flows pinned since the datapath's maps were created.", nil, nil)
 	flowMapEvicted = prometheus.NewDesc("uplinkd_flow_map_evicted_total",
 		"Pinned flows the full flow map evicted for new ones since its maps were created (a lower bound).", nil, nil)
+	slowParsed = prometheus.NewDesc("uplinkd_datapath_slow_parsed_packets_total",
+		"LAN packets the datapath's fast, direct-access parser could not read (VLAN tags, IP options, IPv6 extension headers, ICMP, headers outside the linear data, packets not steered at all).", nil, nil)
 	reconcileErrors = prometheus.NewDesc("uplinkd_reconcile_errors_total",
 		"Applies of the config to the kernel that failed since the agent started.", nil, nil)
 	restored = prometheus.NewDesc("uplinkd_restored_total",
@@ -126,10 +131,10 @@ func NewCollector(ctx context.Context, status StatusFunc, log *slog.Logger) *Col
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		lineInfo, lineUp, lineHealthState, lineCarrier, lineOperatorDown,
-		lineTxBytes, lineRxBytes, lineTxPackets, lineRxPackets,
+		lineTxBytes, lineRxBytes, lineTxPackets, lineRxPackets, lineForwardedBytes,
 		lineRTT, lineJitter, lineLoss, lineSamples, lineWeight, lineFlows, lineStateChanges,
 		datapathPackets, flowMapEntries, flowMapCapacity, flowMapInserted, flowMapEvicted,
-		reconcileErrors, restored, allLinesDown, datapathError, statusError,
+		slowParsed, reconcileErrors, restored, allLinesDown, datapathError, statusError,
 	} {
 		ch <- d
 	}
@@ -172,6 +177,7 @@ func collect(ch chan<- prometheus.Metric, s agent.Status) {
 	}
 	if datapath {
 		gauge(flowMapEntries, float64(s.FlowMap.Entries))
+		counter(slowParsed, s.SlowParsed)
 		for reason, n := range s.Reasons {
 			counter(datapathPackets, n, reason)
 		}
@@ -195,11 +201,13 @@ func collect(ch chan<- prometheus.Metric, s agent.Status) {
 			gauge(lineJitter, l.JitterSeconds, l.Name)
 			gauge(lineLoss, l.LossRatio, l.Name)
 		}
+		counter(lineTxBytes, l.TxBytes, l.Name)
+		counter(lineRxBytes, l.RxBytes, l.Name)
+		counter(lineTxPackets, l.TxPackets, l.Name)
+		counter(lineRxPackets, l.RxPackets, l.Name)
 		if datapath {
-			counter(lineTxBytes, l.TxBytes, l.Name)
-			counter(lineRxBytes, l.RxBytes, l.Name)
-			counter(lineTxPackets, l.TxPackets, l.Name)
-			counter(lineRxPackets, l.RxPackets, l.Name)
+			counter(lineForwardedBytes, l.ForwardedTxBytes, l.Name, "tx")
+			counter(lineForwardedBytes, l.ForwardedRxBytes, l.Name, "rx")
 			gauge(lineFlows, float64(l.Flows), l.Name)
 		}
 	}

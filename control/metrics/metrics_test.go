@@ -37,6 +37,7 @@ func twoLines() agent.Status {
 				LossRatio: 0.02, RTTSeconds: 0.0125, JitterSeconds: 0.0005, Samples: 50,
 				WeightConfigured: 4, WeightEffective: 3, StateChanges: 2,
 				TxPackets: 10, TxBytes: 1500, RxPackets: 20, RxBytes: 30000, Flows: 7,
+				ForwardedTxPackets: 8, ForwardedTxBytes: 1200, ForwardedRxPackets: 19, ForwardedRxBytes: 29000,
 			},
 			{
 				Name: "dsl2", Number: 2, Interface: "wan2", Health: "down", OperatorDown: true,
@@ -77,15 +78,15 @@ uplinkd_line_health_state{line="dsl1",state="up"} 1
 uplinkd_line_health_state{line="dsl2",state="down"} 1
 uplinkd_line_health_state{line="dsl2",state="probing"} 0
 uplinkd_line_health_state{line="dsl2",state="up"} 0
-# HELP uplinkd_line_tx_bytes_total Bytes sent out of the line's interface to the ISP, as the datapath counts them (the gateway's own traffic included).
+# HELP uplinkd_line_tx_bytes_total Bytes sent out of the line's interface to the ISP, as the kernel counts them (the gateway's own traffic included).
 # TYPE uplinkd_line_tx_bytes_total counter
 uplinkd_line_tx_bytes_total{line="dsl1"} 1500
 uplinkd_line_tx_bytes_total{line="dsl2"} 60
-# HELP uplinkd_line_rx_bytes_total Bytes received on the line's interface from the ISP, as the datapath counts them (the gateway's own traffic included).
+# HELP uplinkd_line_rx_bytes_total Bytes received on the line's interface from the ISP, as the kernel counts them (the gateway's own traffic included).
 # TYPE uplinkd_line_rx_bytes_total counter
 uplinkd_line_rx_bytes_total{line="dsl1"} 30000
 uplinkd_line_rx_bytes_total{line="dsl2"} 0
-# HELP uplinkd_line_rx_packets_total Packets received on the line's interface from the ISP, as the datapath counts them.
+# HELP uplinkd_line_rx_packets_total Packets received on the line's interface from the ISP, as the kernel counts them.
 # TYPE uplinkd_line_rx_packets_total counter
 uplinkd_line_rx_packets_total{line="dsl1"} 20
 uplinkd_line_rx_packets_total{line="dsl2"} 0
@@ -237,13 +238,13 @@ func TestStatusError(t *testing.T) {
 }
 
 // Without the datapath's figures (its maps unreadable, or no datapath)
-// the traffic metrics are left out, not zero: a zero would read as a
+// the datapath's traffic metrics are left out, not zero: a zero would read as a
 // counter reset. Lines never probed have no RTT, jitter or loss.
 func TestMissingFigures(t *testing.T) {
 	s := twoLines()
 	s.DatapathError = "opening ul_flows: no such file"
 	reg := registry(t, fixed(s))
-	for _, name := range []string{"uplinkd_line_tx_bytes_total", "uplinkd_line_flows", "uplinkd_datapath_packets_total", "uplinkd_flow_map_entries"} {
+	for _, name := range []string{"uplinkd_line_forwarded_bytes_total", "uplinkd_line_flows", "uplinkd_datapath_packets_total", "uplinkd_flow_map_entries"} {
 		if n, err := testutil.GatherAndCount(reg, name); err != nil || n != 0 {
 			t.Errorf("%s: %d series (%v) with the datapath's figures missing", name, n, err)
 		}
@@ -261,7 +262,7 @@ func TestMissingFigures(t *testing.T) {
 	off := twoLines()
 	off.FlowMap, off.Reasons = agent.FlowMapStatus{}, nil // datapath.enabled: false
 	reg = registry(t, fixed(off))
-	for _, name := range []string{"uplinkd_line_tx_bytes_total", "uplinkd_flow_map_capacity", "uplinkd_flow_map_evicted_total"} {
+	for _, name := range []string{"uplinkd_line_forwarded_bytes_total", "uplinkd_flow_map_capacity", "uplinkd_flow_map_evicted_total"} {
 		if n, _ := testutil.GatherAndCount(reg, name); n != 0 {
 			t.Errorf("%s: %d series without a datapath", name, n)
 		}
