@@ -32,7 +32,7 @@ type Status struct {
 	// SlowParsed counts the LAN packets that the datapath's fast parser
 	// (direct packet access) could not read, so the full one did.
 	SlowParsed uint64 `json:"slow_parsed"`
-	Totals  Totals            `json:"totals"`
+	Totals     Totals `json:"totals"`
 	// ReconcileErrors counts applies that failed since the agent started;
 	// Restored the repairs of state someone else changed.
 	ReconcileErrors uint64 `json:"reconcile_errors"`
