@@ -153,6 +153,8 @@ const (
 	icmp6Echo     = 128
 	icmp6Reply    = 129
 	icmp6NS       = 135
+	tcpSYN        = 0x02
+	tcpACK        = 0x10
 )
 
 var (
@@ -169,6 +171,7 @@ type packet struct {
 	proto        uint8
 	sport, dport uint16 // ICMP echo: sport is the identifier
 	icmpType     uint8
+	tcpFlags     uint8 // TCP: SYN 0x02, ACK 0x10, ...
 	ipOptions    int     // IPv4 option bytes, a multiple of 4
 	ihl          int     // overrides the IPv4 header length (words)
 	version      int     // overrides the IP version
@@ -221,6 +224,7 @@ func (p packet) l4() []byte {
 		binary.BigEndian.PutUint16(h[0:], p.sport)
 		binary.BigEndian.PutUint16(h[2:], p.dport)
 		h[12] = 5 << 4
+		h[13] = p.tcpFlags
 	case protoUDP:
 		h = make([]byte, 8)
 		binary.BigEndian.PutUint16(h[0:], p.sport)

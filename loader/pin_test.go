@@ -85,12 +85,18 @@ func TestRecoveryFromConntrack(t *testing.T) {
 		return netlink.IPTuple{Protocol: proto, SrcIP: net.IP(src.AsSlice()), SrcPort: sport, DstIP: net.IP(dst.AsSlice()), DstPort: dport}
 	}
 	outbound := tcp4(49000)                                                                   // SNATed to line 2's address
-	forwarded := packet{src: lanServer, dst: remote, proto: protoTCP, sport: 80, dport: 5555} // came in by line 0 (DNAT)
+	// Came in by line 0 (DNAT): the LAN server's SYN-ACK is recovered.
+	forwarded := packet{src: lanServer, dst: remote, proto: protoTCP, sport: 80, dport: 5555, tcpFlags: tcpSYN | tcpACK}
+	// A SYN opens a connection conntrack cannot know: the lookup is
+	// skipped, so even this (made-up) entry of line 2 is not looked at.
+	syn := tcp4(49002)
+	syn.tcpFlags = tcpSYN
 	movedUDP := udp4(49001)                                                                   // SNATed to line 2's address, but line 2 will be dead
 	entries := []netlink.ConntrackFlow{
 		{Forward: tuple(protoTCP, client4, 49000, server4, 443), Reverse: tuple(protoTCP, server4, 443, nat(2), 49000)},
 		{Forward: tuple(protoTCP, remote, 5555, nat(0), 8080), Reverse: tuple(protoTCP, lanServer, 80, remote, 5555)},
 		{Forward: tuple(protoUDP, client4, 49001, server4, 53), Reverse: tuple(protoUDP, server4, 53, nat(2), 49001)},
+		{Forward: tuple(protoTCP, client4, 49002, server4, 443), Reverse: tuple(protoTCP, server4, 443, nat(2), 49002)},
 	}
 
 	var marks []uint32
@@ -102,7 +108,7 @@ func TestRecoveryFromConntrack(t *testing.T) {
 				return err
 			}
 		}
-		for _, p := range []packet{outbound, forwarded} {
+		for _, p := range []packet{outbound, forwarded, syn} {
 			out := make([]byte, skbCtxOutSize)
 			if _, err := d.objs.UplinkdLanIn.Run(&ebpf.RunOptions{Data: p.bytes(), ContextOut: out}); err != nil {
 				return err
@@ -114,8 +120,12 @@ func TestRecoveryFromConntrack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if marks[0] != lineMark[2] || marks[1] != lineMark[0] {
-		t.Errorf("marks %#x, want %#x (outbound, line 2) and %#x (port forward, line 0)", marks, lineMark[2], lineMark[0])
+	if marks[0] != lineMark[2] || marks[1] != lineMark[0] || marks[2] != lineMark[1] {
+		t.Errorf("marks %#x, want %#x (outbound, line 2), %#x (port forward, line 0) and %#x (SYN, from the buckets)",
+			marks, lineMark[2], lineMark[0], lineMark[1])
+	}
+	if f, ok := lookupFlow(t, d, syn); !ok || f.Line != 1 || f.Flags != 0 {
+		t.Errorf("SYN's flow %+v, want a new one on line 1", f)
 	}
 	for _, c := range []struct {
 		p    packet
@@ -126,8 +136,8 @@ func TestRecoveryFromConntrack(t *testing.T) {
 			t.Errorf("flow %v: %+v, want recovered on line %d with NAT address %v", c.p.src, f, c.line, nat(c.line))
 		}
 	}
-	if r := reasons(t, d); r["recovered_ct"] != 2 {
-		t.Errorf("reasons %v, want 2 recovered_ct", r)
+	if r := reasons(t, d); r["recovered_ct"] != 2 || r["new_flow"] != 1 {
+		t.Errorf("reasons %v, want 2 recovered_ct, 1 new_flow", r)
 	}
 
 	// A UDP flow whose line died is not recovered onto it: it moves.
@@ -141,8 +151,8 @@ func TestRecoveryFromConntrack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f, _ := lookupFlow(t, d, movedUDP); f.Line != 1 || f.Flags != 0 || marks[2] != lineMark[1] {
-		t.Errorf("UDP flow of a dead line: %+v, mark %#x; want it on line 1", f, marks[2])
+	if f, _ := lookupFlow(t, d, movedUDP); f.Line != 1 || f.Flags != 0 || marks[3] != lineMark[1] {
+		t.Errorf("UDP flow of a dead line: %+v, mark %#x; want it on line 1", f, marks[3])
 	}
 }
 

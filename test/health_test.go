@@ -271,23 +271,23 @@ func TestAdaptiveWeights(t *testing.T) {
 	// route a reconcile later; an event alone may come from a slow RTT (a
 	// TCG guest) and precede its route, so the kernel's route and the
 	// agent's loss figure are waited on together.
-	weight := regexp.MustCompile(`dev wan1 weight (\d+)`)
+	// dsl2 has no loss of its own, but an emulated guest on a loaded host
+	// loses probes anywhere now and then: dsl1 is waited on to weigh
+	// less than dsl2, not dsl2 on exactly its configured weight.
+	weight := regexp.MustCompile(`dev (wan[12]) weight (\d+)`)
 	var routes string
-	var n int
+	var w1 int
 	a.waitFor(t, "dsl1's weight lowered for its loss", func() bool {
 		routes = gw(t, l, "ip", "route", "show", "table", "222")
-		w := weight.FindStringSubmatch(routes)
-		if w == nil {
-			return false
+		w := map[string]int{}
+		for _, m := range weight.FindAllStringSubmatch(routes, -1) {
+			w[m[1]], _ = strconv.Atoi(m[2])
 		}
-		n, _ = strconv.Atoi(w[1])
-		return n < 10 && a.lineStatus(t, "dsl1").LossRatio >= 0.05
+		w1 = w["wan1"]
+		return w1 > 0 && w1 < 10 && w1 < w["wan2"] && a.lineStatus(t, "dsl1").LossRatio >= 0.05
 	})
-	if n < 3 {
-		t.Errorf("dsl1's weight is %d, want at least a quarter of 10:\n%s", n, routes)
-	}
-	if !strings.Contains(routes, "dev wan2 weight 10") {
-		t.Errorf("dsl2's weight changed:\n%s", routes)
+	if w1 < 3 {
+		t.Errorf("dsl1's weight is %d, want at least a quarter of 10:\n%s", w1, routes)
 	}
 	if a.countEvents(events.LineDown, "") > 0 {
 		t.Error("a line went down")

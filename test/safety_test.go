@@ -587,14 +587,19 @@ func TestRemovedLineLeavesNoFlows(t *testing.T) {
 		t.Fatalf("%d flows on dsl1, %d on dsl2: want both", len(kept), len(removed))
 	}
 
+	reloaded := time.Now()
 	a.reload(t, file, l.Config(lab.ConfigOptions{StateDir: state, Order: []int{0, 2}}))
 	if number := a.lineStatus(t, "dsl3").Number; number != 2 {
 		t.Fatalf("dsl3 got number %d; the test wants dsl2's (2)", number)
 	}
+	// A late packet of a removed flow (a delayed ACK, a retransmission)
+	// pins it afresh, to a live line and with that line's own address:
+	// harmless. What must not be is the old pin, inherited by dsl3.
 	table := pins(t, l)
 	for _, f := range removed {
-		if p, ok := table[f.id()]; ok {
-			t.Errorf("%v of the removed dsl2 is still pinned (to line %d, NAT %s)", f, p.Line, p.NATAddr)
+		if p, ok := table[f.id()]; ok && (p.FirstSeen.Before(reloaded) || p.NATAddr == l.Lines[1].Address.Addr()) {
+			t.Errorf("%v of the removed dsl2 is still pinned (to line %d, NAT %s, first seen %v before the reload)",
+				f, p.Line, p.NATAddr, reloaded.Sub(p.FirstSeen))
 		}
 	}
 	if ev := a.lastEvent(events.Config, "dsl2"); ev.Fields["flows_removed"] != strconv.Itoa(len(removed)) {

@@ -229,7 +229,7 @@ static __always_inline bool dst_routable(const struct flow_key *key, enum ul_rea
  * reason, for a packet that is no TCP, UDP or ICMP echo flow to a routable
  * destination. */
 static __always_inline bool parse_flow_slow(struct __sk_buff *skb, struct flow_key *key,
-				       enum ul_reason *reason)
+					    enum ul_reason *reason, __u32 *l4_off)
 {
 	__u32 off = sizeof(struct ethhdr);
 	struct ethhdr eth;
@@ -264,6 +264,7 @@ static __always_inline bool parse_flow_slow(struct __sk_buff *skb, struct flow_k
 	}
 	if (!ok || !parse_l4(skb, off, key, reason))
 		return false;
+	*l4_off = off;
 	if (eth.h_dest[0] & UL_ETH_GROUP_BIT) {
 		*reason = UL_REASON_MULTICAST;
 		return false;
@@ -285,7 +286,8 @@ static __always_inline bool l4_has_ports(__u8 proto)
  * for anything it does not read (the full parser then decides). It leaves
  * the destination's routability to the caller, who checks it for a new
  * flow only: a pinned flow's destination passed when it was pinned. */
-static __always_inline bool parse_flow_fast(const struct __sk_buff *skb, struct flow_key *key)
+static __always_inline bool parse_flow_fast(const struct __sk_buff *skb, struct flow_key *key,
+					    __u32 *l4_off)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -301,6 +303,7 @@ static __always_inline bool parse_flow_fast(const struct __sk_buff *skb, struct 
 		    (ip->frag_off & bpf_htons(UL_IPV4_FRAG_OFFSET)) || !l4_has_ports(ip->protocol))
 			return false;
 		ports = (const void *)(ip + 1);
+		*l4_off = sizeof(*eth) + sizeof(*ip);
 		key->family = UL_AF_INET;
 		key->proto = ip->protocol;
 		addr_from_v4(key->saddr, ip->saddr);
@@ -311,6 +314,7 @@ static __always_inline bool parse_flow_fast(const struct __sk_buff *skb, struct 
 		if (data + UL_FAST_V6_LEN > data_end || ip6->version != 6 || !l4_has_ports(ip6->nexthdr))
 			return false;
 		ports = (const void *)(ip6 + 1);
+		*l4_off = sizeof(*eth) + sizeof(*ip6);
 		key->family = UL_AF_INET6;
 		key->proto = ip6->nexthdr;
 		__builtin_memcpy(key->saddr, &ip6->saddr, UL_ADDR_LEN);
@@ -323,16 +327,33 @@ static __always_inline bool parse_flow_fast(const struct __sk_buff *skb, struct 
 	return true;
 }
 
-/* Fills key from the packet, by the fast parser where it can. Returns
- * false, with the reason, for a packet that is no TCP, UDP or ICMP echo
- * flow. A true return does not say that the destination is routable:
- * dst_routable() does. */
+/* Fills key, and the offset of the transport header, from the packet, by
+ * the fast parser where it can. Returns false, with the reason, for a
+ * packet that is no TCP, UDP or ICMP echo flow. A true return does not say
+ * that the destination is routable: dst_routable() does. */
 static __always_inline bool parse_flow(struct __sk_buff *skb, struct flow_key *key,
-				       enum ul_reason *reason)
+				       enum ul_reason *reason, __u32 *l4_off)
 {
-	if (parse_flow_fast(skb, key))
+	if (parse_flow_fast(skb, key, l4_off))
 		return true;
 	slow_parse_count();
 	__builtin_memset(key, 0, sizeof(*key));
-	return parse_flow_slow(skb, key, reason);
+	return parse_flow_slow(skb, key, reason, l4_off);
+}
+
+/* TCP flags (the 14th byte of the header). */
+#define UL_TCP_FLAGS_OFF	13
+#define UL_TCP_SYN		0x02
+#define UL_TCP_ACK		0x10
+
+/* Whether the packet opens a TCP connection: a SYN without ACK. Read only
+ * for a new flow. */
+static __always_inline bool tcp_opens(struct __sk_buff *skb, const struct flow_key *key, __u32 l4_off)
+{
+	__u8 flags;
+
+	if (key->proto != IPPROTO_TCP ||
+	    bpf_skb_load_bytes(skb, l4_off + UL_TCP_FLAGS_OFF, &flags, sizeof(flags)) < 0)
+		return false;
+	return (flags & (UL_TCP_SYN | UL_TCP_ACK)) == UL_TCP_SYN;
 }
