@@ -5,16 +5,24 @@ package test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
 	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/loader"
 	"github.com/uplinkd/uplinkd/test/lab"
 )
 
@@ -212,4 +220,151 @@ func rssKiB(b *testing.B, pid int) int64 {
 	}
 	b.Fatal("no VmRSS")
 	return 0
+}
+
+// progRun is a program's run count and total run time, as the kernel
+// counts them while BPF run-time stats are on.
+type progRun struct {
+	count uint64
+	time  time.Duration
+}
+
+func runStats(b *testing.B, p *ebpf.Program) progRun {
+	s, err := p.Stats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	return progRun{s.RunCount, s.Runtime}
+}
+
+// nsPerRun is the mean run time between two samples.
+func nsPerRun(before, after progRun) float64 {
+	if after.count <= before.count {
+		return 0
+	}
+	return float64(after.time-before.time) / float64(after.count-before.count)
+}
+
+// pinnedProgram opens the program that the TCX link pinned at pin runs.
+func pinnedProgram(b *testing.B, pin string) *ebpf.Program {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		b.Fatal(err)
+	}
+	p, err := ebpf.NewProgramFromID(info.Program)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return p
+}
+
+// BenchmarkDatapathInTraffic measures what uplinkd's programs add per
+// forwarded packet in real traffic: the kernel's run-time statistics
+// (BPF_ENABLE_STATS, on only while the benchmark holds it) of LAN ingress
+// and LAN egress against an empty program attached after each on the same
+// hook, over bulk TCP uploads (data through LAN ingress, ACKs through
+// egress) and downloads (the other way round). A forwarded packet passes
+// one uplinkd program: LAN ingress on its way out, LAN egress on its way
+// back (the lines carry none). Medians of alternating rounds. Run with
+// -benchtime=1x.
+func BenchmarkDatapathInTraffic(b *testing.B) {
+	if uplinkd == "" {
+		b.Skip("needs root")
+	}
+	if _, err := exec.LookPath("iperf3"); err != nil {
+		b.Skip("needs iperf3 (make deps installs it)")
+	}
+	l, state := newLab(b, lab.Options{})
+	a := startAgent(b, l, writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state})))
+	srv := l.Server.Command(context.Background(), "iperf3", "-s", "-B", l.ServerAddrs[0].String())
+	if err := srv.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
+
+	in := pinnedProgram(b, filepath.Join(loader.LinksDir(l.PinDir()), l.LANInterface+"_ingress"))
+	defer in.Close()
+	out := pinnedProgram(b, filepath.Join(loader.LinksDir(l.PinDir()), l.LANInterface+"_egress"))
+	defer out.Close()
+	var empty [2]*ebpf.Program
+	for i, attach := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+		p, err := loader.EmptyProgram()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer p.Close()
+		empty[i] = p
+		err = l.Gateway.Do(func() error {
+			iface, err := net.InterfaceByName(l.LANInterface)
+			if err != nil {
+				return err
+			}
+			lk, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: p, Attach: attach})
+			if err != nil {
+				return err
+			}
+			b.Cleanup(func() { lk.Close() })
+			return nil
+		})
+		if errors.Is(err, link.ErrNotSupported) {
+			b.Skip("needs TCX (6.6+) to put the empty program on the same hook")
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+	}
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stats.Close()
+	time.Sleep(200 * time.Millisecond) // iperf3 -s listening
+
+	const rounds = 5
+	var addedIn, addedOut, inNs, emptyNs []float64
+	for range b.N * rounds {
+		for _, reverse := range []bool{false, true} {
+			before := []progRun{runStats(b, in), runStats(b, empty[0]), runStats(b, out), runStats(b, empty[1])}
+			args := []string{"-c", l.ServerAddrs[0].String(), "-t", "2", "-P", "4"}
+			if reverse {
+				args = append(args, "-R")
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			outp, err := l.Clients[0].Command(ctx, "iperf3", args...).CombinedOutput()
+			cancel()
+			if err != nil {
+				b.Fatalf("iperf3: %v\n%s", err, outp)
+			}
+			after := []progRun{runStats(b, in), runStats(b, empty[0]), runStats(b, out), runStats(b, empty[1])}
+			i, ei := nsPerRun(before[0], after[0]), nsPerRun(before[1], after[1])
+			o, eo := nsPerRun(before[2], after[2]), nsPerRun(before[3], after[3])
+			addedIn = append(addedIn, i-ei)
+			addedOut = append(addedOut, o-eo)
+			inNs = append(inNs, i)
+			emptyNs = append(emptyNs, ei)
+		}
+	}
+	// The share of packets the fast parser could not read: ~0 in plain
+	// TCP, or the figures above are the slow parser's.
+	st := a.status(b)
+	var steered uint64
+	for _, n := range st.Reasons {
+		steered += n
+	}
+	b.ReportMetric(100*float64(st.SlowParsed)/float64(max(steered, 1)), "slow-parsed-%")
+	b.ReportMetric(median(addedIn), "lan-in-added-ns/pkt")
+	b.ReportMetric(median(addedOut), "lan-out-added-ns/pkt")
+	b.ReportMetric(median(inNs), "lan-in-ns/pkt")
+	b.ReportMetric(median(emptyNs), "empty-ns/pkt")
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
