@@ -64,10 +64,11 @@ vmtest-all: deps vm-deps ## the kernel matrix (KERNELS), one summary line per ke
 	test/vm/matrix.sh $(KERNELS)
 
 .PHONY: bench
-bench: deps bpffs ## benchmarks: ns/packet vs an empty program, 1M-flow map, `uplinkd flows` over 1M flows (time, peak RSS), throughput with vs without the datapath, failover and recovery times, agent CPU and memory
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 20000x ./loader/
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 3x ./control/flows/
-	$(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./test/
+bench: deps bpffs ## benchmarks, then one table of every figure: ns/packet vs an empty program (test run and real traffic), new flows (1M-flow map), `uplinkd flows` over 1M flows (time, peak RSS), forwarding K/U/M, failover and recovery times, agent CPU and memory
+	@bash -o pipefail -c '{ \
+		$(GO) test -count=1 -run "^$$" -bench . -benchtime 20000x ./loader/ && \
+		$(GO) test -count=1 -run "^$$" -bench . -benchtime 3x ./control/flows/ && \
+		$(GO) test -count=1 -run "^$$" -bench . -benchtime 1x -timeout 40m ./test/; } | test/bench-table'
 
 .PHONY: build
 build: ## build bin/uplinkd (no clang needed: the BPF objects are committed)
