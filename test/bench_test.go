@@ -84,10 +84,7 @@ func udpSink(b *testing.B, l *lab.Lab) {
 // links to the ISPs.
 func serverRxPackets(b *testing.B, l *lab.Lab) uint64 {
 	b.Helper()
-	h, err := l.Server.Netlink()
-	if err != nil {
-		b.Fatal(err)
-	}
+	h := netlinkIn(b, l.Server)
 	defer h.Close()
 	var n uint64
 	for i := range l.ISPs {

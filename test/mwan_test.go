@@ -104,26 +104,11 @@ func (m *mwan) remove(tb testing.TB) {
 	m.table = false
 }
 
-// nftApply runs `nft -f -` with script in host h.
-func nftApply(tb testing.TB, h *lab.Host, script string) {
-	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cmd := h.Command(ctx, "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(script)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		tb.Fatalf("nft in %s: %v\n%s\n%s", h.Name, err, out, script)
-	}
-}
-
 // lineTables returns each line's routing table, from the agent's rule
 // `from LINE-SUBNET lookup TABLE` in the gateway.
 func lineTables(tb testing.TB, l *lab.Lab) []int {
 	tb.Helper()
-	h, err := l.Gateway.Netlink()
-	if err != nil {
-		tb.Fatal(err)
-	}
+	h := netlinkIn(tb, l.Gateway)
 	defer h.Close()
 	rules, err := h.RuleList(unix.AF_INET)
 	if err != nil {
@@ -167,10 +152,7 @@ func (m *mwan) usesEveryLine(tb testing.TB, dst netip.AddrPort, n int) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	h, err := m.l.Gateway.Netlink()
-	if err != nil {
-		tb.Fatal(err)
-	}
+	h := netlinkIn(tb, m.l.Gateway)
 	defer h.Close()
 	var perLine map[netip.Addr]int
 	for deadline := time.Now().Add(2 * time.Second); ; time.Sleep(20 * time.Millisecond) {
