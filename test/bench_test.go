@@ -3,11 +3,13 @@
 package test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,10 +52,221 @@ func iperf3(b *testing.B, l *lab.Lab, streams int, secs int) float64 {
 	return res.End.SumReceived.BitsPerSecond / 1e9
 }
 
-// BenchmarkForwarding compares TCP throughput through the lab gateway
-// with the datapath attached and without it (the kernel's multipath
-// alone), alternating A/B rounds in one run so that the shared machine's
-// noise hits both. Run with -benchtime=1x: each b.N is three rounds of each.
+// The UDP workload of BenchmarkForwarding: every client floods
+// udpFlows destination ports from udpPort up with udpSize-byte
+// payloads; the server drops them before conntrack (udpSink).
+const (
+	udpPort  = 9000
+	udpFlows = 16
+	udpSize  = 64
+)
+
+// buildUDPFlood builds the sendmmsg sender (test/udpflood) for the
+// benchmark and returns its path.
+func buildUDPFlood(b *testing.B) string {
+	b.Helper()
+	bin := filepath.Join(b.TempDir(), "udpflood")
+	if out, err := exec.Command("go", "build", "-o", bin, "./udpflood").CombinedOutput(); err != nil {
+		b.Fatalf("building udpflood: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// udpSink makes the lab's server drop the flood's datagrams as they
+// arrive (before conntrack, without ICMP errors back): the server's
+// interface counters count them, and nothing else costs CPU.
+func udpSink(b *testing.B, l *lab.Lab) {
+	b.Helper()
+	nftApply(b, l.Server, fmt.Sprintf(`table inet uplinkd_bench_sink {
+	chain prerouting {
+		type filter hook prerouting priority raw; policy accept;
+		udp dport %d-%d drop
+	}
+}
+`, udpPort, udpPort+udpFlows-1))
+}
+
+// serverRxPackets sums the packets the lab's server received on its
+// links to the ISPs.
+func serverRxPackets(b *testing.B, l *lab.Lab) uint64 {
+	b.Helper()
+	h := netlinkIn(b, l.Server)
+	defer h.Close()
+	var n uint64
+	for i := range l.ISPs {
+		link, err := h.LinkByName(fmt.Sprintf("isp%d", i+1))
+		if err != nil {
+			b.Fatal(err)
+		}
+		n += link.Attrs().Statistics.RxPackets
+	}
+	return n
+}
+
+// floodResult sums what the senders report.
+type floodResult struct {
+	Sent    uint64  `json:"sent"`
+	Seconds float64 `json:"seconds"`
+	NoBufs  uint64  `json:"nobufs"`
+}
+
+// floods runs the sender in every client for secs seconds towards dst,
+// all starting together, and returns their sums (Seconds: the longest).
+func floods(b *testing.B, l *lab.Lab, flood string, dst netip.AddrPort, secs int) floodResult {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(secs+20)*time.Second)
+	defer cancel()
+	at := time.Now().Add(300 * time.Millisecond)
+	var cmds []*exec.Cmd
+	var outs []*bytes.Buffer
+	for _, c := range l.Clients {
+		cmd := c.Command(ctx, flood, "-dst", dst.String(), "-flows", fmt.Sprint(udpFlows), "-size", fmt.Sprint(udpSize),
+			"-at", fmt.Sprint(at.UnixNano()), "-for", fmt.Sprint(time.Duration(secs)*time.Second))
+		out := &bytes.Buffer{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		cmds = append(cmds, cmd)
+		outs = append(outs, out)
+	}
+	var errs []error
+	var sum floodResult
+	for i, cmd := range cmds {
+		var res floodResult
+		err := cmd.Wait()
+		if err == nil {
+			err = json.Unmarshal(outs[i].Bytes(), &res)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("udpflood in %s: %w: %s", l.Clients[i].Name, err, outs[i]))
+		}
+		sum.Sent += res.Sent
+		sum.NoBufs += res.NoBufs
+		sum.Seconds = max(sum.Seconds, res.Seconds)
+	}
+	if err := errors.Join(errs...); err != nil {
+		b.Fatal(err)
+	}
+	return sum
+}
+
+// udpFlood floods the server through the gateway and returns the packets
+// per second (in thousands) the server received and the senders sent.
+func udpFlood(b *testing.B, l *lab.Lab, flood string, secs int) (recv, sent float64) {
+	b.Helper()
+	before := serverRxPackets(b, l)
+	res := floods(b, l, flood, netip.AddrPortFrom(l.ServerAddrs[0], udpPort), secs)
+	time.Sleep(100 * time.Millisecond) // what is still in queues
+	got := serverRxPackets(b, l) - before
+	if res.NoBufs > 0 {
+		b.Logf("udpflood: %d batches refused with ENOBUFS", res.NoBufs)
+	}
+	return float64(got) / res.Seconds / 1e3, float64(res.Sent) / res.Seconds / 1e3
+}
+
+// floodAloneDst is where senderAlone sends: through a veth pair of each
+// client's own (flood0, flood1), to a MAC address nobody has, so that
+// the far end drops the packet at once as not its own.
+var floodAloneDst = netip.MustParseAddrPort("10.255.0.2:9000")
+
+// floodAloneSetup gives every client the veth pair senderAlone sends
+// into (the lab's removal removes it).
+func floodAloneSetup(b *testing.B, l *lab.Lab) {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, c := range l.Clients {
+		for _, args := range [][]string{
+			{"link", "add", "flood0", "type", "veth", "peer", "name", "flood1"},
+			{"link", "set", "flood1", "up"},
+			{"link", "set", "flood0", "up"},
+			{"addr", "add", "10.255.0.1/24", "dev", "flood0"},
+			{"neigh", "replace", floodAloneDst.Addr().String(), "lladdr", "02:00:00:00:00:02", "dev", "flood0", "nud", "permanent"},
+		} {
+			if _, err := c.Run(ctx, "ip", args...); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
+
+// senderAlone is what the senders manage with nothing behind them (into
+// a veth pair of their own), in thousands of packets per second: the
+// headroom the sender leaves. Through the lab, a veth hands a packet on
+// in the sender's own system call (softirq), so everything forwarding
+// costs is paid on the sending CPUs: sent and received then agree, and
+// the rate is the cost of the whole path.
+func senderAlone(b *testing.B, l *lab.Lab, flood string, secs int) float64 {
+	res := floods(b, l, flood, floodAloneDst, secs)
+	return float64(res.Sent) / res.Seconds / 1e3
+}
+
+// variant is one way of spreading flows over the lines, as
+// BenchmarkForwarding compares them.
+type variant struct {
+	name     string
+	datapath bool // the agent with its datapath (else datapath.enabled: false)
+	mwan     bool // plus the mwan3-style marks and rules (mwan)
+}
+
+var variants = []variant{
+	{name: "K"},                 // the kernel's multipath alone: table 222's hash
+	{name: "U", datapath: true}, // uplinkd's datapath
+	{name: "M", mwan: true},     // an mwan3-style connmark setup
+}
+
+// withVariant starts the agent as v wants it (and, for M, adds the
+// mwan3-style setup and checks that it spreads flows over every line),
+// runs fn, and takes everything down again, also when fn fails.
+func withVariant(b *testing.B, l *lab.Lab, v variant, weights []int, fn func()) {
+	b.Helper()
+	file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: b.TempDir(), NoDatapath: !v.datapath, Weights: weights}))
+	a := spawnAgent(b, l, file)
+	defer func() {
+		a.stop(b)
+		if out, err := l.Gateway.Run(context.Background(), uplinkd, "down", "-c", file); err != nil {
+			b.Errorf("uplinkd down: %v\n%s", err, out)
+		}
+	}()
+	a.waitReady(b)
+	if v.datapath {
+		for n := range l.Lines {
+			a.waitFor(b, fmt.Sprintf("forwarding on line %d", n+1), func() bool { return lineIn(b, l, n+1) })
+		}
+	}
+	if v.mwan {
+		m := &mwan{l: l}
+		defer m.remove(b)
+		m.add(b, weights)
+		m.usesEveryLine(b, netip.AddrPortFrom(l.ServerAddrs[0], udpPort), 32)
+	}
+	fn()
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// BenchmarkForwarding compares forwarding through the lab gateway three
+// ways: K, the kernel's weighted multipath alone (the agent with its
+// datapath disabled); U, uplinkd's datapath; M, an mwan3-style setup
+// (nftables connmark restore/save, a weighted random mark for new
+// connections, fwmark rules to the line tables; see mwan). Workloads:
+// iperf3 TCP with 1 and 4 streams from one client, and 64-byte UDP
+// datagrams from two clients with a sendmmsg sender (test/udpflood),
+// counted where the server receives them; each round also measures the
+// senders alone (senderAlone). Each round starts the agent once per
+// variant and runs every workload under it, K, U and M in turn (the
+// order rotating from round to round), so that the shared machine's
+// noise hits all three; the sub-benchmarks report the medians over the
+// rounds and their ratios to K (ratios of the medians). Run with
+// -benchtime=1x: each b.N is forwardingRounds rounds.
 func BenchmarkForwarding(b *testing.B) {
 	if uplinkd == "" {
 		b.Skip("needs root")
@@ -61,43 +274,78 @@ func BenchmarkForwarding(b *testing.B) {
 	if _, err := exec.LookPath("iperf3"); err != nil {
 		b.Skip("needs iperf3 (make deps installs it)")
 	}
-	for _, streams := range []int{1, 4} {
-		b.Run(fmt.Sprintf("streams=%d", streams), func(b *testing.B) {
-			l, err := lab.New(lab.Options{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer l.Close()
-			srv := l.Server.Command(context.Background(), "iperf3", "-s", "-B", l.ServerAddrs[0].String())
-			if err := srv.Start(); err != nil {
-				b.Fatal(err)
-			}
-			defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
-			time.Sleep(200 * time.Millisecond)
+	const (
+		forwardingRounds = 9
+		secs             = 3
+	)
+	l, _ := newLab(b, lab.Options{Clients: 2})
+	weights := []int{1, 1}
+	flood := buildUDPFlood(b)
+	udpSink(b, l)
+	floodAloneSetup(b, l)
+	srv := l.Server.Command(context.Background(), "iperf3", "-s", "-B", l.ServerAddrs[0].String())
+	if err := srv.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = srv.Process.Kill(); _ = srv.Wait() }()
+	time.Sleep(200 * time.Millisecond)
 
-			const rounds = 3
-			var with, without float64
-			for range b.N * rounds {
-				for _, dp := range []bool{true, false} {
-					state := b.TempDir()
-					file := writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state, NoDatapath: !dp}))
-					a := spawnAgent(b, l, file)
-					a.waitReady(b)
-					g := iperf3(b, l, streams, 3)
-					a.stop(b)
-					gw(b, l, uplinkd, "down", "-c", file)
-					if dp {
-						with += g
-					} else {
-						without += g
+	tcp := func(streams int) func(*testing.B) (float64, float64) {
+		return func(b *testing.B) (float64, float64) { return iperf3(b, l, streams, secs), 0 }
+	}
+	workloads := []struct {
+		name, unit string
+		run        func(*testing.B) (got, sent float64)
+	}{
+		{"tcp-1", "Gbit/s", tcp(1)},
+		{"tcp-4", "Gbit/s", tcp(4)},
+		{"udp-64B", "kpps", func(b *testing.B) (float64, float64) { return udpFlood(b, l, flood, secs) }},
+	}
+	// got and sent per workload and variant, one figure a round; the
+	// rounds as text per workload, for the log.
+	got, sent := map[string][]float64{}, map[string][]float64{}
+	rounds := map[string][]string{}
+	var alone []float64
+	for r := range b.N * forwardingRounds {
+		for i := range variants {
+			v := variants[(r+i)%len(variants)]
+			withVariant(b, l, v, weights, func() {
+				for _, w := range workloads {
+					g, s := w.run(b)
+					got[w.name+v.name] = append(got[w.name+v.name], g)
+					sent[w.name+v.name] = append(sent[w.name+v.name], s)
+					text := fmt.Sprintf("%s %.2f", v.name, g)
+					if s > 0 {
+						text += fmt.Sprintf(" (sent %.2f)", s)
 					}
+					if i == 0 {
+						text = fmt.Sprintf("round %d: %s", r+1, text)
+					}
+					rounds[w.name] = append(rounds[w.name], text)
+				}
+			})
+		}
+		alone = append(alone, senderAlone(b, l, flood, secs))
+		rounds["udp-64B"] = append(rounds["udp-64B"], fmt.Sprintf("senders alone %.2f", alone[len(alone)-1]))
+	}
+	for _, w := range workloads {
+		b.Run(w.name, func(b *testing.B) {
+			b.Logf("%s, in rounds: %s", w.unit, strings.Join(rounds[w.name], ", "))
+			b.ReportMetric(0, "ns/op") // the time is the parent's
+			k := median(got[w.name+"K"])
+			for _, v := range variants {
+				m := median(got[w.name+v.name])
+				b.ReportMetric(m, w.unit+"-"+v.name)
+				if v.name != "K" {
+					b.ReportMetric(m/k, v.name+"/K")
+				}
+				if s := median(sent[w.name+v.name]); s > 0 {
+					b.ReportMetric(s, "sent-"+w.unit+"-"+v.name)
 				}
 			}
-			with /= float64(b.N * rounds)
-			without /= float64(b.N * rounds)
-			b.ReportMetric(with, "Gbit/s-datapath")
-			b.ReportMetric(without, "Gbit/s-kernel")
-			b.ReportMetric(with/without, "ratio")
+			if w.unit == "kpps" {
+				b.ReportMetric(median(alone), "sender-alone-kpps")
+			}
 		})
 	}
 }
@@ -361,10 +609,4 @@ func BenchmarkDatapathInTraffic(b *testing.B) {
 	b.ReportMetric(median(addedOut), "lan-out-added-ns/pkt")
 	b.ReportMetric(median(inNs), "lan-in-ns/pkt")
 	b.ReportMetric(median(emptyNs), "empty-ns/pkt")
-}
-
-func median(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	return s[len(s)/2]
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
 
 	agentpkg "github.com/uplinkd/uplinkd/control/agent"
 	"github.com/uplinkd/uplinkd/control/config"
@@ -96,6 +97,28 @@ func gw(t testing.TB, l *lab.Lab, name string, args ...string) string {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// nftApply runs `nft -f -` with script in host h.
+func nftApply(tb testing.TB, h *lab.Host, script string) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := h.Command(ctx, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(script)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		tb.Fatalf("nft in %s: %v\n%s\n%s", h.Name, err, out, script)
+	}
+}
+
+// netlinkIn opens a netlink handle in host h; the caller closes it.
+func netlinkIn(tb testing.TB, h *lab.Host) *netlink.Handle {
+	tb.Helper()
+	nh, err := h.Netlink()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return nh
 }
 
 // agent is an `uplinkd run` process in a lab gateway.
