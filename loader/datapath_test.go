@@ -6,10 +6,12 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // These tests run the programs with BPF_PROG_TEST_RUN on packets built in
@@ -630,4 +632,114 @@ func TestSeedFlowsRoundTrip(t *testing.T) {
 		!got[0].Recovered || got[0].RxBytes != 4 || got[0].LastSeen.Sub(now).Abs() > time.Millisecond {
 		t.Errorf("read back %+v, want %+v", got, want)
 	}
+}
+
+// TestLineStatsCountOnlyWhatLeaves: a packet held on a dead line (a TCP
+// flow, which cannot move, or a UDP flow with no live line to move to)
+// meets the dead line's prohibit route and never leaves by it: it is not
+// the line's forwarded traffic. A UDP flow moved off the dead line counts
+// on its new line from its first moved packet.
+func TestLineStatsCountOnlyWhatLeaves(t *testing.T) {
+	d := steering(t)
+	udp, tcp := udp4(47000), tcp4(47000)
+	steer(t, d, udp, "new_flow")
+	steer(t, d, tcp, "new_flow")
+	lineStats := func() []LineStats {
+		t.Helper()
+		s, err := d.LineStats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	pinned := lineStats()[1]
+	if pinned.TxPackets != 2 {
+		t.Fatalf("line 1: %+v, want the 2 packets pinned there", pinned)
+	}
+
+	setDead(t, d, 1)
+	setWeights(t, d, []int{1, 1, 1}, []bool{false, false, false})
+	steer(t, d, tcp, "dead_line_tcp")
+	steer(t, d, udp, "no_live_line")
+	if s := lineStats()[1]; s != pinned {
+		t.Errorf("dead line 1 counted packets that its prohibit route refuses: %+v, want %+v", s, pinned)
+	}
+
+	if err := d.SetLine(2, Line{Mark: lineMark[2], Weight: 1, NATAddrs: natAddrs(2)}); err != nil {
+		t.Fatal(err)
+	}
+	setWeights(t, d, []int{0, 0, 1}, []bool{false, false, true})
+	steer(t, d, udp, "moved_flow")
+	s := lineStats()
+	if n := uint64(len(udp.bytes())); s[2] != (LineStats{TxPackets: 1, TxBytes: n}) {
+		t.Errorf("line 2: %+v, want the moved flow's packet", s[2])
+	}
+	if s[1] != pinned {
+		t.Errorf("line 1: %+v, want %+v", s[1], pinned)
+	}
+}
+
+// TestLastSeenNeverGoesBack: each CPU caches the coarse clock per tick
+// (ul_now), and two CPUs may hold different values for one tick: the
+// kernel advances jiffies before it updates the coarse clock
+// (tick_do_update_jiffies64, then update_wall_time), so a CPU that reads
+// in between keeps the previous tick's time for the whole new tick. A flow
+// pinned on one CPU and touched on such a CPU must not get a last_seen
+// before its first_seen. The stale CPU is simulated by writing its cache.
+func TestLastSeenNeverGoesBack(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Skip("needs two CPUs")
+	}
+	d := steering(t)
+	onCPU := func(cpu int, fn func() error) error {
+		return onLockedThread(func() error {
+			var set unix.CPUSet
+			set.Set(cpu)
+			if err := unix.SchedSetaffinity(0, &set); err != nil {
+				return err
+			}
+			return fn()
+		})
+	}
+	const tick = 4 * time.Millisecond
+	for try := range 50 {
+		p := udp4(48000 + uint16(try))
+		var caches []uplinkdClockCache
+		err := onCPU(0, func() error {
+			if _, err := runMark(d.objs.UplinkdLanIn, p.bytes(), 0); err != nil {
+				return err
+			}
+			return d.objs.UlClock.Lookup(uint32(0), &caches)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stale := caches
+		stale[1] = uplinkdClockCache{Jiffies: caches[0].Jiffies, Ns: caches[0].Ns - uint64(tick)}
+		err = onCPU(1, func() error {
+			if err := d.objs.UlClock.Put(uint32(0), stale); err != nil {
+				return err
+			}
+			if _, err := runMark(d.objs.UplinkdLanIn, p.bytes(), 0); err != nil {
+				return err
+			}
+			return d.objs.UlClock.Lookup(uint32(0), &caches)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if caches[1] != stale[1] {
+			continue // the tick moved on: CPU 1 read the clock afresh
+		}
+		f, ok := lookupFlow(t, d, p)
+		if !ok {
+			t.Fatal("flow not pinned")
+		}
+		if f.LastSeen < f.FirstSeen {
+			t.Errorf("flow touched on a CPU a tick behind: first seen %d, last seen %d (%v before)",
+				f.FirstSeen, f.LastSeen, time.Duration(f.FirstSeen-f.LastSeen))
+		}
+		return
+	}
+	t.Skip("the tick moved on in every try")
 }

@@ -171,7 +171,7 @@ type packet struct {
 	proto        uint8
 	sport, dport uint16 // ICMP echo: sport is the identifier
 	icmpType     uint8
-	tcpFlags     uint8 // TCP: SYN 0x02, ACK 0x10, ...
+	tcpFlags     uint8   // TCP: SYN 0x02, ACK 0x10, ...
 	ipOptions    int     // IPv4 option bytes, a multiple of 4
 	ihl          int     // overrides the IPv4 header length (words)
 	version      int     // overrides the IP version

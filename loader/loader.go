@@ -162,6 +162,10 @@ func Load(opts Options) (*Datapath, error) {
 		d.objs.Close()
 		return nil, loadError(opts.PinDir, err)
 	}
+	if err := d.retireLegacy(); err != nil {
+		d.Close()
+		return nil, err
+	}
 	// A fresh ul_lan_src allows every source until SetLANSubnets narrows it.
 	var k uplinkdLanPrefix
 	if err := d.objs.UlLanSrc.NextKey(nil, &k); errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -260,6 +264,55 @@ func Remove(pinDir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// retireLegacy takes over the pins of an earlier uplinkd that counted a
+// line's whole traffic on its uplink (programs there, ul_if_line mapping
+// the interfaces to lines) into the same ul_line_stats that now counts the
+// LAN's forwarded traffic: the old programs, attached until the agent
+// takes them off the lines, find no line any more, the counters start
+// from zero (they would otherwise carry the uplinks' traffic, the
+// gateway's own included, as forwarded), and ul_if_line is unpinned, so
+// that this happens once.
+func (d *Datapath) retireLegacy() error {
+	pin := filepath.Join(d.pinDir, "ul_if_line")
+	m, err := ebpf.LoadPinnedMap(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("opening earlier uplinkd's %s: %w", pin, err)
+	}
+	defer m.Close()
+	var (
+		k    uint32
+		keys []uint32
+	)
+	for err = m.NextKey(nil, &k); err == nil; err = m.NextKey(k, &k) {
+		keys = append(keys, k)
+	}
+	if !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("reading %s: %w", pin, err)
+	}
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("emptying %s: %w", pin, err)
+		}
+	}
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return err
+	}
+	zero := make([]uplinkdLineStats, cpus)
+	for line := range d.objs.UlLineStats.MaxEntries() {
+		if err := d.objs.UlLineStats.Put(line, zero); err != nil {
+			return fmt.Errorf("zeroing the line counters earlier uplinkd kept: %w", err)
+		}
+	}
+	if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("unpinning %s: %w", pin, err)
+	}
+	return nil
 }
 
 // legacyPins are maps that earlier uplinkd pinned and this one no longer

@@ -84,14 +84,14 @@ func TestRecoveryFromConntrack(t *testing.T) {
 	tuple := func(proto uint8, src netip.Addr, sport uint16, dst netip.Addr, dport uint16) netlink.IPTuple {
 		return netlink.IPTuple{Protocol: proto, SrcIP: net.IP(src.AsSlice()), SrcPort: sport, DstIP: net.IP(dst.AsSlice()), DstPort: dport}
 	}
-	outbound := tcp4(49000)                                                                   // SNATed to line 2's address
+	outbound := tcp4(49000) // SNATed to line 2's address
 	// Came in by line 0 (DNAT): the LAN server's SYN-ACK is recovered.
 	forwarded := packet{src: lanServer, dst: remote, proto: protoTCP, sport: 80, dport: 5555, tcpFlags: tcpSYN | tcpACK}
 	// A SYN opens a connection conntrack cannot know: the lookup is
 	// skipped, so even this (made-up) entry of line 2 is not looked at.
 	syn := tcp4(49002)
 	syn.tcpFlags = tcpSYN
-	movedUDP := udp4(49001)                                                                   // SNATed to line 2's address, but line 2 will be dead
+	movedUDP := udp4(49001) // SNATed to line 2's address, but line 2 will be dead
 	entries := []netlink.ConntrackFlow{
 		{Forward: tuple(protoTCP, client4, 49000, server4, 443), Reverse: tuple(protoTCP, server4, 443, nat(2), 49000)},
 		{Forward: tuple(protoTCP, remote, 5555, nat(0), 8080), Reverse: tuple(protoTCP, lanServer, 80, remote, 5555)},
@@ -259,5 +259,108 @@ func TestPreparePinDirMountsBPFFS(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestSYNSkipOnlyOpensConnections: only a SYN that opens a connection
+// skips the conntrack lookup. A packet of a flow the map lost whose flags
+// merely include SYN (SYN-FIN, SYN-RST: no opening, conntrack calls them
+// invalid), or whose TCP header ends before the flags, is looked up and
+// stays on its conntrack line: were it pinned from the buckets, the
+// connection's later packets would follow that pin out of another line
+// than their NAT address.
+func TestSYNSkipOnlyOpensConnections(t *testing.T) {
+	ns := newNetns(t)
+	d := steering(t) // new flows go to line 1
+	nat2 := natAddrs(2)[0]
+	tests := []struct {
+		name  string
+		flags uint8
+		cut   int
+		line  uint32
+	}{
+		{"syn", tcpSYN, 0, 1},
+		{"syn-ack", tcpSYN | tcpACK, 0, 2},
+		{"syn-fin", tcpSYN | 0x01, 0, 2},
+		{"syn-rst", tcpSYN | 0x04, 0, 2},
+		{"syn-fin-psh-urg", tcpSYN | 0x01 | 0x08 | 0x20, 0, 2},
+		{"header cut before the flags", tcpSYN, 20 - 13, 2},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := tcp4(49100 + uint16(i))
+			p.tcpFlags, p.cut = tt.flags, tt.cut
+			ct := netlink.ConntrackFlow{
+				FamilyType: unix.AF_INET, TimeOut: 60,
+				Forward: netlink.IPTuple{Protocol: protoTCP, SrcIP: client4.AsSlice(), SrcPort: p.sport, DstIP: server4.AsSlice(), DstPort: p.dport},
+				Reverse: netlink.IPTuple{Protocol: protoTCP, SrcIP: server4.AsSlice(), SrcPort: p.dport, DstIP: nat2.AsSlice(), DstPort: p.sport},
+			}
+			err := ns.do(func() error {
+				if err := netlink.ConntrackCreate(netlink.ConntrackTable, netlink.FAMILY_V4, &ct); err != nil {
+					return err
+				}
+				_, err := runMark(d.objs.UplinkdLanIn, p.bytes(), 0)
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f, ok := lookupFlow(t, d, p); !ok || f.Line != tt.line {
+				t.Errorf("flow %+v (pinned %v), want line %d", f, ok, tt.line)
+			}
+		})
+	}
+}
+
+// TestLoadRetiresLegacyCounters: over the pins of an uplinkd that counted
+// on the uplinks (ul_if_line pinned), Load cuts the old uplink programs off
+// (ul_if_line emptied, then unpinned) and restarts the line counters,
+// which held the uplinks' whole traffic, at zero; a later Load keeps them.
+func TestLoadRetiresLegacyCounters(t *testing.T) {
+	requireBPF(t)
+	dir := tempPinDir(t)
+	d := load(t, Options{PinDir: dir})
+	run(t, d.objs.UplinkdLanIn, udp4(40000).bytes(), 0) // nowhere to go: no line
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := make([]uplinkdLineStats, cpus)
+	old[0] = uplinkdLineStats{TxPackets: 1000, TxBytes: 1 << 20, RxPackets: 900, RxBytes: 1 << 21}
+	if err := d.objs.UlLineStats.Put(uint32(1), old); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	legacy, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 4, MaxEntries: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer legacy.Close()
+	if err := legacy.Put(uint32(7), uint32(1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := legacy.Pin(filepath.Join(dir, "ul_if_line")); err != nil {
+		t.Fatal(err)
+	}
+
+	d = load(t, Options{PinDir: dir})
+	if s, err := d.LineStats(); err != nil || s[1] != (LineStats{}) {
+		t.Errorf("line 1 after the upgrade: %+v (%v), want zero", s[1], err)
+	}
+	var line uint32
+	if err := legacy.Lookup(uint32(7), &line); !errors.Is(err, ebpf.ErrKeyNotExist) {
+		t.Errorf("ul_if_line still maps an uplink (to %d, %v): the old programs go on counting", line, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "ul_if_line")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("ul_if_line still pinned: %v", err)
+	}
+	// Counted from now on, and kept by the next Load.
+	if err := d.objs.UlLineStats.Put(uint32(1), old); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	d = load(t, Options{PinDir: dir})
+	if s, _ := d.LineStats(); s[1].TxPackets != 1000 {
+		t.Errorf("line 1 after a plain restart: %+v, want the counts kept", s[1])
 	}
 }

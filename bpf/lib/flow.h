@@ -31,11 +31,14 @@ static __always_inline void line_nat_addr(const struct line *ln, __u8 family, __
 	__builtin_memcpy(addr, family == UL_AF_INET ? ln->nat_addr4 : ln->nat_addr6, UL_ADDR_LEN);
 }
 
-/* Stores last_seen only when the coarse clock moved: most packets of a
- * busy flow then write nothing but the counters. */
+/* Stores last_seen only when the coarse clock moved forward: most packets
+ * of a busy flow then write nothing but the counters. Never back: two CPUs
+ * may hold different times for one tick (ul_now(): a CPU that read the
+ * clock between the tick's jiffies and coarse clock updates keeps the
+ * previous tick's time), and last_seen stays at or after first_seen. */
 static __always_inline void flow_touch(struct flow *flow, __u64 now)
 {
-	if (flow->last_seen != now)
+	if (flow->last_seen < now)
 		flow->last_seen = now;
 }
 
@@ -65,7 +68,6 @@ static __always_inline void flow_count_tx(struct flow *flow, __u32 len, __u64 no
 	__sync_fetch_and_add(&flow->tx_packets, 1);
 	__sync_fetch_and_add(&flow->tx_bytes, len);
 	flow_touch(flow, now);
-	line_count(flow->line, len, true);
 }
 
 static __always_inline enum ul_reason flow_steer_pinned(struct __sk_buff *skb,
@@ -100,6 +102,10 @@ static __always_inline enum ul_reason flow_steer_pinned(struct __sk_buff *skb,
 out:
 	mark_for_line(skb, ln);
 	flow_count_tx(flow, skb->len, now);
+	/* A packet held on a dead line meets its prohibit route: it does not
+	 * leave by the line, so the line does not count it. */
+	if (line_live(ln))
+		line_count(flow->line, skb->len, true);
 	return reason;
 }
 
@@ -137,7 +143,7 @@ static __always_inline enum ul_reason flow_steer_new(struct __sk_buff *skb,
 	flow.line = line;
 
 	err = flow_insert(key, &flow);
-	if (!err)
+	if (!err && line_live(ln))		/* not a TCP flow recovered onto a dead line */
 		line_count(line, skb->len, true);
 	if (err == -EEXIST) {
 		/* Another CPU pinned the flow first: follow it. */

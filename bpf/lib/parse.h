@@ -226,8 +226,11 @@ static __always_inline bool dst_routable(const struct flow_key *key, enum ul_rea
 }
 
 /* The full parser: fills key from the packet. Returns false, with the
- * reason, for a packet that is no TCP, UDP or ICMP echo flow to a routable
- * destination. */
+ * reason, for a packet that is no TCP, UDP or ICMP echo flow. Like the fast
+ * parser it leaves the destination's routability to flow_steer(), which
+ * checks it for a new flow: both parsers then give the same verdict for
+ * the same flow (LAN egress counts a reply on its pinned flow whichever
+ * parser read it). */
 static __always_inline bool parse_flow_slow(struct __sk_buff *skb, struct flow_key *key,
 					    enum ul_reason *reason, __u32 *l4_off)
 {
@@ -269,7 +272,7 @@ static __always_inline bool parse_flow_slow(struct __sk_buff *skb, struct flow_k
 		*reason = UL_REASON_MULTICAST;
 		return false;
 	}
-	return dst_routable(key, reason);
+	return true;
 }
 
 /* Bytes the fast parser reads: Ethernet, the fixed IP header, the ports. */
@@ -343,11 +346,14 @@ static __always_inline bool parse_flow(struct __sk_buff *skb, struct flow_key *k
 
 /* TCP flags (the 14th byte of the header). */
 #define UL_TCP_FLAGS_OFF	13
+#define UL_TCP_FIN		0x01
 #define UL_TCP_SYN		0x02
+#define UL_TCP_RST		0x04
 #define UL_TCP_ACK		0x10
 
-/* Whether the packet opens a TCP connection: a SYN without ACK. Read only
- * for a new flow. */
+/* Whether the packet opens a TCP connection: a SYN without ACK, FIN or RST
+ * (SYN-FIN and SYN-RST open nothing, and a packet of a lost flow carrying
+ * them must be looked up like any other). Read only for a new flow. */
 static __always_inline bool tcp_opens(struct __sk_buff *skb, const struct flow_key *key, __u32 l4_off)
 {
 	__u8 flags;
@@ -355,5 +361,5 @@ static __always_inline bool tcp_opens(struct __sk_buff *skb, const struct flow_k
 	if (key->proto != IPPROTO_TCP ||
 	    bpf_skb_load_bytes(skb, l4_off + UL_TCP_FLAGS_OFF, &flags, sizeof(flags)) < 0)
 		return false;
-	return (flags & (UL_TCP_SYN | UL_TCP_ACK)) == UL_TCP_SYN;
+	return (flags & (UL_TCP_FIN | UL_TCP_SYN | UL_TCP_RST | UL_TCP_ACK)) == UL_TCP_SYN;
 }
