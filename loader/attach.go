@@ -71,8 +71,12 @@ func (d *Datapath) AttachLine(ifname string, line int) error {
 	if err != nil {
 		return fmt.Errorf("attaching to %s: %w", ifname, err)
 	}
-	if err := d.objs.UlIfLine.Put(uint32(iface.Index), uint32(line)); err != nil {
-		return fmt.Errorf("mapping %s to line %d: %w", ifname, line, err)
+	// Written only when it changed (an adopted datapath has it).
+	var cur uint32
+	if err := d.objs.UlIfLine.Lookup(uint32(iface.Index), &cur); err != nil || cur != uint32(line) {
+		if err := d.w.put(d.objs.UlIfLine, uint32(iface.Index), uint32(line)); err != nil {
+			return fmt.Errorf("mapping %s to line %d: %w", ifname, line, err)
+		}
 	}
 	return errors.Join(
 		d.attach(iface, ingress, d.objs.UplinkdUpIn),
@@ -269,7 +273,7 @@ func (d *Datapath) DetachLine(ifname string) error {
 			errs = append(errs, fmt.Errorf("detaching tc from %s %s: %w", ifname, dir.name, err))
 		}
 	}
-	if err := d.objs.UlIfLine.Delete(uint32(iface.Index)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := d.w.del(d.objs.UlIfLine, uint32(iface.Index)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, fmt.Errorf("forgetting %s: %w", ifname, err))
 	}
 	return errors.Join(errs...)
