@@ -316,6 +316,19 @@ func TestLineStats(t *testing.T) {
 		run(t, d.objs.UplinkdUpOut, pkt, 0)
 	}
 	run(t, d.objs.UplinkdUpIn, pkt, 0)
+	// Another line's counters on every CPU: their sum is read.
+	const other = 5
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	perCPU := make([]uplinkdLineStats, cpus)
+	for c := range perCPU {
+		perCPU[c].RxPackets = uint64(c + 1)
+	}
+	if err := d.objs.UlLineStats.Put(uint32(other), perCPU); err != nil {
+		t.Fatal(err)
+	}
 	stats, err := d.LineStats()
 	if err != nil {
 		t.Fatal(err)
@@ -324,8 +337,11 @@ func TestLineStats(t *testing.T) {
 	if want := (LineStats{TxPackets: 3, TxBytes: 3 * n, RxPackets: 1, RxBytes: n}); stats[line] != want {
 		t.Errorf("line %d: %+v, want %+v", line, stats[line], want)
 	}
+	if want := uint64(cpus * (cpus + 1) / 2); stats[other] != (LineStats{RxPackets: want}) {
+		t.Errorf("line %d: %+v, want %d rx packets summed over %d CPUs", other, stats[other], want, cpus)
+	}
 	for l, s := range stats {
-		if l != line && s != (LineStats{}) {
+		if l != line && l != other && s != (LineStats{}) {
 			t.Errorf("line %d counted %+v", l, s)
 		}
 	}

@@ -450,15 +450,26 @@ func bootTime() (time.Time, error) {
 	return time.Now().Add(-time.Duration(ts.Nano())), nil
 }
 
-// LineStats returns the packets and bytes of every line, indexed by line.
+// LineStats returns the packets and bytes of every line, indexed by line,
+// read in one batch.
 func (s *Stats) LineStats() ([]LineStats, error) {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("reading line stats: %w", err)
+	}
+	keys := make([]uint32, MaxLines)
+	perCPU := make([]uplinkdLineStats, MaxLines*cpus) // key i's at [i*cpus, (i+1)*cpus)
+	var cursor ebpf.MapBatchCursor
+	n, err := s.lineStats.BatchLookup(&cursor, keys, perCPU, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("reading line stats: %w", err)
+	}
+	if n != MaxLines {
+		return nil, fmt.Errorf("reading line stats: %d of %d lines", n, MaxLines)
+	}
 	stats := make([]LineStats, MaxLines)
-	var perCPU []uplinkdLineStats
-	for l := range stats {
-		if err := s.lineStats.Lookup(uint32(l), &perCPU); err != nil {
-			return nil, fmt.Errorf("reading stats of line %d: %w", l, err)
-		}
-		for _, c := range perCPU {
+	for i, l := range keys {
+		for _, c := range perCPU[i*cpus : (i+1)*cpus] {
 			stats[l].TxPackets += c.TxPackets
 			stats[l].TxBytes += c.TxBytes
 			stats[l].RxPackets += c.RxPackets
