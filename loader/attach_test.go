@@ -373,3 +373,16 @@ func TestAttachTC(t *testing.T) {
 		t.Errorf("pin directory still there after Remove: %v", err)
 	}
 }
+
+func TestIfindex(t *testing.T) {
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ifindex("lo"); err != nil || got != lo.Index {
+		t.Errorf("ifindex(lo) = %d, %v; want %d", got, err, lo.Index)
+	}
+	if _, err := ifindex("nosuch0"); !errors.Is(err, unix.ENODEV) {
+		t.Errorf("ifindex of a missing interface: %v, want ENODEV", err)
+	}
+}
