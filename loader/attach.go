@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/florianl/go-tc"
 	"github.com/florianl/go-tc/core"
+	"golang.org/x/sys/unix"
 )
 
 // linksDir, under the pin directory, holds one pinned TCX link per
@@ -182,13 +183,13 @@ func (d *Datapath) Verify(ifname string) error {
 	if !ok {
 		return fmt.Errorf("%s: not attached", ifname)
 	}
-	iface, err := net.InterfaceByName(ifname)
+	index, err := ifindex(ifname)
 	if err != nil {
 		return fmt.Errorf("%s: %w", ifname, err)
 	}
 	for _, dir := range []direction{ingress, egress} {
 		if mode == AttachTCX {
-			if err := verifyTCX(iface.Index, dir, filepath.Join(d.pinDir, linksDir, ifname+"_"+dir.name)); err != nil {
+			if err := verifyTCX(index, dir, filepath.Join(d.pinDir, linksDir, ifname+"_"+dir.name)); err != nil {
 				return fmt.Errorf("%s %s: %w", ifname, dir.name, err)
 			}
 			continue
@@ -197,7 +198,7 @@ func (d *Datapath) Verify(ifname string) error {
 		if err != nil {
 			return err
 		}
-		f, err := findFilter(nl, iface.Index, core.BuildHandle(tc.HandleRoot, dir.tcParent))
+		f, err := findFilter(nl, index, core.BuildHandle(tc.HandleRoot, dir.tcParent))
 		nl.Close()
 		if err != nil {
 			return fmt.Errorf("%s %s: %w", ifname, dir.name, err)
@@ -207,6 +208,26 @@ func (d *Datapath) Verify(ifname string) error {
 		}
 	}
 	return nil
+}
+
+// ifindex is the index of the interface name in the calling thread's
+// namespace, by one ioctl: net.InterfaceByName reads every interface of
+// the namespace, which Verify, run for each interface on every
+// reconcile, made quadratic in the lines.
+func ifindex(name string) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("finding interface: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return 0, fmt.Errorf("finding interface: %w", err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFINDEX, ifr); err != nil {
+		return 0, fmt.Errorf("finding interface: %w", err)
+	}
+	return int(ifr.Uint32()), nil
 }
 
 func verifyTCX(ifindex int, dir direction, pin string) error {

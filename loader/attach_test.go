@@ -444,3 +444,16 @@ func TestDetachTakesEarlierUplinkCounters(t *testing.T) {
 		t.Errorf("pin dir left after Remove (ul_if_line?): %v", err)
 	}
 }
+
+func TestIfindex(t *testing.T) {
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ifindex("lo"); err != nil || got != lo.Index {
+		t.Errorf("ifindex(lo) = %d, %v; want %d", got, err, lo.Index)
+	}
+	if _, err := ifindex("nosuch0"); !errors.Is(err, unix.ENODEV) {
+		t.Errorf("ifindex of a missing interface: %v, want ENODEV", err)
+	}
+}

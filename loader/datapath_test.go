@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -742,4 +743,72 @@ func TestLastSeenNeverGoesBack(t *testing.T) {
 		return
 	}
 	t.Skip("the tick moved on in every try")
+}
+
+// A second write of the same configuration writes nothing to the maps;
+// a change writes only itself.
+func TestUnchangedConfigWritesNothing(t *testing.T) {
+	d := load(t, Options{})
+	lines := make([]Line, MaxLines)
+	for l, mark := range lineMark {
+		lines[l] = Line{Mark: mark, Weight: 1, Ifindex: 10 + l, NATAddrs: natAddrs(l)}
+	}
+	buckets := Buckets(nil, []int{1, 2, 1}, []bool{true, true, true})
+	local := []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}
+	lan := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("10.1.0.0/16")}
+	apply := func() uint64 {
+		t.Helper()
+		before := d.Writes()
+		for _, err := range []error{d.SetLines(lines), d.SetBuckets(buckets), d.SetLocal(local), d.SetLANSubnets(lan)} {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		return d.Writes() - before
+	}
+	if n := apply(); n == 0 {
+		t.Fatal("a first configuration wrote nothing")
+	}
+	if n := apply(); n != 0 {
+		t.Errorf("the same configuration again: %d map writes, want 0", n)
+	}
+
+	lines[1].Weight = 5                                                   // one ul_lines entry
+	lines[2].NATAddrs = lines[2].NATAddrs[:1]                             // one ul_lines entry, one NAT address gone
+	buckets = Buckets(buckets, []int{1, 2, 0}, []bool{true, true, false}) // one batch
+	lan = lan[:1]                                                         // one prefix gone
+	if n := apply(); n != 5 {
+		t.Errorf("a changed configuration: %d map writes, want 5", n)
+	}
+	if n := apply(); n != 0 {
+		t.Errorf("the changed configuration again: %d map writes, want 0", n)
+	}
+
+	// What the maps hold is what was asked, read back the slow way.
+	got, err := d.CurrentBuckets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got, buckets) {
+		t.Error("buckets differ from the table written")
+	}
+	var (
+		k    uplinkdLanPrefix
+		v    uint8
+		keys []uplinkdLanPrefix
+	)
+	for it := d.objs.UlLanSrc.Iterate(); it.Next(&k, &v); {
+		keys = append(keys, k)
+	}
+	// IPv6 has no prefix given: all of it is allowed.
+	if want := []uplinkdLanPrefix{lanKey(lan[0]), lanKey(allPrefixes[1])}; len(keys) != 2 || !slices.Contains(keys, want[0]) || !slices.Contains(keys, want[1]) {
+		t.Errorf("LAN subnets %v, want %v", keys, want)
+	}
+	owners, err := readAll[[16]byte, uint32](d.objs.UlNatSrc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(owners) != 5 || owners[natAddrs(2)[0].As16()] != 2 {
+		t.Errorf("NAT addresses %v, want lines 0 and 1's two each and line 2's IPv4 one", owners)
+	}
 }

@@ -105,6 +105,7 @@ type Datapath struct {
 	// conntrack, else why not.
 	ctRecovery error
 	attached   map[string]AttachMode // interface → how its programs are attached
+	w          mapWriter             // every write to the maps
 }
 
 // CTRecovery is nil when the datapath recovers flows the flow map lost

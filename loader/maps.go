@@ -5,7 +5,10 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -68,93 +71,198 @@ func checkLine(line int) error {
 	return nil
 }
 
-// SetLine configures line.
+// SetLine configures line; the other lines stay as they are.
 func (d *Datapath) SetLine(line int, l Line) error {
-	if err := checkLine(line); err != nil {
-		return err
+	return d.setLines(map[int]Line{line: l})
+}
+
+// SetLines configures every line at once: lines[i] is line i (the zero
+// Line for a number no line has). It reads ul_lines and ul_nat_src in one
+// batch each and writes only what differs: a reconcile with nothing to
+// change writes nothing.
+func (d *Datapath) SetLines(lines []Line) error {
+	if len(lines) != MaxLines {
+		return fmt.Errorf("line table has %d entries, want %d", len(lines), MaxLines)
 	}
-	if l.Mark&^d.markMask != 0 {
-		return fmt.Errorf("line %d: mark %#x outside mask %#x", line, l.Mark, d.markMask)
+	want := make(map[int]Line, len(lines))
+	for i, l := range lines {
+		want[i] = l
 	}
-	v := uplinkdLine{Mark: l.Mark, Weight: l.Weight, Ifindex: uint32(l.Ifindex)}
-	if l.Dead {
-		v.Flags |= lineDead
-	}
-	nat := map[[16]byte]bool{}
-	for _, a := range l.NATAddrs {
-		if !a.IsValid() {
-			return fmt.Errorf("line %d: invalid NAT address", line)
+	return d.setLines(want)
+}
+
+// setLines writes the lines of want (by index) where the maps differ, and
+// leaves the others alone.
+func (d *Datapath) setLines(want map[int]Line) error {
+	values := make(map[uint32]uplinkdLine, len(want))
+	owner := map[[16]byte]uint32{} // the NAT addresses of the lines in want
+	for _, line := range slices.Sorted(maps.Keys(want)) {
+		if err := checkLine(line); err != nil {
+			return err
 		}
-		a16 := a.As16()
-		switch {
-		case a.Unmap().Is4() && v.NatAddr4 == [16]byte{}:
-			v.NatAddr4 = a16
-		case !a.Unmap().Is4() && v.NatAddr6 == [16]byte{}:
-			v.NatAddr6 = a16
+		l := want[line]
+		if l.Mark&^d.markMask != 0 {
+			return fmt.Errorf("line %d: mark %#x outside mask %#x", line, l.Mark, d.markMask)
 		}
-		nat[a16] = true
+		v := uplinkdLine{Mark: l.Mark, Weight: l.Weight, Ifindex: uint32(l.Ifindex)}
+		if l.Dead {
+			v.Flags |= lineDead
+		}
+		for _, a := range l.NATAddrs {
+			if !a.IsValid() {
+				return fmt.Errorf("line %d: invalid NAT address", line)
+			}
+			a16 := a.As16()
+			switch {
+			case a.Unmap().Is4() && v.NatAddr4 == [16]byte{}:
+				v.NatAddr4 = a16
+			case !a.Unmap().Is4() && v.NatAddr6 == [16]byte{}:
+				v.NatAddr6 = a16
+			}
+			owner[a16] = uint32(line)
+		}
+		values[uint32(line)] = v
 	}
-	// Written only when it changed: a reconcile with nothing to change
-	// writes nothing.
-	var cur uplinkdLine
-	if err := d.objs.UlLines.Lookup(uint32(line), &cur); err != nil || cur != v {
-		if err := d.objs.UlLines.Put(uint32(line), &v); err != nil {
-			return fmt.Errorf("setting line %d: %w", line, err)
+
+	cur, err := readAll[uint32, uplinkdLine](d.objs.UlLines)
+	if err != nil {
+		return fmt.Errorf("reading lines: %w", err)
+	}
+	for _, line := range slices.Sorted(maps.Keys(values)) {
+		if v := values[line]; cur[line] != v {
+			if err := d.w.put(d.objs.UlLines, line, &v); err != nil {
+				return fmt.Errorf("setting line %d: %w", line, err)
+			}
 		}
 	}
 
-	var (
-		addr  [16]byte
-		owner uint32
-		stale [][16]byte
-	)
-	have := map[[16]byte]bool{}
-	it := d.objs.UlNatSrc.Iterate()
-	for it.Next(&addr, &owner) {
-		if owner == uint32(line) && !nat[addr] {
-			stale = append(stale, addr)
-		}
-		have[addr] = owner == uint32(line)
-	}
-	if err := it.Err(); err != nil {
+	have, err := readAll[[16]byte, uint32](d.objs.UlNatSrc)
+	if err != nil {
 		return fmt.Errorf("reading NAT addresses: %w", err)
 	}
-	for _, a := range stale {
-		if err := d.objs.UlNatSrc.Delete(a); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	for a, line := range have {
+		if _, mine := values[line]; !mine {
+			continue // another line's
+		}
+		if _, kept := owner[a]; kept {
+			continue
+		}
+		if err := d.w.del(d.objs.UlNatSrc, a); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("line %d: removing NAT address: %w", line, err)
 		}
 	}
-	for a := range nat {
-		if have[a] {
+	for a, line := range owner {
+		if l, ok := have[a]; ok && l == line {
 			continue
 		}
-		if err := d.objs.UlNatSrc.Put(a, uint32(line)); err != nil {
+		if err := d.w.put(d.objs.UlNatSrc, a, line); err != nil {
 			return fmt.Errorf("line %d: adding NAT address %s: %w", line, netip.AddrFrom16(a).Unmap(), err)
 		}
 	}
 	return nil
 }
 
+// readAll reads every entry of a small map: in one batch lookup (one
+// system call; iterating takes two per entry), or by iterating where the
+// kernel has no batch lookup for the map's type.
+func readAll[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
+	// One more than fits: the kernel then reaches the end in the same
+	// call.
+	n := int(m.MaxEntries()) + 1
+	keys, values := make([]K, n), make([]V, n)
+	out := make(map[K]V)
+	var cursor ebpf.MapBatchCursor
+	for {
+		got, err := m.BatchLookup(&cursor, keys, values, nil)
+		for i := range got {
+			out[keys[i]] = values[i]
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	clear(out)
+	var (
+		k K
+		v V
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out[k] = v
+	}
+	return out, it.Err()
+}
+
+// mapWriter makes the control plane's writes to the datapath's maps (the
+// programs write flows and counters themselves), and counts them: a
+// reconcile with nothing to change must make none.
+type mapWriter struct{ n atomic.Uint64 }
+
+func (w *mapWriter) put(m *ebpf.Map, key, value any) error {
+	w.n.Add(1)
+	return m.Put(key, value)
+}
+
+func (w *mapWriter) update(m *ebpf.Map, key, value any, flags ebpf.MapUpdateFlags) error {
+	w.n.Add(1)
+	return m.Update(key, value, flags)
+}
+
+func (w *mapWriter) del(m *ebpf.Map, key any) error {
+	w.n.Add(1)
+	return m.Delete(key)
+}
+
+func (w *mapWriter) batchUpdate(m *ebpf.Map, keys, values any) error {
+	w.n.Add(1)
+	_, err := m.BatchUpdate(keys, values, nil)
+	return err
+}
+
+// Writes counts the writes this Datapath made to its maps, one a system
+// call.
+func (d *Datapath) Writes() uint64 { return d.w.n.Load() }
+
 // SetBuckets installs a bucket table (see Buckets). It changes the line of
-// new flows only: pinned flows keep theirs.
+// new flows only: pinned flows keep theirs. Only the buckets that differ
+// from the table in force are written, in one batch.
 func (d *Datapath) SetBuckets(lines []int) error {
 	if len(lines) != NumBuckets {
 		return fmt.Errorf("bucket table has %d entries, want %d", len(lines), NumBuckets)
 	}
-	keys := make([]uint32, NumBuckets)
-	values := make([]uint32, NumBuckets)
 	for b, l := range lines {
-		keys[b] = uint32(b)
-		values[b] = bucketNoLine
 		if l == NoLine {
 			continue
 		}
 		if err := checkLine(l); err != nil {
 			return fmt.Errorf("bucket %d: %w", b, err)
 		}
-		values[b] = uint32(l)
 	}
-	if _, err := d.objs.UlBuckets.BatchUpdate(keys, values, nil); err != nil {
+	cur, err := d.CurrentBuckets()
+	if err != nil {
+		return err
+	}
+	var keys, values []uint32
+	for b, l := range lines {
+		if l == cur[b] {
+			continue
+		}
+		keys = append(keys, uint32(b))
+		values = append(values, bucketNoLine)
+		if l != NoLine {
+			values[len(values)-1] = uint32(l)
+		}
+	}
+	if len(keys) == 0 {
+		return nil
+	}
+	if err := d.w.batchUpdate(d.objs.UlBuckets, keys, values); err != nil {
 		return fmt.Errorf("setting buckets: %w", err)
 	}
 	return nil
@@ -194,29 +302,30 @@ func (d *Datapath) SetLocal(addrs []netip.Addr) error {
 		want[a.As16()] = true
 	}
 
-	var (
-		addr  [16]byte
-		one   uint8
-		stale [][16]byte
-	)
-	it := d.objs.UlLocal.Iterate()
-	for it.Next(&addr, &one) {
-		if !want[addr] {
-			stale = append(stale, addr)
+	return syncSet(&d.w, d.objs.UlLocal, want, "local address", func(a [16]byte) string { return netip.AddrFrom16(a).Unmap().String() })
+}
+
+// syncSet makes the keys of m, a set (every value 1), those of want,
+// writing only the difference. Stale keys go first: the sets are small.
+func syncSet[K comparable](w *mapWriter, m *ebpf.Map, want map[K]bool, what string, name func(K) string) error {
+	have, err := readAll[K, uint8](m)
+	if err != nil {
+		return fmt.Errorf("reading %ss: %w", what, err)
+	}
+	for k := range have {
+		if want[k] {
+			continue
 		}
-		delete(want, addr) // there already: no write
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("reading local addresses: %w", err)
-	}
-	for _, a := range stale {
-		if err := d.objs.UlLocal.Delete(a); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("removing local address: %w", err)
+		if err := w.del(m, &k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing %s %s: %w", what, name(k), err)
 		}
 	}
-	for a := range want {
-		if err := d.objs.UlLocal.Put(a, uint8(1)); err != nil {
-			return fmt.Errorf("adding local address %s: %w", netip.AddrFrom16(a).Unmap(), err)
+	for k := range want {
+		if _, ok := have[k]; ok {
+			continue // there already: no write
+		}
+		if err := w.put(m, &k, uint8(1)); err != nil {
+			return fmt.Errorf("adding %s %s: %w", what, name(k), err)
 		}
 	}
 	return nil
@@ -283,7 +392,7 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 	var delErr error
 	for _, k := range doomed {
 		// One by one: a flow the LRU evicted meanwhile is no error.
-		if err := d.objs.UlFlows.Delete(&k); err == nil {
+		if err := d.w.del(d.objs.UlFlows, &k); err == nil {
 			removed++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 			delErr = fmt.Errorf("removing a flow of line %d: %w", line, err)
@@ -306,7 +415,7 @@ func (d *Datapath) countRemoved(n int) error {
 		return fmt.Errorf("counting removed flows: %w", err)
 	}
 	perCPU[0] += uint64(n)
-	if err := d.objs.UlReasons.Update(slot, perCPU, ebpf.UpdateExist); err != nil {
+	if err := d.w.update(d.objs.UlReasons, slot, perCPU, ebpf.UpdateExist); err != nil {
 		return fmt.Errorf("counting removed flows: %w", err)
 	}
 	return nil
@@ -341,15 +450,26 @@ func bootTime() (time.Time, error) {
 	return time.Now().Add(-time.Duration(ts.Nano())), nil
 }
 
-// LineStats returns the packets and bytes of every line, indexed by line.
+// LineStats returns the packets and bytes of every line, indexed by line,
+// read in one batch.
 func (s *Stats) LineStats() ([]LineStats, error) {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("reading line stats: %w", err)
+	}
+	keys := make([]uint32, MaxLines)
+	perCPU := make([]uplinkdLineStats, MaxLines*cpus) // key i's at [i*cpus, (i+1)*cpus)
+	var cursor ebpf.MapBatchCursor
+	n, err := s.lineStats.BatchLookup(&cursor, keys, perCPU, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("reading line stats: %w", err)
+	}
+	if n != MaxLines {
+		return nil, fmt.Errorf("reading line stats: %d of %d lines", n, MaxLines)
+	}
 	stats := make([]LineStats, MaxLines)
-	var perCPU []uplinkdLineStats
-	for l := range stats {
-		if err := s.lineStats.Lookup(uint32(l), &perCPU); err != nil {
-			return nil, fmt.Errorf("reading stats of line %d: %w", l, err)
-		}
-		for _, c := range perCPU {
+	for i, l := range keys {
+		for _, c := range perCPU[i*cpus : (i+1)*cpus] {
 			stats[l].TxPackets += c.TxPackets
 			stats[l].TxBytes += c.TxBytes
 			stats[l].RxPackets += c.RxPackets
@@ -479,32 +599,14 @@ func (d *Datapath) SetLANSubnets(subnets []netip.Prefix) error {
 	if !has6 {
 		want[lanKey(allPrefixes[1])] = true
 	}
-	var (
-		k     uplinkdLanPrefix
-		v     uint8
-		stale []uplinkdLanPrefix
-	)
-	it := d.objs.UlLanSrc.Iterate()
-	for it.Next(&k, &v) {
-		if !want[k] {
-			stale = append(stale, k)
+	// For an instant a client may miss a subnet: its new flows then pass
+	// unmarked, never moved.
+	return syncSet(&d.w, d.objs.UlLanSrc, want, "LAN subnet", func(k uplinkdLanPrefix) string {
+		a := netip.AddrFrom16(k.Addr)
+		bits := int(k.Prefixlen) - 8
+		if k.Family == unix.AF_INET {
+			a, bits = a.Unmap(), bits-96
 		}
-		delete(want, k) // already there: no write
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("reading LAN subnets: %w", err)
-	}
-	// Stale ones first: the table is small. For an instant a client may
-	// miss a subnet: its new flows then pass unmarked, never moved.
-	for _, k := range stale {
-		if err := d.objs.UlLanSrc.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("removing LAN subnet: %w", err)
-		}
-	}
-	for k := range want {
-		if err := d.objs.UlLanSrc.Put(&k, uint8(1)); err != nil {
-			return fmt.Errorf("adding LAN subnet: %w", err)
-		}
-	}
-	return nil
+		return netip.PrefixFrom(a, bits).String()
+	})
 }

@@ -106,7 +106,7 @@ func (d *Datapath) SeedFlows(n int, flow func(i int) Flow) error {
 			}
 			vals[i] = v
 		}
-		if _, err := d.objs.UlFlows.BatchUpdate(keys[:m], vals[:m], nil); err != nil {
+		if err := d.w.batchUpdate(d.objs.UlFlows, keys[:m], vals[:m]); err != nil {
 			return fmt.Errorf("seeding flows: %w", err)
 		}
 	}

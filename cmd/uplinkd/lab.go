@@ -53,7 +53,7 @@ const labStateDir = "/run/uplinkd-lab"
 
 func labUp(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("lab up", flag.ContinueOnError)
-	isps := fs.Int("isps", 2, "number of ISPs (lines), 1..8")
+	isps := fs.Int("isps", 2, "number of ISPs (lines), 1..16")
 	clients := fs.Int("clients", 1, "number of LAN clients, 1..16")
 	prefix := fs.String("prefix", "", "namespace name prefix (default: random)")
 	if err := parseFlags(fs, args, stderr); err != nil {

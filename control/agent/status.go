@@ -185,7 +185,7 @@ func (a *Agent) addDatapath(s *Status) {
 	}
 	var perLine map[int]int
 	if err == nil {
-		perLine, s.FlowMap.Entries, err = flows.Count(st)
+		perLine, s.FlowMap.Entries, err = a.stats.countFlows(st, time.Now)
 	}
 	if err != nil {
 		s.DatapathError = err.Error()
@@ -213,6 +213,46 @@ type statsReader struct {
 	prevT time.Time
 	last  []loader.LineStats
 	lastT time.Time
+	// counted is the last count of the flows by line; held while a walk
+	// runs, so that statuses asked meanwhile wait for it and share it.
+	counted flowCount
+}
+
+// flowCountReuse bounds the cost of counting flows: a count is reused
+// while younger than this many times the walk that made it took, so
+// that however often statuses and scrapes ask, walking the flow map
+// takes at most about 1/flowCountReuse of a core. A million flows (a
+// walk of 0.5 to 2 s) are counted at most every minute or so; a few
+// thousand, every few tens of milliseconds.
+const flowCountReuse = 50
+
+// flowCount is a count of the flow map's flows, by line number and in
+// all. The datapath keeps no count: the map is walked.
+type flowCount struct {
+	mu      sync.Mutex
+	perLine map[int]int
+	total   int
+	at      time.Time     // when the walk ended; zero: never counted
+	took    time.Duration // what it took
+}
+
+// countFlows returns the flows by line and in all: a fresh walk of the
+// flow map, or the last one where it is recent (see flowCountReuse).
+func (r *statsReader) countFlows(src flows.Source, now func() time.Time) (map[int]int, int, error) {
+	c := &r.counted
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	start := now()
+	if !c.at.IsZero() && start.Sub(c.at) < flowCountReuse*c.took {
+		return c.perLine, c.total, nil
+	}
+	perLine, total, err := flows.Count(src)
+	if err != nil {
+		return nil, 0, err
+	}
+	c.perLine, c.total, c.at = perLine, total, now()
+	c.took = c.at.Sub(start)
+	return perLine, total, nil
 }
 
 func (r *statsReader) open(pinDir string) (*loader.Stats, error) {

@@ -115,6 +115,7 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 
 	weights := make([]int, loader.MaxLines)
 	live := make([]bool, loader.MaxLines)
+	table := make([]loader.Line, loader.MaxLines) // a number no line has: the zero Line
 	for _, l := range lines {
 		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Usable()}
 		if index, err := env.LinkIndex(l.Interface); err == nil {
@@ -130,17 +131,11 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 		if l.Address.IsValid() {
 			dl.NATAddrs = []netip.Addr{l.Address.Addr()}
 		}
-		if err := d.dp.SetLine(l.Index, dl); err != nil {
-			errs = append(errs, err)
-		}
+		table[l.Index] = dl
 		weights[l.Index], live[l.Index] = l.EffectiveWeight(), l.Usable()
 	}
-	for i := range loader.MaxLines {
-		if weights[i] == 0 { // no line has this index (any more)
-			if err := d.dp.SetLine(i, loader.Line{}); err != nil {
-				errs = append(errs, err)
-			}
-		}
+	if err := d.dp.SetLines(table); err != nil {
+		errs = append(errs, err)
 	}
 
 	prev, err := d.dp.CurrentBuckets()
