@@ -166,23 +166,28 @@ func BenchmarkFailover(b *testing.B) {
 	}
 }
 
-// BenchmarkAgentSteadyState measures the agent's CPU and memory with four
-// lines probed at the default interval, over 10 s of no change.
+// BenchmarkAgentSteadyState measures the agent's CPU and memory with 4
+// and with 16 lines (the most the datapath knows) probed with the default
+// health settings, over 10 s of no change.
 func BenchmarkAgentSteadyState(b *testing.B) {
-	l, state := newLab(b, lab.Options{ISPs: 4})
-	a := startAgent(b, l, writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state})))
-	time.Sleep(time.Second)
-	pid := a.cmd.Process.Pid
-	const period = 10 * time.Second
-	for range b.N {
-		before := cpuTicks(b, pid)
-		time.Sleep(period)
-		used := float64(cpuTicks(b, pid)-before) / 100 // USER_HZ
-		b.ReportMetric(100*used/period.Seconds(), "cpu-%")
-	}
-	b.ReportMetric(float64(rssKiB(b, pid))/1024, "rss-MiB")
-	if a.countEvents(events.LineDown, "") > 0 {
-		b.Error("a line went down at steady state")
+	for _, lines := range []int{4, 16} {
+		b.Run(fmt.Sprintf("lines=%d", lines), func(b *testing.B) {
+			l, state := newLab(b, lab.Options{ISPs: lines})
+			a := startAgent(b, l, writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state})))
+			time.Sleep(time.Second)
+			pid := a.cmd.Process.Pid
+			const period = 10 * time.Second
+			for range b.N {
+				before := cpuTicks(b, pid)
+				time.Sleep(period)
+				used := float64(cpuTicks(b, pid)-before) / 100 // USER_HZ
+				b.ReportMetric(100*used/period.Seconds(), "cpu-%")
+			}
+			b.ReportMetric(float64(rssKiB(b, pid))/1024, "rss-MiB")
+			if a.countEvents(events.LineDown, "") > 0 {
+				b.Error("a line went down at steady state")
+			}
+		})
 	}
 }
 

@@ -283,7 +283,7 @@ func TestRemoveAndOptions(t *testing.T) {
 	if err := Remove(""); err == nil {
 		t.Error("Remove(\"\") succeeded")
 	}
-	for _, o := range []Options{{ISPs: 9}, {Clients: 17}, {Servers: -1}, {Prefix: "bad/name"}} {
+	for _, o := range []Options{{ISPs: 17}, {Clients: 17}, {Servers: -1}, {Prefix: "bad/name"}} {
 		if _, err := New(o); err == nil {
 			t.Errorf("New(%+v) succeeded", o)
 		}

@@ -38,7 +38,7 @@ const NetnsDir = "/run/netns"
 type Options struct {
 	Prefix  string // namespace name prefix; default "ul" + 6 random hex digits
 	Clients int    // number of LAN clients, default 1, 1..16
-	ISPs    int    // number of uplinks/ISP routers, default 2, 1..8
+	ISPs    int    // number of uplinks/ISP routers, default 2, 1..16 (the datapath's lines)
 	Servers int    // number of server addresses on srv, default 1, 1..8
 }
 
@@ -169,7 +169,7 @@ func (o *Options) fill() error {
 	}
 	return errors.Join(
 		def(&o.Clients, 1, 16, "clients"),
-		def(&o.ISPs, 2, 8, "ISPs"),
+		def(&o.ISPs, 2, 16, "ISPs"),
 		def(&o.Servers, 1, 8, "servers"),
 	)
 }
