@@ -85,7 +85,7 @@ func (m *Monitor) Sync(lines []Line, h config.Health) error {
 		}
 		m.nextID++
 		spec.ID = m.nextID
-		pr, err := NewProber(spec, h.Interval, h.Timeout, m.do)
+		pr, err := NewProber(spec, h.Interval, h.Timeout, h.RetryInterval, m.do)
 		if err != nil {
 			errs = append(errs, err)
 			continue

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -127,7 +128,12 @@ func handleAt(t *testing.T, ns netns.NsHandle) *netlink.Handle {
 
 func newTestProber(t *testing.T, lab probeLab, l Line, interval, timeout time.Duration) *Prober {
 	t.Helper()
-	p, err := NewProber(l, interval, timeout, lab.do)
+	return newRetryingProber(t, lab, l, interval, timeout, 0)
+}
+
+func newRetryingProber(t *testing.T, lab probeLab, l Line, interval, timeout, retry time.Duration) *Prober {
+	t.Helper()
+	p, err := NewProber(l, interval, timeout, retry, lab.do)
 	if err != nil {
 		t.Fatalf("NewProber: %v", err)
 	}
@@ -337,4 +343,58 @@ func TestProbeRun(t *testing.T) {
 	}
 	cancel()
 	<-done
+}
+
+// A silent target gets retries within the round; a live one is answered
+// by its first probe.
+func TestProbeRetries(t *testing.T) {
+	lab := newProbeLab(t)
+	const timeout, retry = 300 * time.Millisecond, 20 * time.Millisecond
+	for _, gwProbe := range []string{config.ProbeICMP, config.ProbeARP} {
+		t.Run(gwProbe, func(t *testing.T) {
+			l := lab.line
+			l.Gateway = probeNobody
+			l.Probe = config.Probe{Gateway: gwProbe, Targets: []netip.Addr{probeGateway, probeNobody}, MinTargets: 1}
+			p := newRetryingProber(t, lab, l, time.Second, timeout, retry)
+			r := p.round(t.Context())
+			if r.Gateway == nil || len(r.Targets) != 2 {
+				t.Fatalf("want a gateway and 2 targets, got %+v", r)
+			}
+			for _, res := range []Result{*r.Gateway, r.Targets[1]} {
+				if !errors.Is(res.Err, errNoAnswer) || res.Lost < 2 {
+					t.Errorf("want no answer from %s to several probes, got %+v", probeNobody, res)
+				}
+			}
+			if res := r.Targets[0]; res.Err != nil || res.Lost != 0 {
+				t.Errorf("want %s answered at its first probe, got %+v", probeGateway, res)
+			}
+		})
+	}
+}
+
+// Retries come a retry interval apart, each with a full retry interval
+// before the round's deadline.
+func TestRetryAt(t *testing.T) {
+	start := time.Unix(1000, 0)
+	ms := func(n int) time.Time { return start.Add(time.Duration(n) * time.Millisecond) }
+	deadline := ms(100)
+	var sent []int
+	for last := ms(0); ; {
+		sent = append(sent, int(last.Sub(start).Milliseconds()))
+		at, ok := retryAt(last, 10*time.Millisecond, deadline)
+		if !ok {
+			break
+		}
+		last = at
+	}
+	if want := []int{0, 10, 20, 30, 40, 50, 60, 70, 80, 90}; !slices.Equal(sent, want) {
+		t.Errorf("probes at %v ms, want %v", sent, want)
+	}
+	// A late retry pushes the next ones back; none without a full interval.
+	if _, ok := retryAt(ms(85), 10*time.Millisecond, deadline); ok {
+		t.Error("a retry at 95 ms has no full 10 ms before the 100 ms deadline")
+	}
+	if _, ok := retryAt(ms(0), 0, deadline); ok {
+		t.Error("retry interval 0: no retries")
+	}
 }
