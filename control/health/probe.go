@@ -57,12 +57,13 @@ var echoData = []byte("uplinkd!")
 var echoIDs atomic.Uint32
 
 // Prober probes one line in rounds. Each round sends a probe to every
-// target and reads the sockets until every target has answered or the
-// round's timeout passes; a target still silent after the retry interval
-// gets another probe, and another every retry interval, as long as each
-// can have a full retry interval before the timeout (a fast retry, like
-// TCP's early retransmit); a target whose lowest RTT so far is more than
-// half the retry interval waits twice that RTT instead. An answer to any
+// target and reads the sockets until every target has answered or its
+// wait is over; a target still silent after the retry interval gets
+// another probe, and another every retry interval, up to timeout/retry
+// probes (a fast retry, like TCP's early retransmit); a target whose
+// lowest RTT so far is more than half the retry interval waits twice that
+// RTT instead. A target fails the round once it has had all its probes,
+// each with its full wait, and the timeout has passed. An answer to any
 // probe of the round answers the target. Nothing reads between rounds.
 type Prober struct {
 	line     Line
@@ -223,7 +224,8 @@ type probe struct {
 	seqs     []uint16      // echo sequence numbers of the probes sent (ICMP)
 	sent     []time.Time   // when each probe went out
 	sendErr  error         // the first probe could not be sent
-	retry    time.Duration // how long it may stay silent before another probe; 0: no retries
+	retry    time.Duration // how long each probe may stay silent before the next
+	want     int           // how many probes it gets before the round gives up on it
 	answered int           // the index of the probe answered; -1: none yet
 	rtt      time.Duration
 }
@@ -243,16 +245,30 @@ type deadliner interface {
 	SetReadDeadline(time.Time) error
 }
 
-// retryAt returns when a target whose last probe went out at last gets
-// another: a retry interval later, provided that probe then still has a
-// full retry interval before the round's deadline (ok false: no more
-// retries this round).
-func retryAt(last time.Time, retry time.Duration, deadline time.Time) (at time.Time, ok bool) {
+// probesPerRound is how many probes a silent target gets in a round: one
+// every retry interval that still has a full interval before the timeout
+// (timeout/retry), or one without retries.
+func probesPerRound(timeout, retry time.Duration) int {
 	if retry <= 0 {
-		return time.Time{}, false
+		return 1
 	}
-	at = last.Add(retry)
-	return at, !at.Add(retry).After(deadline)
+	return max(1, int(timeout/retry))
+}
+
+// next returns when the round next needs a silent target: another probe
+// at at (retry true); or, once it has had all its probes, each with its
+// full retry interval, and the round's deadline has passed, the end of
+// its wait at at. A prober that ran late still sends every probe: a
+// failed round always means want probes unanswered.
+func (pr *probe) next(deadline time.Time) (at time.Time, retry bool) {
+	last := pr.sent[len(pr.sent)-1]
+	if len(pr.sent) < pr.want {
+		return last.Add(pr.retry), true
+	}
+	if end := last.Add(pr.retry); end.After(deadline) {
+		return end, false
+	}
+	return deadline, false
 }
 
 // round sends a probe to every target at once and reads the answers until
@@ -301,7 +317,7 @@ func (p *Prober) round(ctx context.Context) Round {
 		all = append(all, gw)
 	}
 	for _, pr := range all {
-		pr.retry = p.retry
+		pr.retry, pr.want = p.retry, probesPerRound(p.timeout, p.retry)
 		if b := p.best[pr.target]; 2*b > p.retry && p.retry > 0 {
 			pr.retry = 2 * b
 		}
@@ -344,7 +360,8 @@ func (p *Prober) round(ctx context.Context) Round {
 		case ctx.Err() != nil:
 			res.Err = fmt.Errorf("round cut short: %w", ctx.Err())
 		case readErr == nil || errors.Is(readErr, os.ErrDeadlineExceeded):
-			res.Err, res.Lost = fmt.Errorf("%w in %v (%d probes)", errNoAnswer, p.timeout, len(pr.sent)), len(pr.sent)
+			res.Err = fmt.Errorf("%w to %d probes in %v", errNoAnswer, len(pr.sent), time.Since(r.At).Round(time.Millisecond))
+			res.Lost = len(pr.sent)
 		default:
 			res.Err = fmt.Errorf("reading replies: %w", readErr)
 		}
@@ -365,52 +382,49 @@ func (p *Prober) round(ctx context.Context) Round {
 }
 
 // await reads c (one packet a read) until none of probes is pending (nil)
-// or reading fails: the deadline, a cancellation, or Close. It sends the
-// retries as they fall due. At the deadline it reads once more what has
-// arrived already: an answer that was in time counts even when this
-// goroutine ran late.
+// or reading fails: the round's end, a cancellation, or Close. It sends
+// the retries as they fall due. Once every silent target's wait is over,
+// it reads once more what has arrived already: an answer that was in time
+// counts even when this goroutine ran late.
 func (p *Prober) await(ctx context.Context, c deadliner, probes []*probe, deadline time.Time, read func() error, resend func(*probe) error) error {
-	end := deadline
+	var drain time.Time
 	for {
-		wake, pending := end, false
 		now := time.Now()
+		var wake time.Time
+		pending, over := false, true
 		for _, pr := range probes {
 			if !pr.pending() {
 				continue
 			}
 			pending = true
-			if at, ok := retryAt(pr.sent[len(pr.sent)-1], pr.retry, deadline); ok && now.Before(deadline) && at.Before(wake) {
+			at, retry := pr.next(deadline)
+			if retry && !now.Before(at) {
+				if resend(pr) != nil {
+					pr.want = len(pr.sent) // one probe fewer, and no more this round
+				}
+				at, retry = pr.next(deadline)
+			}
+			over = over && !retry && !now.Before(at)
+			if wake.IsZero() || at.Before(wake) {
 				wake = at
 			}
 		}
 		if !pending {
 			return nil
 		}
+		if over {
+			if drain.IsZero() {
+				drain = now.Add(time.Millisecond)
+			}
+			wake = drain
+		}
 		c.SetReadDeadline(wake) // fails only once closed: the read says so
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		err := read()
-		if err == nil {
-			continue
-		}
-		if !errors.Is(err, os.ErrDeadlineExceeded) || ctx.Err() != nil {
+		if err := read(); err != nil && (over || ctx.Err() != nil || !errors.Is(err, os.ErrDeadlineExceeded)) {
 			return err
 		}
-		if now = time.Now(); now.Before(deadline) {
-			for _, pr := range probes {
-				if at, ok := retryAt(pr.sent[len(pr.sent)-1], pr.retry, deadline); pr.pending() && ok && !now.Before(at) {
-					if resend(pr) != nil {
-						pr.retry = 0 // one probe fewer, and no more retries this round
-					}
-				}
-			}
-			continue
-		}
-		if end != deadline {
-			return err
-		}
-		end = now.Add(time.Millisecond)
 	}
 }
 
