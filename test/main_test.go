@@ -405,20 +405,28 @@ func lineIn(tb testing.TB, l *lab.Lab, n int) bool {
 	return false
 }
 
-// lineState reads in the gateway whether line n is a nexthop of table
-// 222's routes and whether uplinkd's nftables table holds its "is down"
-// rule (the TCP reset).
-func lineState(tb testing.TB, l *lab.Lab, n int) (inMultipath, down bool) {
+// gatewayEnv opens netlink and nftables handles in the lab's gateway;
+// the caller closes them.
+func gatewayEnv(tb testing.TB, l *lab.Lab) *agentpkg.Env {
 	tb.Helper()
 	ns, err := l.Gateway.NetNS()
 	if err != nil {
 		tb.Fatal(err)
 	}
-	defer ns.Close()
+	defer ns.Close() // OpenEnv keeps a copy
 	env, err := agentpkg.OpenEnv(ns)
 	if err != nil {
 		tb.Fatal(err)
 	}
+	return env
+}
+
+// lineState reads in the gateway whether line n is a nexthop of table
+// 222's routes and whether uplinkd's nftables table holds its "is down"
+// rule (the TCP reset).
+func lineState(tb testing.TB, l *lab.Lab, n int) (inMultipath, down bool) {
+	tb.Helper()
+	env := gatewayEnv(tb, l)
 	defer env.Close()
 	u := l.Lines[n-1]
 	link, err := env.NL.LinkByName(u.Interface)

@@ -121,13 +121,13 @@ type LineHealth struct {
 
 // Health configures how lines are probed and judged. The defaults take a
 // silent gateway out within 100 to 200 ms and ride out 20% random loss: a
-// round every 100 ms, a silent target probed again every 10 ms (up to 10
-// probes), a round failed after 100 ms without an answer, down after one
-// failed round, up after 5 good ones.
+// round every 100 ms, a silent target probed again every 10 ms, a round
+// failed once 10 probes (timeout/retry_interval) over 100 ms went
+// unanswered, down after one failed round, up after 5 good ones.
 type Health struct {
 	Interval      time.Duration `yaml:"interval"`
 	Timeout       time.Duration `yaml:"timeout"`        // a target unanswered this long fails the round; at most interval
-	RetryInterval time.Duration `yaml:"retry_interval"` // a target silent this long in a round is probed again; 0: no retries
+	RetryInterval time.Duration `yaml:"retry_interval"` // a target silent this long in a round is probed again, timeout/retry_interval probes in all; 0: no retries
 	DownAfter     int           `yaml:"down_after"`     // consecutive failed rounds that take a line down
 	UpAfter       int           `yaml:"up_after"`       // consecutive good rounds that bring it back
 	Window        int           `yaml:"window"`         // rounds over which loss, RTT and jitter are measured
