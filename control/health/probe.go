@@ -73,6 +73,7 @@ type Prober struct {
 	best     map[netip.Addr]time.Duration // each target's lowest RTT so far
 
 	icmp   net.PacketConn // nil when nothing is probed with ICMP
+	buf    []byte         // echo replies are read into it
 	echoID uint16
 	seq    uint16 // echo sequence number of the next request; one goroutine sends them at a time
 
@@ -89,7 +90,7 @@ type Prober struct {
 func NewProber(l Line, interval, timeout, retry time.Duration, do func(func() error) error) (*Prober, error) {
 	p := &Prober{
 		line: l, interval: interval, timeout: timeout, retry: retry, best: map[netip.Addr]time.Duration{},
-		echoID: uint16(os.Getpid()) ^ uint16(echoIDs.Add(1)),
+		echoID: uint16(os.Getpid()) ^ uint16(echoIDs.Add(1)), buf: make([]byte, 1500),
 		closed: make(chan struct{}),
 	}
 	err := do(func() error {
@@ -329,19 +330,22 @@ func (p *Prober) round(ctx context.Context) Round {
 	if arpGW {
 		gw.sendErr = p.sendARP(gw)
 	}
+	// The ARP socket is read by a goroutine of its own only when there
+	// is ICMP to read too (a goroutine a round costs, with 16 lines).
 	var icmpErr, arpErr error
 	var wg sync.WaitGroup
-	if len(echo) > 0 {
-		buf := make([]byte, 1500)
-		wg.Go(func() {
-			icmpErr = p.await(ctx, p.icmp, echo, deadline, func() error { return p.readEcho(buf, echo) }, p.sendEcho)
-		})
-	}
 	if arpGW {
-		gws := []*probe{gw}
-		wg.Go(func() {
-			arpErr = p.await(ctx, p.arp, gws, deadline, func() error { return p.readARP(gw) }, p.sendARP)
-		})
+		arp := func() {
+			arpErr = p.await(ctx, p.arp, []*probe{gw}, deadline, func() error { return p.readARP(gw) }, p.sendARP)
+		}
+		if len(echo) == 0 {
+			arp()
+		} else {
+			wg.Go(arp)
+		}
+	}
+	if len(echo) > 0 {
+		icmpErr = p.await(ctx, p.icmp, echo, deadline, func() error { return p.readEcho(p.buf, echo) }, p.sendEcho)
 	}
 	wg.Wait()
 	for _, pr := range all {

@@ -101,21 +101,11 @@ func NewTracker(downAfter, upAfter, minTargets, windowProbes int, now time.Time)
 
 // Observe takes a round and reports whether the state changed.
 func (t *Tracker) Observe(r Round) bool {
-	probes := r.Targets
 	if r.Gateway != nil {
-		probes = append([]Result{*r.Gateway}, probes...)
+		t.count(*r.Gateway)
 	}
-	for _, p := range probes {
-		for range p.lost() {
-			t.answered = ring(t.answered, &t.nAns, false)
-		}
-		if p.Err == nil {
-			t.answered = ring(t.answered, &t.nAns, true)
-			t.rtts = ring(t.rtts, &t.nRTT, p.RTT)
-			if t.best == 0 || p.RTT < t.best {
-				t.best = p.RTT
-			}
-		}
+	for _, p := range r.Targets {
+		t.count(p)
 	}
 	ok, why := r.ok(t.minTargets)
 	if ok {
@@ -126,7 +116,7 @@ func (t *Tracker) Observe(r Round) bool {
 	prev := t.state
 	switch {
 	case t.state == Up && t.fails >= t.downAfter:
-		t.set(Down, r.At, fmt.Sprintf("%d rounds failed, the last: %s", t.fails, why))
+		t.set(Down, r.At, fmt.Sprintf("failed rounds in a row: %d, the last: %s", t.fails, why))
 	case t.state == Down && ok:
 		t.set(Probing, r.At, "answering again")
 	case t.state == Probing && !ok:
@@ -135,6 +125,20 @@ func (t *Tracker) Observe(r Round) bool {
 		t.set(Up, r.At, fmt.Sprintf("%d good rounds", t.oks))
 	}
 	return t.state != prev
+}
+
+// count adds a result's probes to the window.
+func (t *Tracker) count(p Result) {
+	for range p.lost() {
+		t.answered = ring(t.answered, &t.nAns, false)
+	}
+	if p.Err == nil {
+		t.answered = ring(t.answered, &t.nAns, true)
+		t.rtts = ring(t.rtts, &t.nRTT, p.RTT)
+		if t.best == 0 || p.RTT < t.best {
+			t.best = p.RTT
+		}
+	}
 }
 
 // Down takes the line down at once, for a failure seen without probes
