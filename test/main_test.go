@@ -375,10 +375,9 @@ func eventually(t testing.TB, what string, ok func() bool) {
 
 // lineOut reports whether the agent has taken line n out of service: out
 // of the multipath route and its TCP reset in place (which happens after
-// the datapath's buckets are rewritten). It reads the
-// gateway's kernel in-process (netlink, nftables), well under a
-// millisecond a look: a failover is timed to a few ms, not to the
-// duration of two `ip` and `nft` processes.
+// the datapath's buckets are rewritten). It reads the gateway's kernel
+// in-process (netlink, nftables): a failover is timed without the two
+// `ip` and `nft` process starts a look took (about 36 ms under load).
 func lineOut(tb testing.TB, l *lab.Lab, n int) bool {
 	inMultipath, down := lineState(tb, l, n)
 	return !inMultipath && down
