@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -385,7 +386,7 @@ func allVia(b *testing.B, l *lab.Lab, srv *lab.EchoServer, n, want int) {
 // from the end of the fault to the line's return, with the default health
 // settings. Run with -benchtime=1x.
 func BenchmarkFailover(b *testing.B) {
-	const trials = 10
+	const trials = 20
 	for _, fault := range []struct {
 		name string
 		set  func(l *lab.Lab, on bool) error
@@ -400,7 +401,9 @@ func BenchmarkFailover(b *testing.B) {
 
 			var down, up []time.Duration
 			for range b.N * trials {
-				time.Sleep(300 * time.Millisecond) // a fault at any point of the probe cycle
+				// A fault at any point of the probe cycle (rounds every
+				// 100 ms: a fixed pause would always hit the same point).
+				time.Sleep(300*time.Millisecond + rand.N(200*time.Millisecond))
 				if err := fault.set(l, true); err != nil {
 					b.Fatal(err)
 				}
@@ -419,6 +422,46 @@ func BenchmarkFailover(b *testing.B) {
 			b.ReportMetric(float64(up[len(up)-1].Milliseconds()), "recovery-max-ms")
 			b.ReportMetric(float64(len(down)), "trials")
 		})
+	}
+}
+
+// BenchmarkLossNoFalseDown runs 5 minutes of 20% random loss on line 1
+// (the lab's line-loss fault: ISP 1 drops a fifth of what it sends the
+// gateway, probe answers included) with the default health settings, and
+// counts the times the agent took the line down: its line-down events and
+// the line's health changes, asked over the control socket. It fails on
+// any. Run with -benchtime=1x (each b.N is 5 minutes).
+func BenchmarkLossNoFalseDown(b *testing.B) {
+	const (
+		period  = 5 * time.Minute
+		percent = 20
+	)
+	l, state := newLab(b, lab.Options{})
+	a := startAgent(b, l, writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state})))
+	line := l.Lines[0].Name
+	for range b.N {
+		before := a.lineStatus(b, line).StateChanges
+		if err := l.SetLoss(1, percent); err != nil {
+			b.Fatal(err)
+		}
+		var worst float64
+		for end := time.Now().Add(period); time.Now().Before(end); {
+			time.Sleep(10 * time.Second)
+			worst = max(worst, a.lineStatus(b, line).LossRatio)
+		}
+		st := a.lineStatus(b, line)
+		if err := l.SetLoss(1, 0); err != nil {
+			b.Fatal(err)
+		}
+		downs := a.countEvents(events.LineDown, line)
+		b.ReportMetric(float64(downs), "false-downs")
+		b.ReportMetric(float64(st.StateChanges-before), "state-changes")
+		b.ReportMetric(100*st.LossRatio, "loss-%-last")
+		b.ReportMetric(100*worst, "loss-%-worst")
+		if downs > 0 || st.StateChanges != before || !st.Usable {
+			b.Errorf("%d line-down events, %d health changes in %v of %d%% loss; usable at the end: %v",
+				downs, st.StateChanges-before, period, percent, st.Usable)
+		}
 	}
 }
 

@@ -138,15 +138,7 @@ func TestIdempotentAndDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ns, err := l.Gateway.NetNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	env, err := uagent.OpenEnv(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
+	env := gatewayEnv(t, l)
 	defer env.Close()
 	ag, err := uagent.NewAgent(cfg, env, slog.New(slog.DiscardHandler))
 	if err != nil {

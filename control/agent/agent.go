@@ -645,7 +645,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.cfg.Datapath.On() {
 		links = loader.LinksDir(a.cfg.Datapath.PinDir)
 	}
-	changes, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.cfg.Routing.NFTTable, links, a.log)
+	changes, carrierLost, err := watch(ctx, a.env.NS, a.cfg.Routing.Protocol, a.cfg.Routing.NFTTable, links, a.log)
 	if err != nil {
 		return err
 	}
@@ -691,8 +691,19 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		case <-changes:
 			// Rate limit: someone deleting uplinkd's rules in a loop gets
-			// a repair every minRepair, not a busy agent.
-			time.Sleep(max(settle, minRepair-time.Since(lastRepair)))
+			// a repair every minRepair, not a busy agent. A carrier loss
+			// meanwhile ends the wait for more events.
+			select {
+			case <-time.After(max(settle, minRepair-time.Since(lastRepair))):
+			case <-carrierLost:
+				time.Sleep(minRepair - time.Since(lastRepair))
+			}
+			drain(changes)
+			lastRepair = time.Now()
+			repair = true
+		case <-carrierLost:
+			// Acted on at once: a dead line takes new flows until then.
+			time.Sleep(minRepair - time.Since(lastRepair))
 			drain(changes)
 			lastRepair = time.Now()
 			repair = true

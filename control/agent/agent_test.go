@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/plan"
@@ -369,6 +372,28 @@ func TestSavedScopeTrustsOnlyOurNumbers(t *testing.T) {
 		}
 		if s, err := savedScope(dir); err == nil {
 			t.Errorf("scope %+v accepted as %+v", bad, s)
+		}
+	}
+}
+
+// A link message without IFF_LOWER_UP is a carrier loss, acted on at
+// once; one with it, or another message, is not.
+func TestNoCarrier(t *testing.T) {
+	msg := func(flags uint32) []byte {
+		return (&nl.IfInfomsg{IfInfomsg: unix.IfInfomsg{Family: unix.AF_UNSPEC, Flags: flags}}).Serialize()
+	}
+	for _, tc := range []struct {
+		typ  uint16
+		data []byte
+		want bool
+	}{
+		{unix.RTM_NEWLINK, msg(unix.IFF_UP), true},
+		{unix.RTM_NEWLINK, msg(unix.IFF_UP | unix.IFF_LOWER_UP), false},
+		{unix.RTM_NEWADDR, msg(unix.IFF_UP), false},
+		{unix.RTM_NEWLINK, nil, false},
+	} {
+		if got := noCarrier(tc.typ, tc.data); got != tc.want {
+			t.Errorf("noCarrier(%d, flags of %x) = %v, want %v", tc.typ, tc.data, got, tc.want)
 		}
 	}
 }

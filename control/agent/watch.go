@@ -24,40 +24,56 @@ import (
 //   - nfnetlink: changes to uplinkd's nftables table;
 //   - inotify: a datapath link unpinned from linksDir (which detaches it).
 //
-// The channel carries no detail: the reconcile reads the kernel anyway.
-// What has no event (the fib_multipath_* sysctls, a TCX link detached
-// without unpinning) waits for the periodic reconcile.
-func watch(ctx context.Context, ns netns.NsHandle, proto int, nftTable, linksDir string, log *slog.Logger) (<-chan struct{}, error) {
-	out := make(chan struct{}, 1)
+// The channels carry no detail: the reconcile reads the kernel anyway.
+// The second one says a link lost its carrier, which is acted on at once
+// (the first one's events wait a little, to come together). What has no
+// event (the fib_multipath_* sysctls, a TCX link detached without
+// unpinning) waits for the periodic reconcile.
+func watch(ctx context.Context, ns netns.NsHandle, proto int, nftTable, linksDir string, log *slog.Logger) (changes, carrierLost <-chan struct{}, err error) {
+	out, lost := make(chan struct{}, 1), make(chan struct{}, 1)
 	route, err := nl.SubscribeAt(ns, netns.None(), unix.NETLINK_ROUTE,
 		unix.RTNLGRP_LINK, unix.RTNLGRP_IPV4_IFADDR, unix.RTNLGRP_IPV4_RULE, unix.RTNLGRP_IPV4_ROUTE,
 		unix.RTNLGRP_IPV4_NETCONF, unix.RTNLGRP_TC)
 	if err != nil {
-		return nil, fmt.Errorf("subscribing to netlink events: %w", err)
+		return nil, nil, fmt.Errorf("subscribing to netlink events: %w", err)
 	}
 	nft, err := nl.SubscribeAt(ns, netns.None(), unix.NETLINK_NETFILTER, unix.NFNLGRP_NFTABLES)
 	if err != nil {
 		route.Close()
-		return nil, fmt.Errorf("subscribing to nftables events: %w", err)
+		return nil, nil, fmt.Errorf("subscribing to nftables events: %w", err)
 	}
 	go func() {
 		<-ctx.Done()
 		route.Close()
 		nft.Close()
 	}()
-	receive(ctx, "netlink events", route, func(typ uint16, data []byte) bool { return routeRelevant(typ, data, proto) }, out, log)
-	receive(ctx, "nftables events", nft, func(typ uint16, data []byte) bool { return nftRelevant(typ, data, nftTable) }, out, log)
+	receive(ctx, "netlink events", route, func(typ uint16, data []byte) chan struct{} {
+		switch {
+		case noCarrier(typ, data):
+			return lost
+		case routeRelevant(typ, data, proto):
+			return out
+		}
+		return nil
+	}, out, log)
+	receive(ctx, "nftables events", nft, func(typ uint16, data []byte) chan struct{} {
+		if nftRelevant(typ, data, nftTable) {
+			return out
+		}
+		return nil
+	}, out, log)
 	if linksDir != "" {
 		if err := watchUnpins(ctx, linksDir, out); err != nil {
 			log.Warn("not watching datapath pins: the periodic reconcile repairs them", "err", err)
 		}
 	}
-	return out, nil
+	return out, lost, nil
 }
 
-// receive forwards the relevant messages of s as notifications until ctx
-// ends.
-func receive(ctx context.Context, what string, s *nl.NetlinkSocket, relevant func(uint16, []byte) bool, out chan struct{}, log *slog.Logger) {
+// receive forwards the messages of s as notifications on the channel
+// route picks for each (nil: irrelevant) until ctx ends; a failed receive
+// notifies out.
+func receive(ctx context.Context, what string, s *nl.NetlinkSocket, route func(uint16, []byte) chan struct{}, out chan struct{}, log *slog.Logger) {
 	go func() {
 		for {
 			msgs, _, err := s.Receive()
@@ -71,12 +87,19 @@ func receive(ctx context.Context, what string, s *nl.NetlinkSocket, relevant fun
 				return
 			}
 			for _, m := range msgs {
-				if relevant(m.Header.Type, m.Data) {
-					notify(out)
+				if c := route(m.Header.Type, m.Data); c != nil {
+					notify(c)
 				}
 			}
 		}
 	}()
+}
+
+// noCarrier: a link message of a link without carrier (IFF_LOWER_UP
+// clear), such as a line losing it.
+func noCarrier(typ uint16, data []byte) bool {
+	return typ == unix.RTM_NEWLINK && len(data) >= unix.SizeofIfInfomsg &&
+		nl.DeserializeIfInfomsg(data).Flags&unix.IFF_LOWER_UP == 0
 }
 
 func routeRelevant(typ uint16, data []byte, proto int) bool {

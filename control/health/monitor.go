@@ -85,7 +85,7 @@ func (m *Monitor) Sync(lines []Line, h config.Health) error {
 		}
 		m.nextID++
 		spec.ID = m.nextID
-		pr, err := NewProber(spec, h.Interval, h.Timeout, m.do)
+		pr, err := NewProber(spec, h.Interval, h.Timeout, h.RetryInterval, m.do)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -122,16 +122,16 @@ func (m *Monitor) Stop() {
 	}
 }
 
-// Observe judges a line from one of its reports. It returns the line's
-// status and whether its state changed; a round of a prober that was
-// replaced since changes nothing.
+// Observe judges a line from one of its reports. It returns whether its
+// state changed and, only then, the line's status (computing it for every
+// round costs, with 16 lines); a round of a prober that was replaced since
+// changes nothing.
 func (m *Monitor) Observe(r Report) (Status, bool) {
 	lp, t := m.running[r.Line], m.trackers[r.Line]
-	if lp == nil || lp.spec.ID != r.ID || t == nil {
+	if lp == nil || lp.spec.ID != r.ID || t == nil || !t.Observe(r.Round) {
 		return Status{}, false
 	}
-	changed := t.Observe(r.Round)
-	return t.Status(), changed
+	return t.Status(), true
 }
 
 // Down takes a line down at once, for a failure seen without probes

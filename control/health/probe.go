@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -55,17 +56,26 @@ var echoData = []byte("uplinkd!")
 // ICMP socket sees every echo reply of its namespace that reaches it.
 var echoIDs atomic.Uint32
 
-// Prober probes one line in rounds. Each round sets a deadline of its
-// start plus the timeout on the sockets and reads them until every probe
-// has answered or the deadline passes; nothing reads between rounds.
+// Prober probes one line in rounds. Each round sends a probe to every
+// target and reads the sockets until every target has answered or its
+// wait is over; a target still silent after the retry interval gets
+// another probe, and another every retry interval, up to timeout/retry
+// probes (a fast retry, like TCP's early retransmit); a target whose
+// lowest RTT so far is more than half the retry interval waits twice that
+// RTT instead. A target fails the round once it has had all its probes,
+// each with its full wait, and the timeout has passed. An answer to any
+// probe of the round answers the target. Nothing reads between rounds.
 type Prober struct {
 	line     Line
 	interval time.Duration
 	timeout  time.Duration
+	retry    time.Duration                // 0: one probe per target and round
+	best     map[netip.Addr]time.Duration // each target's lowest RTT so far
 
 	icmp   net.PacketConn // nil when nothing is probed with ICMP
+	buf    []byte         // echo replies are read into it
 	echoID uint16
-	seq    uint16 // echo sequence number of the next request; rounds run one at a time
+	seq    uint16 // echo sequence number of the next request; one goroutine sends them at a time
 
 	arp    *arp.Client // nil unless the gateway is probed with ARP
 	arpMAC net.HardwareAddr
@@ -76,11 +86,11 @@ type Prober struct {
 
 // NewProber opens the line's probe sockets; do runs a function in the
 // line's network namespace (sockets stay in the namespace they are made
-// in).
-func NewProber(l Line, interval, timeout time.Duration, do func(func() error) error) (*Prober, error) {
+// in). retry is the retry interval (0: no retries).
+func NewProber(l Line, interval, timeout, retry time.Duration, do func(func() error) error) (*Prober, error) {
 	p := &Prober{
-		line: l, interval: interval, timeout: timeout,
-		echoID: uint16(os.Getpid()) ^ uint16(echoIDs.Add(1)),
+		line: l, interval: interval, timeout: timeout, retry: retry, best: map[netip.Addr]time.Duration{},
+		echoID: uint16(os.Getpid()) ^ uint16(echoIDs.Add(1)), buf: make([]byte, 1500),
 		closed: make(chan struct{}),
 	}
 	err := do(func() error {
@@ -208,51 +218,89 @@ func (p *Prober) isClosed() bool {
 	}
 }
 
-// probe is one probe of a round.
+// probe is one target of a round and the probes sent to it.
 type probe struct {
 	target   netip.Addr
 	method   string
-	seq      uint16 // echo sequence number (ICMP)
-	sent     time.Time
-	sendErr  error
-	answered bool
+	seqs     []uint16      // echo sequence numbers of the probes sent (ICMP)
+	sent     []time.Time   // when each probe went out
+	sendErr  error         // the first probe could not be sent
+	retry    time.Duration // how long each probe may stay silent before the next
+	want     int           // how many probes it gets before the round gives up on it
+	answered int           // the index of the probe answered; -1: none yet
 	rtt      time.Duration
 }
 
-// deadliner is what a round sets deadlines on.
-type deadliner interface{ SetDeadline(time.Time) error }
+// pending reports whether the target is still awaited.
+func (pr *probe) pending() bool { return pr.sendErr == nil && pr.answered < 0 }
 
-// round sends every probe of a round at once and reads the answers until
-// all have come or the timeout passes. Rounds must not overlap.
+// answer records the answer to the target's probe i.
+func (pr *probe) answer(i int, at time.Time) {
+	pr.answered, pr.rtt = i, at.Sub(pr.sent[i])
+}
+
+// deadliner is what a round sets deadlines on: read deadlines while it
+// waits (retries are written meanwhile), both on a cancellation.
+type deadliner interface {
+	SetDeadline(time.Time) error
+	SetReadDeadline(time.Time) error
+}
+
+// probesPerRound is how many probes a silent target gets in a round: one
+// every retry interval that still has a full interval before the timeout
+// (timeout/retry), or one without retries.
+func probesPerRound(timeout, retry time.Duration) int {
+	if retry <= 0 {
+		return 1
+	}
+	return max(1, int(timeout/retry))
+}
+
+// next returns when the round next needs a silent target: another probe
+// at at (retry true); or, once it has had all its probes, each with its
+// full retry interval, and the round's deadline has passed, the end of
+// its wait at at. A prober that ran late still sends every probe: a
+// failed round always means want probes unanswered.
+func (pr *probe) next(deadline time.Time) (at time.Time, retry bool) {
+	last := pr.sent[len(pr.sent)-1]
+	if len(pr.sent) < pr.want {
+		return last.Add(pr.retry), true
+	}
+	if end := last.Add(pr.retry); end.After(deadline) {
+		return end, false
+	}
+	return deadline, false
+}
+
+// round sends a probe to every target at once and reads the answers until
+// all have come or the timeout passes, retrying silent targets meanwhile.
+// Rounds must not overlap.
 func (p *Prober) round(ctx context.Context) Round {
 	r := Round{At: time.Now()}
 	var gw *probe
 	var echo []*probe // the ICMP probes, gateway first
 	switch p.line.Probe.Gateway {
 	case config.ProbeICMP:
-		gw = &probe{target: p.line.Gateway, method: config.ProbeICMP}
+		gw = &probe{target: p.line.Gateway, method: config.ProbeICMP, answered: -1}
 		echo = append(echo, gw)
 	case config.ProbeARP:
-		gw = &probe{target: p.line.Gateway, method: config.ProbeARP}
+		gw = &probe{target: p.line.Gateway, method: config.ProbeARP, answered: -1}
 	}
 	targets := make([]*probe, len(p.line.Probe.Targets))
 	for i, t := range p.line.Probe.Targets {
-		targets[i] = &probe{target: t, method: config.ProbeICMP}
+		targets[i] = &probe{target: t, method: config.ProbeICMP, answered: -1}
 		echo = append(echo, targets[i])
 	}
 
-	// Deadlines first, then the cancellation that cuts them short: a
-	// context that is done already ends the round at once.
+	// A cancellation cuts the reads short: each read loop sets its
+	// deadlines first and checks the context after, so that a context
+	// that is done ends the round at once.
 	var conns []deadliner
 	if p.icmp != nil {
 		conns = append(conns, p.icmp)
 	}
 	if p.arp != nil {
 		conns = append(conns, p.arp)
-	}
-	deadline := r.At.Add(p.timeout)
-	for _, c := range conns {
-		c.SetDeadline(deadline) // fails only once closed: the reads say so
 	}
 	stop := context.AfterFunc(ctx, func() {
 		for _, c := range conns {
@@ -261,39 +309,63 @@ func (p *Prober) round(ctx context.Context) Round {
 	})
 	defer stop()
 
-	// Send everything, then read both sockets at once. Every probe of the
-	// round gets its own sequence number, so that a reply answers exactly
-	// one probe.
-	for i, pr := range echo {
-		pr.seq = p.seq + uint16(i)
+	// Send everything, then read both sockets at once. Every ICMP probe
+	// has its own sequence number, so that a reply answers exactly one
+	// probe; ARP has none: a reply answers the latest request.
+	deadline := r.At.Add(p.timeout)
+	all := slices.Clone(targets)
+	if gw != nil {
+		all = append(all, gw)
+	}
+	for _, pr := range all {
+		pr.retry, pr.want = p.retry, probesPerRound(p.timeout, p.retry)
+		if b := p.best[pr.target]; 2*b > p.retry && p.retry > 0 {
+			pr.retry = 2 * b
+		}
+	}
+	for _, pr := range echo {
 		pr.sendErr = p.sendEcho(pr)
 	}
-	p.seq += uint16(len(echo))
 	arpGW := gw != nil && gw.method == config.ProbeARP
 	if arpGW {
 		gw.sendErr = p.sendARP(gw)
 	}
+	// The ARP socket is read by a goroutine of its own only when there
+	// is ICMP to read too (a goroutine a round costs, with 16 lines).
 	var icmpErr, arpErr error
 	var wg sync.WaitGroup
-	if len(echo) > 0 {
-		wg.Go(func() { icmpErr = p.readEcho(echo) })
-	}
 	if arpGW {
-		wg.Go(func() { arpErr = p.readARP(gw) })
+		arp := func() {
+			arpErr = p.await(ctx, p.arp, []*probe{gw}, deadline, func() error { return p.readARP(gw) }, p.sendARP)
+		}
+		if len(echo) == 0 {
+			arp()
+		} else {
+			wg.Go(arp)
+		}
+	}
+	if len(echo) > 0 {
+		icmpErr = p.await(ctx, p.icmp, echo, deadline, func() error { return p.readEcho(p.buf, echo) }, p.sendEcho)
 	}
 	wg.Wait()
+	for _, pr := range all {
+		if b, ok := p.best[pr.target]; pr.answered >= 0 && (!ok || pr.rtt < b) {
+			p.best[pr.target] = pr.rtt
+		}
+	}
 
 	result := func(pr *probe, readErr error) Result {
 		res := Result{Target: pr.target, Method: pr.method}
 		switch {
 		case pr.sendErr != nil:
 			res.Err = pr.sendErr
-		case pr.answered:
-			res.RTT = pr.rtt
+		case pr.answered >= 0:
+			res.RTT, res.Lost = pr.rtt, pr.answered
 		case ctx.Err() != nil:
 			res.Err = fmt.Errorf("round cut short: %w", ctx.Err())
 		case readErr == nil || errors.Is(readErr, os.ErrDeadlineExceeded):
-			res.Err = fmt.Errorf("%w in %v", errNoAnswer, p.timeout)
+			res.Err = fmt.Errorf("%w to %d probes in %v", errNoAnswer, len(pr.sent), time.Since(r.At).Round(time.Millisecond))
+			res.Lost = len(pr.sent)
 		default:
 			res.Err = fmt.Errorf("reading replies: %w", readErr)
 		}
@@ -313,60 +385,103 @@ func (p *Prober) round(ctx context.Context) Round {
 	return r
 }
 
-// sendEcho sends an echo request.
+// await reads c (one packet a read) until none of probes is pending (nil)
+// or reading fails: the round's end, a cancellation, or Close. It sends
+// the retries as they fall due. Once every silent target's wait is over,
+// it reads once more what has arrived already: an answer that was in time
+// counts even when this goroutine ran late.
+func (p *Prober) await(ctx context.Context, c deadliner, probes []*probe, deadline time.Time, read func() error, resend func(*probe) error) error {
+	var drain time.Time
+	for {
+		now := time.Now()
+		var wake time.Time
+		pending, over := false, true
+		for _, pr := range probes {
+			if !pr.pending() {
+				continue
+			}
+			pending = true
+			at, retry := pr.next(deadline)
+			if retry && !now.Before(at) {
+				if resend(pr) != nil {
+					pr.want = len(pr.sent) // one probe fewer, and no more this round
+				}
+				at, retry = pr.next(deadline)
+			}
+			over = over && !retry && !now.Before(at)
+			if wake.IsZero() || at.Before(wake) {
+				wake = at
+			}
+		}
+		if !pending {
+			return nil
+		}
+		if over {
+			if drain.IsZero() {
+				drain = now.Add(time.Millisecond)
+			}
+			wake = drain
+		}
+		c.SetReadDeadline(wake) // fails only once closed: the read says so
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := read(); err != nil && (over || ctx.Err() != nil || !errors.Is(err, os.ErrDeadlineExceeded)) {
+			return err
+		}
+	}
+}
+
+// sendEcho sends an echo request to the probe's target.
 func (p *Prober) sendEcho(pr *probe) error {
-	m := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: int(p.echoID), Seq: int(pr.seq), Data: echoData}}
+	seq := p.seq
+	p.seq++
+	m := icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: int(p.echoID), Seq: int(seq), Data: echoData}}
 	b, err := m.Marshal(nil)
 	if err != nil {
 		return fmt.Errorf("building echo request: %w", err)
 	}
-	pr.sent = time.Now()
+	sent := time.Now()
 	if _, err := p.icmp.WriteTo(b, &net.IPAddr{IP: pr.target.AsSlice()}); err != nil {
 		return fmt.Errorf("sending echo request: %w", err)
 	}
+	pr.seqs, pr.sent = append(pr.seqs, seq), append(pr.sent, sent)
 	return nil
 }
 
-// readEcho reads echo replies until every probe that was sent has its
-// answer (nil) or reading fails (the deadline, or Close).
-func (p *Prober) readEcho(probes []*probe) error {
-	pending := 0
+// readEcho reads one packet and records the answer it is, if any.
+func (p *Prober) readEcho(buf []byte, probes []*probe) error {
+	n, from, err := p.icmp.ReadFrom(buf)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	m, err := icmp.ParseMessage(ipv4.ICMPTypeEchoReply.Protocol(), buf[:n])
+	if err != nil || m.Type != ipv4.ICMPTypeEchoReply {
+		return nil
+	}
+	e, ok := m.Body.(*icmp.Echo)
+	if !ok || e.ID != int(p.echoID) {
+		return nil
+	}
+	ipa, ok := from.(*net.IPAddr)
+	if !ok {
+		return nil
+	}
+	src, ok := netip.AddrFromSlice(ipa.IP)
+	if !ok {
+		return nil
+	}
 	for _, pr := range probes {
-		if pr.sendErr == nil {
-			pending++
+		if !pr.pending() || src.Unmap() != pr.target {
+			continue
+		}
+		if i := slices.Index(pr.seqs, uint16(e.Seq)); i >= 0 {
+			pr.answer(i, now)
+			return nil
 		}
 	}
-	buf := make([]byte, 1500)
-	for pending > 0 {
-		n, from, err := p.icmp.ReadFrom(buf)
-		if err != nil {
-			return err
-		}
-		now := time.Now()
-		m, err := icmp.ParseMessage(ipv4.ICMPTypeEchoReply.Protocol(), buf[:n])
-		if err != nil || m.Type != ipv4.ICMPTypeEchoReply {
-			continue
-		}
-		e, ok := m.Body.(*icmp.Echo)
-		if !ok || e.ID != int(p.echoID) {
-			continue
-		}
-		i := int(uint16(e.Seq) - probes[0].seq)
-		if i >= len(probes) {
-			continue // another round's, or not ours
-		}
-		pr := probes[i]
-		ipa, ok := from.(*net.IPAddr)
-		if !ok || pr.sendErr != nil || pr.answered {
-			continue
-		}
-		if src, ok := netip.AddrFromSlice(ipa.IP); !ok || src.Unmap() != pr.target {
-			continue
-		}
-		pr.answered, pr.rtt = true, now.Sub(pr.sent)
-		pending--
-	}
-	return nil
+	return nil // another round's, or not ours
 }
 
 // sendARP broadcasts an ARP request for the gateway from the line's
@@ -377,31 +492,27 @@ func (p *Prober) sendARP(pr *probe) error {
 	if err != nil {
 		return fmt.Errorf("building ARP request: %w", err)
 	}
-	pr.sent = time.Now()
+	sent := time.Now()
 	if err := p.arp.WriteTo(req, ethernet.Broadcast); err != nil {
 		return fmt.Errorf("sending ARP request: %w", err)
 	}
+	pr.sent = append(pr.sent, sent)
 	return nil
 }
 
-// readARP reads ARP packets until the gateway's reply (nil) or reading
-// fails (the deadline, or Close). ARP has no sequence number: any reply
-// of the gateway during the round answers it.
+// readARP reads one ARP packet; a reply of the gateway answers its latest
+// request (ARP has no sequence number). Only the socket's errors are
+// returned (deadline, closed, failed), not a malformed frame's.
 func (p *Prober) readARP(pr *probe) error {
-	if pr.sendErr != nil {
+	pkt, _, err := p.arp.Read()
+	if err != nil {
+		if _, ok := errors.AsType[*net.OpError](err); ok {
+			return err
+		}
 		return nil
 	}
-	for {
-		pkt, _, err := p.arp.Read()
-		if err != nil {
-			if _, ok := errors.AsType[*net.OpError](err); ok {
-				return err // the socket's: deadline, closed, or failed
-			}
-			continue // a malformed frame
-		}
-		if pkt.Operation == arp.OperationReply && pkt.SenderIP == pr.target {
-			pr.answered, pr.rtt = true, time.Since(pr.sent)
-			return nil
-		}
+	if pkt.Operation == arp.OperationReply && pkt.SenderIP == pr.target {
+		pr.answer(len(pr.sent)-1, time.Now())
 	}
+	return nil
 }

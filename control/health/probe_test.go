@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -98,14 +99,18 @@ func newProbeLab(t *testing.T) probeLab {
 	gwLink := setUp(gw, "gw0", probeGateway)
 	ulLink := setUp(line, "ul0", probeSource)
 
-	// Wait for the carrier: a veth is up once both ends are.
+	// Wait for the carrier of both ends: a veth is up once both ends are,
+	// and each end drops what it sends (its qdisc is still noop) until the
+	// kernel's link watch has seen it up, which may come a second later
+	// (the gateway's replies were lost then).
 	for end := time.Now().Add(5 * time.Second); ; {
 		l, err := line.LinkByIndex(ulLink.Attrs().Index)
-		if err == nil && l.Attrs().OperState == netlink.OperUp {
+		g, gerr := gw.LinkByIndex(gwLink.Attrs().Index)
+		if err == nil && gerr == nil && l.Attrs().OperState == netlink.OperUp && g.Attrs().OperState == netlink.OperUp {
 			break
 		}
 		if time.Now().After(end) {
-			t.Fatalf("ul0 (peer %s) did not come up", gwLink.Attrs().Name)
+			t.Fatalf("ul0 and its peer %s did not come up", gwLink.Attrs().Name)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -127,7 +132,12 @@ func handleAt(t *testing.T, ns netns.NsHandle) *netlink.Handle {
 
 func newTestProber(t *testing.T, lab probeLab, l Line, interval, timeout time.Duration) *Prober {
 	t.Helper()
-	p, err := NewProber(l, interval, timeout, lab.do)
+	return newRetryingProber(t, lab, l, interval, timeout, 0)
+}
+
+func newRetryingProber(t *testing.T, lab probeLab, l Line, interval, timeout, retry time.Duration) *Prober {
+	t.Helper()
+	p, err := NewProber(l, interval, timeout, retry, lab.do)
 	if err != nil {
 		t.Fatalf("NewProber: %v", err)
 	}
@@ -337,4 +347,79 @@ func TestProbeRun(t *testing.T) {
 	}
 	cancel()
 	<-done
+}
+
+// A silent target gets retries within the round; a live one is answered
+// by its first probe.
+func TestProbeRetries(t *testing.T) {
+	lab := newProbeLab(t)
+	const timeout, retry = 300 * time.Millisecond, 20 * time.Millisecond
+	for _, gwProbe := range []string{config.ProbeICMP, config.ProbeARP} {
+		t.Run(gwProbe, func(t *testing.T) {
+			l := lab.line
+			l.Probe = config.Probe{Gateway: gwProbe}
+			p := newRetryingProber(t, lab, l, time.Second, timeout, retry)
+			if r := p.round(t.Context()); r.Gateway == nil || r.Gateway.Err != nil || r.Gateway.Lost != 0 {
+				t.Errorf("want %s answered at its first probe, got %+v", probeGateway, r.Gateway)
+			}
+			l.Gateway = probeNobody
+			l.Probe = config.Probe{Gateway: gwProbe, Targets: []netip.Addr{probeNobody}, MinTargets: 1}
+			p = newRetryingProber(t, lab, l, time.Second, timeout, retry)
+			r := p.round(t.Context())
+			if r.Gateway == nil || len(r.Targets) != 1 {
+				t.Fatalf("want a gateway and 1 target, got %+v", r)
+			}
+			for _, res := range []Result{*r.Gateway, r.Targets[0]} {
+				if !errors.Is(res.Err, errNoAnswer) || res.Lost != probesPerRound(timeout, retry) {
+					t.Errorf("want no answer from %s to %d probes, got %+v", probeNobody, probesPerRound(timeout, retry), res)
+				}
+			}
+		})
+	}
+}
+
+// A silent target gets timeout/retry probes a retry interval apart, and
+// fails the round when the last has had its interval and the timeout has
+// passed; a late probe pushes the rest back, none is skipped; a line of a
+// slow RTT waits its own gap.
+func TestProbeSchedule(t *testing.T) {
+	start := time.Unix(1000, 0)
+	ms := func(n int) time.Time { return start.Add(time.Duration(n) * time.Millisecond) }
+	schedule := func(gap time.Duration, late map[int]int) (sent []int, end int) {
+		pr := &probe{retry: gap, want: probesPerRound(100*time.Millisecond, 10*time.Millisecond), sent: []time.Time{ms(0)}}
+		for {
+			at, retry := pr.next(ms(100))
+			n := int(at.Sub(start).Milliseconds())
+			if !retry {
+				for _, s := range pr.sent {
+					sent = append(sent, int(s.Sub(start).Milliseconds()))
+				}
+				return sent, n
+			}
+			pr.sent = append(pr.sent, ms(n+late[n]))
+		}
+	}
+	for _, tc := range []struct {
+		gap     time.Duration
+		late    map[int]int // a probe due at key ms went out value ms late
+		sent    []int
+		givesUp int
+	}{
+		{10 * time.Millisecond, nil, []int{0, 10, 20, 30, 40, 50, 60, 70, 80, 90}, 100},
+		{10 * time.Millisecond, map[int]int{20: 75}, []int{0, 10, 95, 105, 115, 125, 135, 145, 155, 165}, 175},
+		{60 * time.Millisecond, nil, []int{0, 60, 120, 180, 240, 300, 360, 420, 480, 540}, 600},
+	} {
+		sent, end := schedule(tc.gap, tc.late)
+		if !slices.Equal(sent, tc.sent) || end != tc.givesUp {
+			t.Errorf("gap %v, late %v: probes at %v ms, given up at %d; want %v, %d", tc.gap, tc.late, sent, end, tc.sent, tc.givesUp)
+		}
+	}
+	if n := probesPerRound(100*time.Millisecond, 0); n != 1 {
+		t.Errorf("no retries: %d probes a round", n)
+	}
+	// Without retries the round gives up at its deadline.
+	pr := &probe{want: 1, sent: []time.Time{ms(0)}}
+	if at, retry := pr.next(ms(100)); retry || !at.Equal(ms(100)) {
+		t.Errorf("no retries: next %v %v, want the deadline", at, retry)
+	}
 }

@@ -21,12 +21,24 @@ const (
 	Probing State = "probing" // down, answering again; up after enough good rounds
 )
 
-// Result is one probe of one target.
+// Result is a round's probes of one target: the first, and the retries
+// sent while it was silent.
 type Result struct {
 	Target netip.Addr
 	Method string        // "icmp" or "arp"
-	RTT    time.Duration // valid when Err is nil
-	Err    error         // nil: answered
+	RTT    time.Duration // of the probe answered; valid when Err is nil
+	Err    error         // nil: a probe was answered
+	// Lost is how many probes went unanswered: those sent before the one
+	// answered, or every one sent when none was (counted as at least one).
+	Lost int
+}
+
+// lost is how many of the result's probes count as lost.
+func (r Result) lost() int {
+	if r.Err != nil {
+		return max(r.Lost, 1)
+	}
+	return r.Lost
 }
 
 // Round is one round of probes of a line: its gateway (unless the line
@@ -66,8 +78,8 @@ type Tracker struct {
 	why        string
 	fails, oks int // consecutive failed and good rounds
 
-	// Over the last window rounds: every probe answered or not, and the
-	// RTTs of the answered ones (ring buffers).
+	// Over the last window probes: every probe answered or not (retries
+	// included), and the RTTs of the answered ones (ring buffers).
 	answered []bool
 	rtts     []time.Duration
 	nAns     int
@@ -89,18 +101,11 @@ func NewTracker(downAfter, upAfter, minTargets, windowProbes int, now time.Time)
 
 // Observe takes a round and reports whether the state changed.
 func (t *Tracker) Observe(r Round) bool {
-	probes := r.Targets
 	if r.Gateway != nil {
-		probes = append([]Result{*r.Gateway}, probes...)
+		t.count(*r.Gateway)
 	}
-	for _, p := range probes {
-		t.answered = ring(t.answered, &t.nAns, p.Err == nil)
-		if p.Err == nil {
-			t.rtts = ring(t.rtts, &t.nRTT, p.RTT)
-			if t.best == 0 || p.RTT < t.best {
-				t.best = p.RTT
-			}
-		}
+	for _, p := range r.Targets {
+		t.count(p)
 	}
 	ok, why := r.ok(t.minTargets)
 	if ok {
@@ -111,7 +116,7 @@ func (t *Tracker) Observe(r Round) bool {
 	prev := t.state
 	switch {
 	case t.state == Up && t.fails >= t.downAfter:
-		t.set(Down, r.At, fmt.Sprintf("%d rounds failed, the last: %s", t.fails, why))
+		t.set(Down, r.At, fmt.Sprintf("failed rounds in a row: %d, the last: %s", t.fails, why))
 	case t.state == Down && ok:
 		t.set(Probing, r.At, "answering again")
 	case t.state == Probing && !ok:
@@ -120,6 +125,20 @@ func (t *Tracker) Observe(r Round) bool {
 		t.set(Up, r.At, fmt.Sprintf("%d good rounds", t.oks))
 	}
 	return t.state != prev
+}
+
+// count adds a result's probes to the window.
+func (t *Tracker) count(p Result) {
+	for range p.lost() {
+		t.answered = ring(t.answered, &t.nAns, false)
+	}
+	if p.Err == nil {
+		t.answered = ring(t.answered, &t.nAns, true)
+		t.rtts = ring(t.rtts, &t.nRTT, p.RTT)
+		if t.best == 0 || p.RTT < t.best {
+			t.best = p.RTT
+		}
+	}
 }
 
 // Down takes the line down at once, for a failure seen without probes

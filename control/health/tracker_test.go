@@ -132,3 +132,36 @@ func TestTrackerDown(t *testing.T) {
 		t.Errorf("after 2 good rounds: %s", tr.State())
 	}
 }
+
+// Retries count in the loss figure one probe each: a gateway answered at
+// its third probe lost two; one that never answered lost every probe sent
+// (at least one). Default 1 round down: one failed round of retries takes
+// the line down, and one answer, however late in its round, does not.
+func TestTrackerRetries(t *testing.T) {
+	tr := NewTracker(1, 5, 0, 100, t0)
+	at := func(i int) time.Time { return t0.Add(time.Duration(i) * 100 * time.Millisecond) }
+	answeredAt := func(i, lost int) Round {
+		return Round{At: at(i), Gateway: &Result{Target: gw, Method: "icmp", RTT: time.Millisecond, Lost: lost}}
+	}
+	for i := range 4 {
+		if tr.Observe(answeredAt(i, 9)) {
+			t.Fatalf("round %d: answered at its 10th probe, yet the state changed to %s", i, tr.State())
+		}
+	}
+	if s := tr.Status(); s.Loss != 0.9 || s.Samples != 40 {
+		t.Errorf("status %+v: want loss 0.9 over 40 probes", s)
+	}
+	silent := Round{At: at(4), Gateway: &Result{Target: gw, Method: "icmp", Err: lost, Lost: 10}}
+	if !tr.Observe(silent) || tr.State() != Down {
+		t.Fatalf("a round of 10 unanswered probes: state %s, want down", tr.State())
+	}
+	if s := tr.Status(); s.Samples != 50 || s.Loss != 46.0/50 {
+		t.Errorf("status %+v: want 46 of 50 probes lost", s)
+	}
+	// An unanswered probe that reports no count is one lost probe.
+	tr = NewTracker(1, 5, 0, 100, t0)
+	tr.Observe(Round{At: at(0), Gateway: &Result{Target: gw, Method: "icmp", Err: lost}})
+	if s := tr.Status(); s.Samples != 1 || s.Loss != 1 {
+		t.Errorf("status %+v: want 1 probe, lost", s)
+	}
+}

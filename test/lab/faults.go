@@ -96,6 +96,19 @@ func (l *Lab) SetGatewaySilent(n int, silent bool) error {
 // SetLossBeyond drops percent (0..100) of the packets ISP n's router sends
 // towards the server (nftables on up0 egress); 0 removes the loss.
 func (l *Lab) SetLossBeyond(n int, percent float64) error {
+	return l.setLoss(n, "uplinkd_lab_loss", "up0", percent)
+}
+
+// SetLoss drops percent (0..100) of the frames ISP n's router sends the
+// gateway (nftables on down0 egress: echo and ARP replies included), at
+// random, while the carrier stays up: a lossy line. 0 removes the loss.
+func (l *Lab) SetLoss(n int, percent float64) error {
+	return l.setLoss(n, "uplinkd_lab_line_loss", "down0", percent)
+}
+
+// setLoss drops percent of the packets leaving dev of ISP n's router, in
+// its own netdev table.
+func (l *Lab) setLoss(n int, table, dev string, percent float64) error {
 	if percent < 0 || percent > 100 || math.IsNaN(percent) {
 		return fmt.Errorf("loss %v%% out of range 0..100", percent)
 	}
@@ -105,11 +118,11 @@ func (l *Lab) SetLossBeyond(n int, percent float64) error {
 		if perTenK < 10000 {
 			rule = fmt.Sprintf("numgen random mod 10000 < %d drop", perTenK)
 		}
-		rules = `table netdev uplinkd_lab_loss {
-	chain out { type filter hook egress device "up0" priority 0; ` + rule + `; }
+		rules = `table netdev ` + table + ` {
+	chain out { type filter hook egress device "` + dev + `" priority 0; ` + rule + `; }
 }`
 	}
-	return l.nftTable(n, "netdev uplinkd_lab_loss", rules)
+	return l.nftTable(n, "netdev "+table, rules)
 }
 
 // nftTable atomically replaces table (family and name) in ISP n's namespace

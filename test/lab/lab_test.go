@@ -260,6 +260,24 @@ func TestGatewayLineAndFaults(t *testing.T) {
 	if _, err := flow.Query([]byte("back"), 2*time.Second); err != nil {
 		t.Errorf("UDP flow after loss removed: %v", err)
 	}
+
+	// Loss on the line itself, towards the gateway: at 100% nothing of
+	// the ISP reaches it, carrier up.
+	if err := l.SetLoss(1, 100); err != nil {
+		t.Fatal(err)
+	}
+	if err := Ping(l.Gateway, u.Gateway, time.Second); err == nil {
+		t.Error("ISP 1 router answered with 100% loss on the line")
+	}
+	if !HasCarrier(gwLink()) {
+		t.Error("wan1 lost carrier with loss on the line")
+	}
+	if err := l.SetLoss(1, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := eventually(3, func() error { return Ping(l.Gateway, u.Gateway, time.Second) }); err != nil {
+		t.Errorf("ISP 1 router after line loss removed: %v", err)
+	}
 }
 
 // TestParallelLabs builds two labs at once; their prefixes must differ and
