@@ -230,7 +230,7 @@ func (a *agent) kill9(t testing.TB) {
 }
 
 // agentWait bounds how long a test waits for the agent to act.
-const agentWait = 30 * time.Second
+const agentWait = 60 * time.Second
 
 // events returns the events the agent keeps, asked over its control
 // socket (nil when it does not answer).

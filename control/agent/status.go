@@ -184,8 +184,15 @@ func (a *Agent) addDatapath(s *Status) {
 		s.SlowParsed, err = st.SlowParsed()
 	}
 	var perLine map[int]int
+	var use loader.FlowMapUse
 	if err == nil {
-		perLine, s.FlowMap.Entries, err = a.stats.countFlows(st, time.Now)
+		use, err = st.FlowMapUse()
+	}
+	if err == nil {
+		// What changes the count by line: flows pinned, moved off a dead
+		// line, removed with a line (evictions come with pins).
+		changes := use.Inserted + use.Removed + s.Reasons["moved_flow"]
+		perLine, s.FlowMap.Entries, err = a.stats.countFlows(st, changes, time.Now)
 	}
 	if err != nil {
 		s.DatapathError = err.Error()
@@ -222,9 +229,14 @@ type statsReader struct {
 // while younger than this many times the walk that made it took, so
 // that however often statuses and scrapes ask, walking the flow map
 // takes at most about 1/flowCountReuse of a core. A million flows (a
-// walk of 0.5 to 2 s) are counted at most every minute or so; a few
-// thousand, every few tens of milliseconds.
+// walk of 0.5 to 2 s) are counted at most every minute or so.
 const flowCountReuse = 50
+
+// flowCountCheap is a walk short enough to redo whenever the map changed:
+// a count of a small map is never stale (an emulated test VM walks a
+// 64K-bucket map in tens of milliseconds, and a reused count there was
+// seconds old).
+const flowCountCheap = 250 * time.Millisecond
 
 // flowCount is a count of the flow map's flows, by line number and in
 // all. The datapath keeps no count: the map is walked.
@@ -234,23 +246,26 @@ type flowCount struct {
 	total   int
 	at      time.Time     // when the walk ended; zero: never counted
 	took    time.Duration // what it took
+	changes uint64        // the map's pins, moves and removals when it was walked
 }
 
-// countFlows returns the flows by line and in all: a fresh walk of the
-// flow map, or the last one where it is recent (see flowCountReuse).
-func (r *statsReader) countFlows(src flows.Source, now func() time.Time) (map[int]int, int, error) {
+// countFlows returns the flows by line and in all: the last walk's where
+// the map's pins, moves and removals (changes, from the datapath's
+// counters) are the same since, or where the walk was expensive and is recent (see
+// flowCountReuse); else a fresh walk of the flow map.
+func (r *statsReader) countFlows(src flows.Source, changes uint64, now func() time.Time) (map[int]int, int, error) {
 	c := &r.counted
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	start := now()
-	if !c.at.IsZero() && start.Sub(c.at) < flowCountReuse*c.took {
+	if !c.at.IsZero() && (changes == c.changes || c.took >= flowCountCheap && start.Sub(c.at) < flowCountReuse*c.took) {
 		return c.perLine, c.total, nil
 	}
 	perLine, total, err := flows.Count(src)
 	if err != nil {
 		return nil, 0, err
 	}
-	c.perLine, c.total, c.at = perLine, total, now()
+	c.perLine, c.total, c.at, c.changes = perLine, total, now(), changes
 	c.took = c.at.Sub(start)
 	return perLine, total, nil
 }

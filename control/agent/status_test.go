@@ -26,17 +26,20 @@ func (s *walkSource) Flows(fn func(loader.Flow) bool) error {
 	return nil
 }
 
-// The flows are counted by a walk of the flow map, reused while younger
-// than flowCountReuse times the walk: a large map is walked seldom however
-// often statuses ask, a small one almost every time.
+// The flows are counted by a walk of the flow map. The count is reused
+// while the map's inserts and removals stay the same; when they change, a
+// cheap walk is redone at once, an expensive one (a large map) only once
+// it is flowCountReuse times its walk old: a large map is walked seldom
+// however often statuses ask.
 func TestFlowCountBounded(t *testing.T) {
 	clock := time.Unix(1e9, 0)
 	now := func() time.Time { return clock }
 	var r statsReader
 	src := &walkSource{n: 3, took: time.Second, clock: &clock}
+	changes := uint64(0)
 	count := func() int {
 		t.Helper()
-		perLine, total, err := r.countFlows(src, now)
+		perLine, total, err := r.countFlows(src, changes, now)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -48,11 +51,17 @@ func TestFlowCountBounded(t *testing.T) {
 	if got := count(); got != 3 || src.walks != 1 {
 		t.Fatalf("first count: %d flows in %d walks, want 3 in 1", got, src.walks)
 	}
-	// A status every second for a while: the map is walked about once per
-	// flowCountReuse seconds.
+	// Nothing inserted or removed: no walk, however long since.
+	clock = clock.Add(time.Hour)
+	if count(); src.walks != 1 {
+		t.Errorf("%d walks of an unchanged map, want 1", src.walks)
+	}
+	// A status every second while flows come and go: the 1 s map is
+	// walked about once per flowCountReuse seconds.
 	src.n = 5
 	for range 2 * flowCountReuse {
 		clock = clock.Add(time.Second)
+		changes++
 		count()
 	}
 	if src.walks < 2 || src.walks > 4 {
@@ -61,13 +70,14 @@ func TestFlowCountBounded(t *testing.T) {
 	if got := count(); got != 5 {
 		t.Errorf("count %d, want the map's 5 flows", got)
 	}
-	// A walk of a millisecond is redone after 50 ms.
+	// A cheap walk is redone as soon as the map changed.
 	src.took = time.Millisecond
 	clock = clock.Add(time.Hour)
+	changes++
 	count()
 	walks := src.walks
-	clock = clock.Add(flowCountReuse * time.Millisecond)
 	src.n = 7
+	changes++
 	if got := count(); got != 7 || src.walks != walks+1 {
 		t.Errorf("count %d after %d walks, want 7 after %d", got, src.walks, walks+1)
 	}

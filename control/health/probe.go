@@ -63,7 +63,8 @@ var echoIDs atomic.Uint32
 // probes (a fast retry, like TCP's early retransmit); a target whose
 // lowest RTT so far is more than half the retry interval waits twice that
 // RTT instead. A target fails the round once it has had all its probes,
-// each with its full wait, and the timeout has passed. An answer to any
+// each with its full wait, and the round's wait has passed: the timeout,
+// or longer where the line's answers have lately come later (rttEstimate). An answer to any
 // probe of the round answers the target. Nothing reads between rounds.
 type Prober struct {
 	line     Line
@@ -71,6 +72,7 @@ type Prober struct {
 	timeout  time.Duration
 	retry    time.Duration                // 0: one probe per target and round
 	best     map[netip.Addr]time.Duration // each target's lowest RTT so far
+	rtt      map[netip.Addr]*rttEstimate  // each target's smoothed RTT
 
 	icmp   net.PacketConn // nil when nothing is probed with ICMP
 	buf    []byte         // echo replies are read into it
@@ -90,6 +92,7 @@ type Prober struct {
 func NewProber(l Line, interval, timeout, retry time.Duration, do func(func() error) error) (*Prober, error) {
 	p := &Prober{
 		line: l, interval: interval, timeout: timeout, retry: retry, best: map[netip.Addr]time.Duration{},
+		rtt: map[netip.Addr]*rttEstimate{},
 		echoID: uint16(os.Getpid()) ^ uint16(echoIDs.Add(1)), buf: make([]byte, 1500),
 		closed: make(chan struct{}),
 	}
@@ -312,11 +315,15 @@ func (p *Prober) round(ctx context.Context) Round {
 	// Send everything, then read both sockets at once. Every ICMP probe
 	// has its own sequence number, so that a reply answers exactly one
 	// probe; ARP has none: a reply answers the latest request.
-	deadline := r.At.Add(p.timeout)
 	all := slices.Clone(targets)
 	if gw != nil {
 		all = append(all, gw)
 	}
+	wait := p.timeout
+	for _, pr := range all {
+		wait = max(wait, p.rtt[pr.target].rto())
+	}
+	deadline := r.At.Add(wait)
 	for _, pr := range all {
 		pr.retry, pr.want = p.retry, probesPerRound(p.timeout, p.retry)
 		if b := p.best[pr.target]; 2*b > p.retry && p.retry > 0 {
@@ -349,9 +356,16 @@ func (p *Prober) round(ctx context.Context) Round {
 	}
 	wg.Wait()
 	for _, pr := range all {
-		if b, ok := p.best[pr.target]; pr.answered >= 0 && (!ok || pr.rtt < b) {
+		if pr.answered < 0 {
+			continue
+		}
+		if b, ok := p.best[pr.target]; !ok || pr.rtt < b {
 			p.best[pr.target] = pr.rtt
 		}
+		if p.rtt[pr.target] == nil {
+			p.rtt[pr.target] = &rttEstimate{}
+		}
+		p.rtt[pr.target].add(pr.rtt)
 	}
 
 	result := func(pr *probe, readErr error) Result {
@@ -515,4 +529,38 @@ func (p *Prober) readARP(pr *probe) error {
 		pr.answer(len(pr.sent)-1, time.Now())
 	}
 	return nil
+}
+
+// maxRoundWait bounds how long a round waits for a slow target's answer.
+const maxRoundWait = time.Second
+
+// rttEstimate is a target's smoothed round-trip time and its variation,
+// as TCP keeps them (RFC 6298). A loaded line's queue delays the answers:
+// a round waits for them as TCP's retransmission timeout would, instead of
+// failing a line whose probes are only late (a demo line saturated by bulk
+// flows had 80 ms ± 60 ms, and a fixed 100 ms wait took it down).
+type rttEstimate struct {
+	srtt, rttvar time.Duration
+}
+
+func (e *rttEstimate) add(r time.Duration) {
+	if e.srtt == 0 {
+		e.srtt, e.rttvar = r, r/2
+		return
+	}
+	d := e.srtt - r
+	if d < 0 {
+		d = -d
+	}
+	e.rttvar = (3*e.rttvar + d) / 4
+	e.srtt = (7*e.srtt + r) / 8
+}
+
+// rto is how long a round waits for the target: srtt + 4 rttvar, at most
+// maxRoundWait; 0 before any answer (the configured timeout applies).
+func (e *rttEstimate) rto() time.Duration {
+	if e == nil {
+		return 0
+	}
+	return min(e.srtt+4*e.rttvar, maxRoundWait)
 }

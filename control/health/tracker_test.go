@@ -165,3 +165,28 @@ func TestTrackerRetries(t *testing.T) {
 		t.Errorf("status %+v: want 1 probe, lost", s)
 	}
 }
+
+// A round waits for a target as long as its answers have lately taken
+// (TCP's retransmission timeout): a loaded line whose probes come back in
+// 20 to 140 ms gets more than its slowest answer, a quiet line's wait
+// stays under the configured timeout, and no wait exceeds maxRoundWait.
+func TestRoundWaitFollowsRTT(t *testing.T) {
+	var slow, fast, huge *rttEstimate = &rttEstimate{}, &rttEstimate{}, &rttEstimate{}
+	for i := range 40 {
+		slow.add(time.Duration(20+120*(i%2)) * time.Millisecond)
+		fast.add(300 * time.Microsecond)
+		huge.add(3 * time.Second)
+	}
+	if got := slow.rto(); got < 140*time.Millisecond || got > maxRoundWait {
+		t.Errorf("slow line waits %v, want more than its slowest answer (140ms)", got)
+	}
+	if got := fast.rto(); got >= 100*time.Millisecond {
+		t.Errorf("quiet line waits %v, want under the 100ms timeout", got)
+	}
+	if got := huge.rto(); got != maxRoundWait {
+		t.Errorf("a 3 s line waits %v, want %v", got, maxRoundWait)
+	}
+	if got := (*rttEstimate)(nil).rto(); got != 0 {
+		t.Errorf("no answer yet: %v, want 0 (the timeout applies)", got)
+	}
+}
