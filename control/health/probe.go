@@ -92,7 +92,7 @@ type Prober struct {
 func NewProber(l Line, interval, timeout, retry time.Duration, do func(func() error) error) (*Prober, error) {
 	p := &Prober{
 		line: l, interval: interval, timeout: timeout, retry: retry, best: map[netip.Addr]time.Duration{},
-		rtt: map[netip.Addr]*rttEstimate{},
+		rtt:    map[netip.Addr]*rttEstimate{},
 		echoID: uint16(os.Getpid()) ^ uint16(echoIDs.Add(1)), buf: make([]byte, 1500),
 		closed: make(chan struct{}),
 	}
