@@ -232,8 +232,8 @@ func Default() Config {
 		StateDir: DefaultStateDir,
 		Datapath: Datapath{PinDir: DefaultPinDir, FlowEntries: DefaultFlowEntries, Attach: AttachAuto},
 		Health: Health{
-			Interval: 200 * time.Millisecond, Timeout: 100 * time.Millisecond, RetryInterval: 10 * time.Millisecond,
-			DownAfter: 1, UpAfter: 3, Window: 50,
+			Interval: 200 * time.Millisecond, Timeout: 200 * time.Millisecond, RetryInterval: 20 * time.Millisecond,
+			DownAfter: 2, UpAfter: 3, Window: 50,
 			LineHealth: LineHealth{GatewayProbe: ProbeICMP},
 		},
 		Weights: WeightsStatic,

@@ -204,7 +204,7 @@ weights: adaptive
 		t.Fatal(err)
 	}
 	h := c.Health
-	if h.Interval.Milliseconds() != 100 || h.Timeout.Milliseconds() != 50 || h.RetryInterval.Milliseconds() != 10 || h.DownAfter != 2 || h.UpAfter != 3 || c.Weights != WeightsAdaptive {
+	if h.Interval.Milliseconds() != 100 || h.Timeout.Milliseconds() != 50 || h.RetryInterval.Milliseconds() != 20 || h.DownAfter != 2 || h.UpAfter != 3 || c.Weights != WeightsAdaptive {
 		t.Errorf("health %+v weights %q", h, c.Weights)
 	}
 	p1, p2 := c.Lines[0].Probe, c.Lines[1].Probe
@@ -231,8 +231,8 @@ func TestParseHealthErrors(t *testing.T) {
 	for _, tc := range []struct{ add, want string }{
 		{"health:\n  interval: soon\n", `bad.yaml:14: health.interval: want a duration such as 200ms, got "soon"`},
 		{"health:\n  timeout: 1s\n", "bad.yaml:14: health.timeout: want more than 0 and at most the interval (200ms), got 1s"},
-		{"health:\n  retry_interval: 60ms\n", "bad.yaml:14: health.retry_interval: want 0 (no retries) or 1ms..half the timeout (100ms), got 60ms"},
-		{"health:\n  retry_interval: -1ms\n", "bad.yaml:14: health.retry_interval: want 0 (no retries) or 1ms..half the timeout (100ms), got -1ms"},
+		{"health:\n  retry_interval: 110ms\n", "bad.yaml:14: health.retry_interval: want 0 (no retries) or 1ms..half the timeout (200ms), got 110ms"},
+		{"health:\n  retry_interval: -1ms\n", "bad.yaml:14: health.retry_interval: want 0 (no retries) or 1ms..half the timeout (200ms), got -1ms"},
 		{"health:\n  down_after: 0\n", "bad.yaml:14: health.down_after: want 1..100, got 0"},
 		{"health:\n  gateway_probe: snmp\n", `bad.yaml:14: health.gateway_probe: want icmp, arp or none, got "snmp"`},
 		{"health:\n  targets: [example.net]\n", `bad.yaml:14: health.targets[0]: want an IPv4 address, got "example.net"`},
