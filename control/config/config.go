@@ -120,10 +120,11 @@ type LineHealth struct {
 }
 
 // Health configures how lines are probed and judged. The defaults take a
-// silent gateway out within 100 to 300 ms and ride out 20% random loss: a
-// round every 200 ms, a silent target probed again every 10 ms, a round
-// failed once 10 probes (timeout/retry_interval) over 100 ms went
-// unanswered, down after one failed round, up after 3 good ones. Rounds
+// silent gateway out within 400 to 600 ms and ride out 20% random loss and
+// a line slowed by its own traffic: a round every 200 ms, a silent target
+// probed again every 20 ms, a round failed once 10 probes
+// (timeout/retry_interval) over 200 ms (or the line's RTO) went
+// unanswered, down after two failed rounds, up after 3 good ones. Rounds
 // every 100 ms would take 1.3% of a CPU with 16 lines.
 type Health struct {
 	Interval      time.Duration `yaml:"interval"`
