@@ -18,7 +18,10 @@ import (
 // The lab kernel has no netem, matchall or gact, so drops are nftables rules
 // (the nft binary must be installed).
 
-const faultTimeout = 5 * time.Second
+// faultTimeout bounds one fault's nft or ip command: generous, since an
+// emulated VM of the kernel matrix, busy with the demo's traffic, took
+// more than 5 s for one nft -f.
+const faultTimeout = 20 * time.Second
 
 func (l *Lab) isp(n int) (*Host, error) {
 	if n < 1 || n > len(l.ISPs) {
