@@ -381,8 +381,10 @@ func allVia(b *testing.B, l *lab.Lab, srv *lab.EchoServer, n, want int) {
 }
 
 // BenchmarkFailover measures, over trials, the time from a fault on line 1
-// to the moment uplinkd has taken the line out of service (every new
-// connection then succeeds through line 2, which each trial checks), and
+// to the moment uplinkd avoids the line (the datapath gives it no new
+// flows: late or down; every new connection then succeeds through line 2,
+// which each trial checks), to the moment it has taken the line out of
+// service (down: out of the multipath route, its TCP reset in place), and
 // from the end of the fault to the line's return, with the default health
 // settings. Run with -benchtime=1x.
 func BenchmarkFailover(b *testing.B) {
@@ -399,25 +401,39 @@ func BenchmarkFailover(b *testing.B) {
 			startAgent(b, l, writeConfig(b, l.Config(lab.ConfigOptions{StateDir: state})))
 			srv := echoServer(b, l)
 
-			var down, up []time.Duration
+			var avoided, down, up []time.Duration
 			for range b.N * trials {
 				// A fault at any point of the probe cycle (rounds every
-				// 100 ms: a fixed pause would always hit the same point).
+				// 200 ms: a fixed pause would always hit the same point).
 				time.Sleep(300*time.Millisecond + rand.N(200*time.Millisecond))
 				if err := fault.set(l, true); err != nil {
 					b.Fatal(err)
 				}
-				down = append(down, waitFor(b, "failover", func() bool { return lineOut(b, l, 1) }))
+				start := time.Now()
+				var avoidedAfter, downAfter time.Duration
+				waitFor(b, "failover", func() bool {
+					if avoidedAfter == 0 && lineAvoided(b, l, 1) {
+						avoidedAfter = time.Since(start)
+					}
+					if downAfter == 0 && lineOut(b, l, 1) {
+						downAfter = time.Since(start)
+					}
+					return avoidedAfter != 0 && downAfter != 0
+				})
+				avoided, down = append(avoided, avoidedAfter), append(down, downAfter)
 				allVia(b, l, srv, 20, 0)
 				if err := fault.set(l, false); err != nil {
 					b.Fatal(err)
 				}
 				up = append(up, waitFor(b, "recovery", func() bool { return lineIn(b, l, 1) }))
 			}
+			slices.Sort(avoided)
 			slices.Sort(down)
 			slices.Sort(up)
-			b.ReportMetric(float64(down[len(down)/2].Milliseconds()), "failover-median-ms")
-			b.ReportMetric(float64(down[len(down)-1].Milliseconds()), "failover-max-ms")
+			b.ReportMetric(float64(avoided[len(avoided)/2].Milliseconds()), "failover-median-ms")
+			b.ReportMetric(float64(avoided[len(avoided)-1].Milliseconds()), "failover-max-ms")
+			b.ReportMetric(float64(down[len(down)/2].Milliseconds()), "down-median-ms")
+			b.ReportMetric(float64(down[len(down)-1].Milliseconds()), "down-max-ms")
 			b.ReportMetric(float64(up[len(up)/2].Milliseconds()), "recovery-median-ms")
 			b.ReportMetric(float64(up[len(up)-1].Milliseconds()), "recovery-max-ms")
 			b.ReportMetric(float64(len(down)), "trials")
@@ -430,7 +446,8 @@ func BenchmarkFailover(b *testing.B) {
 // gateway, probe answers included) with the default health settings, and
 // counts the times the agent took the line down: its line-down events and
 // the line's health changes, asked over the control socket. It fails on
-// any. Run with -benchtime=1x (each b.N is 5 minutes).
+// any, a late round (no new flows until it is answered) included. Run
+// with -benchtime=1x (each b.N is 5 minutes).
 func BenchmarkLossNoFalseDown(b *testing.B) {
 	const (
 		period  = 5 * time.Minute
@@ -455,6 +472,7 @@ func BenchmarkLossNoFalseDown(b *testing.B) {
 		}
 		downs := a.countEvents(events.LineDown, line)
 		b.ReportMetric(float64(downs), "false-downs")
+		b.ReportMetric(float64(a.countEvents(events.LineLate, line)), "lates")
 		b.ReportMetric(float64(st.StateChanges-before), "state-changes")
 		b.ReportMetric(100*st.LossRatio, "loss-%-last")
 		b.ReportMetric(100*worst, "loss-%-worst")

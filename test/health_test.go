@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -41,7 +42,7 @@ func flowsOn(l *lab.Lab, fs []*flow, n int) []*flow {
 
 // The gateway of line 1 goes silent while its carrier stays up (the case
 // neighbour state alone takes 30-50 s to notice): its probes fail, the
-// line goes down in about a second, new flows avoid it, the other line's
+// line is late (new flows avoid it) before it is down, the other line's
 // flows are untouched; when it answers again, it comes back after its
 // hold-down and gets new flows.
 func TestGatewaySilent(t *testing.T) {
@@ -59,6 +60,11 @@ func TestGatewaySilent(t *testing.T) {
 	t.Logf("dsl1 down %v after its gateway went silent", time.Since(start).Round(time.Millisecond))
 	eventually(t, "dsl1 out of service", func() bool { return lineOut(t, l, 1) })
 	checkFailover(t, l, srv, flowsOn(l, flows, 2))
+	evs := a.lineEvents("dsl1")
+	late, down := slices.Index(evs, events.LineLate), slices.Index(evs, events.LineDown)
+	if late < 0 || down < late {
+		t.Errorf("dsl1's events %v: want line-late before line-down", evs)
+	}
 
 	start = time.Now()
 	if err := l.SetGatewaySilent(1, false); err != nil {

@@ -264,6 +264,17 @@ func (a *agent) countEvents(kind, line string, fields ...string) int {
 	return n
 }
 
+// lineEvents is the kinds of the agent's events about line, in order.
+func (a *agent) lineEvents(line string) []string {
+	var kinds []string
+	for _, e := range a.events() {
+		if e.Line == line {
+			kinds = append(kinds, e.Kind)
+		}
+	}
+	return kinds
+}
+
 // lastEvent is the agent's last event of kind about line (zero if none).
 func (a *agent) lastEvent(kind, line string) events.Event {
 	var last events.Event
@@ -412,6 +423,15 @@ func lineIn(tb testing.TB, l *lab.Lab, n int) bool {
 	if inMultipath, down := lineState(tb, l, n); !inMultipath || down {
 		return false
 	}
+	return hasBuckets(tb, l, n)
+}
+
+// lineAvoided reports whether the datapath gives line n no new flows: it
+// holds none of the buckets. A late line is avoided before it is down.
+func lineAvoided(tb testing.TB, l *lab.Lab, n int) bool { return !hasBuckets(tb, l, n) }
+
+// hasBuckets reports whether line n holds any of the datapath's buckets.
+func hasBuckets(tb testing.TB, l *lab.Lab, n int) bool {
 	m, err := ebpf.LoadPinnedMap(filepath.Join(l.PinDir(), "ul_buckets"), nil)
 	if err != nil {
 		tb.Fatal(err)

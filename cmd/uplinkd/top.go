@@ -204,7 +204,7 @@ func (v *topView) render(now time.Time, nl string) string {
 			state = "operator"
 		case !l.Carrier:
 			state = "carrier"
-		case !l.Usable:
+		case !l.Usable && l.Health != "late": // a late line is shown as such
 			state = "unusable"
 		}
 		fmt.Fprintf(&b, "%-8s %-8s %8s %4.0f%% %6d  %s %10s  %s %10s%s", l.Name, state, seconds(l.RTTSeconds), l.LossRatio*100, l.Flows,

@@ -40,7 +40,7 @@ type Agent struct {
 	// k is the kernel as Apply reads and changes it (envOps, or a fake).
 	k       ops
 	dead    []string        // lines whose TCP reset the last Apply installed
-	usable  map[string]bool // lines the last Apply gave new flows
+	usable  map[string]bool // lines the last Apply kept serving (health.Late included)
 	allDown bool            // every line failed its probes: the last usable ones are kept
 	// lineChanged says the last refresh saw a line change (carrier,
 	// operator, address): a change of kernel state that follows is not a
@@ -192,7 +192,7 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	}
 	for i := range lines {
 		if w, ok := was[lines[i].Name]; ok {
-			lines[i].Up, lines[i].Healthy, lines[i].Carrier = w.Up, w.Healthy, w.Carrier
+			lines[i].Up, lines[i].Healthy, lines[i].Late, lines[i].Carrier = w.Up, w.Healthy, w.Late, w.Carrier
 			if cfg.Weights == config.WeightsAdaptive && w.Weight == lines[i].Weight {
 				lines[i].AdaptedWeight = w.AdaptedWeight
 			}
@@ -323,14 +323,22 @@ func v4(ps []netip.Prefix) []netip.Prefix {
 // planLines are the lines as the plan uses them. When every line that
 // could carry traffic has failed its probes, uplinkd does not blackhole
 // what might still work: the lines in use before keep being used until a
-// line answers again. kept names them; nil outside that fallback.
+// line answers again. kept names them; nil outside that fallback. When
+// the only lines left serving are late, they keep their new flows too.
 func (a *Agent) planLines() (lines []plan.Line, kept []string) {
 	lines = slices.Clone(a.lines)
 	candidate := func(l plan.Line) bool { return l.Up && l.Carrier && l.Address.IsValid() }
-	anyUsable, anyCandidate := false, false
+	anyUsable, anyServing, anyCandidate := false, false, false
 	for _, l := range lines {
 		anyUsable = anyUsable || l.Usable()
+		anyServing = anyServing || l.Serving()
 		anyCandidate = anyCandidate || candidate(l)
+	}
+	if !anyUsable && anyServing {
+		for i := range lines {
+			lines[i].Late = false
+		}
+		return lines, nil
 	}
 	if anyUsable || !anyCandidate {
 		return lines, nil
@@ -338,7 +346,7 @@ func (a *Agent) planLines() (lines []plan.Line, kept []string) {
 	kept = []string{}
 	for i, l := range lines {
 		if candidate(l) && (a.usable[l.Name] || len(a.usable) == 0) {
-			lines[i].Healthy = true
+			lines[i].Healthy, lines[i].Late = true, false
 			kept = append(kept, l.Name)
 		}
 	}
@@ -374,7 +382,7 @@ func (a *Agent) refresh() error {
 			// so that it comes back after the hold-down, not flaps later.
 			if a.health != nil && !c && a.health.Down(l.Name, time.Now(), "no carrier on "+l.Interface) {
 				a.events.Add(events.LineDown, l.Name, "line health", "state", health.Down, "why", "no carrier on "+l.Interface)
-				l.Healthy = false
+				l.Healthy, l.Late = false, false
 			}
 		}
 		if up := !slices.Contains(down, l.Name); err == nil && up != l.Up {
@@ -463,11 +471,12 @@ func (a *Agent) Apply() (Report, error) {
 	for _, d := range want.NAT.Dead {
 		a.dead = append(a.dead, d.Line)
 	}
-	// Lines that stopped being usable lose their conntrack entries, after
-	// the datapath moved their flows away and their TCP reset is in place.
+	// Lines that stopped serving lose their conntrack entries, after the
+	// datapath moved their flows away and their TCP reset is in place (a
+	// late line keeps them: it may only be slow).
 	usable := map[string]bool{}
 	for _, l := range lines {
-		if l.Usable() {
+		if l.Serving() {
 			usable[l.Name] = true
 		} else if a.usable[l.Name] && l.Address.IsValid() {
 			n, err := a.k.FlushConntrack(l.Address.Addr())

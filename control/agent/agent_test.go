@@ -120,7 +120,10 @@ func (k *fakeKernel) SyncDatapath(_ *config.Config, lines []plan.Line, _ []netip
 	var s []string
 	for _, l := range lines {
 		state := "live"
-		if !l.Usable() {
+		switch {
+		case l.Serving() && !l.Usable():
+			state = "late"
+		case !l.Usable():
 			state = "dead"
 		}
 		s = append(s, l.Name+"="+state)
@@ -211,6 +214,50 @@ func TestApplyDeadLineOrder(t *testing.T) {
 	noReset, dp := index(k.log, "nat dead="), index(k.log, "datapath dsl1=live")
 	if noReset < 0 || dp < noReset || k.log[noReset] != "nat dead=" {
 		t.Errorf("coming back, order %v: want the reset gone before the datapath", k.log)
+	}
+}
+
+// A late line (a round under way had no answer in time) gets no new flows
+// and keeps everything else: its routes, its share of the multipath
+// route, its NAT, its flows and their conntrack entries. When every
+// serving line is late, they all keep their new flows (no fallback event).
+func TestLateLineKeepsItsFlows(t *testing.T) {
+	k := newFake()
+	a := fakeAgent(t, twoLines, k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	routes := slices.Clone(k.routes.RouteSet)
+	k.log = nil
+	a.lines[0].Late = true
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if i := index(k.log, "datapath dsl1=late,dsl2=live"); i < 0 {
+		t.Errorf("log %v: want dsl1 late in the datapath, dsl2 live", k.log)
+	}
+	if i := index(k.log, "nat dead="); i < 0 || k.log[i] != "nat dead=" {
+		t.Errorf("log %v: want no TCP reset for a late line", k.log)
+	}
+	if i := index(k.log, "flush"); i >= 0 {
+		t.Errorf("log %v: a late line's conntrack entries were flushed", k.log)
+	}
+	if !slices.EqualFunc(routes, k.routes.RouteSet, func(a, b plan.Route) bool { return a.Key() == b.Key() && fmt.Sprint(a) == fmt.Sprint(b) }) {
+		t.Errorf("routes changed for a late line:\nbefore %v\nafter  %v", routes, k.routes.RouteSet)
+	}
+
+	k.log = nil
+	a.lines[1].Late = true
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if i := index(k.log, "datapath dsl1=live,dsl2=live"); i < 0 || a.allDown {
+		t.Errorf("log %v (all down %v): want both late lines kept in use, no fallback", k.log, a.allDown)
+	}
+	for _, e := range a.Events() {
+		if e.Kind == events.AllDown {
+			t.Errorf("event %+v for lines that are only late", e)
+		}
 	}
 }
 

@@ -48,16 +48,23 @@ func (a *Agent) observe(r health.Report) bool {
 	if !changed {
 		return false
 	}
-	kind := map[health.State]string{health.Up: events.LineUp, health.Down: events.LineDown, health.Probing: events.LineProbing}[st.State]
-	a.events.Add(kind, r.Line, "line health", "state", st.State, "why", st.Why, "loss", fmt.Sprintf("%.2f", st.Loss), "rtt", st.RTT)
+	kind := map[health.State]string{health.Up: events.LineUp, health.Late: events.LineLate, health.Down: events.LineDown, health.Probing: events.LineProbing}[st.State]
 	for i := range a.lines {
-		if a.lines[i].Name == r.Line {
-			healthy := st.State == health.Up
-			changed := a.lines[i].Healthy != healthy
-			a.lines[i].Healthy = healthy
-			return changed
+		if a.lines[i].Name != r.Line {
+			continue
 		}
+		l := &a.lines[i]
+		if st.State == health.Up && l.Late {
+			kind = events.LineOnTime // its answers came late: it never went down
+		}
+		a.events.Add(kind, r.Line, "line health", "state", st.State, "why", st.Why, "loss", fmt.Sprintf("%.2f", st.Loss), "rtt", st.RTT)
+		healthy := st.State == health.Up || st.State == health.Late
+		late := st.State == health.Late
+		changed := l.Healthy != healthy || l.Late != late
+		l.Healthy, l.Late = healthy, late
+		return changed
 	}
+	a.events.Add(kind, r.Line, "line health", "state", st.State, "why", st.Why, "loss", fmt.Sprintf("%.2f", st.Loss), "rtt", st.RTT)
 	return false
 }
 

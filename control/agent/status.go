@@ -65,12 +65,12 @@ type LineStatus struct {
 	Interface string `json:"interface"`
 	Address   string `json:"address,omitempty"` // "" until the interface has one in the gateway's subnet
 	Gateway   string `json:"gateway"`
-	// Usable: new flows may be sent over the line (up, carrier, healthy,
-	// addressed).
+	// Usable: new flows may be sent over the line (up, carrier, healthy and
+	// not late, addressed).
 	Usable       bool `json:"usable"`
 	Carrier      bool `json:"carrier"`
 	OperatorDown bool `json:"operator_down"` // taken down with `uplinkd line NAME down`
-	// Health is the probes' judgement: "up", "down" or "probing".
+	// Health is the probes' judgement: "up", "late", "down" or "probing".
 	Health        string    `json:"health"`
 	HealthSince   time.Time `json:"health_since"`
 	HealthWhy     string    `json:"health_why"`
@@ -82,7 +82,7 @@ type LineStatus struct {
 	// new flows get now (adaptive weights change it).
 	WeightConfigured int `json:"weight_configured"`
 	WeightEffective  int `json:"weight_effective"`
-	// StateChanges counts the line's health changes (up, down, probing)
+	// StateChanges counts the line's health changes (up, late, down, probing)
 	// since the agent started.
 	StateChanges uint64 `json:"state_changes"`
 	// Packets and bytes on the line's interface, as the kernel counts them
@@ -122,7 +122,9 @@ func (a *Agent) status() Status {
 		if l.Address.IsValid() {
 			ls.Address = l.Address.Addr().String()
 		}
-		ls.StateChanges = a.events.Count(events.LineUp, l.Name) + a.events.Count(events.LineDown, l.Name) + a.events.Count(events.LineProbing, l.Name)
+		for _, kind := range []string{events.LineUp, events.LineLate, events.LineOnTime, events.LineDown, events.LineProbing} {
+			ls.StateChanges += a.events.Count(kind, l.Name)
+		}
 		if h, ok := hs[l.Name]; ok {
 			ls.Health, ls.HealthSince, ls.HealthWhy = string(h.State), h.Since, h.Why
 			ls.LossRatio, ls.RTTSeconds, ls.JitterSeconds, ls.Samples = h.Loss, h.RTT.Seconds(), h.Jitter.Seconds(), h.Samples

@@ -117,7 +117,7 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 	live := make([]bool, loader.MaxLines)
 	table := make([]loader.Line, loader.MaxLines) // a number no line has: the zero Line
 	for _, l := range lines {
-		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Usable()}
+		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Serving()}
 		if index, err := env.LinkIndex(l.Interface); err == nil {
 			if d.lineIfs[l.Interface] != index {
 				if err := env.Do(func() error { return d.dp.Detach(l.Interface) }); err != nil {

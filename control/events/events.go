@@ -18,6 +18,8 @@ const (
 	LineUp         = "line-up"
 	LineDown       = "line-down"
 	LineProbing    = "line-probing"
+	LineLate       = "line-late"    // a round had no answer in time: no new flows
+	LineOnTime     = "line-on-time" // a late line answered in time again
 	Carrier        = "carrier"
 	Address        = "address"
 	Operator       = "operator"

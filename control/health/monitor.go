@@ -128,7 +128,14 @@ func (m *Monitor) Stop() {
 // changes nothing.
 func (m *Monitor) Observe(r Report) (Status, bool) {
 	lp, t := m.running[r.Line], m.trackers[r.Line]
-	if lp == nil || lp.spec.ID != r.ID || t == nil || !t.Observe(r.Round) {
+	if lp == nil || lp.spec.ID != r.ID || t == nil {
+		return Status{}, false
+	}
+	if r.Late != "" {
+		if !t.Late(r.Round.At, r.Late) {
+			return Status{}, false
+		}
+	} else if !t.Observe(r.Round) {
 		return Status{}, false
 	}
 	return t.Status(), true

@@ -39,12 +39,23 @@ type Line struct {
 	Probe   config.Probe
 }
 
-// Report is one round of one line.
+// Report is one round of one line, or word that a round under way is late.
 type Report struct {
 	Line  string
 	ID    uint64 // the prober's Line.ID: rounds of a replaced prober are told apart
 	Round Round
+	// Late, when not empty, says why a round still under way is late: it
+	// has gone lateFraction of its wait without the answers it needs.
+	// Round then holds only its start; its result follows in a report of
+	// its own.
+	Late string
 }
+
+// lateFraction is the part of a round's wait after which a round without
+// the answers it needs makes the line late: with the default 200 ms wait
+// and probes 20 ms apart, 150 ms and 8 probes unanswered (20% loss makes
+// that one round in 400,000).
+const lateFraction = 0.75
 
 // errNoAnswer is a probe that timed out.
 var errNoAnswer = errors.New("no answer")
@@ -81,6 +92,11 @@ type Prober struct {
 
 	arp    *arp.Client // nil unless the gateway is probed with ARP
 	arpMAC net.HardwareAddr
+
+	// late, when set, is told that a round under way is late (Run sets
+	// it); lateMu orders that word before the round's own report.
+	late   func(at time.Time, why string)
+	lateMu sync.Mutex
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -190,6 +206,12 @@ func (p *Prober) Run(ctx context.Context, out chan<- Report) {
 	defer p.Close()
 	tick := time.NewTicker(p.interval)
 	defer tick.Stop()
+	p.late = func(at time.Time, why string) {
+		select { // never blocks a round: the owner reads reports at once
+		case out <- Report{Line: p.line.Name, ID: p.line.ID, Round: Round{At: at}, Late: why}:
+		default:
+		}
+	}
 	for {
 		r := p.round(ctx)
 		if ctx.Err() != nil || p.isClosed() {
@@ -232,6 +254,7 @@ type probe struct {
 	want     int           // how many probes it gets before the round gives up on it
 	answered int           // the index of the probe answered; -1: none yet
 	rtt      time.Duration
+	done     atomic.Bool // answered, for the lateness check of another goroutine
 }
 
 // pending reports whether the target is still awaited.
@@ -240,6 +263,7 @@ func (pr *probe) pending() bool { return pr.sendErr == nil && pr.answered < 0 }
 // answer records the answer to the target's probe i.
 func (pr *probe) answer(i int, at time.Time) {
 	pr.answered, pr.rtt = i, at.Sub(pr.sent[i])
+	pr.done.Store(true)
 }
 
 // deadliner is what a round sets deadlines on: read deadlines while it
@@ -324,6 +348,22 @@ func (p *Prober) round(ctx context.Context) Round {
 		wait = max(wait, p.rtt[pr.target].rto())
 	}
 	deadline := r.At.Add(wait)
+	if p.late != nil {
+		over := false
+		lateTimer := time.AfterFunc(time.Duration(lateFraction*float64(wait)), func() {
+			p.lateMu.Lock()
+			defer p.lateMu.Unlock()
+			if why := p.lateness(gw, targets, wait); !over && why != "" {
+				p.late(r.At, why)
+			}
+		})
+		defer func() {
+			lateTimer.Stop()
+			p.lateMu.Lock()
+			over = true
+			p.lateMu.Unlock()
+		}()
+	}
 	for _, pr := range all {
 		pr.retry, pr.want = p.retry, probesPerRound(p.timeout, p.retry)
 		if b := p.best[pr.target]; 2*b > p.retry && p.retry > 0 {
@@ -397,6 +437,25 @@ func (p *Prober) round(ctx context.Context) Round {
 		r.Targets = append(r.Targets, result(pr, icmpErr))
 	}
 	return r
+}
+
+// lateness says why a round under way cannot be good yet (its gateway or
+// too many targets unanswered), or "" when it can.
+func (p *Prober) lateness(gw *probe, targets []*probe, wait time.Duration) string {
+	after := time.Duration(lateFraction * float64(wait)).Round(time.Millisecond)
+	if gw != nil && !gw.done.Load() {
+		return fmt.Sprintf("gateway %s (%s): no answer in %v", gw.target, gw.method, after)
+	}
+	answered := 0
+	for _, t := range targets {
+		if t.done.Load() {
+			answered++
+		}
+	}
+	if answered < p.line.Probe.MinTargets {
+		return fmt.Sprintf("%d of %d targets answered in %v, %d needed", answered, len(targets), after, p.line.Probe.MinTargets)
+	}
+	return ""
 }
 
 // await reads c (one packet a read) until none of probes is pending (nil)

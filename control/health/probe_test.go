@@ -423,3 +423,73 @@ func TestProbeSchedule(t *testing.T) {
 		t.Errorf("no retries: next %v %v, want the deadline", at, retry)
 	}
 }
+
+// A round whose gateway is silent is reported late three quarters into
+// its wait, before its own result; a live line's rounds never are. Both
+// on ICMP and ARP gateways, and on targets alone (min_targets).
+func TestProbeLate(t *testing.T) {
+	lab := newProbeLab(t)
+	const timeout, retry = 400 * time.Millisecond, 20 * time.Millisecond
+	for _, c := range []struct {
+		name  string
+		probe config.Probe
+		gw    netip.Addr
+		late  bool
+	}{
+		{"icmp gateway silent", config.Probe{Gateway: config.ProbeICMP}, probeNobody, true},
+		{"arp gateway silent", config.Probe{Gateway: config.ProbeARP}, probeNobody, true},
+		{"targets silent", config.Probe{Gateway: config.ProbeNone, Targets: []netip.Addr{probeGateway, probeNobody}, MinTargets: 2}, probeGateway, true},
+		{"icmp gateway live", config.Probe{Gateway: config.ProbeICMP}, probeGateway, false},
+		{"arp gateway live", config.Probe{Gateway: config.ProbeARP}, probeGateway, false},
+		{"enough targets live", config.Probe{Gateway: config.ProbeNone, Targets: []netip.Addr{probeGateway, probeNobody}, MinTargets: 1}, probeGateway, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			l := lab.line
+			l.Gateway, l.Probe = c.gw, c.probe
+			p := newRetryingProber(t, lab, l, 50*time.Millisecond, timeout, retry)
+			out := make(chan Report, 8)
+			ctx, cancel := context.WithCancel(t.Context())
+			done := make(chan struct{})
+			start := time.Now()
+			go func() { defer close(done); p.Run(ctx, out) }()
+			defer func() { cancel(); <-done }()
+			var lateAt time.Duration // of the first round
+			lateWord := false        // for the round under way
+			for got := 0; got < 2; {
+				select {
+				case r := <-out:
+					if r.Late != "" {
+						if lateWord {
+							t.Fatalf("late word twice for one round: %q", r.Late)
+						}
+						lateWord = true
+						if got == 0 {
+							lateAt = time.Since(start)
+						}
+						if r.Round.At.Before(start) || r.Round.Gateway != nil || r.Round.Targets != nil {
+							t.Errorf("late word with a round %+v: want only its start", r.Round)
+						}
+						continue
+					}
+					got++
+					ok, _ := r.Round.ok(l.Probe.MinTargets)
+					if c.late != !ok {
+						t.Fatalf("round ok %v, want %v", ok, !c.late)
+					}
+					if lateWord != c.late {
+						t.Fatalf("round %d: late word before its result %v, want %v", got, lateWord, c.late)
+					}
+					lateWord = false
+					if got == 1 && c.late {
+						want := time.Duration(lateFraction * float64(timeout))
+						if lateAt < want || lateAt > timeout {
+							t.Errorf("late word after %v, want from %v to the round's wait %v", lateAt, want, timeout)
+						}
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("no report")
+				}
+			}
+		})
+	}
+}

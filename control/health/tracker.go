@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 
 // Package health probes every line through itself and judges it: up,
+// late (a round still under way has had no answer in time: no new flows),
 // down, or probing (answering again, not yet trusted), with hysteresis,
 // and its loss, RTT and jitter over a window of rounds.
 package health
@@ -16,7 +17,13 @@ type State string
 
 // States.
 const (
-	Up      State = "up"
+	Up State = "up"
+	// Late: up, but a round has gone three quarters of its wait without an
+	// answer. The line gets no new flows, and keeps its flows, routes and
+	// NAT, until the round is answered (up again) or down_after rounds
+	// have failed (down). A silent gateway is avoided this way well before
+	// it is judged down, and a line that was only slow loses nothing.
+	Late    State = "late"
 	Down    State = "down"
 	Probing State = "probing" // down, answering again; up after enough good rounds
 )
@@ -115,8 +122,12 @@ func (t *Tracker) Observe(r Round) bool {
 	}
 	prev := t.state
 	switch {
-	case t.state == Up && t.fails >= t.downAfter:
+	case (t.state == Up || t.state == Late) && t.fails >= t.downAfter:
 		t.set(Down, r.At, fmt.Sprintf("failed rounds in a row: %d, the last: %s", t.fails, why))
+	case t.state == Up && !ok:
+		t.set(Late, r.At, fmt.Sprintf("failed rounds in a row: %d of %d, the last: %s", t.fails, t.downAfter, why))
+	case t.state == Late && ok:
+		t.set(Up, r.At, "answering in time again")
 	case t.state == Down && ok:
 		t.set(Probing, r.At, "answering again")
 	case t.state == Probing && !ok:
@@ -125,6 +136,17 @@ func (t *Tracker) Observe(r Round) bool {
 		t.set(Up, r.At, fmt.Sprintf("%d good rounds", t.oks))
 	}
 	return t.state != prev
+}
+
+// Late takes an up line to late: a round still under way has had no
+// answer in time (why says from which target). The round's own result
+// decides the rest. It reports whether the state changed.
+func (t *Tracker) Late(at time.Time, why string) bool {
+	if t.state != Up {
+		return false
+	}
+	t.set(Late, at, why)
+	return true
 }
 
 // count adds a result's probes to the window.

@@ -30,7 +30,8 @@ func round(i int, gwOK, targetOK bool, rtt time.Duration) Round {
 	return r
 }
 
-// Down after 3 failed rounds, probing at the first good one, up after 5
+// Late at the first failed round (no new flows), up again at a good one;
+// down after 3 failed rounds, probing at the first good one, up after 5
 // good ones in a row; a failure while probing starts over.
 func TestTrackerHysteresis(t *testing.T) {
 	tr := NewTracker(3, 5, 1, 100, t0)
@@ -40,9 +41,52 @@ func TestTrackerHysteresis(t *testing.T) {
 			states = append(states, tr.State())
 		}
 	}
-	want := []State{Down, Probing, Down, Probing, Up}
+	want := []State{Late, Up, Late, Down, Probing, Down, Probing, Up}
 	if strings.Join(toStrings(states), " ") != strings.Join(toStrings(want), " ") {
 		t.Errorf("states %v, want %v", states, want)
+	}
+}
+
+// Word of a late round under way makes only an up line late; the round's
+// result then decides: answered, up again (nothing counted against it);
+// failed, down once down_after rounds have failed.
+func TestTrackerLate(t *testing.T) {
+	tr := NewTracker(2, 3, 1, 100, t0)
+	if !tr.Late(t0, "gateway: no answer in 150ms") || tr.State() != Late {
+		t.Fatalf("an up line told it is late: %s, want late", tr.State())
+	}
+	if tr.Late(t0, "again") {
+		t.Error("a late line told again reported a change")
+	}
+	if !tr.Observe(round(0, true, true, time.Millisecond)) || tr.State() != Up {
+		t.Fatalf("a late round answered after all: %s, want up", tr.State())
+	}
+	if st := tr.Status(); st.Why != "answering in time again" {
+		t.Errorf("why %q", st.Why)
+	}
+	tr.Late(t0, "late")
+	tr.Observe(round(1, false, false, 0))
+	if tr.State() != Late {
+		t.Fatalf("after one failed round of two: %s, want late", tr.State())
+	}
+	tr.Observe(round(2, false, false, 0))
+	if tr.State() != Down {
+		t.Fatalf("after two failed rounds: %s, want down", tr.State())
+	}
+	if tr.Late(t0, "late") || tr.State() != Down {
+		t.Errorf("a down line told it is late: %s, want down", tr.State())
+	}
+	tr.Observe(round(3, true, true, time.Millisecond))
+	if tr.Late(t0, "late") || tr.State() != Probing {
+		t.Errorf("a probing line told it is late: %s, want probing", tr.State())
+	}
+
+	// With down_after 1 a failed round takes the line down at once.
+	one := NewTracker(1, 3, 1, 100, t0)
+	one.Late(t0, "late")
+	one.Observe(round(0, false, false, 0))
+	if one.State() != Down {
+		t.Errorf("down_after 1, a failed late round: %s, want down", one.State())
 	}
 }
 

@@ -34,7 +34,7 @@ type StatusFunc func(ctx context.Context) (agent.Status, error)
 const StatusTimeout = 9 * time.Second
 
 // Health states, as in agent.LineStatus.Health.
-var healthStates = []string{"up", "down", "probing"}
+var healthStates = []string{"up", "late", "down", "probing"}
 
 // Metric names, with their help, type and labels.
 var (
@@ -45,7 +45,7 @@ var (
 		"1 when new flows may be sent over the line (carrier, not taken down, healthy, addressed), else 0.",
 		[]string{"line"}, nil)
 	lineHealthState = prometheus.NewDesc("uplinkd_line_health_state",
-		"The probes' judgement of the line: 1 for its current state (up, down or probing), 0 for the others.",
+		"The probes' judgement of the line: 1 for its current state (up, late, down or probing), 0 for the others.",
 		[]string{"line", "state"}, nil)
 	lineCarrier = prometheus.NewDesc("uplinkd_line_carrier",
 		"1 when the line's interface has carrier, else 0.",

@@ -70,12 +70,14 @@ func TestCollectStatus(t *testing.T) {
 # TYPE uplinkd_line_up gauge
 uplinkd_line_up{line="dsl1"} 1
 uplinkd_line_up{line="dsl2"} 0
-# HELP uplinkd_line_health_state The probes' judgement of the line: 1 for its current state (up, down or probing), 0 for the others.
+# HELP uplinkd_line_health_state The probes' judgement of the line: 1 for its current state (up, late, down or probing), 0 for the others.
 # TYPE uplinkd_line_health_state gauge
 uplinkd_line_health_state{line="dsl1",state="down"} 0
+uplinkd_line_health_state{line="dsl1",state="late"} 0
 uplinkd_line_health_state{line="dsl1",state="probing"} 0
 uplinkd_line_health_state{line="dsl1",state="up"} 1
 uplinkd_line_health_state{line="dsl2",state="down"} 1
+uplinkd_line_health_state{line="dsl2",state="late"} 0
 uplinkd_line_health_state{line="dsl2",state="probing"} 0
 uplinkd_line_health_state{line="dsl2",state="up"} 0
 # HELP uplinkd_line_tx_bytes_total Bytes sent out of the line's interface to the ISP, as the kernel counts them (the gateway's own traffic included).

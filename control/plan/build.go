@@ -19,13 +19,22 @@ type Line struct {
 	Carrier bool         // the interface is up and has carrier
 	Up      bool         // not taken down by the operator
 	Healthy bool         // its probes answer (or it is kept in use because every line is down)
+	// Late: its probes answer, but a round under way had no answer in time
+	// (health.Late): the line keeps its flows, routes and NAT and gets no
+	// new flows.
+	Late bool
 	// AdaptedWeight replaces the configured weight when weights are
 	// adaptive; 0: the configured weight.
 	AdaptedWeight int
 }
 
 // Usable reports whether new flows may be sent over the line.
-func (l Line) Usable() bool { return l.Up && l.Carrier && l.Healthy && l.Address.IsValid() }
+func (l Line) Usable() bool { return l.Serving() && !l.Late }
+
+// Serving reports whether the line carries traffic: its own table's
+// default route, its share of the multipath route, the flows pinned to
+// it. A late line is serving but not usable.
+func (l Line) Serving() bool { return l.Up && l.Carrier && l.Healthy && l.Address.IsValid() }
 
 // EffectiveWeight is the line's share of new flows.
 func (l Line) EffectiveWeight() int {
@@ -138,7 +147,7 @@ func Build(c *config.Config, lines []Line) State {
 			Priority: r.SourcePriority + n, Table: l.Table, Src: l.Address.Masked(), SuppressPrefixLen: -1,
 			Why: fmt.Sprintf("traffic from %s's subnet (NAT'd or bound to its address)", l.Name),
 		})
-		if !l.Usable() {
+		if !l.Serving() {
 			// Its table keeps only the prohibit route: flows pinned to the
 			// line, and traffic bound to its address, fail fast.
 			continue
@@ -165,7 +174,7 @@ func Build(c *config.Config, lines []Line) State {
 
 	s.NAT = NAT{Table: r.NFTTable, Mode: c.NAT, LAN: c.LAN.Interfaces, Firewall: c.Firewall == config.FirewallStateful}
 	for _, l := range lines {
-		if !l.Usable() && c.Datapath.On() {
+		if !l.Serving() && c.Datapath.On() {
 			s.NAT.Dead = append(s.NAT.Dead, DeadLine{Line: l.Name, Mark: l.Mark, Mask: r.MarkMask})
 		}
 		nl := NATLine{Line: l.Name, Interface: l.Interface}
