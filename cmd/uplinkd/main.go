@@ -47,6 +47,9 @@ Usage:
   uplinkd events [-c FILE] [--json] [--follow]   what happened to the lines (the agent keeps the last 1024)
   uplinkd features [-c FILE]          what this kernel offers uplinkd: attach mode, recovery from conntrack, ...;
                                       exit 1 when it lacks something the config needs
+  uplinkd ha configs -c FILE [-o DIR]  an HA pair: write (or print) keepalived's and conntrackd's configs
+                                      and the notify script for this gateway
+  uplinkd ha notify master|backup|fault -c FILE   keepalived's notify script telling the agent
   uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
 `
 
@@ -93,6 +96,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdFlows(args, stdout, stderr)
 	case "top":
 		return cmdTop(args, stdout, stderr)
+	case "ha":
+		return cmdHA(args, stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil

@@ -67,6 +67,8 @@ type Agent struct {
 	// failed start then leaves that state forwarding instead of removing
 	// it.
 	adopting bool
+	// ha is this gateway's part in an HA pair (zero without an ha block).
+	ha haState
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -416,6 +418,10 @@ func (a *Agent) Apply() (Report, error) {
 	if err := a.refresh(); err != nil {
 		errs = append(errs, err)
 	}
+	if a.refreshHA(time.Now()) {
+		a.lineChanged = true
+	}
+	defer func() { a.appliedHA(time.Now()) }()
 	lines, kept := a.planLines()
 	switch allDown := kept != nil; {
 	case allDown && !a.allDown:
@@ -479,11 +485,19 @@ func (a *Agent) Apply() (Report, error) {
 		if l.Serving() {
 			usable[l.Name] = true
 		} else if a.usable[l.Name] && l.Address.IsValid() {
-			n, err := a.k.FlushConntrack(l.Address.Addr())
-			if err != nil {
-				errs = append(errs, err)
+			// Its NAT source: the VIP in an HA pair (the own address
+			// too, for the gateway's own connections).
+			addrs := []netip.Addr{l.Address.Addr()}
+			if l.NATAddr() != l.Address.Addr() {
+				addrs = append([]netip.Addr{l.NATAddr()}, addrs...)
 			}
-			a.events.Add(events.ConntrackFlush, l.Name, "conntrack flushed", "address", l.Address.Addr(), "entries", n)
+			for _, addr := range addrs {
+				n, err := a.k.FlushConntrack(addr)
+				if err != nil {
+					errs = append(errs, err)
+				}
+				a.events.Add(events.ConntrackFlush, l.Name, "conntrack flushed", "address", addr, "entries", n)
+			}
 		}
 	}
 	a.usable = usable

@@ -54,6 +54,8 @@ func (a *Agent) control(req ctlsock.Request) ctlsock.Reply {
 		return a.controlReload()
 	case "status":
 		return ctlsock.DataReply(a.status())
+	case "ha-notify":
+		return a.controlHANotify(req.Line)
 	}
 	return ctlsock.Reply{Error: fmt.Sprintf("unknown command %q", req.Cmd)}
 }

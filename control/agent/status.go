@@ -39,6 +39,23 @@ type Status struct {
 	Restored        uint64 `json:"restored"`
 	// DatapathError says why the datapath figures are missing, if they are.
 	DatapathError string `json:"datapath_error,omitempty"`
+	// HA is this gateway's part in an HA pair; absent without an ha block.
+	HA *HAStatus `json:"ha,omitempty"`
+}
+
+// HAStatus is this gateway's part in an HA pair.
+type HAStatus struct {
+	Role  string    `json:"role"` // "master" (it holds the VIPs) or "standby"
+	Since time.Time `json:"since"`
+	// Takeovers counts the times it became master since the agent
+	// started; LastTakeover is the last, and TakeoverApplySeconds how long
+	// the kernel state took to follow it.
+	Takeovers            uint64     `json:"takeovers"`
+	LastTakeover         *time.Time `json:"last_takeover,omitempty"`
+	TakeoverApplySeconds float64    `json:"takeover_apply_seconds"`
+	// Notified is what keepalived's notify script said last ("" none).
+	Notified   string     `json:"notified,omitempty"`
+	NotifiedAt *time.Time `json:"notified_at,omitempty"`
 }
 
 // Totals sums the lines.
@@ -111,6 +128,17 @@ func (a *Agent) status() Status {
 	}
 	if use, err := a.k.FlowMapUse(); err == nil {
 		s.FlowMap = FlowMapStatus{Capacity: use.Capacity, Inserted: use.Inserted, EvictedAtLeast: use.EvictedAtLeast}
+	}
+	if a.cfg.HA != nil {
+		h := &HAStatus{Role: a.ha.role, Since: a.ha.since, Takeovers: a.ha.takeovers,
+			TakeoverApplySeconds: a.ha.applyTook.Seconds(), Notified: a.ha.notified}
+		if !a.ha.lastTakeover.IsZero() {
+			h.LastTakeover = &a.ha.lastTakeover
+		}
+		if !a.ha.notifiedAt.IsZero() {
+			h.NotifiedAt = &a.ha.notifiedAt
+		}
+		s.HA = h
 	}
 	hs := a.Health()
 	for _, l := range a.lines {

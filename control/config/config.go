@@ -67,6 +67,9 @@ type Config struct {
 
 	// Metrics is the Prometheus endpoint.
 	Metrics Metrics `yaml:"metrics"`
+	// HA makes this gateway one of an active/standby pair; nil: a single
+	// gateway.
+	HA *HA `yaml:"ha"`
 
 	file string
 	pos  positions
@@ -97,10 +100,15 @@ type Line struct {
 	Mark  uint32 `yaml:"mark"`
 	// Health overrides the global health block's probe settings.
 	Health *LineHealth `yaml:"health"`
+	// VIP is the line's virtual address with its prefix length, in an HA
+	// pair: keepalived moves it to the master, and it is the line's NAT
+	// source, so that a flow keeps its source across a takeover.
+	VIP string `yaml:"vip"`
 
 	// Parsed forms, filled by Load.
 	GatewayAddr netip.Addr   `yaml:"-"`
 	Prefix      netip.Prefix `yaml:"-"` // zero when Address is empty
+	VIPPrefix   netip.Prefix `yaml:"-"` // zero outside an HA pair
 	Probe       Probe        `yaml:"-"` // the global health block with this line's overrides
 	// Slot is the line's number, 1..MaxLines: its datapath index is
 	// Slot-1, its rules' priorities and its default table and mark follow
@@ -170,6 +178,40 @@ type Routing struct {
 	Protocol int    `yaml:"protocol"`
 	NFTTable string `yaml:"nft_table"` // uplinkd's own nftables table (family inet)
 }
+
+// HA is one gateway's part in an active/standby pair. keepalived (VRRP)
+// moves the LAN's virtual address and each line's (Line.VIP) to the
+// master, and conntrackd copies the master's connections to the standby
+// over a direct link; uplinkd runs on both, speaks neither protocol, and
+// writes the two daemons' configs (uplinkd ha configs).
+type HA struct {
+	// SyncInterface is the direct link to the peer, for conntrackd.
+	SyncInterface string `yaml:"sync_interface"`
+	// Address and Peer are this gateway's and the peer's addresses on it.
+	Address string `yaml:"address"`
+	Peer    string `yaml:"peer"`
+	// Priority is the VRRP priority, 1..254: while both are healthy, the
+	// higher one is master (and takes the VIPs back when it returns).
+	Priority int `yaml:"priority"`
+	// RouterID is the VRRP virtual router ID, one per pair on a segment.
+	RouterID int `yaml:"virtual_router_id"`
+	// AdvertInterval is how often the master says it is alive (VRRPv3:
+	// 10 ms steps); the standby takes over after about 3 missed adverts.
+	AdvertInterval time.Duration `yaml:"advert_interval"`
+	// LANVIP is the LAN's gateway address with its prefix length, on the
+	// first LAN interface.
+	LANVIP string `yaml:"lan_vip"`
+
+	AddressAddr, PeerAddr netip.Addr   `yaml:"-"`
+	LANVIPPrefix          netip.Prefix `yaml:"-"`
+}
+
+// HA defaults.
+const (
+	DefaultHAPriority       = 100
+	DefaultHARouterID       = 51
+	DefaultHAAdvertInterval = 100 * time.Millisecond
+)
 
 // Metrics configures the Prometheus endpoint.
 type Metrics struct {
@@ -326,6 +368,67 @@ func parent(field string) string {
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9-]{1,15}$`)
+
+// checkHA fills the ha block's defaults and checks it; lanIf and lineIf
+// are the interfaces already taken.
+func (c *Config) checkHA(lanIf map[string]bool, lineIf map[string]string) []error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, c.Errorf(field, format, args...))
+	}
+	ha := c.HA
+	if c.NAT != NATSNAT {
+		bad("nat", "an HA pair needs nat: snat (to each line's vip, which moves with the master; masquerade would NAT to each gateway's own address and break every flow at a takeover), got %q", c.NAT)
+	}
+	switch {
+	case !ValidIfname(ha.SyncInterface):
+		bad("ha.sync_interface", "want the interface of the direct link to the peer, got %q", ha.SyncInterface)
+	case lanIf[ha.SyncInterface]:
+		bad("ha.sync_interface", "%s is a LAN interface: conntrackd's sync needs a link of its own", ha.SyncInterface)
+	case lineIf[ha.SyncInterface] != "":
+		bad("ha.sync_interface", "%s is the interface of %s: conntrackd's sync needs a link of its own", ha.SyncInterface, lineIf[ha.SyncInterface])
+	}
+	addr := func(field, v string) netip.Addr {
+		a, err := netip.ParseAddr(v)
+		if err != nil || !a.Is4() || !unicast(a) {
+			bad(field, "want this end's unicast IPv4 address on the sync link, got %q", v)
+			return netip.Addr{}
+		}
+		return a
+	}
+	ha.AddressAddr = addr("ha.address", ha.Address)
+	ha.PeerAddr = addr("ha.peer", ha.Peer)
+	if ha.AddressAddr.IsValid() && ha.AddressAddr == ha.PeerAddr {
+		bad("ha.peer", "%s is this gateway's own address (ha.address)", ha.PeerAddr)
+	}
+	if _, set := c.pos["ha.priority"]; !set {
+		ha.Priority = DefaultHAPriority
+	} else if ha.Priority < 1 || ha.Priority > 254 {
+		bad("ha.priority", "want 1..254 (255 is VRRP's address owner), got %d", ha.Priority)
+	}
+	if _, set := c.pos["ha.virtual_router_id"]; !set {
+		ha.RouterID = DefaultHARouterID
+	} else if ha.RouterID < 1 || ha.RouterID > 255 {
+		bad("ha.virtual_router_id", "want 1..255, got %d", ha.RouterID)
+	}
+	if _, set := c.pos["ha.advert_interval"]; !set {
+		ha.AdvertInterval = DefaultHAAdvertInterval
+	} else if a := ha.AdvertInterval; a < 10*time.Millisecond || a > 40950*time.Millisecond || a%(10*time.Millisecond) != 0 {
+		bad("ha.advert_interval", "want 10ms..40.95s in steps of 10ms (VRRPv3 centiseconds), got %v", a)
+	}
+	p, err := netip.ParsePrefix(ha.LANVIP)
+	switch {
+	case ha.LANVIP == "":
+		bad("ha.lan_vip", "missing: the LAN's gateway address, which moves to the master")
+	case err != nil || !p.Addr().Is4():
+		bad("ha.lan_vip", "want an IPv4 address with prefix length (192.0.2.1/24), got %q", ha.LANVIP)
+	case p.Bits() < 31 && (p.Addr() == p.Masked().Addr() || p.Addr() == lastAddr(p)):
+		bad("ha.lan_vip", "%s is the network or broadcast address of %s", p.Addr(), p.Masked())
+	default:
+		ha.LANVIPPrefix = p
+	}
+	return errs
+}
 
 // check fills per-line defaults and checks everything that needs no
 // kernel.
@@ -487,6 +590,23 @@ func (c *Config) check() error {
 		} else if c.NAT == NATSNAT {
 			bad(f+".address", "nat: snat needs each line's address")
 		}
+		if u.VIP != "" {
+			p, err := netip.ParsePrefix(u.VIP)
+			switch {
+			case c.HA == nil:
+				bad(f+".vip", "a line's vip belongs to an HA pair: add an ha block, or remove it")
+			case err != nil || !p.Addr().Is4():
+				bad(f+".vip", "want an IPv4 address with prefix length (203.0.113.10/24), got %q", u.VIP)
+			case u.GatewayAddr.IsValid() && !p.Contains(u.GatewayAddr):
+				bad(f+".vip", "the gateway %s is outside the vip's subnet %s", u.GatewayAddr, p.Masked())
+			case p.Addr() == u.GatewayAddr || p.Addr() == u.Prefix.Addr():
+				bad(f+".vip", "%s is the line's gateway or own address: the vip is a third one, which moves between the pair", p.Addr())
+			default:
+				u.VIPPrefix = p
+			}
+		} else if c.HA != nil {
+			bad(f+".vip", "missing: in an HA pair each line needs the virtual address its flows are NAT'd to")
+		}
 		u.Probe = global
 		if u.Health != nil {
 			var perr []error
@@ -503,6 +623,10 @@ func (c *Config) check() error {
 		u.Slot = i + 1
 	}
 	errs = append(errs, c.number()...)
+
+	if c.HA != nil {
+		errs = append(errs, c.checkHA(lanIf, ifaces)...)
+	}
 
 	// A target that is a line's gateway says nothing beyond it.
 	gateways := map[netip.Addr]string{}

@@ -129,7 +129,13 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 			dl.Ifindex = index
 		}
 		if l.Address.IsValid() {
+			// The VIP of an HA pair first: it is what new flows are NAT'd
+			// to, and what recovers the line of a flow that conntrackd
+			// committed here at a takeover.
 			dl.NATAddrs = []netip.Addr{l.Address.Addr()}
+			if l.VIPPrefix.IsValid() {
+				dl.NATAddrs = []netip.Addr{l.VIPPrefix.Addr(), l.Address.Addr()}
+			}
 		}
 		table[l.Index] = dl
 		weights[l.Index], live[l.Index] = l.EffectiveWeight(), l.Usable()

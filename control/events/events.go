@@ -29,6 +29,9 @@ const (
 	Config         = "config"
 	ConntrackFlush = "conntrack-flush"
 	FlowMapFull    = "flow-map-full"
+	HARole         = "ha-role"     // this gateway became master or standby (the LAN VIP came or went)
+	HATakeover     = "ha-takeover" // the kernel state applied after becoming master
+	HANotify       = "ha-notify"   // keepalived's notify script said a state
 )
 
 // Event is one thing that happened. Its JSON form is the one `uplinkd

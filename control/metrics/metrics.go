@@ -110,6 +110,12 @@ var (
 		"1 when every line failed its probes (the last usable lines are kept carrying traffic), else 0.", nil, nil)
 	datapathError = prometheus.NewDesc("uplinkd_datapath_error",
 		"1 when the datapath's figures (traffic, flows, reasons) could not be read for this scrape, else 0.", nil, nil)
+	haMaster = prometheus.NewDesc("uplinkd_ha_master",
+		"In an HA pair: 1 while this gateway is master (it holds the VIPs), 0 while standby.", nil, nil)
+	haTakeovers = prometheus.NewDesc("uplinkd_ha_takeovers_total",
+		"In an HA pair: times this gateway became master since the agent started.", nil, nil)
+	haTakeoverApply = prometheus.NewDesc("uplinkd_ha_takeover_apply_seconds",
+		"In an HA pair: from the last takeover (the LAN VIP seen here) until the kernel state followed it.", nil, nil)
 	statusError = prometheus.NewDesc("uplinkd_status_error",
 		"1 when the agent did not give its status for this scrape (starting, busy or stopping): no other uplinkd metric is given then.", nil, nil)
 )
@@ -135,6 +141,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		lineRTT, lineJitter, lineLoss, lineSamples, lineWeight, lineFlows, lineStateChanges,
 		datapathPackets, flowMapEntries, flowMapCapacity, flowMapInserted, flowMapEvicted,
 		slowParsed, reconcileErrors, restored, allLinesDown, datapathError, statusError,
+		haMaster, haTakeovers, haTakeoverApply,
 	} {
 		ch <- d
 	}
@@ -170,6 +177,11 @@ func collect(ch chan<- prometheus.Metric, s agent.Status) {
 	gauge(allLinesDown, b2f(s.AllLinesDown))
 	counter(reconcileErrors, s.ReconcileErrors)
 	counter(restored, s.Restored)
+	if s.HA != nil {
+		gauge(haMaster, b2f(s.HA.Role == "master"))
+		counter(haTakeovers, s.HA.Takeovers)
+		gauge(haTakeoverApply, s.HA.TakeoverApplySeconds)
+	}
 	if s.FlowMap.Capacity > 0 {
 		gauge(flowMapCapacity, float64(s.FlowMap.Capacity))
 		counter(flowMapInserted, s.FlowMap.Inserted)

@@ -252,8 +252,11 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 	}
 	if r.CtState != "" {
 		bits := expr.CtStateBitINVALID
-		if r.CtState == "established,related" {
+		switch r.CtState {
+		case "established,related":
 			bits = expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED
+		case "new":
+			bits = expr.CtStateBitNEW
 		}
 		e = append(e,
 			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
@@ -278,6 +281,13 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 		e = append(e,
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		)
+	}
+	if r.TCP && r.NotSYN {
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpSYN | tcpACK}, Xor: []byte{0}},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: []byte{tcpSYN}},
 		)
 	}
 	if r.Src.IsValid() {
@@ -310,6 +320,12 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 	}
 	return e
 }
+
+// TCP header flag bits (byte 13).
+const (
+	tcpSYN = 0x02
+	tcpACK = 0x10
+)
 
 func ifMatch(key expr.MetaKey, name string) []expr.Any {
 	b := make([]byte, unix.IFNAMSIZ)

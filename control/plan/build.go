@@ -36,6 +36,15 @@ func (l Line) Usable() bool { return l.Serving() && !l.Late }
 // it. A late line is serving but not usable.
 func (l Line) Serving() bool { return l.Up && l.Carrier && l.Healthy && l.Address.IsValid() }
 
+// NATAddr is the source address the line's flows are NAT'd to: its VIP in
+// an HA pair (it moves to the master), else its own address.
+func (l Line) NATAddr() netip.Addr {
+	if l.VIPPrefix.IsValid() {
+		return l.VIPPrefix.Addr()
+	}
+	return l.Address.Addr()
+}
+
 // EffectiveWeight is the line's share of new flows.
 func (l Line) EffectiveWeight() int {
 	if l.AdaptedWeight > 0 {
@@ -172,14 +181,14 @@ func Build(c *config.Config, lines []Line) State {
 	SortRules(s.Rules)
 	SortRoutes(s.Routes)
 
-	s.NAT = NAT{Table: r.NFTTable, Mode: c.NAT, LAN: c.LAN.Interfaces, Firewall: c.Firewall == config.FirewallStateful}
+	s.NAT = NAT{Table: r.NFTTable, Mode: c.NAT, LAN: c.LAN.Interfaces, Firewall: c.Firewall == config.FirewallStateful, HAGuard: c.HA != nil}
 	for _, l := range lines {
 		if !l.Serving() && c.Datapath.On() {
 			s.NAT.Dead = append(s.NAT.Dead, DeadLine{Line: l.Name, Mark: l.Mark, Mask: r.MarkMask})
 		}
 		nl := NATLine{Line: l.Name, Interface: l.Interface}
 		if c.NAT == config.NATSNAT {
-			nl.Address = l.Address.Addr()
+			nl.Address = l.NATAddr()
 		}
 		s.NAT.Lines = append(s.NAT.Lines, nl)
 	}

@@ -108,10 +108,11 @@ type NFTRule struct {
 	Chain    string // ChainPostrouting or ChainForward
 	Iif      string // match iifname; "" any
 	Oif      string // match oifname; "" any
-	CtState  string // match "established,related" or "invalid"; "" any
+	CtState  string // match "established,related", "invalid" or "new"; "" any
 	Mark     uint32 // with MarkMask: match meta mark & MarkMask == Mark
 	MarkMask uint32
 	TCP      bool         // match meta l4proto tcp
+	NotSYN   bool         // with TCP: match a segment that is not a plain SYN (tcp flags & (syn|ack) != syn)
 	IPv4     bool         // match meta nfproto ipv4
 	Src      netip.Prefix // match ip saddr (IPv4); zero: any
 	Action   string       // NFTMasquerade, NFTSNAT, NFTAccept, NFTDrop, NFTReset, NFTReturn or NFTJumpLANSrc
@@ -163,6 +164,9 @@ func (r NFTRule) Text() string {
 	if r.TCP {
 		parts = append(parts, "meta l4proto tcp")
 	}
+	if r.TCP && r.NotSYN {
+		parts = append(parts, "tcp flags & (syn | ack) != syn")
+	}
 	if r.Src.IsValid() {
 		parts = append(parts, "ip saddr "+r.Src.String())
 	}
@@ -195,6 +199,12 @@ func NFTRules(n NAT) []NFTRule {
 	for _, d := range n.Dead {
 		rs = append(rs, NFTRule{Chain: ChainPrerouting, Mark: d.Mark, MarkMask: d.Mask, TCP: true, Action: NFTReset,
 			Why: "uplinkd: " + d.Line + " is down, its TCP flows get a reset"})
+	}
+	if n.HAGuard {
+		for _, l := range n.Lines {
+			rs = append(rs, NFTRule{Chain: ChainPrerouting, Iif: l.Interface, CtState: "new", TCP: true, NotSYN: true, Action: NFTDrop,
+				Why: "uplinkd: HA: a TCP segment from " + l.Line + " that is not part of a known connection yet (after a takeover, before conntrackd's commit) would make a clashing entry"})
+		}
 	}
 	if n.Mode != "none" {
 		for _, l := range n.Lines {

@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: Apache-2.0
+
+// Package ha writes what an active/standby pair of uplinkd gateways runs
+// beside the agent: keepalived's config (one VRRP instance moving the
+// LAN's and every line's virtual address together), conntrackd's (FTFW
+// over the direct link, so that the standby holds the master's
+// connections, NAT mappings included) and the notify script keepalived
+// runs at each transition. uplinkd itself speaks neither protocol.
+package ha
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/uplinkd/uplinkd/control/config"
+)
+
+// File names in the directory the configs are written to.
+const (
+	KeepalivedConf = "keepalived.conf"
+	ConntrackdConf = "conntrackd.conf"
+	NotifyScript   = "uplinkd-ha-notify"
+)
+
+// SyncPort is conntrackd's UDP port on the sync link.
+const SyncPort = 3780
+
+// Files are the daemons' configs, by file name.
+type Files map[string]string
+
+// Paths says where the files live once written, and the uplinkd binary
+// and config file the notify script calls.
+type Paths struct {
+	Dir        string // absolute
+	Uplinkd    string // absolute path of the uplinkd binary
+	ConfigFile string // absolute path of this gateway's uplinkd config
+}
+
+// ConntrackdSocket is conntrackd's control socket for a gateway whose
+// state directory is stateDir (one per gateway, so that two can share a
+// machine in a lab).
+func ConntrackdSocket(stateDir string) string { return filepath.Join(stateDir, "conntrackd.ctl") }
+
+// ConntrackdLock is conntrackd's lock file for a gateway's state dir.
+func ConntrackdLock(stateDir string) string { return filepath.Join(stateDir, "conntrackd.lock") }
+
+// Render returns the three files for c, which must have an ha block.
+func Render(c *config.Config, p Paths) (Files, error) {
+	if c.HA == nil {
+		return nil, fmt.Errorf("the config has no ha block")
+	}
+	for _, s := range []string{p.Dir, p.Uplinkd, p.ConfigFile} {
+		if !filepath.IsAbs(s) {
+			return nil, fmt.Errorf("want absolute paths, got %q", s)
+		}
+	}
+	return Files{
+		KeepalivedConf: keepalived(c, p),
+		ConntrackdConf: conntrackd(c),
+		NotifyScript:   notify(c, p),
+	}, nil
+}
+
+// keepalived is one VRRP instance: both gateways start as BACKUP and the
+// higher priority wins; it tracks every line and LAN interface, so that a
+// gateway that lost one gives the VIPs up.
+func keepalived(c *config.Config, p Paths) string {
+	ha := c.HA
+	var b strings.Builder
+	lan := c.LAN.Interfaces[0]
+	fmt.Fprintf(&b, `# Written by uplinkd ha configs for %s: keepalived moves the LAN's and
+# every line's virtual address to the master, together.
+global_defs {
+    # VRRPv3: sub-second adverts (VRRPv2 rounds advert_int up to 1 s).
+    vrrp_version 3
+    script_user root
+    enable_script_security
+}
+
+vrrp_instance uplinkd {
+    state BACKUP
+    interface %s
+    virtual_router_id %d
+    priority %d
+    advert_int %s
+    track_interface {
+`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval))
+	for _, ifname := range c.LAN.Interfaces {
+		fmt.Fprintf(&b, "        %s\n", ifname)
+	}
+	for _, l := range c.Lines {
+		fmt.Fprintf(&b, "        %s\n", l.Interface)
+	}
+	b.WriteString("    }\n    virtual_ipaddress {\n")
+	fmt.Fprintf(&b, "        %s dev %s\n", ha.LANVIPPrefix, lan)
+	for _, l := range c.Lines {
+		fmt.Fprintf(&b, "        %s dev %s    # %s's NAT source\n", l.VIPPrefix, l.Interface, l.Name)
+	}
+	script := filepath.Join(p.Dir, NotifyScript)
+	fmt.Fprintf(&b, `    }
+    notify_master "%[1]s master"
+    notify_backup "%[1]s backup"
+    notify_fault "%[1]s fault"
+}
+`, script)
+	return b.String()
+}
+
+// conntrackd syncs by FTFW (reliable, with resends) over UDP on the sync
+// link, TCP and UDP only, ignoring the gateway's own addresses.
+func conntrackd(c *config.Config) string {
+	ha := c.HA
+	var own []string
+	own = append(own, "127.0.0.1", ha.AddressAddr.String())
+	for _, l := range c.Lines {
+		own = append(own, l.Prefix.Addr().String())
+	}
+	var ignore strings.Builder
+	for _, a := range own {
+		fmt.Fprintf(&ignore, "\t\t\tIPv4_address %s\n", a)
+	}
+	return fmt.Sprintf(`# Written by uplinkd ha configs: the master's connections, NAT mappings
+# included, copied to the standby over the sync link.
+Sync {
+	Mode FTFW {
+		DisableExternalCache Off
+		CommitTimeout 1800
+		PurgeTimeout 5
+	}
+	UDP {
+		IPv4_address %s
+		IPv4_Destination_Address %s
+		Port %d
+		Interface %s
+		SndSocketBuffer 1249280
+		RcvSocketBuffer 1249280
+		Checksum on
+	}
+}
+
+General {
+	HashSize 32768
+	HashLimit 131072
+	LogFile off
+	Syslog off
+	LockFile %s
+	UNIX {
+		Path %s
+	}
+	NetlinkBufferSize 2097152
+	NetlinkBufferSizeMaxGrowth 8388608
+	Filter From Userspace {
+		Protocol Accept {
+			TCP
+			UDP
+		}
+		Address Ignore {
+%s		}
+	}
+}
+`, ha.AddressAddr, ha.PeerAddr, SyncPort, ha.SyncInterface,
+		ConntrackdLock(c.StateDir), ConntrackdSocket(c.StateDir), ignore.String())
+}
+
+// notify is conntrackd's primary-backup sequence, then word to the agent:
+// the new master commits the peer's connections into the kernel before
+// it tells uplinkd, which then reports the takeover.
+func notify(c *config.Config, p Paths) string {
+	ct := fmt.Sprintf("conntrackd -C %s", filepath.Join(p.Dir, ConntrackdConf))
+	return fmt.Sprintf(`#!/bin/sh
+# Written by uplinkd ha configs: keepalived runs it at every VRRP
+# transition of this gateway, with the new state as $1.
+CONNTRACKD="%[1]s"
+UPLINKD="%[2]s ha notify -c %[3]s"
+case "$1" in
+master)
+	$CONNTRACKD -c    # commit the peer's connections into the kernel
+	$CONNTRACKD -f    # flush both caches
+	$CONNTRACKD -R    # resync the internal cache with the kernel
+	$CONNTRACKD -B    # send everything to the peer
+	$UPLINKD master
+	;;
+backup)
+	$CONNTRACKD -t    # shorten the kernel's timers of what this gateway forwarded
+	$CONNTRACKD -n    # ask the new master for its connections
+	$UPLINKD backup
+	;;
+fault)
+	$CONNTRACKD -t
+	$UPLINKD fault
+	;;
+*)
+	echo "usage: $0 master|backup|fault" >&2
+	exit 2
+	;;
+esac
+exit 0
+`, ct, p.Uplinkd, p.ConfigFile)
+}
+
+// seconds writes d as keepalived's advert_int: seconds with two decimals.
+func seconds(d interface{ Seconds() float64 }) string {
+	return strings.TrimRight(strings.TrimRight(fmt.Sprintf("%.2f", d.Seconds()), "0"), ".")
+}
