@@ -173,6 +173,10 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	}
 	defer env.Close()
 	plan.Render(stdout, a.Desired(), cfg.Routing.Protocol)
+	if cfg.HA != nil {
+		fmt.Fprintln(stdout, "\n# HA pair: the daemons' configs this gateway expects (uplinkd ha configs -c FILE -o DIR writes them)")
+		return cmdHAConfigs([]string{"-c", *file}, stdout, stderr)
+	}
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/uplinkd/uplinkd/control/config"
 )
@@ -200,6 +201,6 @@ exit 0
 }
 
 // seconds writes d as keepalived's advert_int: seconds with two decimals.
-func seconds(d interface{ Seconds() float64 }) string {
+func seconds(d time.Duration) string {
 	return strings.TrimRight(strings.TrimRight(fmt.Sprintf("%.2f", d.Seconds()), "0"), ".")
 }

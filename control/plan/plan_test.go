@@ -168,3 +168,41 @@ func TestSysctlName(t *testing.T) {
 		t.Errorf("Name() = %q", got)
 	}
 }
+
+// In an HA pair each line NATs to its VIP, not to the gateway's own
+// address, and new TCP from a line that is not a SYN is dropped (the
+// takeover race); a single gateway has neither.
+func TestBuildHAPair(t *testing.T) {
+	const pair = `lan: {interfaces: [lan0]}
+nat: snat
+uplinks:
+  - {name: dsl1, interface: wan1, gateway: 198.51.100.1, address: 198.51.100.2/28, vip: 198.51.100.4/28}
+  - {name: dsl2, interface: wan2, gateway: 198.51.100.17, address: 198.51.100.18/28, vip: 198.51.100.20/28}
+ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip: 192.0.2.1/24}
+`
+	c, err := config.Parse("pair.yaml", []byte(pair))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines, err := Resolve(c, labIfs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := NFTScript(Build(c, lines).NAT)
+	for _, want := range []string{
+		`iifname "lan0" oifname "wan1" counter snat ip to 198.51.100.4`,
+		`iifname "lan0" oifname "wan2" counter snat ip to 198.51.100.20`,
+		`iifname "wan1" ct state new meta l4proto tcp tcp flags & (syn | ack) != syn counter drop`,
+		`iifname "wan2" ct state new meta l4proto tcp tcp flags & (syn | ack) != syn counter drop`,
+	} {
+		if !strings.Contains(script, want) {
+			t.Errorf("nft script lacks %q:\n%s", want, script)
+		}
+	}
+	if strings.Contains(script, "snat ip to 198.51.100.2 ") || strings.Contains(script, "snat ip to 198.51.100.18 ") {
+		t.Errorf("NAT to a gateway's own address in an HA pair:\n%s", script)
+	}
+	if single := NFTScript(seedState(t).NAT); strings.Contains(single, "syn | ack") {
+		t.Errorf("a single gateway got the HA guard:\n%s", single)
+	}
+}

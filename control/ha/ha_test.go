@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: Apache-2.0
+
+package ha
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/uplinkd/uplinkd/control/config"
+)
+
+const pair = `lan: {interfaces: [lan0]}
+nat: snat
+state_dir: /run/uplinkd-gw1
+uplinks:
+  - {name: dsl1, interface: wan1, gateway: 198.51.100.1, address: 198.51.100.2/28, vip: 198.51.100.4/28}
+  - {name: dsl2, interface: wan2, gateway: 198.51.100.17, address: 198.51.100.18/28, vip: 198.51.100.20/28}
+ha:
+  sync_interface: sync0
+  address: 203.0.113.249
+  peer: 203.0.113.250
+  priority: 150
+  advert_interval: 100ms
+  lan_vip: 192.0.2.1/24
+`
+
+var paths = Paths{Dir: "/etc/uplinkd/ha", Uplinkd: "/usr/sbin/uplinkd", ConfigFile: "/etc/uplinkd/uplinkd.yaml"}
+
+// The three files carry every number of the ha block and every VIP, and
+// the notify script commits conntrackd's cache before it tells the agent.
+func TestRender(t *testing.T) {
+	c, err := config.Parse("pair.yaml", []byte(pair))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := Render(c, paths)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for file, want := range map[string][]string{
+		KeepalivedConf: {"vrrp_version 3", "state BACKUP", "interface lan0", "virtual_router_id 51", "priority 150", "advert_int 0.1\n",
+			"192.0.2.1/24 dev lan0", "198.51.100.4/28 dev wan1", "198.51.100.20/28 dev wan2",
+			"track_interface {\n        lan0\n        wan1\n        wan2\n    }",
+			`notify_master "/etc/uplinkd/ha/uplinkd-ha-notify master"`},
+		ConntrackdConf: {"Mode FTFW", "IPv4_address 203.0.113.249", "IPv4_Destination_Address 203.0.113.250", "Interface sync0",
+			"LockFile /run/uplinkd-gw1/conntrackd.lock", "Path /run/uplinkd-gw1/conntrackd.ctl",
+			"IPv4_address 198.51.100.2\n", "IPv4_address 198.51.100.18\n"},
+		NotifyScript: {"#!/bin/sh", `CONNTRACKD="conntrackd -C /etc/uplinkd/ha/conntrackd.conf"`,
+			`UPLINKD="/usr/sbin/uplinkd ha notify -c /etc/uplinkd/uplinkd.yaml"`},
+	} {
+		for _, w := range want {
+			if !strings.Contains(f[file], w) {
+				t.Errorf("%s lacks %q:\n%s", file, w, f[file])
+			}
+		}
+	}
+	master := f[NotifyScript][strings.Index(f[NotifyScript], "master)"):]
+	master = master[:strings.Index(master, ";;")]
+	if c, u := strings.Index(master, "$CONNTRACKD -c"), strings.Index(master, "$UPLINKD master"); c < 0 || u < c {
+		t.Errorf("master: want the commit before the agent is told:\n%s", master)
+	}
+	// The VIPs are not conntrackd's to ignore: flows NAT'd to them are
+	// what it syncs.
+	for _, vip := range []string{"198.51.100.4", "198.51.100.20", "192.0.2.1\n"} {
+		if strings.Contains(f[ConntrackdConf], "IPv4_address "+vip) {
+			t.Errorf("conntrackd ignores the VIP %s", vip)
+		}
+	}
+}
+
+func TestRenderRefuses(t *testing.T) {
+	c, err := config.Parse("pair.yaml", []byte(pair))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Render(c, Paths{Dir: "ha", Uplinkd: paths.Uplinkd, ConfigFile: paths.ConfigFile}); err == nil {
+		t.Error("a relative dir accepted")
+	}
+	c.HA = nil
+	if _, err := Render(c, paths); err == nil {
+		t.Error("a config without ha block accepted")
+	}
+}
+
+func TestSeconds(t *testing.T) {
+	for _, tc := range []struct {
+		ms   int
+		want string
+	}{{10, "0.01"}, {100, "0.1"}, {1000, "1"}, {1250, "1.25"}} {
+		if got := seconds(time.Duration(tc.ms) * time.Millisecond); got != tc.want {
+			t.Errorf("%d ms: %q, want %q", tc.ms, got, tc.want)
+		}
+	}
+}
