@@ -65,6 +65,17 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 	if st.AllLinesDown {
 		fmt.Fprintln(w, "ALL LINES DOWN: the last usable lines keep carrying traffic")
 	}
+	if h := st.HA; h != nil {
+		fmt.Fprintf(w, "ha: %s for %v, %d takeovers", h.Role, now.Sub(h.Since).Round(time.Second), h.Takeovers)
+		if h.LastTakeover != nil {
+			fmt.Fprintf(w, ", the last %v ago (kernel state applied in %v)", now.Sub(*h.LastTakeover).Round(time.Second),
+				time.Duration(h.TakeoverApplySeconds*float64(time.Second)).Round(time.Millisecond))
+		}
+		if h.Notified != "" {
+			fmt.Fprintf(w, "; keepalived said %s", h.Notified)
+		}
+		fmt.Fprintln(w)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LINE\tNR\tINTERFACE\tADDRESS\tUSABLE\tHEALTH\tSINCE\tRTT\tJITTER\tLOSS\tWEIGHT\tTX\tRX\tTX/s\tRX/s\tFLOWS\tWHY")
 	for _, l := range st.Lines {
