@@ -58,6 +58,11 @@ type Report struct {
 // (Prober.lateAfter).
 const lateFraction = 0.75
 
+// lateQuietRounds is how many rounds follow a false late word (the round
+// was answered after all) without another: 5 s at the default interval. A
+// silent gateway is still late at the end of its first failed round.
+const lateQuietRounds = 25
+
 // errNoAnswer is a probe that timed out.
 var errNoAnswer = errors.New("no answer")
 
@@ -98,6 +103,12 @@ type Prober struct {
 	// it); lateMu orders that word before the round's own report.
 	late   func(at time.Time, why string)
 	lateMu sync.Mutex
+	// saidLate: the round under way was reported late (under lateMu).
+	// quiet counts the rounds left without late words after one proved
+	// false (the round was answered after all): on a line whose answers
+	// jitter past the threshold, a word at most every lateQuietRounds.
+	saidLate bool
+	quiet    int
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -218,6 +229,7 @@ func (p *Prober) Run(ctx context.Context, out chan<- Report) {
 		if ctx.Err() != nil || p.isClosed() {
 			return
 		}
+		p.afterRound(r)
 		select {
 		case out <- Report{Line: p.line.Name, ID: p.line.ID, Round: r}:
 		case <-ctx.Done():
@@ -233,6 +245,17 @@ func (p *Prober) Run(ctx context.Context, out chan<- Report) {
 			return
 		}
 	}
+}
+
+// afterRound quiets the late words for lateQuietRounds when the round was
+// reported late and answered after all.
+func (p *Prober) afterRound(r Round) {
+	p.lateMu.Lock()
+	defer p.lateMu.Unlock()
+	if ok, _ := r.ok(p.line.Probe.MinTargets); ok && p.saidLate {
+		p.quiet = lateQuietRounds
+	}
+	p.saidLate = false
 }
 
 func (p *Prober) isClosed() bool {
@@ -349,13 +372,16 @@ func (p *Prober) round(ctx context.Context) Round {
 		wait = max(wait, p.rtt[pr.target].rto())
 	}
 	deadline := r.At.Add(wait)
-	if lateAfter := p.lateAfter(all, wait); p.late != nil && lateAfter < wait {
+	if p.quiet > 0 {
+		p.quiet--
+	} else if lateAfter := p.lateAfter(all, wait); p.late != nil && lateAfter < wait {
 		over := false
 		lateTimer := time.AfterFunc(lateAfter, func() {
 			p.lateMu.Lock()
 			defer p.lateMu.Unlock()
 			if why := p.lateness(gw, targets, lateAfter); !over && why != "" {
 				p.late(time.Now(), why)
+				p.saidLate = true
 			}
 		})
 		defer func() {

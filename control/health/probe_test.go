@@ -530,3 +530,36 @@ func TestLateAfter(t *testing.T) {
 		}
 	}
 }
+
+// A late word that proved false (the round was answered after all) quiets
+// the next lateQuietRounds rounds: no word, while a failed round still
+// says the line is late through its result. A true one quiets nothing.
+func TestProbeLateQuiet(t *testing.T) {
+	lab := newProbeLab(t)
+	l := lab.line
+	l.Gateway, l.Probe = probeNobody, config.Probe{Gateway: config.ProbeICMP}
+	p := newRetryingProber(t, lab, l, 50*time.Millisecond, 200*time.Millisecond, 20*time.Millisecond)
+	p.rtt[probeNobody] = &rttEstimate{srtt: time.Millisecond, rttvar: time.Millisecond / 2}
+	words := 0
+	p.late = func(time.Time, string) { words++ }
+
+	answered := Round{Gateway: &Result{Target: probeNobody, RTT: 190 * time.Millisecond}}
+	failed := Round{Gateway: &Result{Target: probeNobody, Err: errNoAnswer}}
+	p.saidLate = true
+	p.afterRound(failed)
+	if p.quiet != 0 {
+		t.Fatalf("a true late word quieted %d rounds", p.quiet)
+	}
+	p.saidLate = true
+	p.afterRound(answered)
+	if p.quiet != lateQuietRounds || p.saidLate {
+		t.Fatalf("a false late word: quiet %d, said %v; want %d, false", p.quiet, p.saidLate, lateQuietRounds)
+	}
+	p.quiet = 1
+	if r := p.round(t.Context()); r.Gateway.Err == nil || words != 0 || p.quiet != 0 {
+		t.Fatalf("a quiet round: %d words (quiet now %d), gateway %+v; want none and a failed round", words, p.quiet, r.Gateway)
+	}
+	if p.round(t.Context()); words != 1 {
+		t.Errorf("the round after the quiet ones: %d words, want 1", words)
+	}
+}
