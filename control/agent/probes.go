@@ -59,7 +59,10 @@ func (a *Agent) observe(r health.Report) bool {
 		}
 		a.events.Add(kind, r.Line, "line health", "state", st.State, "why", st.Why, "loss", fmt.Sprintf("%.2f", st.Loss), "rtt", st.RTT)
 		healthy := st.State == health.Up || st.State == health.Late
-		late := st.State == health.Late
+		// Late moves the datapath's buckets; without the datapath the
+		// multipath route is all the steering, and taking a late line out
+		// of it would move flows: the line stays in use.
+		late := st.State == health.Late && a.cfg.Datapath.On()
 		changed := l.Healthy != healthy || l.Late != late
 		l.Healthy, l.Late = healthy, late
 		return changed

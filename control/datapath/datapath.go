@@ -117,7 +117,7 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 	live := make([]bool, loader.MaxLines)
 	table := make([]loader.Line, loader.MaxLines) // a number no line has: the zero Line
 	for _, l := range lines {
-		dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Serving()}
+		dl := lineEntry(l)
 		if index, err := env.LinkIndex(l.Interface); err == nil {
 			if d.lineIfs[l.Interface] != index {
 				if err := env.Do(func() error { return d.dp.Detach(l.Interface) }); err != nil {
@@ -127,15 +127,6 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 				}
 			}
 			dl.Ifindex = index
-		}
-		if l.Address.IsValid() {
-			// The VIP of an HA pair first: it is what new flows are NAT'd
-			// to, and what recovers the line of a flow that conntrackd
-			// committed here at a takeover.
-			dl.NATAddrs = []netip.Addr{l.Address.Addr()}
-			if l.VIPPrefix.IsValid() {
-				dl.NATAddrs = []netip.Addr{l.VIPPrefix.Addr(), l.Address.Addr()}
-			}
 		}
 		table[l.Index] = dl
 		weights[l.Index], live[l.Index] = l.EffectiveWeight(), l.Usable()
@@ -167,6 +158,23 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// lineEntry is a line's entry in the datapath's line table (its interface
+// aside). A late line is not dead: it keeps its flows, and only the
+// buckets, built from the usable lines, give it no new ones.
+func lineEntry(l plan.Line) loader.Line {
+	dl := loader.Line{Mark: l.Mark, Weight: uint32(l.EffectiveWeight()), Dead: !l.Serving()}
+	if l.Address.IsValid() {
+		dl.NATAddrs = []netip.Addr{l.Address.Addr()}
+		if l.VIPPrefix.IsValid() {
+			// The VIP of an HA pair first: it is what new flows are NAT'd
+			// to, and what recovers the line of a flow that conntrackd
+			// committed here at a takeover.
+			dl.NATAddrs = []netip.Addr{l.VIPPrefix.Addr(), l.Address.Addr()}
+		}
+	}
+	return dl
 }
 
 // Detach takes the datapath off an interface that a new config no

@@ -137,3 +137,39 @@ func TestApplyUnchangedWritesNothing(t *testing.T) {
 		t.Errorf("after the change, an apply with nothing to change made %d map writes, want 0", w)
 	}
 }
+
+// A late line keeps its flows (not dead) and a line that stopped serving
+// loses them; both get no buckets (Apply builds them from Usable).
+func TestLineEntry(t *testing.T) {
+	l := plan.Line{Line: config.Line{Mark: 0x1000000, Weight: 3}, Up: true, Carrier: true, Healthy: true,
+		Address: netip.MustParsePrefix("198.51.100.2/28")}
+	for _, c := range []struct {
+		name string
+		edit func(*plan.Line)
+		dead bool
+	}{
+		{"up", func(*plan.Line) {}, false},
+		{"late", func(l *plan.Line) { l.Late = true }, false},
+		{"down", func(l *plan.Line) { l.Healthy = false }, true},
+		{"no carrier", func(l *plan.Line) { l.Carrier = false }, true},
+		{"operator down", func(l *plan.Line) { l.Up = false }, true},
+	} {
+		l := l
+		c.edit(&l)
+		e := lineEntry(l)
+		if e.Dead != c.dead || e.Mark != 0x1000000 || e.Weight != 3 || len(e.NATAddrs) != 1 || e.NATAddrs[0] != l.Address.Addr() {
+			t.Errorf("%s: entry %+v, want dead %v, the line's mark, weight and address", c.name, e, c.dead)
+		}
+	}
+}
+
+// In an HA pair a line's VIP comes first among its NAT addresses: new
+// flows record it, and conntrack entries NAT'd to it recover the line.
+func TestLineEntryVIP(t *testing.T) {
+	l := plan.Line{Line: config.Line{VIPPrefix: netip.MustParsePrefix("198.51.100.4/28")}, Up: true, Carrier: true, Healthy: true,
+		Address: netip.MustParsePrefix("198.51.100.2/28")}
+	e := lineEntry(l)
+	if len(e.NATAddrs) != 2 || e.NATAddrs[0].String() != "198.51.100.4" || e.NATAddrs[1].String() != "198.51.100.2" {
+		t.Errorf("NAT addresses %v, want the VIP, then the own address", e.NATAddrs)
+	}
+}

@@ -66,19 +66,27 @@ func (m *Monitor) Sync(lines []Line, h config.Health) error {
 	for _, spec := range lines {
 		wanted[spec.Name] = true
 		t := m.trackers[spec.Name]
-		if t == nil || !reflect.DeepEqual(t.params, h) || !reflect.DeepEqual(t.probe, spec.Probe) {
+		newSettings := t == nil || !reflect.DeepEqual(t.params, h) || !reflect.DeepEqual(t.probe, spec.Probe)
+		if newSettings {
 			probesPerRound := len(spec.Probe.Targets)
 			if spec.Probe.Gateway != config.ProbeNone {
 				probesPerRound++
 			}
-			m.trackers[spec.Name] = &tracked{
+			nt := &tracked{
 				Tracker: NewTracker(h.DownAfter, h.UpAfter, spec.Probe.MinTargets, h.Window*probesPerRound, time.Now()),
 				params:  h, probe: spec.Probe,
 			}
+			if t != nil {
+				// New settings judge from now on, from where the line
+				// stands: a down line does not come back, nor a late one
+				// stay late, because a reload changed a number.
+				nt.inherit(t.Tracker)
+			}
+			m.trackers[spec.Name] = nt
 		}
 		if lp := m.running[spec.Name]; lp != nil {
 			spec.ID = lp.spec.ID
-			if reflect.DeepEqual(spec, lp.spec) {
+			if reflect.DeepEqual(spec, lp.spec) && !newSettings { // new timings need a new prober too
 				continue
 			}
 			m.stop(spec.Name)

@@ -44,18 +44,24 @@ type Report struct {
 	Line  string
 	ID    uint64 // the prober's Line.ID: rounds of a replaced prober are told apart
 	Round Round
-	// Late, when not empty, says why a round still under way is late: it
-	// has gone lateFraction of its wait without the answers it needs.
-	// Round then holds only its start; its result follows in a report of
-	// its own.
+	// Late, when not empty, says why a round still under way is late: its
+	// answers are overdue (Prober.lateAfter).
+	// Round then holds only the time of the word; the round's result
+	// follows in a report of its own.
 	Late string
 }
 
-// lateFraction is the part of a round's wait after which a round without
-// the answers it needs makes the line late: with the default 200 ms wait
-// and probes 20 ms apart, 150 ms and 8 probes unanswered (20% loss makes
-// that one round in 400,000).
+// lateFraction is the part of the timeout after which a round without
+// the answers it needs makes a quiet line late: with the default 200 ms
+// timeout and probes 20 ms apart, 150 ms and 8 probes unanswered (20%
+// loss makes that one round in 400,000). A slower line waits longer
+// (Prober.lateAfter).
 const lateFraction = 0.75
+
+// lateQuietRounds is how many rounds follow a false late word (the round
+// was answered after all) without another: 5 s at the default interval. A
+// silent gateway is still late at the end of its first failed round.
+const lateQuietRounds = 25
 
 // errNoAnswer is a probe that timed out.
 var errNoAnswer = errors.New("no answer")
@@ -97,6 +103,12 @@ type Prober struct {
 	// it); lateMu orders that word before the round's own report.
 	late   func(at time.Time, why string)
 	lateMu sync.Mutex
+	// saidLate: the round under way was reported late (under lateMu).
+	// quiet counts the rounds left without late words after one proved
+	// false (the round was answered after all): on a line whose answers
+	// jitter past the threshold, a word at most every lateQuietRounds.
+	saidLate bool
+	quiet    int
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -217,6 +229,7 @@ func (p *Prober) Run(ctx context.Context, out chan<- Report) {
 		if ctx.Err() != nil || p.isClosed() {
 			return
 		}
+		p.afterRound(r)
 		select {
 		case out <- Report{Line: p.line.Name, ID: p.line.ID, Round: r}:
 		case <-ctx.Done():
@@ -232,6 +245,17 @@ func (p *Prober) Run(ctx context.Context, out chan<- Report) {
 			return
 		}
 	}
+}
+
+// afterRound quiets the late words for lateQuietRounds when the round was
+// reported late and answered after all.
+func (p *Prober) afterRound(r Round) {
+	p.lateMu.Lock()
+	defer p.lateMu.Unlock()
+	if ok, _ := r.ok(p.line.Probe.MinTargets); ok && p.saidLate {
+		p.quiet = lateQuietRounds
+	}
+	p.saidLate = false
 }
 
 func (p *Prober) isClosed() bool {
@@ -348,13 +372,16 @@ func (p *Prober) round(ctx context.Context) Round {
 		wait = max(wait, p.rtt[pr.target].rto())
 	}
 	deadline := r.At.Add(wait)
-	if p.late != nil {
+	if p.quiet > 0 {
+		p.quiet--
+	} else if lateAfter := p.lateAfter(all, wait); p.late != nil && lateAfter < wait {
 		over := false
-		lateTimer := time.AfterFunc(time.Duration(lateFraction*float64(wait)), func() {
+		lateTimer := time.AfterFunc(lateAfter, func() {
 			p.lateMu.Lock()
 			defer p.lateMu.Unlock()
-			if why := p.lateness(gw, targets, wait); !over && why != "" {
-				p.late(r.At, why)
+			if why := p.lateness(gw, targets, lateAfter); !over && why != "" {
+				p.late(time.Now(), why)
+				p.saidLate = true
 			}
 		})
 		defer func() {
@@ -439,10 +466,28 @@ func (p *Prober) round(ctx context.Context) Round {
 	return r
 }
 
+// lateAfter is when a round without its answers is late: lateFraction of
+// the timeout, but never before any target's answer is due: twice its
+// smoothed RTT, or its retransmission timeout, whichever is longer (a
+// healthy line whose answers come in 180 ms is never late). A target with
+// no RTT known yet gives the whole round's wait (no word before the round
+// ends). At wait or later there is no word: the round's result decides.
+func (p *Prober) lateAfter(all []*probe, wait time.Duration) time.Duration {
+	after := time.Duration(lateFraction * float64(p.timeout))
+	for _, pr := range all {
+		e := p.rtt[pr.target]
+		if e == nil {
+			return wait
+		}
+		after = max(after, 2*e.srtt, e.rto())
+	}
+	return after
+}
+
 // lateness says why a round under way cannot be good yet (its gateway or
 // too many targets unanswered), or "" when it can.
-func (p *Prober) lateness(gw *probe, targets []*probe, wait time.Duration) string {
-	after := time.Duration(lateFraction * float64(wait)).Round(time.Millisecond)
+func (p *Prober) lateness(gw *probe, targets []*probe, after time.Duration) string {
+	after = after.Round(time.Millisecond)
 	if gw != nil && !gw.done.Load() {
 		return fmt.Sprintf("gateway %s (%s): no answer in %v", gw.target, gw.method, after)
 	}

@@ -18,9 +18,9 @@ type State string
 // States.
 const (
 	Up State = "up"
-	// Late: up, but a round has gone three quarters of its wait without an
-	// answer. The line gets no new flows, and keeps its flows, routes and
-	// NAT, until the round is answered (up again) or down_after rounds
+	// Late: up, but a round's answers are overdue (Prober.lateAfter) or a
+	// round failed. The line gets no new flows, and keeps its flows, routes
+	// and NAT, until a round is answered (up again) or down_after rounds
 	// have failed (down). A silent gateway is avoided this way well before
 	// it is judged down, and a line that was only slow loses nothing.
 	Late    State = "late"
@@ -147,6 +147,16 @@ func (t *Tracker) Late(at time.Time, why string) bool {
 	}
 	t.set(Late, at, why)
 	return true
+}
+
+// inherit takes the state of the tracker t replaces (new settings): its
+// state, since and why; a line that was down or probing must then answer
+// up_after rounds in a row as before.
+func (t *Tracker) inherit(old *Tracker) {
+	t.state, t.since, t.why = old.state, old.since, old.why
+	if t.state == Down || t.state == Probing {
+		t.fails = t.downAfter
+	}
 }
 
 // count adds a result's probes to the window.

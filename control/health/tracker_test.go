@@ -234,3 +234,33 @@ func TestRoundWaitFollowsRTT(t *testing.T) {
 		t.Errorf("no answer yet: %v, want 0 (the timeout applies)", got)
 	}
 }
+
+// A tracker that replaces another (new health settings) starts from its
+// state: a down line still needs up_after good rounds, a late one is up
+// again at its next good round.
+func TestTrackerInherits(t *testing.T) {
+	old := NewTracker(2, 3, 1, 100, t0)
+	old.Down(t0, "no carrier")
+	nt := NewTracker(2, 3, 1, 100, t0.Add(time.Second))
+	nt.inherit(old)
+	if nt.State() != Down || nt.Status().Why != "no carrier" {
+		t.Fatalf("inherited %s (%s), want down (no carrier)", nt.State(), nt.Status().Why)
+	}
+	var states []State
+	for i := range 4 {
+		if nt.Observe(round(i, true, true, time.Millisecond)) {
+			states = append(states, nt.State())
+		}
+	}
+	if want := []State{Probing, Up}; strings.Join(toStrings(states), " ") != strings.Join(toStrings(want), " ") {
+		t.Errorf("states %v, want %v", states, want)
+	}
+
+	late := NewTracker(2, 3, 1, 100, t0)
+	late.Late(t0, "no answer in 150ms")
+	nt = NewTracker(2, 3, 1, 100, t0)
+	nt.inherit(late)
+	if nt.State() != Late || !nt.Observe(round(0, true, true, time.Millisecond)) || nt.State() != Up {
+		t.Errorf("a late line under new settings: %s after a good round, want up", nt.State())
+	}
+}

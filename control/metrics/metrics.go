@@ -42,7 +42,7 @@ var (
 		"A line of the config: its interface and number (the datapath index + 1); always 1.",
 		[]string{"line", "interface", "number"}, nil)
 	lineUp = prometheus.NewDesc("uplinkd_line_up",
-		"1 when new flows may be sent over the line (carrier, not taken down, healthy, addressed), else 0.",
+		"1 when new flows may be sent over the line (carrier, not taken down, healthy and not late, addressed), else 0.",
 		[]string{"line"}, nil)
 	lineHealthState = prometheus.NewDesc("uplinkd_line_health_state",
 		"The probes' judgement of the line: 1 for its current state (up, late, down or probing), 0 for the others.",
@@ -87,7 +87,7 @@ var (
 		"Flows pinned to the line in the datapath's flow map.",
 		[]string{"line"}, nil)
 	lineStateChanges = prometheus.NewDesc("uplinkd_line_state_changes_total",
-		"Health changes of the line (to up, down or probing) since the agent started.",
+		"Health changes of the line (to up, late, down or probing) since the agent started.",
 		[]string{"line"}, nil)
 	datapathPackets = prometheus.NewDesc("uplinkd_datapath_packets_total",
 		"Packets the datapath's LAN ingress handled, by reason (new_flow, existing_flow, recovered_ct, moved_flow, dead_line_tcp, ...).",

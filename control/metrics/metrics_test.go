@@ -66,7 +66,7 @@ func registry(t *testing.T, status StatusFunc) *prometheus.Registry {
 func TestCollectStatus(t *testing.T) {
 	reg := registry(t, fixed(twoLines()))
 	want := `
-# HELP uplinkd_line_up 1 when new flows may be sent over the line (carrier, not taken down, healthy, addressed), else 0.
+# HELP uplinkd_line_up 1 when new flows may be sent over the line (carrier, not taken down, healthy and not late, addressed), else 0.
 # TYPE uplinkd_line_up gauge
 uplinkd_line_up{line="dsl1"} 1
 uplinkd_line_up{line="dsl2"} 0
@@ -108,7 +108,7 @@ uplinkd_line_loss_ratio{line="dsl1"} 0.02
 # TYPE uplinkd_line_flows gauge
 uplinkd_line_flows{line="dsl1"} 7
 uplinkd_line_flows{line="dsl2"} 0
-# HELP uplinkd_line_state_changes_total Health changes of the line (to up, down or probing) since the agent started.
+# HELP uplinkd_line_state_changes_total Health changes of the line (to up, late, down or probing) since the agent started.
 # TYPE uplinkd_line_state_changes_total counter
 uplinkd_line_state_changes_total{line="dsl1"} 2
 uplinkd_line_state_changes_total{line="dsl2"} 5
