@@ -192,8 +192,8 @@ ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip
 	for _, want := range []string{
 		`iifname "lan0" oifname "wan1" counter snat ip to 198.51.100.4`,
 		`iifname "lan0" oifname "wan2" counter snat ip to 198.51.100.20`,
-		`iifname "wan1" ct state new meta l4proto tcp tcp flags & (syn | ack) != syn counter drop`,
-		`iifname "wan2" ct state new meta l4proto tcp tcp flags & (syn | ack) != syn counter drop`,
+		`iifname "wan1" ct state new tcp flags != syn / syn,ack counter drop`,
+		`iifname "wan2" ct state new tcp flags != syn / syn,ack counter drop`,
 	} {
 		if !strings.Contains(script, want) {
 			t.Errorf("nft script lacks %q:\n%s", want, script)
@@ -202,7 +202,7 @@ ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip
 	if strings.Contains(script, "snat ip to 198.51.100.2 ") || strings.Contains(script, "snat ip to 198.51.100.18 ") {
 		t.Errorf("NAT to a gateway's own address in an HA pair:\n%s", script)
 	}
-	if single := NFTScript(seedState(t).NAT); strings.Contains(single, "syn | ack") {
+	if single := NFTScript(seedState(t).NAT); strings.Contains(single, "syn,ack") {
 		t.Errorf("a single gateway got the HA guard:\n%s", single)
 	}
 }
