@@ -171,7 +171,7 @@ type packet struct {
 	proto        uint8
 	sport, dport uint16 // ICMP echo: sport is the identifier
 	icmpType     uint8
-	tcpFlags     uint8   // TCP: SYN 0x02, ACK 0x10, ...
+	tcpFlags     uint8   // TCP: SYN 0x02, ACK 0x10, ...; 0: a SYN (a segment that opens a connection)
 	ipOptions    int     // IPv4 option bytes, a multiple of 4
 	ihl          int     // overrides the IPv4 header length (words)
 	version      int     // overrides the IP version
@@ -225,6 +225,9 @@ func (p packet) l4() []byte {
 		binary.BigEndian.PutUint16(h[2:], p.dport)
 		h[12] = 5 << 4
 		h[13] = p.tcpFlags
+		if h[13] == 0 {
+			h[13] = tcpSYN
+		}
 	case protoUDP:
 		h = make([]byte, 8)
 		binary.BigEndian.PutUint16(h[0:], p.sport)

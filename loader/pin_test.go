@@ -85,6 +85,7 @@ func TestRecoveryFromConntrack(t *testing.T) {
 		return netlink.IPTuple{Protocol: proto, SrcIP: net.IP(src.AsSlice()), SrcPort: sport, DstIP: net.IP(dst.AsSlice()), DstPort: dport}
 	}
 	outbound := tcp4(49000) // SNATed to line 2's address
+	outbound.tcpFlags = tcpACK
 	// Came in by line 0 (DNAT): the LAN server's SYN-ACK is recovered.
 	forwarded := packet{src: lanServer, dst: remote, proto: protoTCP, sport: 80, dport: 5555, tcpFlags: tcpSYN | tcpACK}
 	// A SYN opens a connection conntrack cannot know: the lookup is
@@ -309,6 +310,56 @@ func TestSYNSkipOnlyOpensConnections(t *testing.T) {
 				t.Errorf("flow %+v (pinned %v), want line %d", f, ok, tt.line)
 			}
 		})
+	}
+}
+
+// A TCP segment that is not a SYN, of a connection neither the flow map
+// nor conntrack knows (after an HA takeover, one that arrives before
+// conntrackd committed the connection), is not pinned from the buckets:
+// a guess would pin it to the wrong line for good. It passes unmarked,
+// and once conntrack knows the connection, the next one is recovered.
+func TestUnknownTCPNotPinned(t *testing.T) {
+	ns := newNetns(t)
+	d := steering(t) // new flows go to line 1
+	p := tcp4(49200)
+	p.tcpFlags = tcpACK
+	var first, second uint32
+	err := ns.do(func() error {
+		var err error
+		if first, err = runMark(d.objs.UplinkdLanIn, p.bytes(), 0); err != nil {
+			return err
+		}
+		ct := netlink.ConntrackFlow{
+			FamilyType: unix.AF_INET, TimeOut: 60,
+			Forward: netlink.IPTuple{Protocol: protoTCP, SrcIP: client4.AsSlice(), SrcPort: p.sport, DstIP: server4.AsSlice(), DstPort: p.dport},
+			Reverse: netlink.IPTuple{Protocol: protoTCP, SrcIP: server4.AsSlice(), SrcPort: p.dport, DstIP: natAddrs(2)[0].AsSlice(), DstPort: p.sport},
+		}
+		if err := netlink.ConntrackCreate(netlink.ConntrackTable, netlink.FAMILY_V4, &ct); err != nil {
+			return err
+		}
+		second, err = runMark(d.objs.UplinkdLanIn, p.bytes(), 0)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if first != 0 {
+		t.Errorf("an unknown connection's segment got mark %#x, want none", first)
+	}
+	if r := reasons(t, d); r["tcp_unknown"] != 1 || r["recovered_ct"] != 1 {
+		t.Errorf("reasons %v, want 1 tcp_unknown, then 1 recovered_ct", r)
+	}
+	if f, ok := lookupFlow(t, d, p); !ok || f.Line != 2 || second != lineMark[2] {
+		t.Errorf("after conntrack knew it: flow %+v (pinned %v), mark %#x; want line 2, mark %#x", f, ok, second, lineMark[2])
+	}
+	// A UDP datagram conntrack does not know is a new flow: UDP has no
+	// opening segment to wait for.
+	u := udp4(49201)
+	if err := ns.do(func() error { _, err := runMark(d.objs.UplinkdLanIn, u.bytes(), 0); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if f, ok := lookupFlow(t, d, u); !ok || f.Line != 1 {
+		t.Errorf("an unknown UDP flow: %+v (pinned %v), want a new one on line 1", f, ok)
 	}
 }
 

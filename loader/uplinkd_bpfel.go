@@ -89,7 +89,8 @@ const (
 	uplinkdUlReasonUL_REASON_LINK_LOCAL      uplinkdUlReason = 15
 	uplinkdUlReasonUL_REASON_LOCAL_DST       uplinkdUlReason = 16
 	uplinkdUlReasonUL_REASON_FOREIGN_SRC     uplinkdUlReason = 17
-	uplinkdUlReasonUL_REASON_MAX             uplinkdUlReason = 18
+	uplinkdUlReasonUL_REASON_TCP_UNKNOWN     uplinkdUlReason = 18
+	uplinkdUlReasonUL_REASON_MAX             uplinkdUlReason = 19
 )
 
 // Names of all BPF objects in the ELF.

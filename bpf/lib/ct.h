@@ -82,9 +82,10 @@ static __always_inline void ct_addr(__u8 *addr, __u8 family, const union nf_inet
  * flow and stores that address in nat_addr, or returns UL_NO_LINE. Outbound
  * flows are SNATed: the address is the reply direction's destination. A
  * reply of a LAN server to a connection that came in through a port forward
- * (DNAT) finds its line in the original direction's destination. */
+ * (DNAT) finds its line in the original direction's destination. *unknown
+ * is set when conntrack was asked and has no entry for the flow at all. */
 static __always_inline __u32 ct_recover_line(struct __sk_buff *skb, const struct flow_key *key,
-					     __u8 *nat_addr)
+					     __u8 *nat_addr, bool *unknown)
 {
 	struct bpf_ct_opts opts = { .netns_id = BPF_F_CURRENT_NETNS, .l4proto = key->proto };
 	__u8 reply_dst[UL_ADDR_LEN] = {}, orig_dst[UL_ADDR_LEN] = {};
@@ -110,8 +111,10 @@ static __always_inline __u32 ct_recover_line(struct __sk_buff *skb, const struct
 	}
 
 	ct = bpf_skb_ct_lookup(skb, &tuple, tuple_size, &opts, sizeof(opts));
-	if (!ct)
+	if (!ct) {
+		*unknown = true;
 		return UL_NO_LINE;
+	}
 	ct_addr(reply_dst, key->family, &ct->tuplehash[UL_CT_DIR_REPLY].tuple.dst.u3);
 	ct_addr(orig_dst, key->family, &ct->tuplehash[UL_CT_DIR_ORIGINAL].tuple.dst.u3);
 	bpf_ct_release(ct);

@@ -127,8 +127,21 @@ static __always_inline enum ul_reason flow_steer_new(struct __sk_buff *skb,
 	/* A flow the map lost keeps the line conntrack says it uses: never
 	 * another, unless that line is dead and the flow may move. A TCP SYN
 	 * opens a connection that conntrack cannot know yet (its lookup is
-	 * about 300 ns, a third of a new flow): it skips the lookup. */
-	line = tcp_opens(skb, key, l4_off) ? UL_NO_LINE : ct_recover_line(skb, key, flow.nat_addr);
+	 * about 300 ns, a third of a new flow): it skips the lookup. Any other
+	 * TCP segment of a connection conntrack does not know either is not
+	 * pinned: picking a line would be a guess, and a wrong one breaks the
+	 * connection for good. After an HA takeover that is a segment arriving
+	 * before conntrackd committed the connection here; it passes unmarked,
+	 * the HA guard rule drops it, and its retransmission finds the entry. */
+	if (tcp_opens(skb, key, l4_off)) {
+		line = UL_NO_LINE;
+	} else {
+		bool unknown = false;
+
+		line = ct_recover_line(skb, key, flow.nat_addr, &unknown);
+		if (unknown && key->proto == IPPROTO_TCP)
+			return UL_REASON_TCP_UNKNOWN;
+	}
 	ln = line_lookup(line);
 	if (ln && (line_live(ln) || key->proto == IPPROTO_TCP)) {
 		flow.flags = FLOW_F_RECOVERED;

@@ -26,6 +26,8 @@ enum ul_reason {
 	UL_REASON_LINK_LOCAL,		/* link-local destination */
 	UL_REASON_LOCAL_DST,		/* one of the gateway's own addresses (ul_local) */
 	UL_REASON_FOREIGN_SRC,		/* a source outside the LAN's subnets (ul_lan_src): no flow */
+	UL_REASON_TCP_UNKNOWN,		/* a TCP segment, not a SYN, of a connection neither the flow
+					 * map nor conntrack knows: passed unmarked, not pinned */
 	UL_REASON_MAX,
 };
 

@@ -194,6 +194,7 @@ ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip
 		`iifname "lan0" oifname "wan2" counter snat ip to 198.51.100.20`,
 		`iifname "wan1" ct state new tcp flags != syn / syn,ack counter drop`,
 		`iifname "wan2" ct state new tcp flags != syn / syn,ack counter drop`,
+		`iifname "lan0" ct state new tcp flags != syn / syn,ack counter drop`,
 	} {
 		if !strings.Contains(script, want) {
 			t.Errorf("nft script lacks %q:\n%s", want, script)

@@ -205,6 +205,10 @@ func NFTRules(n NAT) []NFTRule {
 			rs = append(rs, NFTRule{Chain: ChainPrerouting, Iif: l.Interface, CtState: "new", TCP: true, NotSYN: true, Action: NFTDrop,
 				Why: "uplinkd: HA: a TCP segment from " + l.Line + " that is not part of a known connection yet (after a takeover, before conntrackd's commit) would make a clashing entry"})
 		}
+		for _, lan := range n.LAN {
+			rs = append(rs, NFTRule{Chain: ChainPrerouting, Iif: lan, CtState: "new", TCP: true, NotSYN: true, Action: NFTDrop,
+				Why: "uplinkd: HA: a TCP segment from " + lan + " that is not part of a known connection yet (after a takeover, before conntrackd's commit) would be NAT'd anew"})
+		}
 	}
 	if n.Mode != "none" {
 		for _, l := range n.Lines {

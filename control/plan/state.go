@@ -137,11 +137,12 @@ type NAT struct {
 	// LANSubnets: only these IPv4 sources are forwarded from the LAN (the
 	// seed's -s NWI/NMI); none known, no such check.
 	LANSubnets []netip.Prefix
-	// HAGuard drops, on every line, new TCP connections that do not start
-	// with a SYN. In an HA pair keepalived moves the VIPs before the new
-	// master's notify script commits the synced connections: a server's
-	// segment in that gap would make a fresh conntrack entry that clashes
-	// with the committed one, and the kernel would re-map its port.
+	// HAGuard drops, on every line and LAN interface, new TCP connections
+	// that do not start with a SYN. In an HA pair keepalived moves the VIPs
+	// before the new master's notify script commits the synced
+	// connections: a segment in that gap would make a fresh conntrack entry
+	// that clashes with the committed one (the kernel would re-map the
+	// server's port, or NAT the client's anew); dropped, it is resent.
 	HAGuard bool
 }
 
