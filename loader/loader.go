@@ -276,7 +276,7 @@ func Remove(pinDir string) error {
 // gateway's own included, as forwarded), and ul_if_line is unpinned, so
 // that this happens once.
 func (d *Datapath) retireLegacy() error {
-	pin := filepath.Join(d.pinDir, "ul_if_line")
+	pin := filepath.Join(d.pinDir, legacyIfLine)
 	m, err := ebpf.LoadPinnedMap(pin, nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -306,7 +306,7 @@ func (d *Datapath) retireLegacy() error {
 	}
 	zero := make([]uplinkdLineStats, cpus)
 	for line := range d.objs.UlLineStats.MaxEntries() {
-		if err := d.objs.UlLineStats.Put(line, zero); err != nil {
+		if err := d.w.put(d.objs.UlLineStats, line, zero); err != nil {
 			return fmt.Errorf("zeroing the line counters earlier uplinkd kept: %w", err)
 		}
 	}
@@ -319,7 +319,11 @@ func (d *Datapath) retireLegacy() error {
 // legacyPins are maps that earlier uplinkd pinned and this one no longer
 // has: ul_if_line mapped uplink interfaces to lines for the uplink
 // programs. Remove takes them too, by name.
-var legacyPins = []string{"ul_if_line"}
+var legacyPins = []string{legacyIfLine}
+
+// legacyIfLine is the pin of the map of the uplink programs that an
+// earlier uplinkd attached to the lines.
+const legacyIfLine = "ul_if_line"
 
 // pinnedMapNames are the maps the datapath pins by name.
 func pinnedMapNames() ([]string, error) {

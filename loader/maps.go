@@ -542,10 +542,26 @@ type FlowMapUse struct {
 }
 
 // FlowMapUse reads the flow map's use from the new-flow counters.
-func (s *Stats) FlowMapUse() (FlowMapUse, error) {
+func (s *Stats) FlowMapUse() (FlowMapUse, error) { return s.flowMapUse(nil) }
+
+// FlowMapUseFrom is FlowMapUse with the pins counted from reasons already
+// read (Reasons): only the removed flows' slot is read again.
+func (s *Stats) FlowMapUseFrom(reasons map[string]uint64) (FlowMapUse, error) {
+	if reasons == nil {
+		reasons = map[string]uint64{}
+	}
+	return s.flowMapUse(reasons)
+}
+
+// flowMapUse reads the new-flow reasons unless reasons holds them.
+func (s *Stats) flowMapUse(reasons map[string]uint64) (FlowMapUse, error) {
 	u := FlowMapUse{Capacity: int(s.flows.MaxEntries())}
 	for code, name := range s.reasonNames {
 		if name != "new_flow" && name != "recovered_ct" {
+			continue
+		}
+		if reasons != nil {
+			u.Inserted += reasons[name]
 			continue
 		}
 		n, err := s.slotSum(uint32(code))

@@ -216,7 +216,7 @@ func (a *Agent) addDatapath(s *Status) {
 	var perLine map[int]int
 	var use loader.FlowMapUse
 	if err == nil {
-		use, err = st.FlowMapUse()
+		use, err = st.FlowMapUseFrom(s.Reasons)
 	}
 	if err == nil {
 		// What changes the count by line: flows pinned, moved off a dead
