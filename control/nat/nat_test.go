@@ -52,6 +52,8 @@ func TestApplyMatchesPlan(t *testing.T) {
 			Dead:  []plan.DeadLine{{Line: "dsl2", Mark: 0x2000000, Mask: 0x1f000000}}},
 		{Table: "uplinkd", Mode: "snat", LAN: []string{"lan0"},
 			Lines: []plan.NATLine{{Line: "dsl1", Interface: "wan1", Address: netip.MustParseAddr("198.51.100.2")}}},
+		{Table: "uplinkd", Mode: "snat", LAN: []string{"lan0"}, HAGuard: true,
+			Lines: []plan.NATLine{{Line: "dsl1", Interface: "wan1", Address: netip.MustParseAddr("198.51.100.4")}}},
 	} {
 		changed, err := Apply(c, n)
 		if err != nil || !changed {

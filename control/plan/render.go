@@ -161,11 +161,12 @@ func (r NFTRule) Text() string {
 	if r.MarkMask != 0 {
 		parts = append(parts, fmt.Sprintf("meta mark & 0x%08x == 0x%08x", r.MarkMask, r.Mark))
 	}
-	if r.TCP {
+	switch {
+	case r.TCP && r.NotSYN:
+		// As nft lists it: the payload match implies l4proto tcp.
+		parts = append(parts, "tcp flags != syn / syn,ack")
+	case r.TCP:
 		parts = append(parts, "meta l4proto tcp")
-	}
-	if r.TCP && r.NotSYN {
-		parts = append(parts, "tcp flags & (syn | ack) != syn")
 	}
 	if r.Src.IsValid() {
 		parts = append(parts, "ip saddr "+r.Src.String())
