@@ -138,10 +138,11 @@ type NAT struct {
 	// seed's -s NWI/NMI); none known, no such check.
 	LANSubnets []netip.Prefix
 	// HAGuard drops, on every line, new TCP connections that do not start
-	// with a SYN. In an HA pair keepalived moves the VIPs before the new
-	// master's notify script commits the synced connections: a server's
-	// segment in that gap would make a fresh conntrack entry that clashes
-	// with the committed one, and the kernel would re-map its port.
+	// with a SYN, and new UDP flows to the line's VIP. In an HA pair
+	// keepalived moves the VIPs before the new master's notify script
+	// commits the synced connections: a server's segment or datagram in
+	// that gap would make a fresh conntrack entry that clashes with the
+	// committed one, and the kernel would re-map its port.
 	HAGuard bool
 }
 
