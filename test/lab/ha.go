@@ -400,12 +400,17 @@ func (g *HAGateway) StartConntrackd(conf, lock string) (*Daemon, error) {
 }
 
 // StartKeepalived runs keepalived (VRRP only, in the foreground, logging
-// to its stderr) with conf, its pid files in dir.
+// to its stderr) with conf, its pid files in dir, which HardFail
+// removes, as a reboot clears /run: keepalived
+// refuses to start while one names a live process, and a killed VRRP
+// child may linger as a zombie until init reaps it.
 func (g *HAGateway) StartKeepalived(conf, dir string) (*Daemon, error) {
-	return g.start("keepalived", "-n", "-l", "-D", "-P", "-f", conf,
-		"-p", filepath.Join(dir, "keepalived.pid"),
-		"-r", filepath.Join(dir, "keepalived-vrrp.pid"),
-		"-c", filepath.Join(dir, "keepalived-checkers.pid"))
+	pids := []string{filepath.Join(dir, "keepalived.pid"), filepath.Join(dir, "keepalived-vrrp.pid"),
+		filepath.Join(dir, "keepalived-checkers.pid")}
+	g.mu.Lock()
+	g.stale = append(g.stale, pids...)
+	g.mu.Unlock()
+	return g.start("keepalived", "-n", "-l", "-D", "-P", "-f", conf, "-p", pids[0], "-r", pids[1], "-c", pids[2])
 }
 
 // Daemons returns the daemons the lab started in the gateway.
