@@ -172,23 +172,24 @@ func notify(c *config.Config, p Paths) string {
 # Written by uplinkd ha configs: keepalived runs it at every VRRP
 # transition of this gateway, with the new state as $1.
 CONNTRACKD="%[1]s"
-UPLINKD="%[2]s ha notify -c %[3]s"
+UPLINKD="%[2]s ha notify"    # then the state, then -c FILE
+CONFIG="%[3]s"
 case "$1" in
 master)
 	$CONNTRACKD -c    # commit the peer's connections into the kernel
 	$CONNTRACKD -f    # flush both caches
 	$CONNTRACKD -R    # resync the internal cache with the kernel
 	$CONNTRACKD -B    # send everything to the peer
-	$UPLINKD master
+	$UPLINKD master -c "$CONFIG"
 	;;
 backup)
 	$CONNTRACKD -t    # shorten the kernel's timers of what this gateway forwarded
 	$CONNTRACKD -n    # ask the new master for its connections
-	$UPLINKD backup
+	$UPLINKD backup -c "$CONFIG"
 	;;
 fault)
 	$CONNTRACKD -t
-	$UPLINKD fault
+	$UPLINKD fault -c "$CONFIG"
 	;;
 *)
 	echo "usage: $0 master|backup|fault" >&2
