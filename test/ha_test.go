@@ -506,9 +506,17 @@ func TestHATakeover(t *testing.T) {
 				p.dumpConntrack(t, 1)
 			}
 			samePeers("takeover")
+			// keepalived's notify script told the new master's agent
+			// (after conntrackd's commit).
+			p.agents[1].waitFor(t, "notified master", func() bool {
+				st, err := p.agents[1].tryStatus()
+				return err == nil && st.HA != nil && st.HA.Notified == "master"
+			})
 			checkHAPins(t, p, 1, fs)
 			if st := p.agents[1].status(t); st.HA == nil || st.HA.Takeovers < 1 {
 				t.Errorf("gw2's status after the takeover: %+v, want ha.takeovers >= 1", st.HA)
+			} else {
+				logHA(t, "gw2", st)
 			}
 
 			// Fail-back: gw1 comes back and preempts (priority 150).
@@ -526,9 +534,20 @@ func TestHATakeover(t *testing.T) {
 				p.dumpConntrack(t, 0)
 			}
 			samePeers("fail-back")
+			p.agents[0].waitFor(t, "notified master", func() bool {
+				st, err := p.agents[0].tryStatus()
+				return err == nil && st.HA != nil && st.HA.Notified == "master"
+			})
 			checkHAPins(t, p, 0, fs)
 			if st := p.agents[0].status(t); st.HA == nil || st.HA.Takeovers < 1 {
 				t.Errorf("gw1's status after the fail-back: %+v, want ha.takeovers >= 1", st.HA)
+			} else {
+				logHA(t, "gw1", st)
+			}
+			for _, l := range p.agents[1].status(t).Lines {
+				if !l.Usable || l.Health != "up" {
+					t.Errorf("gw2, standby again: line %s is not usable and up: %+v", l.Name, l)
+				}
 			}
 		})
 	}
@@ -595,4 +614,17 @@ func BenchmarkHATakeover(b *testing.B) {
 	b.ReportMetric(float64(failback), "failback-flows-broken")
 	b.ReportMetric(float64(len(role)), "trials")
 	b.ReportMetric(float64(len(fs)), "flows")
+}
+
+// logHA logs a gateway's HA status: its takeovers, and when keepalived's
+// notify script told the agent (after conntrackd's commit) compared with
+// when the agent saw the VIP.
+func logHA(t testing.TB, name string, st agentpkg.Status) {
+	t.Helper()
+	h := st.HA
+	gap := "no notify"
+	if h.LastTakeover != nil && h.NotifiedAt != nil {
+		gap = fmt.Sprintf("notify %q %v after the VIP", h.Notified, h.NotifiedAt.Sub(*h.LastTakeover).Round(time.Millisecond))
+	}
+	t.Logf("%s: role %s, takeovers %d, applied in %.1f ms, %s", name, h.Role, h.Takeovers, 1000*h.TakeoverApplySeconds, gap)
 }
