@@ -488,7 +488,13 @@ func (a *Agent) Apply() (Report, error) {
 			// Its NAT source: the VIP in an HA pair (the own address
 			// too, for the gateway's own connections).
 			addrs := []netip.Addr{l.Address.Addr()}
-			if l.NATAddr() != l.Address.Addr() {
+			// Not the VIP's when the line lost this gateway's link or
+			// carrier: keepalived (track_interface) hands the VIPs to the
+			// peer, which carries the line's flows, and the flush would
+			// reach it through conntrackd (destroy events) before its
+			// notify script commits them.
+			linkLost := a.cfg.HA != nil && (!l.Up || !l.Carrier)
+			if l.NATAddr() != l.Address.Addr() && !linkLost {
 				addrs = append([]netip.Addr{l.NATAddr()}, addrs...)
 			}
 			for _, addr := range addrs {
