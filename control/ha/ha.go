@@ -10,8 +10,10 @@ package ha
 
 import (
 	"fmt"
+	"math"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/uplinkd/uplinkd/control/config"
 )
@@ -84,8 +86,12 @@ vrrp_instance uplinkd {
     virtual_router_id %d
     priority %d
     advert_int %s
+    # A gateway that comes back (after a start, or a fault of its own)
+    # takes the VIPs back only once its lines have passed uplinkd's
+    # health.up_after rounds and conntrackd has the peer's connections.
+    preempt_delay %d
     track_interface {
-`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval))
+`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), preemptDelay(c))
 	for _, ifname := range c.LAN.Interfaces {
 		fmt.Fprintf(&b, "        %s\n", ifname)
 	}
@@ -198,6 +204,15 @@ fault)
 esac
 exit 0
 `, ct, p.Uplinkd, p.ConfigFile)
+}
+
+// preemptDelay is keepalived's preempt_delay in seconds: up_after health
+// rounds and two more (a line whose link comes back is not usable
+// before: flows of its VIP would be moved or reset), at least 5 s for
+// conntrackd's resync.
+func preemptDelay(c *config.Config) int {
+	d := time.Duration(c.Health.UpAfter+2) * c.Health.Interval
+	return max(5, int(math.Ceil(d.Seconds())))
 }
 
 // seconds writes d as keepalived's advert_int: seconds with two decimals.
