@@ -628,3 +628,56 @@ func logHA(t testing.TB, name string, st agentpkg.Status) {
 	}
 	t.Logf("%s: role %s, takeovers %d, applied in %.1f ms, %s", name, h.Role, h.Takeovers, 1000*h.TakeoverApplySeconds, gap)
 }
+
+// The master loses one line's link (its cable, not the line: the ISP is
+// still there for the standby): keepalived on it goes to FAULT and the
+// standby takes over every VIP; no flow breaks, those of that line
+// included. The link comes back: the master preempts again, and its agent
+// has reinstalled the line's routes (a link going down deletes them), so
+// again no flow breaks.
+func TestHALineLinkDown(t *testing.T) {
+	p := newHAPair(t, haOptions{})
+	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	fs := openHAFlows(t, p, srv, 40, 20)
+	checkNATSources(t, p, fs)
+	peers := srv.Peers()
+	g1 := p.gw(0)
+	wan := g1.Lines[0].Interface
+
+	start := time.Now()
+	if err := g1.SetLink(wan, false); err != nil {
+		t.Fatal(err)
+	}
+	pushTCP(t, srv, fs)
+	p.waitRole(t, 1, "master")
+	t.Logf("gw1's %s down: gw2 master after %v", wan, time.Since(start).Round(time.Millisecond))
+	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
+		t.Errorf("gw1's %s down, gw2 master: %d broken, %d moved: %v", wan, broken, moved, detail)
+		p.dumpConntrack(t, 1)
+	}
+
+	start = time.Now()
+	if err := g1.SetLink(wan, true); err != nil {
+		t.Fatal(err)
+	}
+	pushTCP(t, srv, fs)
+	p.waitRole(t, 0, "master")
+	p.waitRole(t, 1, "standby")
+	t.Logf("gw1's %s up: gw1 master again after %v", wan, time.Since(start).Round(time.Millisecond))
+	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
+		t.Errorf("gw1's %s up, gw1 master again: %d broken, %d moved: %v", wan, broken, moved, detail)
+		p.dumpConntrack(t, 0)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, _ := g1.Run(ctx, "ip", "route", "show", "table", "all")
+		t.Logf("routes of gw1:\n%s", out)
+	}
+	if now := srv.Peers(); !slices.Equal(now, peers) {
+		t.Errorf("the server saw new sources: %v, before %v", now, peers)
+	}
+	checkHAPins(t, p, 0, fs)
+}

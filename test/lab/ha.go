@@ -651,6 +651,43 @@ func (g *HAGateway) Revive() error {
 	}
 }
 
+// SetLink sets one of the gateway's links up or down (a cable pulled on
+// the gateway's side: its daemons see it) and waits until it has or has
+// lost its carrier.
+func (g *HAGateway) SetLink(ifname string, up bool) error {
+	nh, err := g.Netlink()
+	if err != nil {
+		return err
+	}
+	defer nh.Close()
+	l, err := nh.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("finding %s in %s: %w", ifname, g.Name, err)
+	}
+	if up {
+		err = nh.LinkSetUp(l)
+	} else {
+		err = nh.LinkSetDown(l)
+	}
+	if err != nil {
+		return fmt.Errorf("setting %s in %s up=%v: %w", ifname, g.Name, up, err)
+	}
+	deadline := time.Now().Add(faultTimeout)
+	for {
+		l, err := nh.LinkByName(ifname)
+		if err != nil {
+			return err
+		}
+		if (l.Attrs().OperState == netlink.OperUp) == up {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s in %s still %s after %v", ifname, g.Name, l.Attrs().OperState, faultTimeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // setLinks sets every link of the gateway but lo up or down.
 func (g *HAGateway) setLinks(up bool) error {
 	nh, err := g.Netlink()
