@@ -127,12 +127,12 @@ func conntrackd(c *config.Config) string {
 		fmt.Fprintf(&ignore, "\t\t\tIPv4_address %s\n", a)
 	}
 	return fmt.Sprintf(`# Written by uplinkd ha configs: the master's connections, NAT mappings
-# included, copied to the standby over the sync link.
+# included, copied to the standby over the sync link, straight into its
+# kernel table (no external cache): a takeover has nothing to commit, so
+# no packet meets the new master before it knows the connections.
 Sync {
 	Mode FTFW {
-		DisableExternalCache Off
-		CommitTimeout 1800
-		PurgeTimeout 5
+		DisableExternalCache On
 	}
 	UDP {
 		IPv4_address %s
@@ -169,9 +169,8 @@ General {
 		ConntrackdLock(c.StateDir), ConntrackdSocket(c.StateDir), ignore.String())
 }
 
-// notify is conntrackd's primary-backup sequence, then word to the agent:
-// the new master commits the peer's connections into the kernel before
-// it tells uplinkd, which then reports the takeover.
+// notify is conntrackd's sequence for a pair without external cache,
+// then word to the agent, which then reports the takeover.
 func notify(c *config.Config, p Paths) string {
 	ct := fmt.Sprintf("conntrackd -C %s", filepath.Join(p.Dir, ConntrackdConf))
 	return fmt.Sprintf(`#!/bin/sh
@@ -180,21 +179,21 @@ func notify(c *config.Config, p Paths) string {
 CONNTRACKD="%[1]s"
 UPLINKD="%[2]s ha notify"    # then the state, then -c FILE
 CONFIG="%[3]s"
+# The peer's connections are in the kernel already (DisableExternalCache):
+# nothing to commit, and no "conntrackd -t" on the way down, which would
+# expire them here.
 case "$1" in
 master)
-	$CONNTRACKD -c    # commit the peer's connections into the kernel
-	$CONNTRACKD -f    # flush both caches
-	$CONNTRACKD -R    # resync the internal cache with the kernel
+	$CONNTRACKD -f    # flush the internal cache
+	$CONNTRACKD -R    # resync it with the kernel
 	$CONNTRACKD -B    # send everything to the peer
 	$UPLINKD master -c "$CONFIG"
 	;;
 backup)
-	$CONNTRACKD -t    # shorten the kernel's timers of what this gateway forwarded
 	$CONNTRACKD -n    # ask the new master for its connections
 	$UPLINKD backup -c "$CONFIG"
 	;;
 fault)
-	$CONNTRACKD -t
 	$UPLINKD fault -c "$CONFIG"
 	;;
 *)
