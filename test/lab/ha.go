@@ -223,6 +223,21 @@ func (hl *HALab) build(b *builder) error {
 		if err != nil {
 			return err
 		}
+		// As ISPs do (BCP 38): a packet from the line with a source
+		// that is not the line's is dropped (strict reverse path), so
+		// a flow that leaves by another line than its NAT source's
+		// breaks here as it would in the field.
+		err = isp.Do(func() error {
+			for _, k := range []string{"all", "down0"} {
+				if err := os.WriteFile("/proc/sys/net/ipv4/conf/"+k+"/rp_filter", []byte("1"), 0); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("setting rp_filter in %s: %w", isp.Name, err)
+		}
 		ispNet, srvNet := transit(n)
 		if err := b.addr(isp, up, ispNet); err != nil {
 			return err
@@ -307,6 +322,7 @@ type HAConfigOptions struct {
 	StateDir       string        // required
 	PinDir         string        // default the gateway's PinDir
 	Flows          uint32        // datapath.flow_entries; default 65536
+	Weights        []int         // per line; default 1 each
 	AdvertInterval time.Duration // ha.advert_interval; default 100ms
 	Extra          string        // appended as is (top-level YAML)
 }
@@ -325,9 +341,12 @@ func (hl *HALab) Config(g *HAGateway, o HAConfigOptions) string {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "lan:\n  interfaces: [%s]\nnat: snat\nuplinks:\n", g.LANInterface)
-	for _, u := range g.Lines {
+	for i, u := range g.Lines {
 		fmt.Fprintf(&b, "  - name: %s\n    interface: %s\n    gateway: %s\n    address: %s\n    vip: %s\n",
 			u.Name, u.Interface, u.Gateway, u.Address, u.VIP)
+		if i < len(o.Weights) {
+			fmt.Fprintf(&b, "    weight: %d\n", o.Weights[i])
+		}
 	}
 	fmt.Fprintf(&b, "ha:\n  sync_interface: %s\n  address: %s\n  peer: %s\n  priority: %d\n  virtual_router_id: 51\n  advert_interval: %v\n  lan_vip: %s\n",
 		g.SyncInterface, g.SyncAddress, g.Peer, g.Priority, o.AdvertInterval, hl.LANVIP)
