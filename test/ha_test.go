@@ -19,6 +19,7 @@ import (
 
 	agentpkg "github.com/uplinkd/uplinkd/control/agent"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
+	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/ha"
 	"github.com/uplinkd/uplinkd/loader"
 	"github.com/uplinkd/uplinkd/test/lab"
@@ -747,4 +748,60 @@ func TestHALineLinkDown(t *testing.T) {
 		t.Errorf("the server saw new sources: %v, before %v", now, peers)
 	}
 	checkHAPins(t, p, 0, fs, false)
+}
+
+// The standby's agent takes a line down and back up (the operator's
+// `uplinkd line down`; a health failure does the same) while the master
+// carries the flows: the standby holds the master's connections for a
+// takeover, and taking its line down must not lose them. Then the master
+// fails: no flow breaks.
+func TestHAStandbyLineDown(t *testing.T) {
+	p := newHAPair(t, haOptions{})
+	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	fs := openHAFlows(t, p, srv, 40, 20)
+	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { probe.Close() })
+	checkNATSources(t, p, fs)
+	g2, line := p.gw(1), p.hl.Lines[0].Name
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, cmd := range []string{"down", "up"} {
+		if out, err := g2.Run(ctx, uplinkd, "line", cmd, line, "-c", p.cfgs[1]); err != nil {
+			t.Fatalf("uplinkd line %s %s on gw2: %v\n%s", cmd, line, err, out)
+		}
+	}
+	p.agents[1].waitFor(t, line+" up again on gw2", func() bool {
+		st, err := p.agents[1].tryStatus()
+		if err != nil {
+			return false
+		}
+		for _, l := range st.Lines {
+			if l.Name == line {
+				return l.Usable
+			}
+		}
+		return false
+	})
+	for _, e := range p.agents[1].events() {
+		if e.Kind == events.ConntrackFlush {
+			t.Logf("gw2: %s %s %v", e.Line, e.Msg, e.Fields)
+		}
+	}
+	pushTCP(t, srv, fs)
+	if broken, moved, detail := checkHAFlows(srv, fs, 5*time.Second); broken+moved > 0 {
+		t.Fatalf("through gw1, after gw2's line went down and up: %d broken, %d moved: %v", broken, moved, detail)
+	}
+	r := takeover(t, p, srv, fs, probe, 0, 1)
+	t.Logf("takeover by gw2: master after %v; %d/%d flows broken, %d moved", r.role.Round(time.Millisecond), r.broken, len(fs), r.moved)
+	if r.broken+r.moved > 0 {
+		t.Errorf("takeover after gw2's line went down and up: %d broken, %d moved: %v", r.broken, r.moved, r.detail)
+	}
+	checkHAPins(t, p, 1, fs, true)
 }
