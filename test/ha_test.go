@@ -442,7 +442,7 @@ func takeover(t testing.TB, p *haPair, srv *lab.EchoServer, fs []*haFlow, probe 
 	pushTCP(t, srv, fs)
 	// The client-first UDP flows keep talking through the takeover, a
 	// datagram every 10 ms (voice, games): theirs reach the new master
-	// while the VIPs move, before and after conntrackd's commit. Their
+	// while the VIPs move, before and after its notify script ran. Their
 	// echoes are skipped by the checks' queries.
 	chatting := make(chan struct{})
 	var chatters sync.WaitGroup
@@ -469,6 +469,12 @@ func takeover(t testing.TB, p *haPair, srv *lab.EchoServer, fs []*haFlow, probe 
 	}()
 	go func() {
 		for time.Since(at) < agentWait {
+			select {
+			case <-chatting: // takeover returned (or failed the test)
+				answered <- time.Time{}
+				return
+			default:
+			}
 			if _, err := probe.Query([]byte(fmt.Sprint("probe ", time.Now().UnixNano())), 20*time.Millisecond); err == nil {
 				answered <- time.Now()
 				return
@@ -478,7 +484,7 @@ func takeover(t testing.TB, p *haPair, srv *lab.EchoServer, fs []*haFlow, probe 
 	}()
 	p.agents[to].waitFor(t, "master", func() bool { return p.role(to) == "master" })
 	r.role = time.Since(at)
-	time.Sleep(200 * time.Millisecond) // chat on past conntrackd's commit
+	time.Sleep(200 * time.Millisecond) // chat on past the notify script
 	if a := <-answered; !a.IsZero() {
 		r.answer = a.Sub(at)
 	}
