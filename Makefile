@@ -13,9 +13,10 @@ BIN        := bin/uplinkd
 MODULE     := github.com/uplinkd/uplinkd
 GOTEST     ?= $(GO) test -count=1 -timeout 20m
 # Debian packages: the tools tests and the demo call (ip, tc, nft, bpftool,
-# conntrack, ping, iperf3, modprobe), the pinned clang for `make generate`,
+# conntrack, ping, iperf3, modprobe; keepalived and conntrackd for the HA
+# pair's lab), the pinned clang for `make generate`,
 # and what boots the kernel matrix (QEMU, a static busybox for the initrd).
-RUN_PKGS   := iproute2 nftables bpftool conntrack iputils-ping iperf3 kmod
+RUN_PKGS   := iproute2 nftables bpftool conntrack iputils-ping iperf3 kmod keepalived conntrackd
 GEN_PKGS   := clang-19 llvm-19
 VM_PKGS    := qemu-system-x86 busybox-static cpio kmod xz-utils zstd
 # The kernel matrix: Debian 12's 6.1, bookworm-backports' 6.12, and the

@@ -171,10 +171,16 @@ func (a *agent) waitFor(t testing.TB, what string, ok func() bool) {
 // state.
 func startAgent(t testing.TB, l *lab.Lab, cfg string) *agent {
 	t.Helper()
-	a := spawnAgent(t, l, cfg)
+	return startAgentIn(t, l.Gateway, cfg)
+}
+
+// startAgentIn is startAgent in gateway host h (e.g. one of an HA pair).
+func startAgentIn(t testing.TB, h *lab.Host, cfg string) *agent {
+	t.Helper()
+	a := spawnAgentIn(t, h, cfg)
 	t.Cleanup(func() {
 		a.stop(t)
-		if out, err := l.Gateway.Run(context.Background(), uplinkd, "down", "-c", cfg); err != nil {
+		if out, err := h.Run(context.Background(), uplinkd, "down", "-c", cfg); err != nil {
 			t.Errorf("uplinkd down: %v\n%s", err, out)
 		}
 		if t.Failed() {
@@ -188,12 +194,18 @@ func startAgent(t testing.TB, l *lab.Lab, cfg string) *agent {
 // spawnAgent starts the agent process; the caller stops it.
 func spawnAgent(t testing.TB, l *lab.Lab, cfg string) *agent {
 	t.Helper()
+	return spawnAgentIn(t, l.Gateway, cfg)
+}
+
+// spawnAgentIn is spawnAgent in gateway host h.
+func spawnAgentIn(t testing.TB, h *lab.Host, cfg string) *agent {
+	t.Helper()
 	c, err := config.Load(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	a := &agent{log: &syncBuffer{}, done: make(chan error, 1), stateDir: c.StateDir}
-	a.cmd = l.Gateway.Command(context.Background(), uplinkd, "run", "-c", cfg)
+	a.cmd = h.Command(context.Background(), uplinkd, "run", "-c", cfg)
 	a.cmd.Stdout, a.cmd.Stderr = a.log, a.log
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)

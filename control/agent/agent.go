@@ -488,7 +488,14 @@ func (a *Agent) Apply() (Report, error) {
 			// Its NAT source: the VIP in an HA pair (the own address
 			// too, for the gateway's own connections).
 			addrs := []netip.Addr{l.Address.Addr()}
-			if l.NATAddr() != l.Address.Addr() {
+			// In an HA pair, not the VIP's on the standby (its table
+			// holds the master's connections, synced for a takeover), nor
+			// when the line lost this gateway's link or carrier:
+			// keepalived (track_interface) hands the VIPs to the peer,
+			// which carries the line's flows, and the flush would reach
+			// it through conntrackd (destroy events).
+			keepVIP := a.cfg.HA != nil && (a.ha.role != RoleMaster || !l.Carrier)
+			if l.NATAddr() != l.Address.Addr() && !keepVIP {
 				addrs = append([]netip.Addr{l.NATAddr()}, addrs...)
 			}
 			for _, addr := range addrs {

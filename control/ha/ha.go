@@ -10,6 +10,7 @@ package ha
 
 import (
 	"fmt"
+	"math"
 	"path/filepath"
 	"strings"
 	"time"
@@ -85,8 +86,12 @@ vrrp_instance uplinkd {
     virtual_router_id %d
     priority %d
     advert_int %s
+    # A gateway that comes back (after a start, or a fault of its own)
+    # takes the VIPs back only once its lines have passed uplinkd's
+    # health.up_after rounds and conntrackd has the peer's connections.
+    preempt_delay %d
     track_interface {
-`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval))
+`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), preemptDelay(c))
 	for _, ifname := range c.LAN.Interfaces {
 		fmt.Fprintf(&b, "        %s\n", ifname)
 	}
@@ -122,12 +127,12 @@ func conntrackd(c *config.Config) string {
 		fmt.Fprintf(&ignore, "\t\t\tIPv4_address %s\n", a)
 	}
 	return fmt.Sprintf(`# Written by uplinkd ha configs: the master's connections, NAT mappings
-# included, copied to the standby over the sync link.
+# included, copied to the standby over the sync link, straight into its
+# kernel table (no external cache): a takeover has nothing to commit, so
+# no packet meets the new master before it knows the connections.
 Sync {
 	Mode FTFW {
-		DisableExternalCache Off
-		CommitTimeout 1800
-		PurgeTimeout 5
+		DisableExternalCache On
 	}
 	UDP {
 		IPv4_address %s
@@ -164,32 +169,32 @@ General {
 		ConntrackdLock(c.StateDir), ConntrackdSocket(c.StateDir), ignore.String())
 }
 
-// notify is conntrackd's primary-backup sequence, then word to the agent:
-// the new master commits the peer's connections into the kernel before
-// it tells uplinkd, which then reports the takeover.
+// notify is conntrackd's sequence for a pair without external cache,
+// then word to the agent, which then reports the takeover.
 func notify(c *config.Config, p Paths) string {
 	ct := fmt.Sprintf("conntrackd -C %s", filepath.Join(p.Dir, ConntrackdConf))
 	return fmt.Sprintf(`#!/bin/sh
 # Written by uplinkd ha configs: keepalived runs it at every VRRP
 # transition of this gateway, with the new state as $1.
 CONNTRACKD="%[1]s"
-UPLINKD="%[2]s ha notify -c %[3]s"
+UPLINKD="%[2]s ha notify"    # then the state, then -c FILE
+CONFIG="%[3]s"
+# The peer's connections are in the kernel already (DisableExternalCache):
+# nothing to commit, and no "conntrackd -t" on the way down, which would
+# expire them here.
 case "$1" in
 master)
-	$CONNTRACKD -c    # commit the peer's connections into the kernel
-	$CONNTRACKD -f    # flush both caches
-	$CONNTRACKD -R    # resync the internal cache with the kernel
+	$CONNTRACKD -f    # flush the internal cache
+	$CONNTRACKD -R    # resync it with the kernel
 	$CONNTRACKD -B    # send everything to the peer
-	$UPLINKD master
+	$UPLINKD master -c "$CONFIG"
 	;;
 backup)
-	$CONNTRACKD -t    # shorten the kernel's timers of what this gateway forwarded
 	$CONNTRACKD -n    # ask the new master for its connections
-	$UPLINKD backup
+	$UPLINKD backup -c "$CONFIG"
 	;;
 fault)
-	$CONNTRACKD -t
-	$UPLINKD fault
+	$UPLINKD fault -c "$CONFIG"
 	;;
 *)
 	echo "usage: $0 master|backup|fault" >&2
@@ -198,6 +203,15 @@ fault)
 esac
 exit 0
 `, ct, p.Uplinkd, p.ConfigFile)
+}
+
+// preemptDelay is keepalived's preempt_delay in seconds: up_after health
+// rounds and two more (a line whose link comes back is not usable
+// before: flows of its VIP would be moved or reset), at least 5 s for
+// conntrackd's resync.
+func preemptDelay(c *config.Config) int {
+	d := time.Duration(c.Health.UpAfter+2) * c.Health.Interval
+	return max(5, int(math.Ceil(d.Seconds())))
 }
 
 // seconds writes d as keepalived's advert_int: seconds with two decimals.

@@ -47,7 +47,7 @@ func TestRender(t *testing.T) {
 			"LockFile /run/uplinkd-gw1/conntrackd.lock", "Path /run/uplinkd-gw1/conntrackd.ctl",
 			"IPv4_address 198.51.100.2\n", "IPv4_address 198.51.100.18\n"},
 		NotifyScript: {"#!/bin/sh", `CONNTRACKD="conntrackd -C /etc/uplinkd/ha/conntrackd.conf"`,
-			`UPLINKD="/usr/sbin/uplinkd ha notify -c /etc/uplinkd/uplinkd.yaml"`},
+			`UPLINKD="/usr/sbin/uplinkd ha notify"`, `CONFIG="/etc/uplinkd/uplinkd.yaml"`, `$UPLINKD master -c "$CONFIG"`},
 	} {
 		for _, w := range want {
 			if !strings.Contains(f[file], w) {
@@ -55,10 +55,20 @@ func TestRender(t *testing.T) {
 			}
 		}
 	}
+	// The standby holds the peer's connections in its kernel (no external
+	// cache): the new master resyncs and sends a bulk update before it
+	// tells the agent, and nothing shortens the kernel's timers (-t would
+	// expire the synced connections).
 	master := f[NotifyScript][strings.Index(f[NotifyScript], "master)"):]
 	master = master[:strings.Index(master, ";;")]
-	if c, u := strings.Index(master, "$CONNTRACKD -c"), strings.Index(master, "$UPLINKD master"); c < 0 || u < c {
-		t.Errorf("master: want the commit before the agent is told:\n%s", master)
+	if b, u := strings.Index(master, "$CONNTRACKD -B"), strings.Index(master, "$UPLINKD master"); b < 0 || u < b {
+		t.Errorf("master: want the bulk update before the agent is told:\n%s", master)
+	}
+	if strings.Contains(f[NotifyScript], "$CONNTRACKD -t") || strings.Contains(f[NotifyScript], "$CONNTRACKD -c") {
+		t.Errorf("notify script commits or shortens timers:\n%s", f[NotifyScript])
+	}
+	if !strings.Contains(f[ConntrackdConf], "DisableExternalCache On") {
+		t.Errorf("conntrackd keeps an external cache:\n%s", f[ConntrackdConf])
 	}
 	// The VIPs are not conntrackd's to ignore: flows NAT'd to them are
 	// what it syncs.

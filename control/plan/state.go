@@ -138,11 +138,12 @@ type NAT struct {
 	// seed's -s NWI/NMI); none known, no such check.
 	LANSubnets []netip.Prefix
 	// HAGuard drops, on every line and LAN interface, new TCP connections
-	// that do not start with a SYN. In an HA pair keepalived moves the VIPs
-	// before the new master's notify script commits the synced
-	// connections: a segment in that gap would make a fresh conntrack entry
-	// that clashes with the committed one (the kernel would re-map the
-	// server's port, or NAT the client's anew); dropped, it is resent.
+	// that do not start with a SYN, and on every line new UDP flows to
+	// its VIP. In an HA pair a segment or datagram of a connection the new
+	// master does not know yet (not synced, or not committed) would make a
+	// fresh conntrack entry that clashes with the synced one (the kernel
+	// would re-map the server's port, or NAT the client's anew); dropped,
+	// it is resent.
 	HAGuard bool
 }
 

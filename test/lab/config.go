@@ -70,7 +70,7 @@ func (l *Lab) PinDir() string { return "/sys/fs/bpf/uplinkd-" + l.Prefix }
 func HostOf(prefix, name string) (*Host, error) {
 	h := &Host{Name: prefix + "-" + name}
 	if !nsRE.MatchString(h.Name) {
-		return nil, fmt.Errorf("no lab host %q: want gw, sw, srv, cN or ispN", name)
+		return nil, fmt.Errorf("no lab host %q: want gw, gwN, sw, srv, cN or ispN", name)
 	}
 	return h, nil
 }

@@ -350,3 +350,82 @@ func TestDoLeavesNoThreadBehind(t *testing.T) {
 		}
 	}
 }
+
+// The HA lab: two gateways on the LAN bridge and on each line's bridge, a
+// sync link between them, every segment reachable; a hard failure takes
+// a gateway off every segment and Revive brings it back.
+func TestHATopology(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to create network namespaces")
+	}
+	t.Parallel()
+	hl, err := NewHA(HAOptions{Clients: 2})
+	if err != nil {
+		t.Fatalf("NewHA: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := hl.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
+	want := []string{"c1", "c2", "gw1", "gw2", "isp1", "isp2", "srv", "sw"}
+	for i := range want {
+		want[i] = hl.Prefix + "-" + want[i]
+	}
+	if got := labNamespaces(t, hl.Prefix); !slices.Equal(got, want) {
+		t.Fatalf("namespaces = %v, want %v", got, want)
+	}
+	g1, g2 := hl.Gateways[0], hl.Gateways[1]
+	reach := func(from *Host, to netip.Addr) error {
+		return eventually(3, func() error { return Ping(from, to, time.Second) })
+	}
+	for _, g := range hl.Gateways {
+		if err := reach(g.Host, hl.Other(g).SyncAddress); err != nil {
+			t.Errorf("sync link: %v", err)
+		}
+		for i, u := range g.Lines {
+			if err := reach(g.Host, u.Gateway); err != nil {
+				t.Errorf("%s → ISP %d: %v", g.Name, i+1, err)
+			}
+			if err := reach(g.Host, hl.Other(g).Lines[i].Address.Addr()); err != nil {
+				t.Errorf("%s → the other gateway on line %d: %v", g.Name, i+1, err)
+			}
+		}
+		for _, c := range hl.Clients {
+			if err := reach(c, g.LANAddress.Addr()); err != nil {
+				t.Errorf("client → %s: %v", g.Name, err)
+			}
+		}
+	}
+	for i, isp := range hl.ISPs {
+		if err := reach(isp, hl.ServerAddrs[0]); err != nil {
+			t.Errorf("ISP %d → server: %v", i+1, err)
+		}
+	}
+	if hl.HasVIP(g1) || hl.HasVIP(g2) {
+		t.Error("a gateway holds the LAN VIP without keepalived")
+	}
+
+	if _, err := hl.HardFail(g1); err != nil {
+		t.Fatalf("HardFail: %v", err)
+	}
+	if err := Ping(g2.Host, g1.SyncAddress, 300*time.Millisecond); err == nil {
+		t.Error("gw1 answers on the sync link after its hard failure")
+	}
+	if err := g1.Revive(); err != nil {
+		t.Fatalf("Revive: %v", err)
+	}
+	if err := reach(g2.Host, g1.SyncAddress); err != nil {
+		t.Errorf("sync link after Revive: %v", err)
+	}
+	if err := reach(g1.Host, g1.Lines[0].Gateway); err != nil {
+		t.Errorf("gw1 → ISP 1 after Revive: %v", err)
+	}
+
+	if err := hl.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if left := labNamespaces(t, hl.Prefix); len(left) != 0 {
+		t.Errorf("namespaces left after Close: %v", left)
+	}
+}

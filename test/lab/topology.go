@@ -48,6 +48,7 @@ type Line struct {
 	Interface string       // gateway interface: "wan1", "wan2", ...
 	Address   netip.Prefix // gateway address, e.g. 198.51.100.2/28
 	Gateway   netip.Addr   // ISP router address, e.g. 198.51.100.1
+	VIP       netip.Prefix // in an HA lab: the line's virtual address (the NAT source); zero otherwise
 }
 
 // Lab is a built topology. Close removes it.
@@ -66,7 +67,7 @@ type Lab struct {
 
 var (
 	prefixRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$`)
-	nsRE     = regexp.MustCompile(`^(.+)-(gw|sw|srv|c[0-9]+|isp[0-9]+)$`)
+	nsRE     = regexp.MustCompile(`^(.+)-(gw|gw[0-9]+|sw|srv|c[0-9]+|isp[0-9]+)$`)
 )
 
 // ClientAddr returns client i's (1-based) LAN address, 192.0.2.(10+i)/24.
@@ -201,8 +202,8 @@ func (l *Lab) hosts() []*Host {
 	return out
 }
 
-// Remove deletes every lab namespace named <prefix>-gw, -sw, -srv, -cN or
-// -ispN, e.g. left over by a killed run. It refuses an empty prefix.
+// Remove deletes every lab namespace named <prefix>-gw, -gwN, -sw, -srv,
+// -cN or -ispN, e.g. left over by a killed run. It refuses an empty prefix.
 func Remove(prefix string) error {
 	if prefix == "" {
 		return errors.New("refusing to remove labs with an empty prefix")
@@ -301,7 +302,7 @@ func (b *builder) host(suffix string) (*Host, error) {
 	if err != nil {
 		return h, fmt.Errorf("bringing up lo in %s: %w", h.Name, err)
 	}
-	if suffix == "gw" {
+	if suffix == "gw" || gatewayRE.MatchString(suffix) {
 		return h, nil // the agent under test owns the gateway's sysctls
 	}
 	sysctls := map[string]string{

@@ -93,6 +93,36 @@ func (s *EchoServer) Close() error {
 	return err
 }
 
+// Push writes data on the server's end of the TCP connection from peer
+// (the source the server saw): the server speaks first.
+func (s *EchoServer) Push(peer netip.AddrPort, data []byte) error {
+	var c net.Conn
+	s.mu.Lock()
+	for conn := range s.conns {
+		if a := conn.RemoteAddr().(*net.TCPAddr).AddrPort(); netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) == peer {
+			c = conn
+		}
+	}
+	s.mu.Unlock()
+	if c == nil {
+		return fmt.Errorf("no TCP connection from %s", peer)
+	}
+	if _, err := c.Write(data); err != nil {
+		return fmt.Errorf("pushing to %s: %w", peer, err)
+	}
+	return nil
+}
+
+// PushUDP sends peer a datagram it did not ask for: "SRC peer\n" and
+// data, as if it answered a query of data.
+func (s *EchoServer) PushUDP(peer netip.AddrPort, data []byte) error {
+	msg := append([]byte(fmt.Sprintf("SRC %s\n", peer)), data...)
+	if _, err := s.udp.WriteToUDPAddrPort(msg, peer); err != nil {
+		return fmt.Errorf("pushing to %s: %w", peer, err)
+	}
+	return nil
+}
+
 func (s *EchoServer) seen(p netip.AddrPort) netip.AddrPort {
 	p = netip.AddrPortFrom(p.Addr().Unmap(), p.Port())
 	s.mu.Lock()
@@ -260,6 +290,26 @@ func (f *UDPFlow) Query(payload []byte, timeout time.Duration) (netip.AddrPort, 
 			continue // stale or foreign reply; the deadline bounds this loop
 		}
 		return parseSRC(string(line))
+	}
+}
+
+// Receive waits up to timeout for the datagram the server pushed with
+// payload (EchoServer.PushUDP), skipping others, and returns the source
+// the server addressed it to.
+func (f *UDPFlow) Receive(payload []byte, timeout time.Duration) (netip.AddrPort, error) {
+	if err := f.Conn.SetDeadline(time.Now().Add(timeout)); err != nil {
+		return netip.AddrPort{}, err
+	}
+	buf := make([]byte, len(payload)+64)
+	for {
+		n, err := f.Conn.Read(buf)
+		if err != nil {
+			return netip.AddrPort{}, fmt.Errorf("waiting for a push from %s: %w", f.Conn.RemoteAddr(), err)
+		}
+		line, rest, ok := bytes.Cut(buf[:n], []byte("\n"))
+		if ok && bytes.Equal(rest, payload) {
+			return parseSRC(string(line))
+		}
 	}
 }
 
