@@ -130,9 +130,9 @@ static __always_inline enum ul_reason flow_steer_new(struct __sk_buff *skb,
 	 * about 300 ns, a third of a new flow): it skips the lookup. Any other
 	 * TCP segment of a connection conntrack does not know either is not
 	 * pinned: picking a line would be a guess, and a wrong one breaks the
-	 * connection for good. After an HA takeover that is a segment arriving
-	 * before conntrackd committed the connection here; it passes unmarked,
-	 * the HA guard rule drops it, and its retransmission finds the entry. */
+	 * connection for good. After an HA takeover that is a segment of a
+	 * connection conntrackd had not synced here yet: it passes unmarked,
+	 * and the HA guard rule drops it. */
 	if (tcp_opens(skb, key, l4_off)) {
 		line = UL_NO_LINE;
 	} else {

@@ -283,12 +283,6 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		)
 	}
-	if r.UDP {
-		e = append(e,
-			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
-		)
-	}
 	if r.TCP && r.NotSYN {
 		e = append(e,
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
@@ -304,14 +298,7 @@ func ruleExprs(r plan.NFTRule) []expr.Any {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: r.Src.Masked().Addr().AsSlice()},
 		)
 	}
-	if r.Dst.IsValid() {
-		e = append(e,
-			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: r.Dst.AsSlice()},
-		)
-	}
+
 	e = append(e, &expr.Counter{})
 	switch r.Action {
 	case plan.NFTMasquerade:

@@ -112,11 +112,9 @@ type NFTRule struct {
 	Mark     uint32 // with MarkMask: match meta mark & MarkMask == Mark
 	MarkMask uint32
 	TCP      bool         // match meta l4proto tcp
-	UDP      bool         // match meta l4proto udp
 	NotSYN   bool         // with TCP: match a segment that is not a plain SYN (tcp flags & (syn|ack) != syn)
 	IPv4     bool         // match meta nfproto ipv4
 	Src      netip.Prefix // match ip saddr (IPv4); zero: any
-	Dst      netip.Addr   // match ip daddr (IPv4); zero: any
 	Action   string       // NFTMasquerade, NFTSNAT, NFTAccept, NFTDrop, NFTReset, NFTReturn or NFTJumpLANSrc
 	SNATTo   netip.Addr   // NFTSNAT only
 	Why      string       // the start of the rule's comment in the kernel
@@ -170,14 +168,8 @@ func (r NFTRule) Text() string {
 	case r.TCP:
 		parts = append(parts, "meta l4proto tcp")
 	}
-	if r.UDP {
-		parts = append(parts, "meta l4proto udp")
-	}
 	if r.Src.IsValid() {
 		parts = append(parts, "ip saddr "+r.Src.String())
-	}
-	if r.Dst.IsValid() {
-		parts = append(parts, "ip daddr "+r.Dst.String())
 	}
 	parts = append(parts, "counter")
 	if r.Action == NFTSNAT {
@@ -212,15 +204,11 @@ func NFTRules(n NAT) []NFTRule {
 	if n.HAGuard {
 		for _, l := range n.Lines {
 			rs = append(rs, NFTRule{Chain: ChainPrerouting, Iif: l.Interface, CtState: "new", TCP: true, NotSYN: true, Action: NFTDrop,
-				Why: "uplinkd: HA: a TCP segment from " + l.Line + " that is not part of a known connection yet (after a takeover, before conntrackd's commit) would make a clashing entry"})
-			if l.Address.IsValid() {
-				rs = append(rs, NFTRule{Chain: ChainPrerouting, Iif: l.Interface, CtState: "new", UDP: true, Dst: l.Address, Action: NFTDrop,
-					Why: "uplinkd: HA: a UDP datagram from " + l.Line + " to its VIP that is not part of a known flow yet (after a takeover, before conntrackd's commit) would make a clashing entry"})
-			}
+				Why: "uplinkd: HA: a TCP segment from " + l.Line + " that is not part of a known connection yet (after a takeover, not synced) would make a clashing entry"})
 		}
 		for _, lan := range n.LAN {
 			rs = append(rs, NFTRule{Chain: ChainPrerouting, Iif: lan, CtState: "new", TCP: true, NotSYN: true, Action: NFTDrop,
-				Why: "uplinkd: HA: a TCP segment from " + lan + " that is not part of a known connection yet (after a takeover, before conntrackd's commit) would be NAT'd anew"})
+				Why: "uplinkd: HA: a TCP segment from " + lan + " that is not part of a known connection yet (after a takeover, not synced) would be NAT'd anew"})
 		}
 	}
 	if n.Mode != "none" {

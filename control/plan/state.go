@@ -138,12 +138,11 @@ type NAT struct {
 	// seed's -s NWI/NMI); none known, no such check.
 	LANSubnets []netip.Prefix
 	// HAGuard drops, on every line and LAN interface, new TCP connections
-	// that do not start with a SYN, and on every line new UDP flows to
-	// its VIP. In an HA pair a segment or datagram of a connection the new
-	// master does not know yet (not synced, or not committed) would make a
-	// fresh conntrack entry that clashes with the synced one (the kernel
-	// would re-map the server's port, or NAT the client's anew); dropped,
-	// it is resent.
+	// that do not start with a SYN. In an HA pair the standby holds the
+	// master's connections in its kernel (conntrackd without external
+	// cache); a segment of one it does not hold (not synced yet) would make
+	// a fresh conntrack entry after a takeover that breaks the connection
+	// (the kernel would re-map the server's port, or NAT the client anew).
 	HAGuard bool
 }
 
