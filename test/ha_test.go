@@ -586,19 +586,22 @@ func TestHATakeover(t *testing.T) {
 				t.Errorf("takeover: %d broken, %d moved: %v", r.broken, r.moved, r.detail)
 				p.dumpConntrack(t, 1)
 			}
-			samePeers("takeover")
-			// keepalived's notify script told the new master's agent
-			// (after conntrackd's commit).
-			p.agents[1].waitFor(t, "notified master", func() bool {
-				st, err := p.agents[1].tryStatus()
-				return err == nil && st.HA != nil && st.HA.Notified == "master"
-			})
-			checkCounting(t, p, srv, fs, 1, checkHAPins(t, p, 1, fs, true))
-			if st := p.agents[1].status(t); st.HA == nil || st.HA.Takeovers < 1 {
-				t.Errorf("gw2's status after the takeover: %+v, want ha.takeovers >= 1", st.HA)
-			} else {
-				logHA(t, "gw2", st)
+			newMaster := func(what string, gw int) {
+				samePeers(what)
+				// keepalived's notify script told the new master's agent.
+				p.agents[gw].waitFor(t, "notified master", func() bool {
+					st, err := p.agents[gw].tryStatus()
+					return err == nil && st.HA != nil && st.HA.Notified == "master"
+				})
+				checkCounting(t, p, srv, fs, gw, checkHAPins(t, p, gw, fs, true))
+				name := fmt.Sprintf("gw%d", gw+1)
+				if st := p.agents[gw].status(t); st.HA == nil || st.HA.Takeovers < 1 {
+					t.Errorf("%s's status after the %s: %+v, want ha.takeovers >= 1", name, what, st.HA)
+				} else {
+					logHA(t, name, st)
+				}
 			}
+			newMaster("takeover", 1)
 
 			// Fail-back: gw1 comes back and preempts (priority 150).
 			start := time.Now()
@@ -614,17 +617,7 @@ func TestHATakeover(t *testing.T) {
 				t.Errorf("fail-back: %d broken, %d moved: %v", broken, moved, detail)
 				p.dumpConntrack(t, 0)
 			}
-			samePeers("fail-back")
-			p.agents[0].waitFor(t, "notified master", func() bool {
-				st, err := p.agents[0].tryStatus()
-				return err == nil && st.HA != nil && st.HA.Notified == "master"
-			})
-			checkCounting(t, p, srv, fs, 0, checkHAPins(t, p, 0, fs, true))
-			if st := p.agents[0].status(t); st.HA == nil || st.HA.Takeovers < 1 {
-				t.Errorf("gw1's status after the fail-back: %+v, want ha.takeovers >= 1", st.HA)
-			} else {
-				logHA(t, "gw1", st)
-			}
+			newMaster("fail-back", 0)
 			for _, l := range p.agents[1].status(t).Lines {
 				if !l.Usable || l.Health != "up" {
 					t.Errorf("gw2, standby again: line %s is not usable and up: %+v", l.Name, l)
