@@ -65,7 +65,7 @@ vmtest-all: deps vm-deps ## the kernel matrix (KERNELS), one summary line per ke
 	test/vm/matrix.sh $(KERNELS)
 
 .PHONY: bench
-bench: deps bpffs ## benchmarks, then one table of every figure: ns/packet vs an empty program (test run and real traffic), new flows (1M-flow map), `uplinkd flows` over 1M flows (time, peak RSS), forwarding K vs U vs M (kernel multipath alone, the datapath, mwan3-style: TCP 1/4 streams, 64-byte UDP, medians of 9 alternating rounds, ratios to K), failover and recovery times, agent CPU and memory
+bench: deps bpffs ## benchmarks, then one table of every figure: ns/packet vs an empty program (test run and real traffic), new flows (1M-flow map), `uplinkd flows` over 1M flows (time, peak RSS), forwarding K vs U vs M (kernel multipath alone, the datapath, mwan3-style: TCP 1/4 streams, 64-byte UDP, medians of 9 alternating rounds, ratios to K), failover and recovery times, agent CPU and memory, HA takeover time and flows broken
 	@bash -o pipefail -c '{ \
 		$(GO) test -count=1 -run "^$$" -bench . -benchtime 20000x ./loader/ && \
 		$(GO) test -count=1 -run "^$$" -bench . -benchtime 3x ./control/flows/ && \
