@@ -811,3 +811,33 @@ func TestHAStandbyLineDown(t *testing.T) {
 	}
 	checkHAPins(t, p, 1, fs, true)
 }
+
+// The master's agent dies (kill -9) while keepalived and conntrackd run
+// on: its track script (uplinkd ha check) fails, keepalived faults and
+// the standby takes over, with every flow. A restarted agent brings the
+// gateway back as standby, and then master again after the preempt delay.
+func TestHAAgentDeathHandsOver(t *testing.T) {
+	p := newHAPair(t, haOptions{})
+	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	fs := openHAFlows(t, p, srv, 20, 10)
+	checkNATSources(t, p, fs)
+	start := time.Now()
+	p.agents[0].kill9(t)
+	p.waitRole(t, 1, "master")
+	t.Logf("gw1's agent killed: gw2 master after %v", time.Since(start).Round(time.Millisecond))
+	pushTCP(t, srv, fs)
+	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
+		t.Errorf("after gw1's agent died: %d broken, %d moved: %v", broken, moved, detail)
+	}
+	p.startAgent(t, 0)
+	p.waitRole(t, 0, "master")
+	p.waitRole(t, 1, "standby")
+	pushTCP(t, srv, fs)
+	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
+		t.Errorf("after gw1's agent came back: %d broken, %d moved: %v", broken, moved, detail)
+	}
+}

@@ -23,15 +23,17 @@ import (
 // (keepalived's notify script telling the agent of a transition).
 func cmdHA(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return usageError{errors.New("ha: want ha configs -c FILE [-o DIR], or ha notify master|backup|fault -c FILE")}
+		return usageError{errors.New("ha: want ha configs -c FILE [-o DIR], ha notify master|backup|fault -c FILE, or ha check -c FILE")}
 	}
 	switch args[0] {
 	case "configs":
 		return cmdHAConfigs(args[1:], stdout, stderr)
+	case "check":
+		return cmdHACheck(args[1:], stdout, stderr)
 	case "notify":
 		return cmdHANotify(args[1:], stdout, stderr)
 	}
-	return usageError{fmt.Errorf("ha: unknown command %q (configs, notify)", args[0])}
+	return usageError{fmt.Errorf("ha: unknown command %q (configs, notify, check)", args[0])}
 }
 
 // haPaths is where the configs go and what the notify script calls.
@@ -150,4 +152,25 @@ func cmdHANotify(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("ha notify: no agent runs with state dir %s", cfg.StateDir)
 	}
 	return err
+}
+
+// cmdHACheck is keepalived's track script: exit 0 while the agent runs
+// and has applied its config (it answers over the control socket within a
+// second), 1 otherwise; without it a gateway must not hold the VIPs.
+func cmdHACheck(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("ha check", flag.ContinueOnError)
+	file := fs.String("c", "", "config `file`: its state_dir names the agent")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	cfg, err := optionalConfig(*file)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if _, err := ctlsock.Call(ctx, cfg.StateDir, ctlsock.Request{Cmd: "ping"}); err != nil {
+		return fmt.Errorf("ha check: the agent of %s does not answer: %w", cfg.StateDir, err)
+	}
+	return nil
 }

@@ -508,6 +508,23 @@ func (a *Agent) Apply() (Report, error) {
 		}
 	}
 	a.usable = usable
+	if a.ha.pending {
+		// Just became master: the connections synced from the peer of a
+		// line that does not serve here would keep their VIP's NAT while
+		// the datapath sends their UDP by another line (with the wrong
+		// source), and their TCP keeps waiting: they go, as on a line
+		// going down. A line without carrier here keeps them (as above).
+		for _, l := range lines {
+			if l.Serving() || !l.Carrier || !l.VIPPrefix.IsValid() {
+				continue
+			}
+			n, err := a.k.FlushConntrack(l.VIPPrefix.Addr())
+			if err != nil {
+				errs = append(errs, err)
+			}
+			a.events.Add(events.ConntrackFlush, l.Name, "conntrack flushed", "address", l.VIPPrefix.Addr(), "entries", n, "why", "not serving at a takeover")
+		}
+	}
 	if err := a.syncProbes(); err != nil {
 		errs = append(errs, err)
 	}

@@ -453,3 +453,57 @@ func TestNoCarrier(t *testing.T) {
 		}
 	}
 }
+
+// In an HA pair: the agent is master while the LAN VIP is here. Becoming
+// master flushes the synced connections of a line that does not serve
+// here (by its VIP), and only those; a takeover is counted.
+func TestHATakeoverFlushesOnlyDeadLines(t *testing.T) {
+	k := newFake()
+	const pair = `lan: {interfaces: [lan0]}
+nat: snat
+uplinks:
+  - {name: dsl1, interface: wan1, gateway: 198.51.100.1, address: 198.51.100.2/28, vip: 198.51.100.4/28}
+  - {name: dsl2, interface: wan2, gateway: 198.51.100.17, address: 198.51.100.18/28, vip: 198.51.100.20/28}
+ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip: 192.0.2.1/24}
+datapath: {pin_dir: /sys/fs/bpf/uplinkd-unit-test-unused}
+`
+	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")}
+	a := fakeAgent(t, pair, k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if a.ha.role != RoleStandby {
+		t.Fatalf("role %q without the LAN VIP, want standby", a.ha.role)
+	}
+	a.lines[0].Healthy = false // dsl1 dead here (by its probes)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(k.log, "flush 198.51.100.4") {
+		t.Fatalf("log %v: the standby flushed the master's connections (dsl1's VIP)", k.log)
+	}
+	k.log = nil
+	k.addrs["lan0"] = append(k.addrs["lan0"], netip.MustParsePrefix("192.0.2.1/24"))
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if a.ha.role != RoleMaster || a.ha.takeovers != 1 || a.ha.pending {
+		t.Errorf("after the VIP came: role %q, %d takeovers, pending %v; want master, 1, false", a.ha.role, a.ha.takeovers, a.ha.pending)
+	}
+	var flushed []string
+	for _, e := range k.log {
+		if strings.HasPrefix(e, "flush ") {
+			flushed = append(flushed, e)
+		}
+	}
+	if !slices.Equal(flushed, []string{"flush 198.51.100.4"}) {
+		t.Errorf("flushed %v at the takeover, want only dsl1's VIP", flushed)
+	}
+	k.log = nil
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if i := index(k.log, "flush 198.51.100.4"); i >= 0 {
+		t.Errorf("log %v: flushed again after the takeover", k.log)
+	}
+}

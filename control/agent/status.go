@@ -268,6 +268,12 @@ const flowCountReuse = 50
 // seconds old).
 const flowCountCheap = 250 * time.Millisecond
 
+// flowCountSmall is a count always redone when the map changed, however
+// long its walk took: in an emulated test VM under load a walk of a map
+// holding 2 flows took more than flowCountCheap, and the reused count
+// missed the 18 flows pinned since.
+const flowCountSmall = 100000
+
 // flowCount is a count of the flow map's flows, by line number and in
 // all. The datapath keeps no count: the map is walked.
 type flowCount struct {
@@ -288,7 +294,8 @@ func (r *statsReader) countFlows(src flows.Source, changes uint64, now func() ti
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	start := now()
-	if !c.at.IsZero() && (changes == c.changes || c.took >= flowCountCheap && start.Sub(c.at) < flowCountReuse*c.took) {
+	expensive := c.took >= flowCountCheap && c.total >= flowCountSmall
+	if !c.at.IsZero() && (changes == c.changes || expensive && start.Sub(c.at) < flowCountReuse*c.took) {
 		return c.perLine, c.total, nil
 	}
 	perLine, total, err := flows.Count(src)

@@ -35,7 +35,8 @@ func TestFlowCountBounded(t *testing.T) {
 	clock := time.Unix(1e9, 0)
 	now := func() time.Time { return clock }
 	var r statsReader
-	src := &walkSource{n: 3, took: time.Second, clock: &clock}
+	const big = flowCountSmall // a large map: its walk may be reused
+	src := &walkSource{n: big + 3, took: time.Second, clock: &clock}
 	changes := uint64(0)
 	count := func() int {
 		t.Helper()
@@ -48,8 +49,8 @@ func TestFlowCountBounded(t *testing.T) {
 		}
 		return total
 	}
-	if got := count(); got != 3 || src.walks != 1 {
-		t.Fatalf("first count: %d flows in %d walks, want 3 in 1", got, src.walks)
+	if got := count(); got != big+3 || src.walks != 1 {
+		t.Fatalf("first count: %d flows in %d walks, want %d in 1", got, src.walks, big+3)
 	}
 	// Nothing inserted or removed: no walk, however long since.
 	clock = clock.Add(time.Hour)
@@ -58,7 +59,7 @@ func TestFlowCountBounded(t *testing.T) {
 	}
 	// A status every second while flows come and go: the 1 s map is
 	// walked about once per flowCountReuse seconds.
-	src.n = 5
+	src.n = big + 5
 	for range 2 * flowCountReuse {
 		clock = clock.Add(time.Second)
 		changes++
@@ -67,8 +68,8 @@ func TestFlowCountBounded(t *testing.T) {
 	if src.walks < 2 || src.walks > 4 {
 		t.Errorf("%d walks of a 1 s map over %d s, want 2 to 4", src.walks, 2*flowCountReuse)
 	}
-	if got := count(); got != 5 {
-		t.Errorf("count %d, want the map's 5 flows", got)
+	if got := count(); got != big+5 {
+		t.Errorf("count %d, want the map's %d flows", got, big+5)
 	}
 	// A cheap walk is redone as soon as the map changed.
 	src.took = time.Millisecond
@@ -80,5 +81,15 @@ func TestFlowCountBounded(t *testing.T) {
 	changes++
 	if got := count(); got != 7 || src.walks != walks+1 {
 		t.Errorf("count %d after %d walks, want 7 after %d", got, src.walks, walks+1)
+	}
+	// A slow walk of a small map (an emulated VM under load) is redone as
+	// soon as the map changed, too.
+	src.took = time.Second
+	count()
+	walks = src.walks
+	src.n = 9
+	changes++
+	if got := count(); got != 9 || src.walks != walks+1 {
+		t.Errorf("slow small map: count %d after %d walks, want 9 after %d", got, src.walks, walks+1)
 	}
 }

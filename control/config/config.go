@@ -378,7 +378,41 @@ func (c *Config) checkHA(lanIf map[string]bool, lineIf map[string]string) []erro
 	}
 	ha := c.HA
 	if c.NAT != NATSNAT {
-		bad("nat", "an HA pair needs nat: snat (to each line's vip, which moves with the master; masquerade would NAT to each gateway's own address and break every flow at a takeover), got %q", c.NAT)
+		field := "nat"
+		if _, set := c.pos[field]; !set {
+			field = "ha" // the default masquerade: name the block that needs snat
+		}
+		bad(field, "an HA pair needs nat: snat (to each line's vip, which moves with the master; masquerade would NAT to each gateway's own address and break every flow at a takeover), got %q", c.NAT)
+	}
+	if !c.Datapath.On() {
+		bad("datapath.enabled", "an HA pair needs the datapath: after a takeover it gives each flow its line from the connection conntrackd synced")
+	}
+	// Every VIP is one address that moves: none may be another's, nor a
+	// line's own address or gateway.
+	taken := map[netip.Addr]string{}
+	for i, u := range c.Lines {
+		f := fmt.Sprintf("uplinks[%d]", i)
+		for _, a := range []netip.Addr{u.GatewayAddr, u.Prefix.Addr()} {
+			if a.IsValid() {
+				taken[a] = f
+			}
+		}
+	}
+	vip := func(field string, p netip.Prefix) {
+		switch a := p.Addr(); {
+		case !p.IsValid():
+		case !unicast(a):
+			bad(field, "%s is not a unicast address", a)
+		case p.Bits() < 31 && (a == p.Masked().Addr() || a == lastAddr(p)):
+			bad(field, "%s is the network or broadcast address of %s", a, p.Masked())
+		case taken[a] != "":
+			bad(field, "%s is also an address of %s", a, taken[a])
+		default:
+			taken[a] = field
+		}
+	}
+	for i, u := range c.Lines {
+		vip(fmt.Sprintf("uplinks[%d].vip", i), u.VIPPrefix)
 	}
 	switch {
 	case !ValidIfname(ha.SyncInterface):
@@ -422,10 +456,9 @@ func (c *Config) checkHA(lanIf map[string]bool, lineIf map[string]string) []erro
 		bad("ha.lan_vip", "missing: the LAN's gateway address, which moves to the master")
 	case err != nil || !p.Addr().Is4():
 		bad("ha.lan_vip", "want an IPv4 address with prefix length (192.0.2.1/24), got %q", ha.LANVIP)
-	case p.Bits() < 31 && (p.Addr() == p.Masked().Addr() || p.Addr() == lastAddr(p)):
-		bad("ha.lan_vip", "%s is the network or broadcast address of %s", p.Addr(), p.Masked())
 	default:
 		ha.LANVIPPrefix = p
+		vip("ha.lan_vip", p)
 	}
 	return errs
 }

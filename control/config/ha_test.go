@@ -65,6 +65,11 @@ func TestParseHAErrors(t *testing.T) {
 		{"lan vip missing", strings.Replace(haPair, "  lan_vip: 192.0.2.1/24\n", "", 1), "ha.yaml:7: ha.lan_vip: missing"},
 		{"lan vip is the network", strings.Replace(haPair, "lan_vip: 192.0.2.1/24", "lan_vip: 192.0.2.0/24", 1), "ha.yaml:10: ha.lan_vip: 192.0.2.0 is the network or broadcast address of 192.0.2.0/24"},
 		{"unknown ha key", haPair + "  preempt: false\n", "ha.yaml:11: ha.preempt: unknown key"},
+		{"nat left out", strings.Replace(haPair, "nat: snat\n", "", 1), "ha.yaml:6: ha: an HA pair needs nat: snat"},
+		{"datapath off", haPair + "datapath: {enabled: false}\n", "ha.yaml:11: datapath.enabled: an HA pair needs the datapath"},
+		{"lan vip is a line's address", strings.Replace(haPair, "lan_vip: 192.0.2.1/24", "lan_vip: 198.51.100.18/28", 1), "ha.yaml:10: ha.lan_vip: 198.51.100.18 is also an address of uplinks[1]"},
+		{"vip is the network", strings.Replace(haPair, "vip: 198.51.100.4/28", "vip: 198.51.100.0/28", 1), "ha.yaml:4: uplinks[0].vip: 198.51.100.0 is the network or broadcast address of 198.51.100.0/28"},
+		{"lan vip is a line's vip", strings.Replace(haPair, "lan_vip: 192.0.2.1/24", "lan_vip: 198.51.100.4/28", 1), "ha.yaml:10: ha.lan_vip: 198.51.100.4 is also an address of uplinks[0].vip"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse("ha.yaml", []byte(tc.yaml))

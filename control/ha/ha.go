@@ -65,8 +65,8 @@ func Render(c *config.Config, p Paths) (Files, error) {
 }
 
 // keepalived is one VRRP instance: both gateways start as BACKUP and the
-// higher priority wins; it tracks every line and LAN interface, so that a
-// gateway that lost one gives the VIPs up.
+// higher priority wins. It faults without a LAN interface or a running
+// agent, and a line's link down lowers the priority by lineDownWeight.
 func keepalived(c *config.Config, p Paths) string {
 	ha := c.HA
 	var b strings.Builder
@@ -80,6 +80,14 @@ global_defs {
     enable_script_security
 }
 
+vrrp_script uplinkd_agent {
+    script "%[7]s ha check -c %[1]s"
+    interval 1
+    timeout 2
+    fall 2
+    rise 1
+}
+
 vrrp_instance uplinkd {
     state BACKUP
     interface %s
@@ -87,18 +95,30 @@ vrrp_instance uplinkd {
     priority %d
     advert_int %s
     # A gateway that comes back (after a start, or a fault of its own)
-    # takes the VIPs back only once its lines have passed uplinkd's
-    # health.up_after rounds and conntrackd has the peer's connections.
+    # waits this long before it takes the VIPs back: uplinkd's up_after
+    # health rounds and two more (at least 5 s, for conntrackd's resync),
+    # its agent answering (track_script) all along.
     preempt_delay %d
+    # Without the LAN this gateway is useless: fault, the peer takes over.
+    # A line's link lowers the priority instead (a fault there would take
+    # the whole site down when a line dies for both gateways): a gateway
+    # that lost one gives way to a peer that has all of its own.
     track_interface {
-`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), preemptDelay(c))
+`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), preemptDelay(c), p.Uplinkd)
 	for _, ifname := range c.LAN.Interfaces {
 		fmt.Fprintf(&b, "        %s\n", ifname)
 	}
 	for _, l := range c.Lines {
-		fmt.Fprintf(&b, "        %s\n", l.Interface)
+		fmt.Fprintf(&b, "        %s weight %d\n", l.Interface, -lineDownWeight)
 	}
-	b.WriteString("    }\n    virtual_ipaddress {\n")
+	b.WriteString(`    }
+    # The VIPs are only worth holding with a running agent (NAT, routes,
+    # steering): while "uplinkd ha check" fails, fault.
+    track_script {
+        uplinkd_agent
+    }
+    virtual_ipaddress {
+`)
 	fmt.Fprintf(&b, "        %s dev %s\n", ha.LANVIPPrefix, lan)
 	for _, l := range c.Lines {
 		fmt.Fprintf(&b, "        %s dev %s    # %s's NAT source\n", l.VIPPrefix, l.Interface, l.Name)
@@ -211,8 +231,19 @@ exit 0
 // conntrackd's resync.
 func preemptDelay(c *config.Config) int {
 	d := time.Duration(c.Health.UpAfter+2) * c.Health.Interval
-	return max(5, int(math.Ceil(d.Seconds())))
+	// keepalived takes more than maxPreemptDelay as 0: preempt at once.
+	return min(maxPreemptDelay, max(5, int(math.Ceil(d.Seconds()))))
 }
+
+// maxPreemptDelay is the longest preempt_delay keepalived accepts, in
+// seconds.
+const maxPreemptDelay = 1000
+
+// lineDownWeight is what a line whose link is down takes off this
+// gateway's VRRP priority: half its range, so that with both gateways'
+// priorities up to 127 apart the one that lost a line gives way, and with
+// a line down on both, the master stays.
+const lineDownWeight = 128
 
 // seconds writes d as keepalived's advert_int: seconds with two decimals.
 func seconds(d time.Duration) string {

@@ -41,7 +41,8 @@ func TestRender(t *testing.T) {
 	for file, want := range map[string][]string{
 		KeepalivedConf: {"vrrp_version 3", "state BACKUP", "interface lan0", "virtual_router_id 51", "priority 150", "advert_int 0.1\n",
 			"192.0.2.1/24 dev lan0", "198.51.100.4/28 dev wan1", "198.51.100.20/28 dev wan2",
-			"track_interface {\n        lan0\n        wan1\n        wan2\n    }",
+			"track_interface {\n        lan0\n        wan1 weight -128\n        wan2 weight -128\n    }",
+			"track_script {\n        uplinkd_agent\n    }", `script "/usr/sbin/uplinkd ha check -c /etc/uplinkd/uplinkd.yaml"`,
 			`notify_master "/etc/uplinkd/ha/uplinkd-ha-notify master"`},
 		ConntrackdConf: {"Mode FTFW", "IPv4_address 203.0.113.249", "IPv4_Destination_Address 203.0.113.250", "Interface sync0",
 			"LockFile /run/uplinkd-gw1/conntrackd.lock", "Path /run/uplinkd-gw1/conntrackd.ctl",
@@ -90,6 +91,17 @@ func TestRenderRefuses(t *testing.T) {
 	c.HA = nil
 	if _, err := Render(c, paths); err == nil {
 		t.Error("a config without ha block accepted")
+	}
+}
+
+// keepalived takes a preempt_delay over 1000 s as none at all.
+func TestPreemptDelayBounded(t *testing.T) {
+	c, err := config.Parse("pair.yaml", []byte(pair+"health: {interval: 1m, timeout: 1s, up_after: 100}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := preemptDelay(c); d != maxPreemptDelay {
+		t.Errorf("preempt_delay %d for 102 one-minute rounds, want %d", d, maxPreemptDelay)
 	}
 }
 

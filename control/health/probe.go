@@ -58,6 +58,11 @@ type Report struct {
 // (Prober.lateAfter).
 const lateFraction = 0.75
 
+// lateMinSamples is how many answers a target needs before its rounds may
+// be late mid-round: the first RTTs of a line (an agent starting on a busy
+// machine) say little about the next ones.
+const lateMinSamples = 10
+
 // lateQuietRounds is how many rounds follow a false late word (the round
 // was answered after all) without another: 5 s at the default interval. A
 // silent gateway is still late at the end of its first failed round.
@@ -470,13 +475,13 @@ func (p *Prober) round(ctx context.Context) Round {
 // the timeout, but never before any target's answer is due: twice its
 // smoothed RTT, or its retransmission timeout, whichever is longer (a
 // healthy line whose answers come in 180 ms is never late). A target with
-// no RTT known yet gives the whole round's wait (no word before the round
-// ends). At wait or later there is no word: the round's result decides.
+// fewer than lateMinSamples answers gives the whole round's wait (no word
+// before the round ends). At wait or later there is no word: the round's result decides.
 func (p *Prober) lateAfter(all []*probe, wait time.Duration) time.Duration {
 	after := time.Duration(lateFraction * float64(p.timeout))
 	for _, pr := range all {
 		e := p.rtt[pr.target]
-		if e == nil {
+		if e == nil || e.samples < lateMinSamples {
 			return wait
 		}
 		after = max(after, 2*e.srtt, e.rto())
@@ -645,9 +650,11 @@ const maxRoundWait = time.Second
 // flows had 80 ms ± 60 ms, and a fixed 100 ms wait took it down).
 type rttEstimate struct {
 	srtt, rttvar time.Duration
+	samples      int
 }
 
 func (e *rttEstimate) add(r time.Duration) {
+	e.samples++
 	if e.srtt == 0 {
 		e.srtt, e.rttvar = r, r/2
 		return

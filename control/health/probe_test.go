@@ -449,7 +449,7 @@ func TestProbeLate(t *testing.T) {
 			l.Gateway, l.Probe = c.gw, c.probe
 			p := newRetryingProber(t, lab, l, 50*time.Millisecond, timeout, retry)
 			for _, a := range append([]netip.Addr{c.gw}, c.probe.Targets...) {
-				p.rtt[a] = &rttEstimate{srtt: time.Millisecond, rttvar: time.Millisecond / 2}
+				p.rtt[a] = &rttEstimate{srtt: time.Millisecond, rttvar: time.Millisecond / 2, samples: lateMinSamples}
 			}
 			out := make(chan Report, 8)
 			ctx, cancel := context.WithCancel(t.Context())
@@ -507,10 +507,11 @@ func TestProbeLate(t *testing.T) {
 func TestLateAfter(t *testing.T) {
 	const timeout = 200 * time.Millisecond
 	p := &Prober{timeout: timeout, rtt: map[netip.Addr]*rttEstimate{}}
-	quiet, slow, jittery, unknown := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3"), netip.MustParseAddr("192.0.2.4")
-	p.rtt[quiet] = &rttEstimate{srtt: 500 * time.Microsecond, rttvar: 100 * time.Microsecond}
-	p.rtt[slow] = &rttEstimate{srtt: 180 * time.Millisecond, rttvar: 2 * time.Millisecond}
-	p.rtt[jittery] = &rttEstimate{srtt: 80 * time.Millisecond, rttvar: 60 * time.Millisecond}
+	quiet, slow, jittery, unknown, young := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3"), netip.MustParseAddr("192.0.2.4"), netip.MustParseAddr("192.0.2.5")
+	p.rtt[young] = &rttEstimate{srtt: 500 * time.Microsecond, rttvar: 100 * time.Microsecond, samples: lateMinSamples - 1}
+	p.rtt[quiet] = &rttEstimate{srtt: 500 * time.Microsecond, rttvar: 100 * time.Microsecond, samples: lateMinSamples}
+	p.rtt[slow] = &rttEstimate{srtt: 180 * time.Millisecond, rttvar: 2 * time.Millisecond, samples: lateMinSamples}
+	p.rtt[jittery] = &rttEstimate{srtt: 80 * time.Millisecond, rttvar: 60 * time.Millisecond, samples: lateMinSamples}
 	for _, c := range []struct {
 		name    string
 		targets []netip.Addr
@@ -520,6 +521,7 @@ func TestLateAfter(t *testing.T) {
 		{"slow and steady", []netip.Addr{quiet, slow}, 360 * time.Millisecond},
 		{"jittery", []netip.Addr{jittery}, 320 * time.Millisecond},
 		{"not known yet", []netip.Addr{quiet, unknown}, 250 * time.Millisecond},
+		{"too few answers yet", []netip.Addr{young}, 250 * time.Millisecond},
 	} {
 		var all []*probe
 		for _, a := range c.targets {
@@ -539,7 +541,7 @@ func TestProbeLateQuiet(t *testing.T) {
 	l := lab.line
 	l.Gateway, l.Probe = probeNobody, config.Probe{Gateway: config.ProbeICMP}
 	p := newRetryingProber(t, lab, l, 50*time.Millisecond, 200*time.Millisecond, 20*time.Millisecond)
-	p.rtt[probeNobody] = &rttEstimate{srtt: time.Millisecond, rttvar: time.Millisecond / 2}
+	p.rtt[probeNobody] = &rttEstimate{srtt: time.Millisecond, rttvar: time.Millisecond / 2, samples: lateMinSamples}
 	words := 0
 	p.late = func(time.Time, string) { words++ }
 
