@@ -231,6 +231,18 @@ func (f *haFlow) String() string {
 	return fmt.Sprintf("%v (%s first)", f.flow, who)
 }
 
+// haEchoServer starts the pair's echo server on the server's first
+// address, port 7, until the test ends.
+func haEchoServer(tb testing.TB, p *haPair) *lab.EchoServer {
+	tb.Helper()
+	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { srv.Close() })
+	return srv
+}
+
 // openHAFlows opens tcp TCP and udp UDP flows to srv from the pair's
 // clients, alternately; every other one of each kind is server-first.
 func openHAFlows(t testing.TB, p *haPair, srv *lab.EchoServer, tcp, udp int) []*haFlow {
@@ -542,11 +554,7 @@ func TestHATakeover(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newHAPair(t, tc.o)
-			srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { srv.Close() })
+			srv := haEchoServer(t, p)
 			fs := openHAFlows(t, p, srv, 40, 20)
 			probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
 			if err != nil {
@@ -645,11 +653,7 @@ func (p *haPair) dumpConntrack(t testing.TB, i int) {
 func BenchmarkHATakeover(b *testing.B) {
 	const trials = 10
 	p := newHAPair(b, haOptions{})
-	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { srv.Close() })
+	srv := haEchoServer(b, p)
 	fs := openHAFlows(b, p, srv, 40, 20)
 	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
 	if err != nil {
@@ -711,11 +715,7 @@ func logHA(t testing.TB, name string, st agentpkg.Status) {
 // again no flow breaks.
 func TestHALineLinkDown(t *testing.T) {
 	p := newHAPair(t, haOptions{})
-	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
+	srv := haEchoServer(t, p)
 	fs := openHAFlows(t, p, srv, 40, 20)
 	checkNATSources(t, p, fs)
 	peers := srv.Peers()
@@ -763,11 +763,7 @@ func TestHALineLinkDown(t *testing.T) {
 // fails: no flow breaks.
 func TestHAStandbyLineDown(t *testing.T) {
 	p := newHAPair(t, haOptions{})
-	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
+	srv := haEchoServer(t, p)
 	fs := openHAFlows(t, p, srv, 40, 20)
 	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
 	if err != nil {
@@ -818,11 +814,7 @@ func TestHAStandbyLineDown(t *testing.T) {
 // gateway back as standby, and then master again after the preempt delay.
 func TestHAAgentDeathHandsOver(t *testing.T) {
 	p := newHAPair(t, haOptions{})
-	srv, err := lab.StartEchoServer(p.hl.Server, p.hl.ServerAddrs[0], 7)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { srv.Close() })
+	srv := haEchoServer(t, p)
 	fs := openHAFlows(t, p, srv, 20, 10)
 	checkNATSources(t, p, fs)
 	start := time.Now()
