@@ -421,7 +421,7 @@ func (a *Agent) Apply() (Report, error) {
 	if a.refreshHA(time.Now()) {
 		a.lineChanged = true
 	}
-	defer func() { a.appliedHA(time.Now()) }()
+	defer func() { a.appliedHA(time.Now(), len(errs) == 0) }()
 	lines, kept := a.planLines()
 	switch allDown := kept != nil; {
 	case allDown && !a.allDown:

@@ -62,9 +62,10 @@ func (a *Agent) refreshHA(now time.Time) bool {
 	return true
 }
 
-// appliedHA notes that an Apply ended: a pending takeover is complete.
-func (a *Agent) appliedHA(now time.Time) {
-	if !a.ha.pending {
+// appliedHA notes that an Apply ended: a pending takeover is complete
+// once an Apply after it succeeded (ok).
+func (a *Agent) appliedHA(now time.Time, ok bool) {
+	if !a.ha.pending || !ok {
 		return
 	}
 	a.ha.pending = false
@@ -77,6 +78,9 @@ func (a *Agent) appliedHA(now time.Time) {
 func (a *Agent) controlHANotify(state string) ctlsock.Reply {
 	if a.cfg.HA == nil {
 		return ctlsock.Reply{Error: fmt.Sprintf("%s has no ha block", a.cfg.File())}
+	}
+	if state != "master" && state != "backup" && state != "fault" {
+		return ctlsock.Reply{Error: fmt.Sprintf("unknown HA state %q: want master, backup or fault", state)}
 	}
 	a.ha.notified, a.ha.notifiedAt = state, time.Now()
 	a.events.Add(events.HANotify, "", "keepalived notify", "state", state)

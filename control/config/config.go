@@ -412,7 +412,14 @@ func (c *Config) checkHA(lanIf map[string]bool, lineIf map[string]string) []erro
 		}
 	}
 	for i, u := range c.Lines {
-		vip(fmt.Sprintf("uplinks[%d].vip", i), u.VIPPrefix)
+		f := fmt.Sprintf("uplinks[%d].vip", i)
+		if u.VIPPrefix.IsValid() && u.Prefix.IsValid() && u.VIPPrefix.Bits() != u.Prefix.Bits() {
+			// keepalived adds the VIP with its prefix: a wider one is a
+			// connected route over LAN traffic to that range.
+			bad(f, "%s: want the line's own prefix length /%d", u.VIPPrefix, u.Prefix.Bits())
+			continue
+		}
+		vip(f, u.VIPPrefix)
 	}
 	switch {
 	case !ValidIfname(ha.SyncInterface):
@@ -459,6 +466,14 @@ func (c *Config) checkHA(lanIf map[string]bool, lineIf map[string]string) []erro
 	default:
 		ha.LANVIPPrefix = p
 		vip("ha.lan_vip", p)
+	}
+	for _, a := range []struct {
+		field string
+		addr  netip.Addr
+	}{{"ha.address", ha.AddressAddr}, {"ha.peer", ha.PeerAddr}} {
+		if other := taken[a.addr]; a.addr.IsValid() && other != "" {
+			bad(a.field, "%s is also an address of %s: the sync link needs addresses of its own", a.addr, other)
+		}
 	}
 	return errs
 }
@@ -657,6 +672,9 @@ func (c *Config) check() error {
 	}
 	errs = append(errs, c.number()...)
 
+	if _, set := c.pos["ha"]; set && c.HA == nil {
+		bad("ha", "an empty ha block: remove it for a single gateway, or fill it in")
+	}
 	if c.HA != nil {
 		errs = append(errs, c.checkHA(lanIf, ifaces)...)
 	}

@@ -52,9 +52,14 @@ func Render(c *config.Config, p Paths) (Files, error) {
 	if c.HA == nil {
 		return nil, fmt.Errorf("the config has no ha block")
 	}
-	for _, s := range []string{p.Dir, p.Uplinkd, p.ConfigFile} {
+	for _, s := range []string{p.Dir, p.Uplinkd, p.ConfigFile, c.StateDir} {
 		if !filepath.IsAbs(s) {
 			return nil, fmt.Errorf("want absolute paths, got %q", s)
+		}
+		// The paths go into a shell script and keepalived's quoted
+		// strings unescaped: refuse what would be read as more.
+		if i := strings.IndexFunc(s, unsafePathRune); i >= 0 {
+			return nil, fmt.Errorf("path %q: %q would need quoting in keepalived's config and the notify script: use a path of letters, digits and ._-/+@:,=~", s, s[i])
 		}
 	}
 	return Files{
@@ -62,6 +67,15 @@ func Render(c *config.Config, p Paths) (Files, error) {
 		ConntrackdConf: conntrackd(c),
 		NotifyScript:   notify(c, p),
 	}, nil
+}
+
+// unsafePathRune reports a rune a rendered path may not hold.
+func unsafePathRune(r rune) bool {
+	switch {
+	case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9':
+		return false
+	}
+	return !strings.ContainsRune("._-/+@:,=~", r)
 }
 
 // keepalived is one VRRP instance: both gateways start as BACKUP and the

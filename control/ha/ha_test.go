@@ -88,6 +88,11 @@ func TestRenderRefuses(t *testing.T) {
 	if _, err := Render(c, Paths{Dir: "ha", Uplinkd: paths.Uplinkd, ConfigFile: paths.ConfigFile}); err == nil {
 		t.Error("a relative dir accepted")
 	}
+	for _, bad := range []string{"/etc/up linkd.yaml", `/etc/x"$(id)".yaml`, "/etc/x`id`.yaml", "/etc/x;y.yaml"} {
+		if _, err := Render(c, Paths{Dir: paths.Dir, Uplinkd: paths.Uplinkd, ConfigFile: bad}); err == nil {
+			t.Errorf("config path %q accepted", bad)
+		}
+	}
 	c.HA = nil
 	if _, err := Render(c, paths); err == nil {
 		t.Error("a config without ha block accepted")
