@@ -114,6 +114,7 @@ type Prober struct {
 	// jitter past the threshold, a word at most every lateQuietRounds.
 	saidLate bool
 	quiet    int
+	lastOK   bool // the last round was good
 
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -257,10 +258,13 @@ func (p *Prober) Run(ctx context.Context, out chan<- Report) {
 func (p *Prober) afterRound(r Round) {
 	p.lateMu.Lock()
 	defer p.lateMu.Unlock()
-	if ok, _ := r.ok(p.line.Probe.MinTargets); ok && p.saidLate {
+	// A word in the round that ended an outage (the target answered
+	// again after it) was not false: only one after a good round is.
+	ok, _ := r.ok(p.line.Probe.MinTargets)
+	if ok && p.saidLate && p.lastOK {
 		p.quiet = lateQuietRounds
 	}
-	p.saidLate = false
+	p.saidLate, p.lastOK = false, ok
 }
 
 func (p *Prober) isClosed() bool {

@@ -552,6 +552,12 @@ func TestProbeLateQuiet(t *testing.T) {
 	if p.quiet != 0 {
 		t.Fatalf("a true late word quieted %d rounds", p.quiet)
 	}
+	// The round that ends an outage: its word was not false.
+	p.saidLate = true
+	p.afterRound(answered)
+	if p.quiet != 0 {
+		t.Fatalf("a late word in the round that ended an outage quieted %d rounds", p.quiet)
+	}
 	p.saidLate = true
 	p.afterRound(answered)
 	if p.quiet != lateQuietRounds || p.saidLate {
