@@ -40,10 +40,10 @@ func openFlows(t *testing.T, l *lab.Lab, dst netip.AddrPort, n int, udp bool) []
 		var err error
 		if udp && i%2 == 1 {
 			if f.udp, err = lab.OpenUDPFlow(f.client, dst); err == nil {
-				f.seen, err = f.udp.Query([]byte("hello"), 2*time.Second)
+				f.seen, err = f.udp.Query([]byte("hello"), emulated(2*time.Second))
 			}
 		} else {
-			f.tcp, f.seen, err = lab.DialTCP(f.client, dst, 2*time.Second)
+			f.tcp, f.seen, err = lab.DialTCP(f.client, dst, emulated(2*time.Second))
 			if err == nil {
 				f.rd = bufio.NewReader(f.tcp)
 			}
