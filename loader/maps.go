@@ -370,15 +370,27 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 	if err := d.SetLine(line, Line{Dead: true}); err != nil {
 		return 0, err
 	}
+	return d.removeFlows(func(v *uplinkdFlow) bool { return int(v.Line) == line })
+}
+
+// ClearFlows removes every pinned flow: an HA standby's pins go stale
+// while its peer forwards. It returns how many it removed.
+func (d *Datapath) ClearFlows() (int, error) {
+	return d.removeFlows(func(*uplinkdFlow) bool { return true })
+}
+
+// removeFlows removes the flows doomed says so of, and counts them as
+// removed by the control plane.
+func (d *Datapath) removeFlows(doomed func(*uplinkdFlow) bool) (int, error) {
 	keys := make([]uplinkdFlowKey, flowBatch)
 	values := make([]uplinkdFlow, flowBatch)
-	var doomed []uplinkdFlowKey
+	var gone []uplinkdFlowKey
 	var cursor ebpf.MapBatchCursor
 	for {
 		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
 		for i := range n {
-			if int(values[i].Line) == line {
-				doomed = append(doomed, keys[i])
+			if doomed(&values[i]) {
+				gone = append(gone, keys[i])
 			}
 		}
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -390,12 +402,12 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 	}
 	removed := 0
 	var delErr error
-	for _, k := range doomed {
+	for _, k := range gone {
 		// One by one: a flow the LRU evicted meanwhile is no error.
 		if err := d.w.del(d.objs.UlFlows, &k); err == nil {
 			removed++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			delErr = fmt.Errorf("removing a flow of line %d: %w", line, err)
+			delErr = fmt.Errorf("removing a flow: %w", err)
 			break
 		}
 	}

@@ -712,7 +712,9 @@ func logHA(t testing.TB, name string, st agentpkg.Status) {
 // standby takes over every VIP; no flow breaks, those of that line
 // included. The link comes back: the master preempts again, and its agent
 // has reinstalled the line's routes (a link going down deletes them), so
-// again no flow breaks.
+// again no flow breaks. gw1's agent ran all along: its pins went when it
+// became standby (stale once the peer forwards), and every flow's line
+// was recovered from the conntrack entries gw2 synced back.
 func TestHALineLinkDown(t *testing.T) {
 	p := newHAPair(t, haOptions{})
 	srv := haEchoServer(t, p)
@@ -753,7 +755,7 @@ func TestHALineLinkDown(t *testing.T) {
 	if now := srv.Peers(); !slices.Equal(now, peers) {
 		t.Errorf("the server saw new sources: %v, before %v", now, peers)
 	}
-	checkHAPins(t, p, 0, fs, false)
+	checkHAPins(t, p, 0, fs, true)
 }
 
 // The standby's agent takes a line down and back up (the operator's
@@ -831,5 +833,60 @@ func TestHAAgentDeathHandsOver(t *testing.T) {
 	pushTCP(t, srv, fs)
 	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
 		t.Errorf("after gw1's agent came back: %d broken, %d moved: %v", broken, moved, detail)
+	}
+}
+
+// Long, steady UDP flows (a VPN, a call) outlive conntrack's UDP stream
+// timeout on the standby: the master's kernel refreshes its entries with
+// every packet, but conntrack sends no event for a refresh, so conntrackd
+// has nothing to sync and the standby's copies would expire while the
+// flows still run. Here the stream timeout is 6 s on both gateways and the
+// flows talk every 200 ms for 3 timeouts; then the master fails hard: none
+// of them may break or move. The master's agent has conntrackd resync
+// every third of the timeout, which keeps the standby's copies fresh.
+// The gateways' weights differ, so that a flow whose copy expired would
+// not even be given its line again by the hash.
+func TestHALongUDPFlows(t *testing.T) {
+	const streamTimeout = 6 * time.Second
+	p := newHAPair(t, haOptions{
+		sysctls: map[string]string{"net/netfilter/nf_conntrack_udp_timeout_stream": fmt.Sprint(int(streamTimeout.Seconds()))},
+		weights: [2][]int{{1, 1}, {1, 4}},
+	})
+	srv := haEchoServer(t, p)
+	fs := openHAFlows(t, p, srv, 0, 20)
+	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { probe.Close() })
+	checkNATSources(t, p, fs)
+	for _, f := range fs {
+		_ = f.udp.Conn.SetDeadline(time.Time{}) // Query's
+	}
+	for end := time.Now().Add(3 * streamTimeout); time.Now().Before(end); {
+		for _, f := range fs {
+			if _, err := f.udp.Conn.Write([]byte("chat")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if broken, moved, detail := checkHAFlows(srv, fs, 5*time.Second); broken+moved > 0 {
+		t.Fatalf("before any failure: %d broken, %d moved: %v", broken, moved, detail)
+	}
+	st := p.agents[0].status(t).HA
+	if st == nil || st.ResyncEverySeconds != streamTimeout.Seconds()/3 || st.Resyncs < 5 || st.ResyncErrors > 0 {
+		t.Fatalf("gw1's conntrackd resyncs after %v: %+v, want one every %v, at least 5, no error", 3*streamTimeout, st, streamTimeout/3)
+	}
+	t.Logf("gw1 (master) had conntrackd resync %d times, every %vs", st.Resyncs, st.ResyncEverySeconds)
+	if p2 := p.agents[1].status(t).HA; p2 == nil || p2.Resyncs+p2.ResyncErrors > 0 {
+		t.Errorf("gw2 (standby) resynced: %+v", p2)
+	}
+	r := takeover(t, p, srv, fs, probe, 0, 1)
+	t.Logf("takeover by gw2 after %v of steady UDP: master after %v; %d/%d flows broken, %d moved",
+		3*streamTimeout, r.role.Round(time.Millisecond), r.broken, len(fs), r.moved)
+	if r.broken+r.moved > 0 {
+		t.Errorf("takeover: %d broken, %d moved: %v", r.broken, r.moved, r.detail)
+		p.dumpConntrack(t, 1)
 	}
 }

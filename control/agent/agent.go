@@ -19,6 +19,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/datapath"
 	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/control/ha"
 	"github.com/uplinkd/uplinkd/control/health"
 	"github.com/uplinkd/uplinkd/control/nat"
 	"github.com/uplinkd/uplinkd/control/plan"
@@ -462,6 +463,14 @@ func (a *Agent) Apply() (Report, error) {
 	if a.cfg.Datapath.On() {
 		if err := a.k.SyncDatapath(a.cfg, lines, lan, a.log, a.events); err != nil {
 			errs = append(errs, err)
+		} else if a.ha.clearFlows {
+			n, err := a.k.ClearFlows()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("emptying the flow map of a standby: %w", err))
+			} else {
+				a.ha.clearFlows = false
+				a.events.Add(events.HAFlowsCleared, "", "standby: flow map emptied", "flows", n)
+			}
 		}
 	}
 	if rep.NAT, err = a.k.ApplyNAT(want.NAT); err != nil {
@@ -697,6 +706,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.health.Start(ctx)
+	// Idle unless an ha block makes this gateway master (a reload may add
+	// one; the state dir, where conntrackd's socket is, cannot change).
+	go a.resyncConntrack(ctx, ha.ConntrackdSocket(a.cfg.StateDir), a.k.Sysctls())
 	if err := a.syncProbes(); err != nil {
 		a.log.Error("starting probes", "err", err)
 	}

@@ -29,14 +29,15 @@ import (
 // carrier, a /proc/sys in memory, the routing package's fake, and a log of
 // every change in the order Apply made it.
 type fakeKernel struct {
-	addrs   map[string][]netip.Prefix
-	carrier map[string]bool
-	proc    fakeProc
-	routes  routing.Fake
-	log     []string
-	natErr  error // ApplyNAT fails with it
-	synced  [][]plan.Line
-	flowMap loader.FlowMapUse
+	addrs    map[string][]netip.Prefix
+	carrier  map[string]bool
+	proc     fakeProc
+	routes   routing.Fake
+	log      []string
+	natErr   error // ApplyNAT fails with it
+	clearErr error // ClearFlows fails with it
+	synced   [][]plan.Line
+	flowMap  loader.FlowMapUse
 }
 
 type fakeProc struct {
@@ -96,6 +97,10 @@ func (k *fakeKernel) RemoveLine(index int) (int, error) {
 	k.log = append(k.log, fmt.Sprintf("remove line %d", index))
 	return 0, nil
 }
+func (k *fakeKernel) ClearFlows() (int, error) {
+	k.log = append(k.log, "clear flows")
+	return 0, k.clearErr
+}
 func (k *fakeKernel) Detach(ifname string) error {
 	k.log = append(k.log, "detach "+ifname)
 	return nil
@@ -132,6 +137,16 @@ func (k *fakeKernel) SyncDatapath(_ *config.Config, lines []plan.Line, _ []netip
 	k.log = append(k.log, "datapath "+strings.Join(s, ","))
 	return nil
 }
+
+// haPair is one gateway of an HA pair, its LAN VIP 192.0.2.1.
+const haPair = `lan: {interfaces: [lan0]}
+nat: snat
+uplinks:
+  - {name: dsl1, interface: wan1, gateway: 198.51.100.1, address: 198.51.100.2/28, vip: 198.51.100.4/28}
+  - {name: dsl2, interface: wan2, gateway: 198.51.100.17, address: 198.51.100.18/28, vip: 198.51.100.20/28}
+ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip: 192.0.2.1/24}
+datapath: {pin_dir: /sys/fs/bpf/uplinkd-unit-test-unused}
+`
 
 const twoLines = `lan: {interfaces: [lan0]}
 uplinks:
@@ -459,16 +474,8 @@ func TestNoCarrier(t *testing.T) {
 // here (by its VIP), and only those; a takeover is counted.
 func TestHATakeoverFlushesOnlyDeadLines(t *testing.T) {
 	k := newFake()
-	const pair = `lan: {interfaces: [lan0]}
-nat: snat
-uplinks:
-  - {name: dsl1, interface: wan1, gateway: 198.51.100.1, address: 198.51.100.2/28, vip: 198.51.100.4/28}
-  - {name: dsl2, interface: wan2, gateway: 198.51.100.17, address: 198.51.100.18/28, vip: 198.51.100.20/28}
-ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip: 192.0.2.1/24}
-datapath: {pin_dir: /sys/fs/bpf/uplinkd-unit-test-unused}
-`
 	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")}
-	a := fakeAgent(t, pair, k)
+	a := fakeAgent(t, haPair, k)
 	if _, err := a.Apply(); err != nil {
 		t.Fatal(err)
 	}
@@ -505,5 +512,53 @@ datapath: {pin_dir: /sys/fs/bpf/uplinkd-unit-test-unused}
 	}
 	if i := index(k.log, "flush 198.51.100.4"); i >= 0 {
 		t.Errorf("log %v: flushed again after the takeover", k.log)
+	}
+}
+
+// An ex-master's pins are stale (the peer forwarded meanwhile): becoming
+// standby, at start too, empties the flow map once the datapath is
+// synced, and again only at the next demotion; a failed clear is tried
+// again. A master keeps its pins.
+func TestHAStandbyClearsFlows(t *testing.T) {
+	k := newFake()
+	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24"), netip.MustParsePrefix("192.0.2.1/24")}
+	a := fakeAgent(t, haPair, k)
+	apply := func(what string, wantClears int) {
+		t.Helper()
+		k.log = nil
+		_, _ = a.Apply()
+		clears := 0
+		for i, e := range k.log {
+			if e == "clear flows" {
+				clears++
+				if i == 0 || !strings.HasPrefix(k.log[i-1], "datapath ") {
+					t.Errorf("%s: log %v: flows cleared before the datapath was synced", what, k.log)
+				}
+			}
+		}
+		if clears != wantClears {
+			t.Errorf("%s: log %v: %d clears, want %d", what, k.log, clears, wantClears)
+		}
+	}
+	apply("master at start", 0)
+	k.addrs["lan0"] = k.addrs["lan0"][:1]
+	apply("demoted", 1)
+	apply("standby", 0)
+	k.addrs["lan0"] = append(k.addrs["lan0"], netip.MustParsePrefix("192.0.2.1/24"))
+	apply("master again", 0)
+	k.addrs["lan0"] = k.addrs["lan0"][:1]
+	k.clearErr = errors.New("boom")
+	apply("demoted, the clear fails", 1)
+	k.clearErr = nil
+	apply("the failed clear again", 1)
+	apply("standby", 0)
+
+	b := fakeAgent(t, haPair, newFake())
+	b.k.(*fakeKernel).addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")}
+	if _, err := b.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(b.k.(*fakeKernel).log, "clear flows") {
+		t.Errorf("standby at start: log %v, want its flows cleared", b.k.(*fakeKernel).log)
 	}
 }

@@ -3,11 +3,17 @@
 package agent
 
 import (
+	"context"
 	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/events"
+	"github.com/uplinkd/uplinkd/control/ha"
+	"github.com/uplinkd/uplinkd/control/sysctl"
 )
 
 // HA roles: the master holds the VIPs (keepalived moved them here) and
@@ -32,6 +38,23 @@ type haState struct {
 	// What keepalived's notify script said last, and when.
 	notified   string
 	notifiedAt time.Time
+	// clearFlows: became standby, the flow map is to be emptied once the
+	// datapath is synced.
+	clearFlows bool
+	// master mirrors role == RoleMaster for the conntrackd resync, which
+	// runs beside the run loop.
+	master atomic.Bool
+	resync resyncState
+}
+
+// resyncState is what the master's periodic conntrackd resyncs did.
+type resyncState struct {
+	mu      sync.Mutex
+	every   time.Duration
+	ok      uint64
+	failed  uint64
+	last    time.Time // the last one that succeeded
+	lastErr string    // the last failure's error, "" once one succeeded again
 }
 
 // refreshHA follows the LAN VIP: on the first LAN interface, this gateway
@@ -39,6 +62,7 @@ type haState struct {
 func (a *Agent) refreshHA(now time.Time) bool {
 	ha := a.cfg.HA
 	if ha == nil {
+		a.ha.master.Store(false)
 		return false
 	}
 	role := RoleStandby
@@ -54,6 +78,13 @@ func (a *Agent) refreshHA(now time.Time) bool {
 	}
 	first := a.ha.role == ""
 	a.ha.role, a.ha.since = role, now
+	a.ha.master.Store(role == RoleMaster)
+	// An ex-master's pins are stale: while the peer forwarded, a flow may
+	// have ended and its ports been reused by another, or moved to
+	// another line. They go; a takeover recovers every flow's line from
+	// the conntrack entries the peer synced. A standby at start clears
+	// them too (a previous run may have been master).
+	a.ha.clearFlows = role == RoleStandby
 	if role == RoleMaster && !first {
 		a.ha.takeovers++
 		a.ha.lastTakeover, a.ha.pending = now, true
@@ -88,4 +119,78 @@ func (a *Agent) controlHANotify(state string) ctlsock.Reply {
 		return ctlsock.Reply{Message: "noted: " + state, Error: "applying: " + err.Error()}
 	}
 	return ctlsock.Reply{Message: fmt.Sprintf("noted: %s; this gateway is %s", state, a.ha.role)}
+}
+
+// udpStreamTimeoutPath is conntrack's timeout of an assured UDP flow, the
+// shortest of a steady flow that sends no conntrack event while it runs.
+const udpStreamTimeoutPath = "net/netfilter/nf_conntrack_udp_timeout_stream"
+
+// resyncConntrack runs until ctx ends: while this gateway is master it has
+// conntrackd resync with the kernel table every ha.ResyncEvery of the UDP
+// stream timeout, so that the standby's copies of long, steady flows never
+// time out there (ha.Resync says why). Beside the run loop: a resync of a
+// big table takes conntrackd a while.
+func (a *Agent) resyncConntrack(ctx context.Context, socket string, sysctls sysctl.FS) {
+	r := &a.ha.resync
+	var last time.Time // the last resync asked for, or when this gateway became master
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		// Read every second: an operator may change the timeout.
+		timeout := 120 * time.Second // the kernel's default
+		if v, err := sysctls.Get(udpStreamTimeoutPath); err == nil {
+			if s, err := strconv.Atoi(v); err == nil && s > 0 {
+				timeout = time.Duration(s) * time.Second
+			}
+		}
+		every := ha.ResyncEvery(timeout)
+		r.mu.Lock()
+		r.every = every
+		r.mu.Unlock()
+		if !a.ha.master.Load() {
+			// keepalived's notify script resyncs at a takeover.
+			last = time.Time{}
+			continue
+		}
+		if last.IsZero() {
+			last = time.Now()
+		}
+		if time.Since(last) < every {
+			continue
+		}
+		last = time.Now()
+		c, cancel := context.WithTimeout(ctx, every)
+		err := ha.Resync(c, socket)
+		cancel()
+		r.mu.Lock()
+		if err == nil {
+			r.ok++
+			r.last, r.lastErr = time.Now(), ""
+		} else {
+			r.failed++
+			r.lastErr = err.Error()
+		}
+		r.mu.Unlock()
+		if err != nil && ctx.Err() == nil {
+			a.events.Add(events.HAResyncFailed, "", "conntrackd resync failed: the standby's copies of steady flows may time out", "err", err)
+		}
+	}
+}
+
+// resyncStatus fills h's conntrackd resync fields.
+func (a *Agent) resyncStatus(h *HAStatus) {
+	r := &a.ha.resync
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	h.ResyncEverySeconds = r.every.Seconds()
+	h.Resyncs, h.ResyncErrors, h.ResyncError = r.ok, r.failed, r.lastErr
+	if !r.last.IsZero() {
+		last := r.last
+		h.LastResync = &last
+	}
 }

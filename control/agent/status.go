@@ -56,6 +56,14 @@ type HAStatus struct {
 	// Notified is what keepalived's notify script said last ("" none).
 	Notified   string     `json:"notified,omitempty"`
 	NotifiedAt *time.Time `json:"notified_at,omitempty"`
+	// The master's conntrackd resyncs, every ResyncEverySeconds: done,
+	// failed, when the last succeeded and the last error (until one
+	// succeeds again).
+	ResyncEverySeconds float64    `json:"resync_every_seconds"`
+	Resyncs            uint64     `json:"resyncs"`
+	ResyncErrors       uint64     `json:"resync_errors"`
+	LastResync         *time.Time `json:"last_resync,omitempty"`
+	ResyncError        string     `json:"resync_error,omitempty"`
 }
 
 // Totals sums the lines.
@@ -138,6 +146,7 @@ func (a *Agent) status() Status {
 		if !a.ha.notifiedAt.IsZero() {
 			h.NotifiedAt = &a.ha.notifiedAt
 		}
+		a.resyncStatus(h)
 		s.HA = h
 	}
 	hs := a.Health()

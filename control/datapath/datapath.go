@@ -197,6 +197,15 @@ func (d *Sync) RemoveLine(index int) (int, error) {
 	return d.dp.RemoveLine(index)
 }
 
+// ClearFlows removes every pinned flow (none before Apply loaded the
+// datapath); it returns how many it removed.
+func (d *Sync) ClearFlows() (int, error) {
+	if d.dp == nil {
+		return 0, nil
+	}
+	return d.dp.ClearFlows()
+}
+
 // Attached is the attach mode ("tcx" or "tc") by interface.
 func (d *Sync) Attached() map[string]string {
 	if d.dp == nil {

@@ -29,9 +29,11 @@ const (
 	Config         = "config"
 	ConntrackFlush = "conntrack-flush"
 	FlowMapFull    = "flow-map-full"
-	HARole         = "ha-role"     // this gateway became master or standby (the LAN VIP came or went)
-	HATakeover     = "ha-takeover" // the kernel state applied after becoming master
-	HANotify       = "ha-notify"   // keepalived's notify script said a state
+	HARole         = "ha-role"          // this gateway became master or standby (the LAN VIP came or went)
+	HATakeover     = "ha-takeover"      // the kernel state applied after becoming master
+	HANotify       = "ha-notify"        // keepalived's notify script said a state
+	HAResyncFailed = "ha-resync-failed" // the master's periodic conntrackd resync failed
+	HAFlowsCleared = "ha-flows-cleared" // the flow map emptied on becoming standby
 )
 
 // Event is one thing that happened. Its JSON form is the one `uplinkd

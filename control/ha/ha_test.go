@@ -3,6 +3,11 @@
 package ha
 
 import (
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -117,6 +122,58 @@ func TestSeconds(t *testing.T) {
 	}{{10, "0.01"}, {100, "0.1"}, {1000, "1"}, {1250, "1.25"}} {
 		if got := seconds(time.Duration(tc.ms) * time.Millisecond); got != tc.want {
 			t.Errorf("%d ms: %q, want %q", tc.ms, got, tc.want)
+		}
+	}
+}
+
+// Resync speaks conntrackd's control protocol: one native-endian int per
+// connection, the request, then it reads until conntrackd closes; first
+// -R (dump the kernel table), then -B (send it to the peer).
+func TestResync(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "ctl")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got := make(chan uint32, 3)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			b := make([]byte, 8)
+			if n, _ := io.ReadAtLeast(c, b, 4); n == 4 {
+				got <- binary.NativeEndian.Uint32(b)
+			} else {
+				got <- 0
+			}
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := Resync(ctx, sock); err != nil {
+		t.Fatal(err)
+	}
+	if a, b := <-got, <-got; a != ctResyncMaster || b != sendBulk {
+		t.Errorf("conntrackd got requests %d, %d; want %d (-R), %d (-B)", a, b, ctResyncMaster, sendBulk)
+	}
+	if err := Resync(ctx, filepath.Join(t.TempDir(), "none")); err == nil {
+		t.Error("resync with no conntrackd listening: no error")
+	}
+}
+
+func TestResyncEvery(t *testing.T) {
+	for _, c := range []struct{ timeout, want time.Duration }{
+		{120 * time.Second, 40 * time.Second},
+		{6 * time.Second, 2 * time.Second},
+		{time.Second, time.Second},
+		{0, time.Second},
+	} {
+		if got := ResyncEvery(c.timeout); got != c.want {
+			t.Errorf("ResyncEvery(%v) = %v, want %v", c.timeout, got, c.want)
 		}
 	}
 }

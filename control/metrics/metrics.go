@@ -116,6 +116,8 @@ var (
 		"In an HA pair: times this gateway became master since the agent started.", nil, nil)
 	haTakeoverApply = prometheus.NewDesc("uplinkd_ha_takeover_apply_seconds",
 		"In an HA pair: from the last takeover (the LAN VIP seen here) until the kernel state followed it.", nil, nil)
+	haResyncs = prometheus.NewDesc("uplinkd_ha_conntrack_resyncs_total",
+		"In an HA pair: the master's periodic conntrackd resyncs (which keep the standby's copies of steady flows from timing out), by result (ok, error), since the agent started.", []string{"result"}, nil)
 	statusError = prometheus.NewDesc("uplinkd_status_error",
 		"1 when the agent did not give its status for this scrape (starting, busy or stopping): no other uplinkd metric is given then.", nil, nil)
 )
@@ -141,7 +143,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		lineRTT, lineJitter, lineLoss, lineSamples, lineWeight, lineFlows, lineStateChanges,
 		datapathPackets, flowMapEntries, flowMapCapacity, flowMapInserted, flowMapEvicted,
 		slowParsed, reconcileErrors, restored, allLinesDown, datapathError, statusError,
-		haMaster, haTakeovers, haTakeoverApply,
+		haMaster, haTakeovers, haTakeoverApply, haResyncs,
 	} {
 		ch <- d
 	}
@@ -181,6 +183,8 @@ func collect(ch chan<- prometheus.Metric, s agent.Status) {
 		gauge(haMaster, b2f(s.HA.Role == "master"))
 		counter(haTakeovers, s.HA.Takeovers)
 		gauge(haTakeoverApply, s.HA.TakeoverApplySeconds)
+		counter(haResyncs, s.HA.Resyncs, "ok")
+		counter(haResyncs, s.HA.ResyncErrors, "error")
 	}
 	if s.FlowMap.Capacity > 0 {
 		gauge(flowMapCapacity, float64(s.FlowMap.Capacity))

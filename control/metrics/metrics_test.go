@@ -409,3 +409,27 @@ func TestServeOnceRunning(t *testing.T) {
 		t.Errorf("agent stopped before it ran: %v, want nil", err)
 	}
 }
+
+// An HA gateway's status gives its role, takeovers and conntrackd
+// resyncs by result.
+func TestCollectHA(t *testing.T) {
+	s := twoLines()
+	s.HA = &agent.HAStatus{Role: "master", Takeovers: 2, TakeoverApplySeconds: 0.05, Resyncs: 7, ResyncErrors: 1}
+	reg := registry(t, fixed(s))
+	want := `
+# HELP uplinkd_ha_conntrack_resyncs_total In an HA pair: the master's periodic conntrackd resyncs (which keep the standby's copies of steady flows from timing out), by result (ok, error), since the agent started.
+# TYPE uplinkd_ha_conntrack_resyncs_total counter
+uplinkd_ha_conntrack_resyncs_total{result="error"} 1
+uplinkd_ha_conntrack_resyncs_total{result="ok"} 7
+# HELP uplinkd_ha_master In an HA pair: 1 while this gateway is master (it holds the VIPs), 0 while standby.
+# TYPE uplinkd_ha_master gauge
+uplinkd_ha_master 1
+# HELP uplinkd_ha_takeovers_total In an HA pair: times this gateway became master since the agent started.
+# TYPE uplinkd_ha_takeovers_total counter
+uplinkd_ha_takeovers_total 2
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"uplinkd_ha_conntrack_resyncs_total", "uplinkd_ha_master", "uplinkd_ha_takeovers_total"); err != nil {
+		t.Error(err)
+	}
+}
