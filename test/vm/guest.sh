@@ -1,7 +1,9 @@
 #!/bin/bash
 # Runs inside the vmtest guest, in the host's root: each package's test
 # binary from the package's directory, its output kept for test2json on the
-# host and shown on the console, then the features report.
+# host and shown on the console, then the features report. VMTEST_RUN (from
+# the env file vmtest.sh writes: its own, or the names of VMTEST_LIST)
+# narrows each run that has no pattern of its own in the packages file.
 set -u
 run=$(cd "$1" && pwd)
 # shellcheck disable=SC1091
@@ -15,7 +17,7 @@ export UPLINKD_KILL_TRIALS=${UPLINKD_KILL_TRIALS:-6}
 # Tests that time sub-second protocols between daemons skip in an emulated
 # guest (see test/ha_test.go).
 export UPLINKD_EMULATED_VM=1
-echo "vmtest guest: kernel $(uname -r), $(nproc) CPUs"
+echo "vmtest guest: kernel $(uname -r), $(nproc) CPUs, tests: ${VMTEST_TESTS:-all}"
 status=0
 while read -r pkg bin name pattern; do
 	cd "$VMTEST_TOP/$pkg" || { status=1; continue; }

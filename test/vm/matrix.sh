@@ -4,7 +4,11 @@
 # failed and skipped, time). The kernels are fetched one after the other,
 # then booted up to VMTEST_JOBS at a time (default 3, all of them: each VM
 # emulates its CPUs on one host thread, and three on two cores finish
-# sooner than two and then one). Fails when any kernel failed.
+# sooner than two and then one). Fails when any kernel failed (a test
+# failed, none ran, or one VMTEST_LIST names did not run: see vmtest.sh).
+# VMTEST_LIST or VMTEST_RUN, like vmtest.sh's other variables, goes to
+# every kernel's run: `make test` runs the tests of test/vm/subset.txt
+# (make vmtest-subset), `make vmtest-all` all of them.
 #
 #   test/vm/matrix.sh [KERNEL...]     (default: 6.1 6.12 newest)
 set -uo pipefail
@@ -37,6 +41,9 @@ for k in "${kernels[@]}"; do
 	[ "$(cat "$out/$k.rc" 2>/dev/null)" = 0 ] || status=1
 done
 echo
-echo "kernel matrix ($jobs at a time, $((SECONDS - start))s in all):"
+tests=all
+[ -n "${VMTEST_RUN:-}" ] && tests="/$VMTEST_RUN/"
+[ -n "${VMTEST_LIST:-}" ] && tests=$VMTEST_LIST
+echo "kernel matrix ($jobs at a time, $((SECONDS - start))s in all, tests: $tests):"
 printf '  %s\n' "${summary[@]}"
 exit "$status"

@@ -8,16 +8,22 @@
 # KERNEL is 6.1 (bookworm), 6.12 (bookworm-backports), newest (the newest in
 # trixie-backports) or a linux-image package name. PACKAGEs are Go packages
 # of this module to test (default: ./loader ./test). The exit status is the
-# tests'; the last line is a summary:
+# tests'; the last line is a summary, naming the tests that ran (all, a
+# VMTEST_LIST file's name, or /the VMTEST_RUN pattern/):
 #
-#   vmtest kernel=6.12.95+deb12-amd64 attach=tcx ct_recovery=on passed=35 failed=0 skipped=2 time=88s
+#   vmtest kernel=6.12.95+deb12-amd64 attach=tcx ct_recovery=on tests=subset passed=35 failed=0 skipped=2 time=88s
+#
+# A kernel fails where a test failed, where no test passed or failed
+# (nothing was tested), and where a test VMTEST_LIST names did not run.
 #
 # Environment: VMTEST_CACHE (kernels, initrds, results; default .cache/vmtest
-# in the repository, git-ignored), VMTEST_RUN (a -test.run pattern),
-# VMTEST_ARGS (more test flags), VMTEST_TIMEOUT (seconds, default 1500),
-# VMTEST_ACCEL (kvm|tcg, default: kvm where it boots), VMTEST_TCG_THREAD
-# (single|multi, default single), VMTEST_PREPARE_ONLY (fetch the kernel and
-# build its initrd, run nothing).
+# in the repository, git-ignored), VMTEST_LIST (a file of top-level test
+# names, one a line, # comments: only those run; make test uses
+# test/vm/subset.txt), VMTEST_RUN (a -test.run pattern, not with
+# VMTEST_LIST), VMTEST_ARGS (more test flags), VMTEST_TIMEOUT (seconds,
+# default 1500), VMTEST_ACCEL (kvm|tcg, default: kvm where it boots),
+# VMTEST_TCG_THREAD (single|multi, default single), VMTEST_PREPARE_ONLY
+# (fetch the kernel and build its initrd, run nothing).
 #
 # Only Debian packages are used: qemu-system-x86, busybox-static, cpio, kmod,
 # xz-utils, zstd. Kernels come through apt-get with a private configuration
@@ -40,6 +46,30 @@ die() { say "$*"; exit 2; }
 
 [ "$(id -u)" = 0 ] || die "run as root (apt-get, and the tests inside the VM load BPF programs)"
 mkdir -p "$cache"
+
+# --- which tests: all, the names in a file, or a pattern ---------------------
+
+listed=()
+tests=all
+if [ -n "${VMTEST_LIST:-}" ]; then
+	[ -z "${VMTEST_RUN:-}" ] || die "VMTEST_LIST and VMTEST_RUN are both set: one or the other"
+	[ -f "$VMTEST_LIST" ] || die "VMTEST_LIST: no file $VMTEST_LIST"
+	mapfile -t listed < <(sed 's/#.*//' "$VMTEST_LIST" | tr -s ' \t' '\n\n' | grep -v '^$' || true)
+	[ ${#listed[@]} -gt 0 ] || die "VMTEST_LIST: no test names in $VMTEST_LIST"
+	for t in "${listed[@]}"; do
+		[[ $t =~ ^(Test|Fuzz)[A-Za-z0-9_]*$ ]] || die "VMTEST_LIST: $VMTEST_LIST: $t is not a test name"
+	done
+	# Top-level names, whole: -test.run '^(A|B)$' (subtests all run).
+	VMTEST_RUN="^($(IFS='|'; echo "${listed[*]}"))\$"
+	tests=$(basename "$VMTEST_LIST")
+	tests=${tests%.*}
+elif [ -n "${VMTEST_RUN:-}" ]; then
+	tests="/$VMTEST_RUN/"
+fi
+
+# shq WORD: WORD quoted for the guest's env file, which busybox sh and bash
+# source (a pattern holds ( | $).
+shq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
 
 # --- kernels, through apt-get with a private configuration -----------------
 
@@ -252,11 +282,12 @@ main() {
 	mkdir -p "$run/out"
 	build_binaries "$run"
 	cat >"$run/env" <<-EOF
-		VMTEST_TOP=$top
-		VMTEST_RUNDIR=$run
-		VMTEST_MODULES=$kdir/mods/lib/modules
-		VMTEST_RUN=${VMTEST_RUN:-}
-		VMTEST_ARGS=${VMTEST_ARGS:-}
+		VMTEST_TOP=$(shq "$top")
+		VMTEST_RUNDIR=$(shq "$run")
+		VMTEST_MODULES=$(shq "$kdir/mods/lib/modules")
+		VMTEST_TESTS=$(shq "$tests")
+		VMTEST_RUN=$(shq "${VMTEST_RUN:-}")
+		VMTEST_ARGS=$(shq "${VMTEST_ARGS:-}")
 	EOF
 
 	local acc
@@ -292,13 +323,29 @@ main() {
 			END { if (pf && !f) f = pf; print p + 0, f + 0, s + 0 }' "$run/out/$name.json")
 		passed=$((passed + a)) failed=$((failed + b)) skipped=$((skipped + c))
 	done <"$run/packages"
+	# Every listed test ran (passed, failed or skipped) in some package: a
+	# name that matches nothing would otherwise pass unnoticed.
+	# (No grep -q at the end of a pipe: with pipefail, the writer it
+	# stops early makes a test that ran look missing.)
+	local t ran
+	ran=$(sed -nE '/"Action":"(pass|fail|skip)"/ s/.*"Test":"([^"]*)".*/\1/p' "$run"/out/*.json 2>/dev/null || true)
+	for t in "${listed[@]}"; do
+		if ! grep -qxF -- "$t" <<<"$ran"; then
+			failed=$((failed + 1))
+			say "$t: in $VMTEST_LIST but it did not run (renamed or removed? the VM stopped early?)"
+		fi
+	done
+	if [ $((passed + failed)) = 0 ]; then
+		status=1
+		say "no test passed or failed on $kver: nothing was tested"
+	fi
 	local attach=? ct=?
 	if [ -f "$run/out/features" ]; then
 		attach=$(awk '$1 == "attach:" { print $2 }' "$run/out/features")
 		ct=$(awk '$1 == "ct_recovery:" { print $2 }' "$run/out/features")
 	fi
 	[ "$status" = 0 ] && [ "$failed" = 0 ] || status=1
-	echo "vmtest kernel=$kver attach=$attach ct_recovery=$ct passed=$passed failed=$failed skipped=$skipped time=${secs}s"
+	echo "vmtest kernel=$kver attach=$attach ct_recovery=$ct tests=$tests passed=$passed failed=$failed skipped=$skipped time=${secs}s"
 	exit "$status"
 }
 
