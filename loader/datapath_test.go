@@ -579,6 +579,32 @@ func TestRemoveLineTakesItsFlows(t *testing.T) {
 	}
 }
 
+// ClearFlows empties the flow map (an HA standby's pins are stale) and
+// counts what it removed as removed, not evicted; the lines stay.
+func TestClearFlows(t *testing.T) {
+	d := steering(t)
+	setWeights(t, d, []int{0, 1, 1}, []bool{true, true, true})
+	for i := range 300 {
+		steer(t, d, tcp4(uint16(2000+i)), "new_flow")
+	}
+	n, err := d.ClearFlows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	left := 0
+	if err := d.Flows(func(Flow) bool { left++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	use, err := d.FlowMapUse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 300 || left != 0 || use.Removed != 300 || use.EvictedAtLeast != 0 {
+		t.Errorf("ClearFlows removed %d of 300, %d left, map use %+v", n, left, use)
+	}
+	steer(t, d, tcp4(2000), "new_flow") // pinned afresh, on a live line
+}
+
 // lookupNATOwner is the line that ul_nat_src gives a NAT address.
 func lookupNATOwner(t *testing.T, d *Datapath, a netip.Addr) (uint32, bool) {
 	t.Helper()
