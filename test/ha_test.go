@@ -277,6 +277,22 @@ func openHAFlows(t testing.TB, p *haPair, srv *lab.EchoServer, tcp, udp int) []*
 	return fs
 }
 
+// haTraffic starts the pair's echo server, opens tcp TCP and udp UDP long
+// flows through the master (openHAFlows) and a UDP probe flow, all closed
+// when the test ends, and checks that the flows use every line.
+func haTraffic(tb testing.TB, p *haPair, tcp, udp int) (*lab.EchoServer, []*haFlow, *lab.UDPFlow) {
+	tb.Helper()
+	srv := haEchoServer(tb, p)
+	fs := openHAFlows(tb, p, srv, tcp, udp)
+	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { probe.Close() })
+	checkNATSources(tb, p, fs)
+	return srv, fs, probe
+}
+
 // push has the server speak first on the server-first TCP flows (their
 // client reads it in check).
 func pushTCP(t testing.TB, srv *lab.EchoServer, fs []*haFlow) {
@@ -554,14 +570,7 @@ func TestHATakeover(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newHAPair(t, tc.o)
-			srv := haEchoServer(t, p)
-			fs := openHAFlows(t, p, srv, 40, 20)
-			probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { probe.Close() })
-			checkNATSources(t, p, fs)
+			srv, fs, probe := haTraffic(t, p, 40, 20)
 			pushTCP(t, srv, fs)
 			if broken, moved, detail := checkHAFlows(srv, fs, 5*time.Second); broken+moved > 0 {
 				t.Fatalf("before any failure: %d broken, %d moved: %v", broken, moved, detail)
@@ -653,13 +662,7 @@ func (p *haPair) dumpConntrack(t testing.TB, i int) {
 func BenchmarkHATakeover(b *testing.B) {
 	const trials = 10
 	p := newHAPair(b, haOptions{})
-	srv := haEchoServer(b, p)
-	fs := openHAFlows(b, p, srv, 40, 20)
-	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { probe.Close() })
+	srv, fs, probe := haTraffic(b, p, 40, 20)
 
 	var role, answer []time.Duration
 	broken, failback := 0, 0
@@ -765,14 +768,7 @@ func TestHALineLinkDown(t *testing.T) {
 // fails: no flow breaks.
 func TestHAStandbyLineDown(t *testing.T) {
 	p := newHAPair(t, haOptions{})
-	srv := haEchoServer(t, p)
-	fs := openHAFlows(t, p, srv, 40, 20)
-	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { probe.Close() })
-	checkNATSources(t, p, fs)
+	srv, fs, probe := haTraffic(t, p, 40, 20)
 	g2, line := p.gw(1), p.hl.Lines[0].Name
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -852,14 +848,7 @@ func TestHALongUDPFlows(t *testing.T) {
 		sysctls: map[string]string{"net/netfilter/nf_conntrack_udp_timeout_stream": fmt.Sprint(int(streamTimeout.Seconds()))},
 		weights: [2][]int{{1, 1}, {1, 4}},
 	})
-	srv := haEchoServer(t, p)
-	fs := openHAFlows(t, p, srv, 0, 20)
-	probe, err := lab.OpenUDPFlow(p.hl.Clients[0], srv.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { probe.Close() })
-	checkNATSources(t, p, fs)
+	srv, fs, probe := haTraffic(t, p, 0, 20)
 	for _, f := range fs {
 		_ = f.udp.Conn.SetDeadline(time.Time{}) // Query's
 	}
