@@ -879,3 +879,32 @@ func TestHALongUDPFlows(t *testing.T) {
 		p.dumpConntrack(t, 1)
 	}
 }
+
+// Someone removes a line's VIP on the master: keepalived notices (its
+// netlink reflector), goes to backup and takes the VIPs again, at once when
+// the peer has not taken over yet, else after the preempt delay. The VIP
+// is back and no flow breaks, those of that line included.
+func TestHAVIPRemovedByOthers(t *testing.T) {
+	p := newHAPair(t, haOptions{})
+	srv, fs, _ := haTraffic(t, p, 20, 10)
+	g1, line := p.gw(0), p.hl.Lines[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	hasVIP := func() bool {
+		out, err := g1.Run(ctx, "ip", "-br", "addr", "show", "dev", g1.Lines[0].Interface)
+		return err == nil && strings.Contains(out, line.VIP.String())
+	}
+	if out, err := g1.Run(ctx, "ip", "addr", "del", line.VIP.String(), "dev", g1.Lines[0].Interface); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	start := time.Now()
+	pushTCP(t, srv, fs)
+	p.agents[0].waitFor(t, line.Name+"'s VIP back on gw1", hasVIP)
+	p.waitRole(t, 0, "master")
+	p.waitRole(t, 1, "standby")
+	t.Logf("%s's VIP back on gw1, master, after %v; gw2 took over %d times meanwhile",
+		line.Name, time.Since(start).Round(time.Millisecond), p.agents[1].status(t).HA.Takeovers)
+	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
+		t.Errorf("%d broken, %d moved: %v", broken, moved, detail)
+	}
+}

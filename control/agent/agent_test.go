@@ -562,3 +562,4 @@ func TestHAStandbyClearsFlows(t *testing.T) {
 		t.Errorf("standby at start: log %v, want its flows cleared", b.k.(*fakeKernel).log)
 	}
 }
+
