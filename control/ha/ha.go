@@ -180,8 +180,10 @@ Sync {
 }
 
 General {
-	HashSize 32768
-	HashLimit 131072
+	# Room for twice as many connections as the flow map holds
+	# (datapath.flow_entries): a connection past HashLimit is not synced.
+	HashSize %d
+	HashLimit %d
 	LogFile off
 	Syslog off
 	LockFile %s
@@ -199,8 +201,15 @@ General {
 %s		}
 	}
 }
-`, ha.AddressAddr, ha.PeerAddr, SyncPort, ha.SyncInterface,
+`, ha.AddressAddr, ha.PeerAddr, SyncPort, ha.SyncInterface, hashLimit(c)/4, hashLimit(c),
 		ConntrackdLock(c.StateDir), ConntrackdSocket(c.StateDir), ignore.String())
+}
+
+// hashLimit is conntrackd's HashLimit, the most connections its caches
+// hold: conntrackd's documentation asks for twice nf_conntrack_max; the
+// config's measure of the connections a gateway carries is its flow map.
+func hashLimit(c *config.Config) int {
+	return 2 * int(c.Datapath.FlowEntries)
 }
 
 // notify is conntrackd's sequence for a pair without external cache,
