@@ -8,6 +8,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -361,6 +362,10 @@ func (s *Stats) Flows(fn func(Flow) bool) error {
 	}
 }
 
+// removedMu serializes countRemoved's read-modify-write: ClearFlows may
+// run beside a run loop removing a line.
+var removedMu sync.Mutex
+
 // RemoveLine takes a line out of the datapath for good (a new config
 // dropped it): its entry goes (dead, no NAT address, so that no flow is
 // recovered onto it) and so do the flows pinned to it, so that a line
@@ -374,9 +379,26 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 }
 
 // ClearFlows removes every pinned flow: an HA standby's pins go stale
-// while its peer forwards. It returns how many it removed.
+// while its peer forwards. It returns how many it removed. It takes the
+// flows in batches (lookup and delete in one call each), holding no more
+// than a batch in memory; it is safe beside the datapath and a run loop
+// using d.
 func (d *Datapath) ClearFlows() (int, error) {
-	return d.removeFlows(func(*uplinkdFlow) bool { return true })
+	keys := make([]uplinkdFlowKey, flowBatch)
+	values := make([]uplinkdFlow, flowBatch)
+	var cursor ebpf.MapBatchCursor
+	removed := 0
+	for {
+		n, err := d.objs.UlFlows.BatchLookupAndDelete(&cursor, keys, values, nil)
+		removed += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return removed, errors.Join(fmt.Errorf("removing flows: %w", err), d.countRemoved(removed))
+		}
+	}
+	return removed, d.countRemoved(removed)
 }
 
 // removeFlows removes the flows doomed says so of, and counts them as
@@ -421,6 +443,8 @@ func (d *Datapath) countRemoved(n int) error {
 	if n == 0 {
 		return nil
 	}
+	removedMu.Lock()
+	defer removedMu.Unlock()
 	slot := d.slotFromEnd(slotRemovedFlowsFromEnd)
 	var perCPU []uint64
 	if err := d.objs.UlReasons.Lookup(slot, &perCPU); err != nil {
@@ -545,7 +569,7 @@ func (s *Stats) SlowParsed() (uint64, error) {
 type FlowMapUse struct {
 	Capacity int    // max entries
 	Inserted uint64 // flows pinned since the maps were created (new and recovered)
-	Removed  uint64 // flows the control plane removed (with a removed line)
+	Removed  uint64 // flows the control plane removed (a removed line's, an HA standby's)
 	// EvictedAtLeast is Inserted less Removed beyond Capacity: flows
 	// leave the map only by eviction otherwise, so at least that many were
 	// evicted (the LRU may evict a little before it is full: it can be

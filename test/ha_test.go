@@ -105,7 +105,26 @@ func newHAPair(t testing.TB, o haOptions) *haPair {
 		}
 	}
 	p.waitRole(t, 1, "standby")
+	// Both ready for the VIPs (uplinkd ha check passes): until then each
+	// has a lower VRRP priority, and a failure of the other would be met
+	// by one that is still starting.
+	for i := range hl.Gateways {
+		p.waitReady(t, i)
+	}
 	return p
+}
+
+// waitReady waits until gateway i's agent answers keepalived's track
+// script (uplinkd ha check) with ready.
+func (p *haPair) waitReady(t testing.TB, i int) {
+	t.Helper()
+	a := p.agents[i]
+	a.waitFor(t, "ready for the VIPs", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := ctlsock.Call(ctx, a.stateDir, ctlsock.Request{Cmd: "ha-check"})
+		return err == nil
+	})
 }
 
 // hostRun runs a command on the host (not in a lab namespace).
@@ -907,4 +926,33 @@ func TestHAVIPRemovedByOthers(t *testing.T) {
 	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
 		t.Errorf("%d broken, %d moved: %v", broken, moved, detail)
 	}
+}
+
+// A line's link goes down on both gateways (the line's switch died): the
+// master stays master (a fault on a line's link would leave the whole
+// site without a gateway), and the other line's flows go on.
+func TestHALineLinkDownOnBoth(t *testing.T) {
+	p := newHAPair(t, haOptions{})
+	srv, fs, _ := haTraffic(t, p, 20, 10)
+	for i := range p.hl.Gateways {
+		g := p.gw(i)
+		if err := g.SetLink(g.Lines[0].Interface, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(2 * time.Second) // many adverts: a fault would have shown
+	if r0, r1 := p.role(0), p.role(1); r0 != "master" || r1 != "standby" {
+		t.Fatalf("with %s's link down on both gateways: gw1 %q, gw2 %q; want gw1 master, gw2 standby", p.hl.Lines[0].Name, r0, r1)
+	}
+	var other []*haFlow
+	for _, f := range fs {
+		if lineOfVIP(p.hl, f.seen.Addr()) == 1 {
+			other = append(other, f)
+		}
+	}
+	pushTCP(t, srv, other)
+	if broken, moved, detail := checkHAFlows(srv, other, 10*time.Second); broken+moved > 0 {
+		t.Errorf("%s's flows with the other line's link down on both: %d broken, %d moved: %v", p.hl.Lines[1].Name, broken, moved, detail)
+	}
+	t.Logf("gw1 stayed master; %d flows of %s unbroken", len(other), p.hl.Lines[1].Name)
 }

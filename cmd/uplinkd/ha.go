@@ -154,9 +154,10 @@ func cmdHANotify(args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
-// cmdHACheck is keepalived's track script: exit 0 while the agent runs
-// and has applied its config (it answers over the control socket within a
-// second), 1 otherwise; without it a gateway must not hold the VIPs.
+// cmdHACheck is keepalived's track script: exit 0 while the agent runs,
+// has applied its config and has run long enough to have judged its
+// lines (it answers over the control socket within a second), 1
+// otherwise: the gateway's VRRP priority drops meanwhile.
 func cmdHACheck(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("ha check", flag.ContinueOnError)
 	file := fs.String("c", "", "config `file`: its state_dir names the agent")
@@ -169,8 +170,8 @@ func cmdHACheck(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	if _, err := ctlsock.Call(ctx, cfg.StateDir, ctlsock.Request{Cmd: "ping"}); err != nil {
-		return fmt.Errorf("ha check: the agent of %s does not answer: %w", cfg.StateDir, err)
+	if _, err := ctlsock.Call(ctx, cfg.StateDir, ctlsock.Request{Cmd: "ha-check"}); err != nil {
+		return fmt.Errorf("ha check: the agent of %s: %w", cfg.StateDir, err)
 	}
 	return nil
 }

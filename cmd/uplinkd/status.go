@@ -75,6 +75,13 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 			fmt.Fprintf(w, "; keepalived said %s", h.Notified)
 		}
 		fmt.Fprintln(w)
+		if h.Role == "master" || h.Resyncs+h.ResyncErrors > 0 {
+			fmt.Fprintf(w, "ha: conntrackd resyncs every %v: %d done, %d failed", time.Duration(h.ResyncEverySeconds*float64(time.Second)), h.Resyncs, h.ResyncErrors)
+			if h.ResyncError != "" {
+				fmt.Fprintf(w, "; failing: %s", h.ResyncError)
+			}
+			fmt.Fprintln(w)
+		}
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LINE\tNR\tINTERFACE\tADDRESS\tUSABLE\tHEALTH\tSINCE\tRTT\tJITTER\tLOSS\tWEIGHT\tTX\tRX\tTX/s\tRX/s\tFLOWS\tWHY")

@@ -70,6 +70,11 @@ type Agent struct {
 	adopting bool
 	// ha is this gateway's part in an HA pair (zero without an ha block).
 	ha haState
+	// started is when Run began (uplinkd ha check waits ha.ReadyAfter).
+	started time.Time
+	// spawn runs work that must not hold up the run loop (a goroutine;
+	// unit tests run it inline).
+	spawn func(func())
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -119,6 +124,7 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		ctl:      make(chan ctlCall),
 		scope:    plan.ScopeOf(cfg).Union(saved),
 		adopting: len(slots) > 0 || previousRun(cfg),
+		spawn:    func(f func()) { go f() },
 	}, nil
 }
 
@@ -463,14 +469,11 @@ func (a *Agent) Apply() (Report, error) {
 	if a.cfg.Datapath.On() {
 		if err := a.k.SyncDatapath(a.cfg, lines, lan, a.log, a.events); err != nil {
 			errs = append(errs, err)
-		} else if a.ha.clearFlows {
-			n, err := a.k.ClearFlows()
-			if err != nil {
-				errs = append(errs, fmt.Errorf("emptying the flow map of a standby: %w", err))
-			} else {
-				a.ha.clearFlows = false
-				a.events.Add(events.HAFlowsCleared, "", "standby: flow map emptied", "flows", n)
+		} else if a.cfg.HA != nil {
+			if a.ha.clearFailed.CompareAndSwap(true, false) && a.ha.role == RoleStandby {
+				a.ha.clearFlows = true
 			}
+			a.startClearFlows(a.k.FlowClearer())
 		}
 	}
 	if rep.NAT, err = a.k.ApplyNAT(want.NAT); err != nil {
@@ -669,6 +672,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				"(flows are then pinned afresh; established TCP flows may break)", err)
 		}
 	}
+	a.started = time.Now()
 	// Requests wait for the run loop: a ping answers once the config is
 	// applied.
 	if err := ctlsock.Serve(ctx, a.cfg.StateDir, func(req ctlsock.Request) ctlsock.Reply { return a.handle(ctx, req) }); err != nil {

@@ -3,13 +3,19 @@
 package agent
 
 import (
+	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/uplinkd/uplinkd/control/ha"
+	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -97,9 +103,11 @@ func (k *fakeKernel) RemoveLine(index int) (int, error) {
 	k.log = append(k.log, fmt.Sprintf("remove line %d", index))
 	return 0, nil
 }
-func (k *fakeKernel) ClearFlows() (int, error) {
-	k.log = append(k.log, "clear flows")
-	return 0, k.clearErr
+func (k *fakeKernel) FlowClearer() func() (int, error) {
+	return func() (int, error) {
+		k.log = append(k.log, "clear flows")
+		return 0, k.clearErr
+	}
 }
 func (k *fakeKernel) Detach(ifname string) error {
 	k.log = append(k.log, "detach "+ifname)
@@ -165,6 +173,7 @@ func fakeAgent(t *testing.T, text string, k *fakeKernel) *Agent {
 	if err != nil {
 		t.Fatal(err)
 	}
+	a.spawn = func(f func()) { f() } // the fake kernel's log in order
 	return a
 }
 
@@ -563,3 +572,177 @@ func TestHAStandbyClearsFlows(t *testing.T) {
 	}
 }
 
+// reloadWith gives a running fake agent a new config text (its state dir
+// kept).
+func reloadWith(t *testing.T, a *Agent, text string) {
+	t.Helper()
+	c, err := config.Parse("unit.yaml", []byte(text+"state_dir: "+a.cfg.StateDir+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.reconfigure(c); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A reload that removes the ha block makes a single gateway: it is no
+// master for the conntrackd resync, and a clear still pending (it failed)
+// is dropped; one that adds the block back while the LAN VIP is here
+// makes it master again, resyncing.
+func TestHABlockRemovedAndBack(t *testing.T) {
+	k := newFake()
+	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")}
+	k.clearErr = errors.New("boom")
+	a := fakeAgent(t, haPair, k)
+	_, _ = a.Apply() // standby; its clear fails
+	k.clearErr = nil
+	single := strings.Replace(haPair, "ha: {sync_interface: sync0, address: 203.0.113.249, peer: 203.0.113.250, lan_vip: 192.0.2.1/24}\n", "", 1)
+	single = strings.NewReplacer(", vip: 198.51.100.4/28", "", ", vip: 198.51.100.20/28", "").Replace(single)
+	if strings.Contains(single, "ha:") || strings.Contains(single, "vip") {
+		t.Fatalf("not a single gateway's config:\n%s", single)
+	}
+	k.addrs["lan0"] = append(k.addrs["lan0"], netip.MustParsePrefix("192.0.2.1/24"))
+	if _, err := a.Apply(); err != nil || a.ha.role != RoleMaster || a.ha.takeovers != 1 {
+		t.Fatalf("the LAN VIP came: role %q, %d takeovers, %v", a.ha.role, a.ha.takeovers, err)
+	}
+	reloadWith(t, a, single)
+	k.log = nil
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(k.log, "clear flows") {
+		t.Errorf("log %v: a single gateway emptied its flow map", k.log)
+	}
+	if a.ha.master.Load() {
+		t.Error("a single gateway holding the address counts as master for the resync")
+	}
+	reloadWith(t, a, haPair)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	if a.ha.role != RoleMaster || !a.ha.master.Load() {
+		t.Errorf("ha block back with the LAN VIP here: role %q, master for the resync %v; want master, true", a.ha.role, a.ha.master.Load())
+	}
+	if a.ha.takeovers != 1 {
+		t.Errorf("%d takeovers after a reload, want still 1", a.ha.takeovers)
+	}
+}
+
+// A clear that fails does not fail the Apply (a standby starting would
+// refuse to run): it is tried again at the next one.
+func TestHAFailedClearDoesNotFailApply(t *testing.T) {
+	k := newFake()
+	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")}
+	k.clearErr = errors.New("boom")
+	a := fakeAgent(t, haPair, k)
+	if _, err := a.Apply(); err != nil {
+		t.Errorf("the first Apply failed with the clear: %v", err)
+	}
+}
+
+// oneSysctl answers every sysctl with one value.
+type oneSysctl string
+
+func (o oneSysctl) Get(string) (string, error) { return string(o), nil }
+func (o oneSysctl) Set(string, string) error   { return nil }
+
+// The master has conntrackd send its connections to the peer every third
+// of the UDP stream timeout (3 s here: every second), not before it is
+// master; with conntrackd gone, every failure is counted and one event
+// made.
+func TestResyncConntrack(t *testing.T) {
+	k := newFake()
+	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")}
+	a := fakeAgent(t, haPair, k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	sock := ha.ConntrackdSocket(a.cfg.StateDir)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var reqs []uint32
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			b := make([]byte, 4)
+			if _, err := io.ReadFull(c, b); err == nil {
+				mu.Lock()
+				reqs = append(reqs, binary.NativeEndian.Uint32(b))
+				mu.Unlock()
+			}
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go a.resyncConntrack(ctx, sock, oneSysctl("3"))
+	time.Sleep(1500 * time.Millisecond)
+	mu.Lock()
+	if len(reqs) > 0 {
+		t.Errorf("a standby resynced: %v", reqs)
+	}
+	mu.Unlock()
+	k.addrs["lan0"] = append(k.addrs["lan0"], netip.MustParsePrefix("192.0.2.1/24"))
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3500 * time.Millisecond)
+	st := a.status().HA
+	mu.Lock()
+	got := slices.Clone(reqs)
+	mu.Unlock()
+	// One resync may be under way: conntrackd got it, the status not yet.
+	if st.ResyncEverySeconds != 1 || st.Resyncs < 2 || st.ResyncErrors > 0 || len(got) < int(st.Resyncs) || len(got) > int(st.Resyncs)+1 {
+		t.Errorf("as master for 3.5 s: status %+v, conntrackd got %v; want a resync a second, each one -B (22)", st, got)
+	}
+	for _, r := range got {
+		if r != 22 {
+			t.Errorf("conntrackd got request %d before the tenth resync, want only -B (22)", r)
+		}
+	}
+	l.Close()
+	time.Sleep(3500 * time.Millisecond)
+	st = a.status().HA
+	if st.ResyncErrors < 2 || st.ResyncError == "" || a.events.CountKind(events.HAResyncFailed) != 1 {
+		t.Errorf("without conntrackd for 3.5 s: status %+v, %d ha-resync-failed events; want failures counted, one event",
+			st, a.events.CountKind(events.HAResyncFailed))
+	}
+}
+
+// keepalived's track script (uplinkd ha check) fails while the agent is
+// starting, and on the master while a line's VIP is missing; a standby
+// does not hold them.
+func TestHACheck(t *testing.T) {
+	k := newFake()
+	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24"), netip.MustParsePrefix("192.0.2.1/24")}
+	k.addrs["wan1"] = []netip.Prefix{netip.MustParsePrefix("198.51.100.2/28"), netip.MustParsePrefix("198.51.100.4/28")}
+	k.addrs["wan2"] = []netip.Prefix{netip.MustParsePrefix("198.51.100.18/28"), netip.MustParsePrefix("198.51.100.20/28")}
+	a := fakeAgent(t, haPair, k)
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	a.started = now
+	check := func(what string, at time.Time, wantErr string) {
+		t.Helper()
+		r := a.controlHACheck(at)
+		if (wantErr == "") != (r.Error == "") || !strings.Contains(r.Error, wantErr) {
+			t.Errorf("%s: %+v, want error %q", what, r, wantErr)
+		}
+	}
+	check("just started", now.Add(time.Second), "starting")
+	check("ready", now.Add(ha.ReadyAfter(a.cfg)), "")
+	k.addrs["wan2"] = k.addrs["wan2"][:1]
+	check("master without dsl2's VIP", now.Add(time.Minute), "dsl2's VIP")
+	k.addrs["lan0"] = k.addrs["lan0"][:1]
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	check("standby without the VIPs", now.Add(time.Minute), "")
+}

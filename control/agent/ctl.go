@@ -56,6 +56,8 @@ func (a *Agent) control(req ctlsock.Request) ctlsock.Reply {
 		return ctlsock.DataReply(a.status())
 	case "ha-notify":
 		return a.controlHANotify(req.Line)
+	case "ha-check":
+		return a.controlHACheck(time.Now())
 	}
 	return ctlsock.Reply{Error: fmt.Sprintf("unknown command %q", req.Cmd)}
 }

@@ -5,6 +5,8 @@ package agent
 import (
 	"context"
 	"fmt"
+	"net/netip"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -13,6 +15,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/ha"
+	hstate "github.com/uplinkd/uplinkd/control/health"
 	"github.com/uplinkd/uplinkd/control/sysctl"
 )
 
@@ -39,8 +42,12 @@ type haState struct {
 	notified   string
 	notifiedAt time.Time
 	// clearFlows: became standby, the flow map is to be emptied once the
-	// datapath is synced.
+	// datapath is synced; clearing: a clear runs (beside the run loop: a
+	// million flows take a second or more).
 	clearFlows bool
+	clearing   atomic.Bool
+	// clearFailed: the last clear failed; the next Apply asks again.
+	clearFailed atomic.Bool
 	// master mirrors role == RoleMaster for the conntrackd resync, which
 	// runs beside the run loop.
 	master atomic.Bool
@@ -62,7 +69,10 @@ type resyncState struct {
 func (a *Agent) refreshHA(now time.Time) bool {
 	ha := a.cfg.HA
 	if ha == nil {
+		// A reload removed the ha block: a single gateway, which never
+		// empties its flow map; a block added again starts afresh.
 		a.ha.master.Store(false)
+		a.ha.role, a.ha.clearFlows, a.ha.pending = "", false, false
 		return false
 	}
 	role := RoleStandby
@@ -73,12 +83,12 @@ func (a *Agent) refreshHA(now time.Time) bool {
 			}
 		}
 	}
+	a.ha.master.Store(role == RoleMaster)
 	if role == a.ha.role {
 		return false
 	}
 	first := a.ha.role == ""
 	a.ha.role, a.ha.since = role, now
-	a.ha.master.Store(role == RoleMaster)
 	// An ex-master's pins are stale: while the peer forwarded, a flow may
 	// have ended and its ports been reused by another, or moved to
 	// another line. They go; a takeover recovers every flow's line from
@@ -104,6 +114,55 @@ func (a *Agent) appliedHA(now time.Time, ok bool) {
 	a.events.Add(events.HATakeover, "", "took over as master", "applied_in", a.ha.applyTook)
 }
 
+// controlHACheck answers keepalived's track script (uplinkd ha check),
+// whose failure lowers this gateway's VRRP priority, so that the peer
+// holds the VIPs while this one has a reason not to:
+//   - it started less than ha.ReadyAfter ago (conntrackd's resync, its
+//     lines' first judgement);
+//   - a line not taken down by the operator is without carrier, or not
+//     up by its probes (probing after its link came back, or down): the
+//     peer may well have it (a line down for both lowers both, and the
+//     master stays);
+//   - as master, a line's VIP is missing from its interface (someone
+//     removed it: its NAT'd traffic gets no replies here).
+//
+// keepalived tracks no line interface itself: a fault there would take
+// both gateways down when a line's link dies for both, and a priority it
+// restores the moment a link comes back would have this gateway take the
+// VIPs before the line is up again.
+func (a *Agent) controlHACheck(now time.Time) ctlsock.Reply {
+	if a.cfg.HA == nil {
+		return ctlsock.Reply{Error: fmt.Sprintf("%s has no ha block", a.cfg.File())}
+	}
+	if left := ha.ReadyAfter(a.cfg) - now.Sub(a.started); left > 0 {
+		return ctlsock.Reply{Error: fmt.Sprintf("starting: ready for the VIPs in %v (its lines' health, conntrackd's resync)", left.Round(100*time.Millisecond))}
+	}
+	health := a.Health()
+	for _, l := range a.lines {
+		if !l.Up {
+			continue
+		}
+		if !l.Carrier {
+			return ctlsock.Reply{Error: fmt.Sprintf("line %s has no carrier on %s here", l.Name, l.Interface)}
+		}
+		if st, ok := health[l.Name]; ok && st.State != hstate.Up && st.State != hstate.Late {
+			return ctlsock.Reply{Error: fmt.Sprintf("line %s is %s here", l.Name, st.State)}
+		}
+	}
+	if a.ha.role == RoleMaster {
+		for _, l := range a.cfg.Lines {
+			if !l.VIPPrefix.IsValid() {
+				continue
+			}
+			addrs, err := a.k.Addrs(l.Interface)
+			if err == nil && !slices.ContainsFunc(addrs, func(p netip.Prefix) bool { return p.Addr() == l.VIPPrefix.Addr() }) {
+				return ctlsock.Reply{Error: fmt.Sprintf("master without line %s's VIP %s on %s", l.Name, l.VIPPrefix, l.Interface)}
+			}
+		}
+	}
+	return ctlsock.Reply{Message: "ready"}
+}
+
 // controlHANotify records what keepalived's notify script says and
 // reconciles at once (the VIPs have moved, or are about to).
 func (a *Agent) controlHANotify(state string) ctlsock.Reply {
@@ -121,18 +180,46 @@ func (a *Agent) controlHANotify(state string) ctlsock.Reply {
 	return ctlsock.Reply{Message: fmt.Sprintf("noted: %s; this gateway is %s", state, a.ha.role)}
 }
 
+// startClearFlows empties the flow map beside the run loop, if this
+// gateway became standby and no clear runs already (else at a later
+// Apply). clear is bound to the datapath loaded now; a clear that fails is
+// tried again at the next Apply.
+func (a *Agent) startClearFlows(clear func() (int, error)) {
+	if !a.ha.clearFlows || !a.ha.clearing.CompareAndSwap(false, true) {
+		return
+	}
+	a.ha.clearFlows = false
+	a.spawn(func() {
+		defer a.ha.clearing.Store(false)
+		start := time.Now()
+		n, err := clear()
+		if err != nil {
+			a.log.Error("emptying the flow map of a standby", "err", err, "removed", n)
+			a.ha.clearFailed.Store(true)
+			return
+		}
+		a.events.Add(events.HAFlowsCleared, "", "standby: flow map emptied", "flows", n, "took", time.Since(start).Round(time.Millisecond))
+	})
+}
+
 // udpStreamTimeoutPath is conntrack's timeout of an assured UDP flow, the
 // shortest of a steady flow that sends no conntrack event while it runs.
 const udpStreamTimeoutPath = "net/netfilter/nf_conntrack_udp_timeout_stream"
 
 // resyncConntrack runs until ctx ends: while this gateway is master it has
-// conntrackd resync with the kernel table every ha.ResyncEvery of the UDP
-// stream timeout, so that the standby's copies of long, steady flows never
-// time out there (ha.Resync says why). Beside the run loop: a resync of a
-// big table takes conntrackd a while.
+// conntrackd send its connections to the peer every ha.ResyncEvery of the
+// UDP stream timeout, with a dump of the kernel table first every
+// ha.DumpEvery-th time, so that the standby's copies of long, steady flows
+// never time out there (ha.Resync says why). Beside the run loop: a
+// resync of a big table takes conntrackd a while. A failure is an event
+// at most once per resyncReportEvery; status counts every one.
 func (a *Agent) resyncConntrack(ctx context.Context, socket string, sysctls sysctl.FS) {
 	r := &a.ha.resync
-	var last time.Time // the last resync asked for, or when this gateway became master
+	var (
+		last     time.Time // the last resync asked for, or when this gateway became master
+		n        int       // resyncs asked for since then
+		reported time.Time // the last failure made an event
+	)
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -154,18 +241,20 @@ func (a *Agent) resyncConntrack(ctx context.Context, socket string, sysctls sysc
 		r.mu.Unlock()
 		if !a.ha.master.Load() {
 			// keepalived's notify script resyncs at a takeover.
-			last = time.Time{}
+			last, n = time.Time{}, 0
 			continue
 		}
 		if last.IsZero() {
 			last = time.Now()
 		}
-		if time.Since(last) < every {
+		// Half a tick early rather than a tick late.
+		if time.Since(last) < every-500*time.Millisecond {
 			continue
 		}
 		last = time.Now()
+		n++
 		c, cancel := context.WithTimeout(ctx, every)
-		err := ha.Resync(c, socket)
+		err := ha.Resync(c, socket, n%ha.DumpEvery == 0)
 		cancel()
 		r.mu.Lock()
 		if err == nil {
@@ -176,11 +265,16 @@ func (a *Agent) resyncConntrack(ctx context.Context, socket string, sysctls sysc
 			r.lastErr = err.Error()
 		}
 		r.mu.Unlock()
-		if err != nil && ctx.Err() == nil {
+		if err != nil && ctx.Err() == nil && time.Since(reported) >= resyncReportEvery {
+			reported = time.Now()
 			a.events.Add(events.HAResyncFailed, "", "conntrackd resync failed: the standby's copies of steady flows may time out", "err", err)
 		}
 	}
 }
+
+// resyncReportEvery spaces the events of failing resyncs (no conntrackd:
+// one every 40 s would fill the event ring in hours).
+const resyncReportEvery = time.Minute
 
 // resyncStatus fills h's conntrackd resync fields.
 func (a *Agent) resyncStatus(h *HAStatus) {

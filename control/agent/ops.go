@@ -41,8 +41,10 @@ type ops interface {
 	// RemoveLine removes a dropped line's datapath entry and its pinned
 	// flows; it returns how many flows it removed.
 	RemoveLine(index int) (int, error)
-	// ClearFlows removes every pinned flow; it returns how many.
-	ClearFlows() (int, error)
+	// FlowClearer returns a func that removes every flow pinned in the
+	// datapath loaded now and says how many; it may run beside the run
+	// loop.
+	FlowClearer() func() (int, error)
 	// FlowMapUse is how full the datapath's flow map has been (zero
 	// before the datapath is loaded).
 	FlowMapUse() (loader.FlowMapUse, error)
@@ -81,7 +83,7 @@ func (o *envOps) ApplyNAT(n plan.NAT) (bool, error)           { return nat.Apply
 func (o *envOps) FlushConntrack(a netip.Addr) (uint, error)   { return o.env.FlushConntrack(a) }
 func (o *envOps) Detach(ifname string) error                  { return o.dp.Detach(ifname) }
 func (o *envOps) RemoveLine(index int) (int, error)           { return o.dp.RemoveLine(index) }
-func (o *envOps) ClearFlows() (int, error)                    { return o.dp.ClearFlows() }
+func (o *envOps) FlowClearer() func() (int, error)            { return o.dp.FlowClearer() }
 func (o *envOps) Close()                                      { o.dp.Close() }
 func (o *envOps) Attached() map[string]string                 { return o.dp.Attached() }
 func (o *envOps) FlowMapUse() (loader.FlowMapUse, error)      { return o.dp.FlowMapUse() }

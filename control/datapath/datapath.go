@@ -197,13 +197,15 @@ func (d *Sync) RemoveLine(index int) (int, error) {
 	return d.dp.RemoveLine(index)
 }
 
-// ClearFlows removes every pinned flow (none before Apply loaded the
-// datapath); it returns how many it removed.
-func (d *Sync) ClearFlows() (int, error) {
-	if d.dp == nil {
-		return 0, nil
+// FlowClearer returns a func removing every pinned flow of the datapath
+// loaded now (none before Apply loaded it) and saying how many; it may
+// run on another goroutine.
+func (d *Sync) FlowClearer() func() (int, error) {
+	dp := d.dp
+	if dp == nil {
+		return func() (int, error) { return 0, nil }
 	}
-	return d.dp.ClearFlows()
+	return dp.ClearFlows
 }
 
 // Attached is the attach mode ("tcx" or "tc") by interface.

@@ -15,29 +15,43 @@ import (
 const (
 	// ctResyncMaster (conntrackd -R): dump the kernel's conntrack table
 	// into the internal cache, each entry with its timeout as the dump
-	// gives it. It sends nothing to the peer.
+	// gives it. It sends nothing to the peer (ctnl.c's dump_handler only
+	// fills the cache).
 	ctResyncMaster = 1
 	// sendBulk (conntrackd -B): send every entry of the internal cache to
 	// the peer.
 	sendBulk = 22
 )
 
-// Resync has this gateway's conntrackd, over its control socket, dump the
-// kernel's conntrack table and send every entry to the peer (conntrackd
-// -R, then -B: what keepalived's notify script does at a takeover). The
-// master does it periodically: the kernel sends no event when a packet
-// only refreshes an entry's timeout, so without it the standby's copy of a
-// long, steady UDP flow (a VPN, a call) would time out there while the
-// flow runs on, and break at a takeover.
-func Resync(ctx context.Context, socket string) error {
-	if err := request(ctx, socket, ctResyncMaster); err != nil {
-		return fmt.Errorf("dumping the kernel table: %w", err)
+// Resync has this gateway's conntrackd, over its control socket, send
+// every connection of its internal cache to the peer (conntrackd -B), each
+// with the timeout it had when conntrackd last heard of it, after a dump
+// of the kernel's table into that cache (conntrackd -R) when dump is set.
+// The master does it periodically: the kernel sends no event when a
+// packet only refreshes an entry's timeout, so without it the standby's
+// copy of a long, steady UDP flow (a VPN, a call) would time out there
+// while the flow runs on, and break at a takeover.
+//
+// The send alone refreshes a steady flow (its cached timeout is the full
+// one its last event gave). A dump corrects the timeouts cached from an
+// earlier dump (an idle flow's remaining time, kept although the flow got
+// busy again) but holds up conntrackd's event loop for its length (about
+// a second per 200,000 connections), so it is done less often.
+func Resync(ctx context.Context, socket string, dump bool) error {
+	if dump {
+		if err := request(ctx, socket, ctResyncMaster); err != nil {
+			return fmt.Errorf("dumping the kernel table: %w", err)
+		}
 	}
 	if err := request(ctx, socket, sendBulk); err != nil {
-		return fmt.Errorf("sending it to the peer: %w", err)
+		return fmt.Errorf("sending the connections to the peer: %w", err)
 	}
 	return nil
 }
+
+// DumpEvery is how many resyncs make one with a dump of the kernel table
+// (every tenth: 400 s at the default UDP stream timeout).
+const DumpEvery = 10
 
 // request makes one request of conntrackd: its control protocol is one
 // native-endian int per connection; the daemon answers (nothing, for

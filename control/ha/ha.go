@@ -10,7 +10,6 @@ package ha
 
 import (
 	"fmt"
-	"math"
 	"path/filepath"
 	"strings"
 	"time"
@@ -44,6 +43,9 @@ type Paths struct {
 // machine in a lab).
 func ConntrackdSocket(stateDir string) string { return filepath.Join(stateDir, "conntrackd.ctl") }
 
+// maxSocketPath is the longest UNIX socket path conntrackd takes.
+const maxSocketPath = 107
+
 // ConntrackdLock is conntrackd's lock file for a gateway's state dir.
 func ConntrackdLock(stateDir string) string { return filepath.Join(stateDir, "conntrackd.lock") }
 
@@ -62,6 +64,11 @@ func Render(c *config.Config, p Paths) (Files, error) {
 			return nil, fmt.Errorf("path %q: %q would need quoting in keepalived's config and the notify script: use a path of letters, digits and ._-/+@:,=~", s, s[i])
 		}
 	}
+	// conntrackd refuses a control socket path of over 107 bytes (a
+	// sockaddr_un); the agent could not reach it.
+	if sock := ConntrackdSocket(c.StateDir); len(sock) > maxSocketPath {
+		return nil, fmt.Errorf("conntrackd's control socket %s would be %d bytes long, conntrackd takes at most %d: use a shorter state_dir", sock, len(sock), maxSocketPath)
+	}
 	return Files{
 		KeepalivedConf: keepalived(c, p),
 		ConntrackdConf: conntrackd(c),
@@ -79,8 +86,9 @@ func unsafePathRune(r rune) bool {
 }
 
 // keepalived is one VRRP instance: both gateways start as BACKUP and the
-// higher priority wins. It faults without a LAN interface or a running
-// agent, and a line's link down lowers the priority by lineDownWeight.
+// higher priority wins. It faults without a LAN interface; an agent that
+// does not answer or has not judged its lines yet (uplinkd ha check), or
+// a line's link down, lowers the priority by lowerWeight.
 func keepalived(c *config.Config, p Paths) string {
 	ha := c.HA
 	var b strings.Builder
@@ -94,40 +102,41 @@ global_defs {
     enable_script_security
 }
 
+# Fails while the agent does not answer, for its first %[6]v (its lines'
+# health, conntrackd's resync), while one of its lines is without link or
+# not up by its probes (unless the operator took it down), and on the
+# master while a line's VIP is missing: the priority drops, so the peer
+# holds the VIPs meanwhile if it has none of these (a line dead for both
+# lowers both: the master stays). Not a fault: a gateway with a reason
+# not to hold the VIPs still beats no gateway.
 vrrp_script uplinkd_agent {
     script "%[7]s ha check -c %[1]s"
     interval 1
     timeout 2
     fall 2
     rise 1
+    init_fail
+    weight -%[8]d
 }
 
 vrrp_instance uplinkd {
     state BACKUP
-    interface %s
+    interface %[2]s
     virtual_router_id %d
     priority %d
     advert_int %s
-    # A gateway that comes back (after a start, or a fault of its own)
-    # waits this long before it takes the VIPs back: uplinkd's up_after
-    # health rounds and two more (at least 5 s, for conntrackd's resync),
-    # its agent answering (track_script) all along.
-    preempt_delay %d
     # Without the LAN this gateway is useless: fault, the peer takes over.
-    # A line's link lowers the priority instead (a fault there would take
-    # the whole site down when a line dies for both gateways): a gateway
-    # that lost one gives way to a peer that has all of its own.
+    # Its lines are the agent's to judge (uplinkd ha check): a line's link
+    # down is no fault here, or a line dying for both gateways would take
+    # the whole site down.
     track_interface {
-`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), preemptDelay(c), p.Uplinkd)
+`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), ReadyAfter(c), p.Uplinkd, lowerWeight)
 	for _, ifname := range c.LAN.Interfaces {
 		fmt.Fprintf(&b, "        %s\n", ifname)
 	}
-	for _, l := range c.Lines {
-		fmt.Fprintf(&b, "        %s weight %d\n", l.Interface, -lineDownWeight)
-	}
 	b.WriteString(`    }
-    # The VIPs are only worth holding with a running agent (NAT, routes,
-    # steering): while "uplinkd ha check" fails, fault.
+    # The VIPs are worth most with a running agent (NAT, routes,
+    # steering): while "uplinkd ha check" fails, a lower priority.
     track_script {
         uplinkd_agent
     }
@@ -135,7 +144,9 @@ vrrp_instance uplinkd {
 `)
 	fmt.Fprintf(&b, "        %s dev %s\n", ha.LANVIPPrefix, lan)
 	for _, l := range c.Lines {
-		fmt.Fprintf(&b, "        %s dev %s    # %s's NAT source\n", l.VIPPrefix, l.Interface, l.Name)
+		// no_track: a VIP's interface going down would otherwise fault
+		// the instance, on both gateways when the line dies for both.
+		fmt.Fprintf(&b, "        %s dev %s no_track    # %s's NAT source\n", l.VIPPrefix, l.Interface, l.Name)
 	}
 	script := filepath.Join(p.Dir, NotifyScript)
 	fmt.Fprintf(&b, `    }
@@ -167,6 +178,9 @@ func conntrackd(c *config.Config) string {
 Sync {
 	Mode FTFW {
 		DisableExternalCache On
+		# A periodic bulk (uplinkd's resync) of more connections than
+		# the resend queue holds left the same ones unrefreshed each time.
+		ResendQueueSize %d
 	}
 	UDP {
 		IPv4_address %s
@@ -201,7 +215,7 @@ General {
 %s		}
 	}
 }
-`, ha.AddressAddr, ha.PeerAddr, SyncPort, ha.SyncInterface, hashLimit(c)/4, hashLimit(c),
+`, hashLimit(c), ha.AddressAddr, ha.PeerAddr, SyncPort, ha.SyncInterface, hashLimit(c)/4, hashLimit(c),
 		ConntrackdLock(c.StateDir), ConntrackdSocket(c.StateDir), ignore.String())
 }
 
@@ -248,25 +262,19 @@ exit 0
 `, ct, p.Uplinkd, p.ConfigFile)
 }
 
-// preemptDelay is keepalived's preempt_delay in seconds: up_after health
-// rounds and two more (a line whose link comes back is not usable
-// before: flows of its VIP would be moved or reset), at least 5 s for
-// conntrackd's resync.
-func preemptDelay(c *config.Config) int {
-	d := time.Duration(c.Health.UpAfter+2) * c.Health.Interval
-	// keepalived takes more than maxPreemptDelay as 0: preempt at once.
-	return min(maxPreemptDelay, max(5, int(math.Ceil(d.Seconds()))))
+// ReadyAfter is how long an agent runs before it may hold the VIPs
+// (uplinkd ha check fails until then): uplinkd's up_after health rounds
+// and two more (a line whose health is not known yet would have its
+// flows moved or reset), at least 5 s for conntrackd's resync.
+func ReadyAfter(c *config.Config) time.Duration {
+	return max(5*time.Second, time.Duration(c.Health.UpAfter+2)*c.Health.Interval)
 }
 
-// maxPreemptDelay is the longest preempt_delay keepalived accepts, in
-// seconds.
-const maxPreemptDelay = 1000
-
-// lineDownWeight is what a line whose link is down takes off this
-// gateway's VRRP priority: half its range, so that with both gateways'
-// priorities up to 127 apart the one that lost a line gives way, and with
-// a line down on both, the master stays.
-const lineDownWeight = 128
+// lowerWeight is what a failing uplinkd ha check takes off this gateway's
+// VRRP priority: half its range, so that with both gateways' priorities up
+// to 127 apart the one that lost a line gives way, and with a line down on
+// both, the master stays.
+const lowerWeight = 128
 
 // seconds writes d as keepalived's advert_int: seconds with two decimals.
 func seconds(d time.Duration) string {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -45,13 +46,14 @@ func TestRender(t *testing.T) {
 	}
 	for file, want := range map[string][]string{
 		KeepalivedConf: {"vrrp_version 3", "state BACKUP", "interface lan0", "virtual_router_id 51", "priority 150", "advert_int 0.1\n",
-			"192.0.2.1/24 dev lan0", "198.51.100.4/28 dev wan1", "198.51.100.20/28 dev wan2",
-			"track_interface {\n        lan0\n        wan1 weight -128\n        wan2 weight -128\n    }",
+			"192.0.2.1/24 dev lan0\n", "198.51.100.4/28 dev wan1 no_track", "198.51.100.20/28 dev wan2 no_track",
+			"track_interface {\n        lan0\n    }", "init_fail\n", "weight -128\n",
 			"track_script {\n        uplinkd_agent\n    }", `script "/usr/sbin/uplinkd ha check -c /etc/uplinkd/uplinkd.yaml"`,
 			`notify_master "/etc/uplinkd/ha/uplinkd-ha-notify master"`},
 		ConntrackdConf: {"Mode FTFW", "IPv4_address 203.0.113.249", "IPv4_Destination_Address 203.0.113.250", "Interface sync0",
 			"LockFile /run/uplinkd-gw1/conntrackd.lock", "Path /run/uplinkd-gw1/conntrackd.ctl",
-			"IPv4_address 198.51.100.2\n", "IPv4_address 198.51.100.18\n"},
+			"IPv4_address 198.51.100.2\n", "IPv4_address 198.51.100.18\n",
+			"HashLimit 2097152\n", "ResendQueueSize 2097152\n"},
 		NotifyScript: {"#!/bin/sh", `CONNTRACKD="conntrackd -C /etc/uplinkd/ha/conntrackd.conf"`,
 			`UPLINKD="/usr/sbin/uplinkd ha notify"`, `CONFIG="/etc/uplinkd/uplinkd.yaml"`, `$UPLINKD master -c "$CONFIG"`},
 	} {
@@ -98,20 +100,39 @@ func TestRenderRefuses(t *testing.T) {
 			t.Errorf("config path %q accepted", bad)
 		}
 	}
+	// conntrackd takes a control socket path of at most 107 bytes.
+	long := *c
+	long.StateDir = "/run/" + strings.Repeat("d", maxSocketPath-len("/run//conntrackd.ctl"))
+	if _, err := Render(&long, paths); err != nil {
+		t.Errorf("a socket path of %d bytes refused: %v", len(ConntrackdSocket(long.StateDir)), err)
+	}
+	long.StateDir += "d"
+	if _, err := Render(&long, paths); err == nil || !strings.Contains(err.Error(), "state_dir") {
+		t.Errorf("a socket path of %d bytes: %v, want it refused", len(ConntrackdSocket(long.StateDir)), err)
+	}
 	c.HA = nil
 	if _, err := Render(c, paths); err == nil {
 		t.Error("a config without ha block accepted")
 	}
 }
 
-// keepalived takes a preempt_delay over 1000 s as none at all.
-func TestPreemptDelayBounded(t *testing.T) {
-	c, err := config.Parse("pair.yaml", []byte(pair+"health: {interval: 1m, timeout: 1s, up_after: 100}\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d := preemptDelay(c); d != maxPreemptDelay {
-		t.Errorf("preempt_delay %d for 102 one-minute rounds, want %d", d, maxPreemptDelay)
+// An agent is ready for the VIPs after up_after rounds and two more, at
+// least 5 s.
+func TestReadyAfter(t *testing.T) {
+	for _, tc := range []struct {
+		health string
+		want   time.Duration
+	}{
+		{"health: {interval: 200ms, up_after: 3}\n", 5 * time.Second},
+		{"health: {interval: 1m, timeout: 1s, up_after: 100}\n", 102 * time.Minute},
+	} {
+		c, err := config.Parse("pair.yaml", []byte(pair+tc.health))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := ReadyAfter(c); got != tc.want {
+			t.Errorf("%s: ReadyAfter %v, want %v", strings.TrimSpace(tc.health), got, tc.want)
+		}
 	}
 }
 
@@ -127,8 +148,8 @@ func TestSeconds(t *testing.T) {
 }
 
 // Resync speaks conntrackd's control protocol: one native-endian int per
-// connection, the request, then it reads until conntrackd closes; first
-// -R (dump the kernel table), then -B (send it to the peer).
+// connection, the request, then it reads until conntrackd closes; -B (send
+// the cache to the peer), after -R (dump the kernel table) when asked.
 func TestResync(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "ctl")
 	l, err := net.Listen("unix", sock)
@@ -136,7 +157,7 @@ func TestResync(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	got := make(chan uint32, 3)
+	got := make(chan uint32, 8)
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -154,13 +175,29 @@ func TestResync(t *testing.T) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := Resync(ctx, sock); err != nil {
-		t.Fatal(err)
+	requests := func() []uint32 {
+		var r []uint32
+		for {
+			select {
+			case v := <-got:
+				r = append(r, v)
+			case <-time.After(100 * time.Millisecond):
+				return r
+			}
+		}
 	}
-	if a, b := <-got, <-got; a != ctResyncMaster || b != sendBulk {
-		t.Errorf("conntrackd got requests %d, %d; want %d (-R), %d (-B)", a, b, ctResyncMaster, sendBulk)
+	for _, c := range []struct {
+		dump bool
+		want []uint32
+	}{{false, []uint32{sendBulk}}, {true, []uint32{ctResyncMaster, sendBulk}}} {
+		if err := Resync(ctx, sock, c.dump); err != nil {
+			t.Fatal(err)
+		}
+		if r := requests(); !slices.Equal(r, c.want) {
+			t.Errorf("Resync(dump %v): conntrackd got requests %v, want %v", c.dump, r, c.want)
+		}
 	}
-	if err := Resync(ctx, filepath.Join(t.TempDir(), "none")); err == nil {
+	if err := Resync(ctx, filepath.Join(t.TempDir(), "none"), false); err == nil {
 		t.Error("resync with no conntrackd listening: no error")
 	}
 }
