@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/uplinkd/uplinkd/control/config"
 	"net/netip"
 	"os"
 	osexec "os/exec"
@@ -112,6 +113,16 @@ func newHAPair(t testing.TB, o haOptions) *haPair {
 		p.waitReady(t, i)
 	}
 	return p
+}
+
+// readyAfter is how long an agent of the pair waits before it may hold
+// the VIPs (ha.ReadyAfter of gw1's config).
+func (p *haPair) readyAfter() time.Duration {
+	c, err := config.Load(p.cfgs[0])
+	if err != nil {
+		return 5 * time.Second
+	}
+	return ha.ReadyAfter(c)
 }
 
 // waitReady waits until gateway i's agent answers keepalived's track
@@ -955,4 +966,24 @@ func TestHALineLinkDownOnBoth(t *testing.T) {
 		t.Errorf("%s's flows with the other line's link down on both: %d broken, %d moved: %v", p.hl.Lines[1].Name, broken, moved, detail)
 	}
 	t.Logf("gw1 stayed master; %d flows of %s unbroken", len(other), p.hl.Lines[1].Name)
+}
+
+// The master's agent restarts (an upgrade): it finds itself master and is
+// ready at once, so the VIPs stay (its track script would otherwise fail
+// for the first seconds and hand them to the peer and back). No flow
+// breaks.
+func TestHAMasterAgentRestart(t *testing.T) {
+	p := newHAPair(t, haOptions{})
+	srv, fs, _ := haTraffic(t, p, 20, 10)
+	p.agents[0].stop(t)
+	p.startAgent(t, 0)
+	p.waitRole(t, 0, "master")
+	time.Sleep(p.readyAfter() + 2*time.Second) // past its start: any handover would have come
+	if st := p.agents[1].status(t).HA; st.Takeovers != 0 || st.Role != "standby" {
+		t.Errorf("gw1's agent restarted: gw2 %s with %d takeovers, want standby, 0", st.Role, st.Takeovers)
+	}
+	pushTCP(t, srv, fs)
+	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
+		t.Errorf("%d broken, %d moved: %v", broken, moved, detail)
+	}
 }

@@ -716,11 +716,12 @@ func TestResyncConntrack(t *testing.T) {
 }
 
 // keepalived's track script (uplinkd ha check) fails while the agent is
-// starting, and on the master while a line's VIP is missing; a standby
+// starting (unless it starts on the master: a restart must not hand the
+// VIPs over), and on the master while a line's VIP is missing; a standby
 // does not hold them.
 func TestHACheck(t *testing.T) {
 	k := newFake()
-	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24"), netip.MustParsePrefix("192.0.2.1/24")}
+	k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24")}
 	k.addrs["wan1"] = []netip.Prefix{netip.MustParsePrefix("198.51.100.2/28"), netip.MustParsePrefix("198.51.100.4/28")}
 	k.addrs["wan2"] = []netip.Prefix{netip.MustParsePrefix("198.51.100.18/28"), netip.MustParsePrefix("198.51.100.20/28")}
 	a := fakeAgent(t, haPair, k)
@@ -729,20 +730,34 @@ func TestHACheck(t *testing.T) {
 	}
 	now := time.Now()
 	a.started = now
-	check := func(what string, at time.Time, wantErr string) {
+	check := func(a *Agent, what string, at time.Time, wantErr string) {
 		t.Helper()
 		r := a.controlHACheck(at)
 		if (wantErr == "") != (r.Error == "") || !strings.Contains(r.Error, wantErr) {
 			t.Errorf("%s: %+v, want error %q", what, r, wantErr)
 		}
 	}
-	check("just started", now.Add(time.Second), "starting")
-	check("ready", now.Add(ha.ReadyAfter(a.cfg)), "")
+	check(a, "standby, just started", now.Add(time.Second), "starting")
+	check(a, "standby, ready", now.Add(ha.ReadyAfter(a.cfg)), "")
+	k.addrs["lan0"] = append(k.addrs["lan0"], netip.MustParsePrefix("192.0.2.1/24"))
+	if _, err := a.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	check(a, "master", now.Add(time.Minute), "")
 	k.addrs["wan2"] = k.addrs["wan2"][:1]
-	check("master without dsl2's VIP", now.Add(time.Minute), "dsl2's VIP")
+	check(a, "master without dsl2's VIP", now.Add(time.Minute), "dsl2's VIP")
 	k.addrs["lan0"] = k.addrs["lan0"][:1]
 	if _, err := a.Apply(); err != nil {
 		t.Fatal(err)
 	}
-	check("standby without the VIPs", now.Add(time.Minute), "")
+	check(a, "standby without the VIPs", now.Add(time.Minute), "")
+
+	k.addrs["lan0"] = append(k.addrs["lan0"], netip.MustParsePrefix("192.0.2.1/24"))
+	k.addrs["wan2"] = append(k.addrs["wan2"], netip.MustParsePrefix("198.51.100.20/28"))
+	b := fakeAgent(t, haPair, k)
+	if _, err := b.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	b.started = now
+	check(b, "started on the master", now.Add(100*time.Millisecond), "")
 }

@@ -46,6 +46,8 @@ type haState struct {
 	// million flows take a second or more).
 	clearFlows bool
 	clearing   atomic.Bool
+	// startedMaster: the agent found this gateway master at its start.
+	startedMaster bool
 	// clearFailed: the last clear failed; the next Apply asks again.
 	clearFailed atomic.Bool
 	// master mirrors role == RoleMaster for the conntrackd resync, which
@@ -89,6 +91,10 @@ func (a *Agent) refreshHA(now time.Time) bool {
 	}
 	first := a.ha.role == ""
 	a.ha.role, a.ha.since = role, now
+	// An agent that starts on the master (a restart, an upgrade) finds it
+	// forwarding with the state it adopted: it is ready at once, or the
+	// restart would hand the VIPs to the peer and take them back.
+	a.ha.startedMaster = first && role == RoleMaster
 	// An ex-master's pins are stale: while the peer forwarded, a flow may
 	// have ended and its ports been reused by another, or moved to
 	// another line. They go; a takeover recovers every flow's line from
@@ -118,7 +124,7 @@ func (a *Agent) appliedHA(now time.Time, ok bool) {
 // whose failure lowers this gateway's VRRP priority, so that the peer
 // holds the VIPs while this one has a reason not to:
 //   - it started less than ha.ReadyAfter ago (conntrackd's resync, its
-//     lines' first judgement);
+//     lines' first judgement), unless it started on the master;
 //   - a line not taken down by the operator is without carrier, or not
 //     up by its probes (probing after its link came back, or down): the
 //     peer may well have it (a line down for both lowers both, and the
@@ -134,7 +140,7 @@ func (a *Agent) controlHACheck(now time.Time) ctlsock.Reply {
 	if a.cfg.HA == nil {
 		return ctlsock.Reply{Error: fmt.Sprintf("%s has no ha block", a.cfg.File())}
 	}
-	if left := ha.ReadyAfter(a.cfg) - now.Sub(a.started); left > 0 {
+	if left := ha.ReadyAfter(a.cfg) - now.Sub(a.started); left > 0 && !a.ha.startedMaster {
 		return ctlsock.Reply{Error: fmt.Sprintf("starting: ready for the VIPs in %v (its lines' health, conntrackd's resync)", left.Round(100*time.Millisecond))}
 	}
 	health := a.Health()
