@@ -102,8 +102,9 @@ global_defs {
     enable_script_security
 }
 
-# Fails while the agent does not answer, for its first %[6]v (its lines'
-# health, conntrackd's resync), while one of its lines is without link or
+# Fails while the agent does not answer, for its first %[6]v unless it
+# started on the master (its lines' health, conntrackd's resync), while
+# one of its lines is without link or
 # not up by its probes (unless the operator took it down), and on the
 # master while a line's VIP is missing: the priority drops, so the peer
 # holds the VIPs meanwhile if it has none of these (a line dead for both
