@@ -112,6 +112,8 @@ func newHAPair(t testing.TB, o haOptions) *haPair {
 	for i := range hl.Gateways {
 		p.waitReady(t, i)
 	}
+	// keepalived gives the priority back after ha.LinesRise good checks.
+	time.Sleep(ha.LinesRise*time.Second + 500*time.Millisecond)
 	return p
 }
 
@@ -839,7 +841,7 @@ func TestHAStandbyLineDown(t *testing.T) {
 // The master's agent dies (kill -9) while keepalived and conntrackd run
 // on: its track script (uplinkd ha check) fails, keepalived faults and
 // the standby takes over, with every flow. A restarted agent brings the
-// gateway back as standby, and then master again after the preempt delay.
+// gateway back as standby, and then master again once it is ready.
 func TestHAAgentDeathHandsOver(t *testing.T) {
 	p := newHAPair(t, haOptions{})
 	srv := haEchoServer(t, p)
@@ -910,10 +912,10 @@ func TestHALongUDPFlows(t *testing.T) {
 	}
 }
 
-// Someone removes a line's VIP on the master: keepalived notices (its
-// netlink reflector), goes to backup and takes the VIPs again, at once when
-// the peer has not taken over yet, else after the preempt delay. The VIP
-// is back and no flow breaks, those of that line included.
+// Someone removes a line's VIP on the master: its check (uplinkd ha check
+// -lines) fails, the peer takes over, and the gateway takes every VIP back
+// once its check passes again (keepalived adds them all). The VIP is back
+// and no flow breaks, those of that line included.
 func TestHAVIPRemovedByOthers(t *testing.T) {
 	p := newHAPair(t, haOptions{})
 	srv, fs, _ := haTraffic(t, p, 20, 10)
@@ -951,9 +953,12 @@ func TestHALineLinkDownOnBoth(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	time.Sleep(2 * time.Second) // many adverts: a fault would have shown
+	time.Sleep(4 * time.Second) // both checks fail within 2 s: a fault or a handover would have shown
 	if r0, r1 := p.role(0), p.role(1); r0 != "master" || r1 != "standby" {
 		t.Fatalf("with %s's link down on both gateways: gw1 %q, gw2 %q; want gw1 master, gw2 standby", p.hl.Lines[0].Name, r0, r1)
+	}
+	if n := p.agents[1].status(t).HA.Takeovers; n != 0 {
+		t.Errorf("gw2 took over %d times meanwhile, want 0", n)
 	}
 	var other []*haFlow
 	for _, f := range fs {
@@ -985,5 +990,41 @@ func TestHAMasterAgentRestart(t *testing.T) {
 	pushTCP(t, srv, fs)
 	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
 		t.Errorf("%d broken, %d moved: %v", broken, moved, detail)
+	}
+}
+
+// The master's line goes down by its probes while the line works for the
+// peer (ISP 1 drops gw1's own line address, not the VIP): gw1's check
+// fails, gw2 takes over, and gw1 keeps the VIP's connections (a flush
+// would reach gw2 through conntrackd): no flow breaks, those of that line
+// included.
+func TestHAMasterLineDownByProbes(t *testing.T) {
+	p := newHAPair(t, haOptions{})
+	srv, fs, _ := haTraffic(t, p, 20, 10)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	isp, own := p.hl.ISPs[0], p.gw(0).Lines[0].Address.Addr().String()
+	for _, cmd := range [][]string{
+		{"add", "table", "inet", "haprobe"},
+		{"add", "chain", "inet", "haprobe", "hin", "{ type filter hook input priority 0; }"},
+		{"add", "chain", "inet", "haprobe", "hfwd", "{ type filter hook forward priority 0; }"},
+		{"add", "rule", "inet", "haprobe", "hin", "ip", "saddr", own, "drop"},
+		{"add", "rule", "inet", "haprobe", "hfwd", "ip", "saddr", own, "drop"},
+		{"add", "rule", "inet", "haprobe", "hfwd", "ip", "daddr", own, "drop"},
+	} {
+		if out, err := isp.Run(ctx, "nft", cmd...); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+	}
+	start := time.Now()
+	pushTCP(t, srv, fs)
+	p.waitRole(t, 1, "master")
+	t.Logf("gw1's %s down by its probes: gw2 master after %v", p.hl.Lines[0].Name, time.Since(start).Round(time.Millisecond))
+	if broken, moved, detail := checkHAFlows(srv, fs, 10*time.Second); broken+moved > 0 {
+		t.Errorf("%d broken, %d moved: %v", broken, moved, detail)
+		p.dumpConntrack(t, 1)
+	}
+	if n := p.agents[0].countEvents(events.ConntrackFlush, p.hl.Lines[0].Name, "address="+p.hl.Lines[0].VIP.Addr().String()); n > 0 {
+		t.Errorf("gw1 flushed %s's VIP %d times", p.hl.Lines[0].Name, n)
 	}
 }

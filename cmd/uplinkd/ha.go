@@ -154,13 +154,18 @@ func cmdHANotify(args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
-// cmdHACheck is keepalived's track script: exit 0 while the agent runs,
-// has applied its config and has run long enough to have judged its
-// lines (it answers over the control socket within a second), 1
-// otherwise: the gateway's VRRP priority drops meanwhile.
+// cmdHACheck is keepalived's track scripts. Bare, the gateway's fault
+// check: exit 0 while the agent runs and has applied its config (it
+// answers over the control socket within a second), 1 otherwise; without
+// a running agent a gateway must not hold the VIPs. With -lines, the
+// weighted one: 1 also while the agent is starting or one of its lines is
+// not fit here (the agent's ha-check says why), which lowers the VRRP
+// priority. Configs from before -lines call it bare: its meaning there
+// stays what they were written for.
 func cmdHACheck(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("ha check", flag.ContinueOnError)
 	file := fs.String("c", "", "config `file`: its state_dir names the agent")
+	lines := fs.Bool("lines", false, "also fail while the agent is starting or a line is not fit here (the weighted track script)")
 	if err := parseFlags(fs, args, stderr); err != nil {
 		return err
 	}
@@ -170,7 +175,11 @@ func cmdHACheck(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	if _, err := ctlsock.Call(ctx, cfg.StateDir, ctlsock.Request{Cmd: "ha-check"}); err != nil {
+	req := ctlsock.Request{Cmd: "ping"}
+	if *lines {
+		req.Cmd = "ha-check"
+	}
+	if _, err := ctlsock.Call(ctx, cfg.StateDir, req); err != nil {
 		return fmt.Errorf("ha check: the agent of %s: %w", cfg.StateDir, err)
 	}
 	return nil

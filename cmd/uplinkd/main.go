@@ -50,7 +50,8 @@ Usage:
   uplinkd ha configs -c FILE [-o DIR]  an HA pair: write (or print) keepalived's and conntrackd's configs
                                       and the notify script for this gateway
   uplinkd ha notify master|backup|fault -c FILE   keepalived's notify script telling the agent
-  uplinkd ha check -c FILE            keepalived's track script: exit 0 while the agent runs
+  uplinkd ha check [-lines] -c FILE   keepalived's track scripts: exit 0 while the agent runs
+                                      (-lines: and is ready, its lines fit here, the master's VIPs in place)
   uplinkd lab up|down|exec|demo ...   a network namespace lab (see uplinkd lab -h)
 `
 

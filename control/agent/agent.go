@@ -492,6 +492,7 @@ func (a *Agent) Apply() (Report, error) {
 	// Lines that stopped serving lose their conntrack entries, after the
 	// datapath moved their flows away and their TCP reset is in place (a
 	// late line keeps them: it may only be slow).
+	now := time.Now()
 	usable := map[string]bool{}
 	for _, l := range lines {
 		if l.Serving() {
@@ -500,15 +501,23 @@ func (a *Agent) Apply() (Report, error) {
 			// Its NAT source: the VIP in an HA pair (the own address
 			// too, for the gateway's own connections).
 			addrs := []netip.Addr{l.Address.Addr()}
-			// In an HA pair, not the VIP's on the standby (its table
-			// holds the master's connections, synced for a takeover), nor
-			// when the line lost this gateway's link or carrier:
-			// keepalived (track_interface) hands the VIPs to the peer,
-			// which carries the line's flows, and the flush would reach
-			// it through conntrackd (destroy events).
-			keepVIP := a.cfg.HA != nil && (a.ha.role != RoleMaster || !l.Carrier)
-			if l.NATAddr() != l.Address.Addr() && !keepVIP {
+			switch {
+			case l.NATAddr() == l.Address.Addr():
+			case a.cfg.HA == nil:
 				addrs = append([]netip.Addr{l.NATAddr()}, addrs...)
+			case a.ha.role == RoleMaster:
+				// In an HA pair the master's failing check (uplinkd
+				// ha check -lines) hands the VIPs to the peer, which
+				// may well carry the line: the VIP's connections are
+				// flushed only if this gateway is still master, and
+				// the line still not serving, after vipFlushGrace (a
+				// flush now would reach the peer through conntrackd's
+				// destroy events). The standby never flushes them:
+				// its table holds the master's connections.
+				if a.ha.vipFlush == nil {
+					a.ha.vipFlush = map[string]time.Time{}
+				}
+				a.ha.vipFlush[l.Name] = now.Add(vipFlushGrace)
 			}
 			for _, addr := range addrs {
 				n, err := a.k.FlushConntrack(addr)
@@ -519,6 +528,7 @@ func (a *Agent) Apply() (Report, error) {
 			}
 		}
 	}
+	errs = append(errs, a.flushVIPsDue(lines, now)...)
 	a.usable = usable
 	if a.ha.pending {
 		// Just became master: the connections synced from the peer of a

@@ -744,6 +744,11 @@ func TestHACheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(a, "master", now.Add(time.Minute), "")
+	a.lines[1].Carrier = false
+	check(a, "dsl2 without carrier", now.Add(time.Minute), "dsl2 has no carrier")
+	a.lines[1].Up = false
+	check(a, "dsl2 without carrier, taken down by the operator", now.Add(time.Minute), "")
+	a.lines[1].Carrier, a.lines[1].Up = true, true
 	k.addrs["wan2"] = k.addrs["wan2"][:1]
 	check(a, "master without dsl2's VIP", now.Add(time.Minute), "dsl2's VIP")
 	k.addrs["lan0"] = k.addrs["lan0"][:1]
@@ -760,4 +765,41 @@ func TestHACheck(t *testing.T) {
 	}
 	b.started = now
 	check(b, "started on the master", now.Add(100*time.Millisecond), "")
+}
+
+// On the master, a line that stops serving keeps its VIP's connections
+// for vipFlushGrace: the failing check hands the VIPs to the peer, which
+// may carry the line, and conntrackd would pass a flush on. Still master
+// after it, the line still down: they go. Demoted before: they stay.
+func TestHAMasterDefersVIPFlush(t *testing.T) {
+	for _, demote := range []bool{false, true} {
+		k := newFake()
+		k.addrs["lan0"] = []netip.Prefix{netip.MustParsePrefix("192.0.2.3/24"), netip.MustParsePrefix("192.0.2.1/24")}
+		a := fakeAgent(t, haPair, k)
+		if _, err := a.Apply(); err != nil {
+			t.Fatal(err)
+		}
+		a.lines[0].Healthy = false // dsl1 down by its probes
+		k.log = nil
+		if _, err := a.Apply(); err != nil {
+			t.Fatal(err)
+		}
+		if slices.Contains(k.log, "flush 198.51.100.4") || !slices.Contains(k.log, "flush 198.51.100.2") {
+			t.Errorf("dsl1 down on the master: log %v, want its own address flushed, not its VIP yet", k.log)
+		}
+		if demote {
+			k.addrs["lan0"] = k.addrs["lan0"][:1]
+		}
+		a.ha.vipFlush["dsl1"] = time.Now().Add(-time.Millisecond) // the grace is over
+		k.log = nil
+		if _, err := a.Apply(); err != nil {
+			t.Fatal(err)
+		}
+		if got := slices.Contains(k.log, "flush 198.51.100.4"); got == demote {
+			t.Errorf("demoted %v, grace over: log %v, VIP flushed %v", demote, k.log, got)
+		}
+		if len(a.ha.vipFlush) != 0 {
+			t.Errorf("demoted %v: flushes still pending: %v", demote, a.ha.vipFlush)
+		}
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/ha"
 	hstate "github.com/uplinkd/uplinkd/control/health"
+	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/control/sysctl"
 )
 
@@ -46,6 +47,9 @@ type haState struct {
 	// million flows take a second or more).
 	clearFlows bool
 	clearing   atomic.Bool
+	// vipFlush: lines whose VIP's connections the master flushes when
+	// it is still master, and they still do not serve, at that time.
+	vipFlush map[string]time.Time
 	// startedMaster: the agent found this gateway master at its start.
 	startedMaster bool
 	// clearFailed: the last clear failed; the next Apply asks again.
@@ -184,6 +188,38 @@ func (a *Agent) controlHANotify(state string) ctlsock.Reply {
 		return ctlsock.Reply{Message: "noted: " + state, Error: "applying: " + err.Error()}
 	}
 	return ctlsock.Reply{Message: fmt.Sprintf("noted: %s; this gateway is %s", state, a.ha.role)}
+}
+
+// vipFlushGrace is how long a master waits before it flushes the
+// connections of a line that stopped serving: its check fails within two
+// seconds (fall 2 of 1 s) and the peer takes over at its next advert.
+const vipFlushGrace = 4 * time.Second
+
+// flushVIPsDue flushes the VIP connections of lines whose grace ended
+// with this gateway still master and the line still not serving; a line
+// that serves again, or a role change, cancels its flush.
+func (a *Agent) flushVIPsDue(lines []plan.Line, now time.Time) []error {
+	var errs []error
+	for _, l := range lines {
+		at, ok := a.ha.vipFlush[l.Name]
+		switch {
+		case !ok:
+			continue
+		case l.Serving() || a.ha.role != RoleMaster || a.cfg.HA == nil:
+			delete(a.ha.vipFlush, l.Name)
+			continue
+		case now.Before(at):
+			continue
+		}
+		delete(a.ha.vipFlush, l.Name)
+		n, err := a.k.FlushConntrack(l.NATAddr())
+		if err != nil {
+			errs = append(errs, err)
+		}
+		a.events.Add(events.ConntrackFlush, l.Name, "conntrack flushed", "address", l.NATAddr(), "entries", n,
+			"why", "still master "+vipFlushGrace.String()+" after the line stopped serving")
+	}
+	return errs
 }
 
 // startClearFlows empties the flow map beside the run loop, if this

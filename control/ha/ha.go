@@ -102,20 +102,31 @@ global_defs {
     enable_script_security
 }
 
-# Fails while the agent does not answer, for its first %[6]v unless it
-# started on the master (its lines' health, conntrackd's resync), while
-# one of its lines is without link or
-# not up by its probes (unless the operator took it down), and on the
-# master while a line's VIP is missing: the priority drops, so the peer
-# holds the VIPs meanwhile if it has none of these (a line dead for both
-# lowers both: the master stays). Not a fault: a gateway with a reason
-# not to hold the VIPs still beats no gateway.
+# Without a running agent (NAT, routes, steering) the VIPs are worth
+# nothing here: fault, the peer takes over, whatever the priorities.
 vrrp_script uplinkd_agent {
     script "%[7]s ha check -c %[1]s"
     interval 1
     timeout 2
     fall 2
     rise 1
+}
+
+# Fails for the agent's first %[6]v unless it started on the master (its
+# lines' health, conntrackd's resync), while one of its lines is without
+# link or not up by its probes (unless the operator took it down), and on
+# the master while a line's VIP is missing: the priority drops, so the
+# peer holds the VIPs meanwhile if it has none of these (a line dead for
+# both lowers both: the master stays). Three good checks in a row to come
+# back, so that a flapping line does not bounce the VIPs every second.
+# Not a fault: a gateway with such a reason still beats no gateway. With
+# priorities %[8]d or more apart the higher one keeps the VIPs anyway.
+vrrp_script uplinkd_lines {
+    script "%[7]s ha check -lines -c %[1]s"
+    interval 1
+    timeout 2
+    fall 2
+    rise %[9]d
     init_fail
     weight -%[8]d
 }
@@ -127,19 +138,18 @@ vrrp_instance uplinkd {
     priority %d
     advert_int %s
     # Without the LAN this gateway is useless: fault, the peer takes over.
-    # Its lines are the agent's to judge (uplinkd ha check): a line's link
+    # Its lines are the agent's to judge (uplinkd_lines): a line's link
     # down is no fault here, or a line dying for both gateways would take
     # the whole site down.
     track_interface {
-`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), ReadyAfter(c), p.Uplinkd, lowerWeight)
+`, p.ConfigFile, lan, ha.RouterID, ha.Priority, seconds(ha.AdvertInterval), ReadyAfter(c), p.Uplinkd, lowerWeight, LinesRise)
 	for _, ifname := range c.LAN.Interfaces {
 		fmt.Fprintf(&b, "        %s\n", ifname)
 	}
 	b.WriteString(`    }
-    # The VIPs are worth most with a running agent (NAT, routes,
-    # steering): while "uplinkd ha check" fails, a lower priority.
     track_script {
         uplinkd_agent
+        uplinkd_lines
     }
     virtual_ipaddress {
 `)
@@ -270,6 +280,10 @@ exit 0
 func ReadyAfter(c *config.Config) time.Duration {
 	return max(5*time.Second, time.Duration(c.Health.UpAfter+2)*c.Health.Interval)
 }
+
+// LinesRise is how many good checks in a row (a second apart) give a
+// gateway its priority back after uplinkd ha check -lines failed.
+const LinesRise = 3
 
 // lowerWeight is what a failing uplinkd ha check takes off this gateway's
 // VRRP priority: half its range, so that with both gateways' priorities up
