@@ -375,7 +375,36 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 	if err := d.SetLine(line, Line{Dead: true}); err != nil {
 		return 0, err
 	}
-	return d.removeFlows(func(v *uplinkdFlow) bool { return int(v.Line) == line })
+	keys := make([]uplinkdFlowKey, flowBatch)
+	values := make([]uplinkdFlow, flowBatch)
+	var doomed []uplinkdFlowKey
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
+		for i := range n {
+			if int(values[i].Line) == line {
+				doomed = append(doomed, keys[i])
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return 0, fmt.Errorf("reading flows: %w", err)
+		}
+	}
+	removed := 0
+	var delErr error
+	for _, k := range doomed {
+		// One by one: a flow the LRU evicted meanwhile is no error.
+		if err := d.w.del(d.objs.UlFlows, &k); err == nil {
+			removed++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			delErr = fmt.Errorf("removing a flow of line %d: %w", line, err)
+			break
+		}
+	}
+	return removed, errors.Join(delErr, d.countRemoved(removed))
 }
 
 // ClearFlows removes every pinned flow: an HA standby's pins go stale
@@ -399,41 +428,6 @@ func (d *Datapath) ClearFlows() (int, error) {
 		}
 	}
 	return removed, d.countRemoved(removed)
-}
-
-// removeFlows removes the flows doomed says so of, and counts them as
-// removed by the control plane.
-func (d *Datapath) removeFlows(doomed func(*uplinkdFlow) bool) (int, error) {
-	keys := make([]uplinkdFlowKey, flowBatch)
-	values := make([]uplinkdFlow, flowBatch)
-	var gone []uplinkdFlowKey
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
-		for i := range n {
-			if doomed(&values[i]) {
-				gone = append(gone, keys[i])
-			}
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			break
-		}
-		if err != nil {
-			return 0, fmt.Errorf("reading flows: %w", err)
-		}
-	}
-	removed := 0
-	var delErr error
-	for _, k := range gone {
-		// One by one: a flow the LRU evicted meanwhile is no error.
-		if err := d.w.del(d.objs.UlFlows, &k); err == nil {
-			removed++
-		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			delErr = fmt.Errorf("removing a flow: %w", err)
-			break
-		}
-	}
-	return removed, errors.Join(delErr, d.countRemoved(removed))
 }
 
 // countRemoved adds n to the flows the control plane removed, kept in

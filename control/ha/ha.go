@@ -86,9 +86,10 @@ func unsafePathRune(r rune) bool {
 }
 
 // keepalived is one VRRP instance: both gateways start as BACKUP and the
-// higher priority wins. It faults without a LAN interface; an agent that
-// does not answer or has not judged its lines yet (uplinkd ha check), or
-// a line's link down, lowers the priority by lowerWeight.
+// higher priority wins. It faults without a LAN interface or without an
+// agent that answers (uplinkd ha check); uplinkd ha check -lines lowers the
+// priority by lowerWeight while the agent is starting or a line is not fit
+// here. It tracks no line interface itself.
 func keepalived(c *config.Config, p Paths) string {
 	ha := c.HA
 	var b strings.Builder
