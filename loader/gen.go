@@ -7,3 +7,4 @@ package loader
 
 //go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3" -target bpfel -type flow_key -type flow -type line -type line_stats -type lan_prefix uplinkd ../bpf/uplinkd.c -- -I../bpf/include
 //go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3" -target bpfel empty ../bpf/empty.c -- -I../bpf/include
+//go:generate go tool bpf2go -cc clang-19 -strip llvm-strip-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3" -target bpfel floor ../bpf/floor.c -- -I../bpf/include

@@ -608,6 +608,29 @@ func pinnedProgram(b *testing.B, pin string) *ebpf.Program {
 	return p
 }
 
+// attachAfter attaches p last on the lab's LAN interface's TCX hook, for
+// as long as the benchmark runs; it skips without TCX.
+func attachAfter(b *testing.B, l *lab.Lab, p *ebpf.Program, attach ebpf.AttachType) {
+	err := l.Gateway.Do(func() error {
+		iface, err := net.InterfaceByName(l.LANInterface)
+		if err != nil {
+			return err
+		}
+		lk, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: p, Attach: attach})
+		if err != nil {
+			return err
+		}
+		b.Cleanup(func() { lk.Close() })
+		return nil
+	})
+	if errors.Is(err, link.ErrNotSupported) {
+		b.Skip("needs TCX (6.6+) to put the empty program on the same hook")
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+}
+
 // BenchmarkDatapathInTraffic measures what uplinkd's programs add per
 // forwarded packet in real traffic: the kernel's run-time statistics
 // (BPF_ENABLE_STATS, on only while the benchmark holds it) of LAN ingress
@@ -615,8 +638,11 @@ func pinnedProgram(b *testing.B, pin string) *ebpf.Program {
 // hook, over bulk TCP uploads (data through LAN ingress, ACKs through
 // egress) and downloads (the other way round). A forwarded packet passes
 // one uplinkd program: LAN ingress on its way out, LAN egress on its way
-// back (the lines carry none). Medians of alternating rounds. Run with
-// -benchtime=1x.
+// back (the lines carry none). The floor's lookups (loader.Floor: the
+// headers and the flow map's lookup alone, on the agent's flow map) run on
+// the same hooks too: *-floor-added-ns/pkt is what any datapath keeping
+// its flows in that map pays, and the rest is uplinkd's own. Medians of
+// alternating rounds. Run with -benchtime=1x.
 func BenchmarkDatapathInTraffic(b *testing.B) {
 	if uplinkd == "" {
 		b.Skip("needs root")
@@ -636,45 +662,49 @@ func BenchmarkDatapathInTraffic(b *testing.B) {
 	defer in.Close()
 	out := pinnedProgram(b, filepath.Join(loader.LinksDir(l.PinDir()), l.LANInterface+"_egress"))
 	defer out.Close()
+	flows, err := ebpf.LoadPinnedMap(filepath.Join(l.PinDir(), "ul_flows"), nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer flows.Close()
+	floor, err := loader.LoadFloor(flows)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer floor.Close()
 	var empty [2]*ebpf.Program
-	for i, attach := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+	hooks := []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress}
+	for i, attach := range hooks {
 		p, err := loader.EmptyProgram()
 		if err != nil {
 			b.Fatal(err)
 		}
 		defer p.Close()
 		empty[i] = p
-		err = l.Gateway.Do(func() error {
-			iface, err := net.InterfaceByName(l.LANInterface)
-			if err != nil {
-				return err
-			}
-			lk, err := link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: p, Attach: attach})
-			if err != nil {
-				return err
-			}
-			b.Cleanup(func() { lk.Close() })
-			return nil
-		})
-		if errors.Is(err, link.ErrNotSupported) {
-			b.Skip("needs TCX (6.6+) to put the empty program on the same hook")
-		}
-		if err != nil {
-			b.Fatal(err)
-		}
+		attachAfter(b, l, p, attach)
 	}
-	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	attachAfter(b, l, floor.Lookup, hooks[0])
+	attachAfter(b, l, floor.LookupReply, hooks[1])
+	runTime, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer stats.Close()
+	defer runTime.Close()
 	time.Sleep(200 * time.Millisecond) // iperf3 -s listening
 
 	const rounds = 5
-	var addedIn, addedOut, inNs, emptyNs []float64
+	var addedIn, addedOut, inNs, emptyNs, floorIn, floorOut []float64
+	progs := []*ebpf.Program{in, empty[0], out, empty[1], floor.Lookup, floor.LookupReply}
+	stats := func() []progRun {
+		s := make([]progRun, len(progs))
+		for i, p := range progs {
+			s[i] = runStats(b, p)
+		}
+		return s
+	}
 	for range b.N * rounds {
 		for _, reverse := range []bool{false, true} {
-			before := []progRun{runStats(b, in), runStats(b, empty[0]), runStats(b, out), runStats(b, empty[1])}
+			before := stats()
 			args := []string{"-c", l.ServerAddrs[0].String(), "-t", "2", "-P", "4"}
 			if reverse {
 				args = append(args, "-R")
@@ -685,11 +715,14 @@ func BenchmarkDatapathInTraffic(b *testing.B) {
 			if err != nil {
 				b.Fatalf("iperf3: %v\n%s", err, outp)
 			}
-			after := []progRun{runStats(b, in), runStats(b, empty[0]), runStats(b, out), runStats(b, empty[1])}
+			after := stats()
 			i, ei := nsPerRun(before[0], after[0]), nsPerRun(before[1], after[1])
 			o, eo := nsPerRun(before[2], after[2]), nsPerRun(before[3], after[3])
+			fi, fo := nsPerRun(before[4], after[4]), nsPerRun(before[5], after[5])
 			addedIn = append(addedIn, i-ei)
 			addedOut = append(addedOut, o-eo)
+			floorIn = append(floorIn, fi-ei)
+			floorOut = append(floorOut, fo-eo)
 			inNs = append(inNs, i)
 			emptyNs = append(emptyNs, ei)
 		}
@@ -704,6 +737,8 @@ func BenchmarkDatapathInTraffic(b *testing.B) {
 	b.ReportMetric(100*float64(st.SlowParsed)/float64(max(steered, 1)), "slow-parsed-%")
 	b.ReportMetric(median(addedIn), "lan-in-added-ns/pkt")
 	b.ReportMetric(median(addedOut), "lan-out-added-ns/pkt")
+	b.ReportMetric(median(floorIn), "lan-in-floor-added-ns/pkt")
+	b.ReportMetric(median(floorOut), "lan-out-floor-added-ns/pkt")
 	b.ReportMetric(median(inNs), "lan-in-ns/pkt")
 	b.ReportMetric(median(emptyNs), "empty-ns/pkt")
 }
