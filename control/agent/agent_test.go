@@ -743,6 +743,7 @@ func TestHACheck(t *testing.T) {
 	if _, err := a.Apply(); err != nil {
 		t.Fatal(err)
 	}
+	check(a, "became master while starting", now.Add(time.Second), "")
 	check(a, "master", now.Add(time.Minute), "")
 	a.lines[1].Carrier = false
 	check(a, "dsl2 without carrier", now.Add(time.Minute), "dsl2 has no carrier")

@@ -128,7 +128,11 @@ func (a *Agent) appliedHA(now time.Time, ok bool) {
 // whose failure lowers this gateway's VRRP priority, so that the peer
 // holds the VIPs while this one has a reason not to:
 //   - it started less than ha.ReadyAfter ago (conntrackd's resync, its
-//     lines' first judgement), unless it started on the master;
+//     lines' first judgement), unless it is master: it started on the
+//     master, or became master meanwhile, which it does only when the peer
+//     is absent or not ready either (a ready peer outranks a starting
+//     gateway), and failing would only hand the VIPs to that peer and take
+//     them back (two gateways started together did, in CI);
 //   - a line not taken down by the operator is without carrier, or not
 //     up by its probes (probing after its link came back, or down): the
 //     peer may well have it (a line down for both lowers both, and the
@@ -144,7 +148,7 @@ func (a *Agent) controlHACheck(now time.Time) ctlsock.Reply {
 	if a.cfg.HA == nil {
 		return ctlsock.Reply{Error: fmt.Sprintf("%s has no ha block", a.cfg.File())}
 	}
-	if left := ha.ReadyAfter(a.cfg) - now.Sub(a.started); left > 0 && !a.ha.startedMaster {
+	if left := ha.ReadyAfter(a.cfg) - now.Sub(a.started); left > 0 && !a.ha.startedMaster && a.ha.role != RoleMaster {
 		return ctlsock.Reply{Error: fmt.Sprintf("starting: ready for the VIPs in %v (its lines' health, conntrackd's resync)", left.Round(100*time.Millisecond))}
 	}
 	health := a.Health()

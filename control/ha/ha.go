@@ -113,7 +113,7 @@ vrrp_script uplinkd_agent {
     rise 1
 }
 
-# Fails for the agent's first %[6]v unless it started on the master (its
+# Fails for the agent's first %[6]v unless it is master (its
 # lines' health, conntrackd's resync), while one of its lines is without
 # link or not up by its probes (unless the operator took it down), and on
 # the master while a line's VIP is missing: the priority drops, so the
