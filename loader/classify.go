@@ -256,7 +256,7 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) error {
 // of want: stale ones are deleted first, then want is written in one batch
 // where the kernel batches the map's type.
 func syncGen[K comparable](w *mapWriter, m *ebpf.Map, want map[K]uint32, ours func(K) bool) error {
-	have, err := readAll[K, uint32](m)
+	have, err := readChunked[K, uint32](m)
 	if err != nil {
 		return fmt.Errorf("reading: %w", err)
 	}
@@ -286,6 +286,31 @@ func syncGen[K comparable](w *mapWriter, m *ebpf.Map, want map[K]uint32, ours fu
 		}
 	}
 	return nil
+}
+
+// readChunked reads every entry of a map that may be large but is mostly
+// empty, in batches of a few thousand (readAll's one batch of the map's
+// size costs tens of milliseconds in buffers alone at 131072 entries).
+func readChunked[K comparable, V any](m *ebpf.Map) (map[K]V, error) {
+	const chunk = 4096
+	keys, values := make([]K, chunk), make([]V, chunk)
+	out := make(map[K]V)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, values, nil)
+		for i := range n {
+			out[keys[i]] = values[i]
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return out, nil
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			return readAll[K, V](m) // it iterates
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
 }
 
 // rulePrefixKey is p as a key of generation gen of ul_rule_src or
