@@ -369,10 +369,16 @@ func checkRuleSet(rs RuleSet) error {
 		p    []PrefixBitmap
 	}{{"src", rs.Src}, {"dst", rs.Dst}} {
 		has4, has6 := false, false
+		seen := make(map[netip.Prefix]bool, len(t.p))
 		for _, p := range t.p {
 			if !p.Prefix.IsValid() {
 				errs = append(errs, fmt.Errorf("%s: invalid prefix", t.name))
 				continue
+			}
+			if m := p.Prefix.Masked(); seen[m] {
+				errs = append(errs, fmt.Errorf("%s: %s twice", t.name, m))
+			} else {
+				seen[m] = true
 			}
 			errs = append(errs, id(t.name+" "+p.Prefix.String(), p.Bitmap))
 			has4 = has4 || p.Prefix.Bits() == 0 && p.Prefix.Addr().Is4()

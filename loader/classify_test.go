@@ -777,6 +777,7 @@ func TestSetRuleSetRejects(t *testing.T) {
 		"words":         func(rs *RuleSet) { rs.Words = 2 },
 		"bitmap id":     func(rs *RuleSet) { rs.Proto[6] = uint32(len(rs.Bitmaps)) },
 		"no ::/0":       func(rs *RuleSet) { rs.Src = rs.Src[:1] },
+		"prefix twice":  func(rs *RuleSet) { rs.Dst = append(rs.Dst, PrefixBitmap{netip.MustParsePrefix("203.0.113.7/24"), 0}) },
 		"port gap":      func(rs *RuleSet) { rs.DstPort = []PortBitmap{{0, 100, 0}, {102, 65535, 0}} },
 		"policy":        func(rs *RuleSet) { rs.Actions[0].Policy = MaxPolicies },
 		"bit past rule": func(rs *RuleSet) { rs.Bitmaps[0] = []uint64{0b10} },
@@ -868,4 +869,3 @@ func TestAdoptPinsWithoutRuleMaps(t *testing.T) {
 		t.Error(err)
 	}
 }
-
