@@ -3,6 +3,7 @@
 package loader
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"testing"
@@ -99,6 +100,12 @@ type newFlowTimes struct {
 // single run's time includes the test-run timer, so the others are timed
 // the same way, taking turns with it.
 func timeNewFlows(b *testing.B, d *Datapath, empty *ebpf.Program, floor *Floor, proto uint8, base, n int) newFlowTimes {
+	return timeNewFlowsOf(b, d, empty, floor, newFlowPacket, proto, base, n)
+}
+
+// timeNewFlowsOf is timeNewFlows with the packets of newPacket.
+func timeNewFlowsOf(b *testing.B, d *Datapath, empty *ebpf.Program, floor *Floor,
+	newPacket func(proto uint8, i int) []byte, proto uint8, base, n int) newFlowTimes {
 	var sum newFlowTimes
 	once := func(p *ebpf.Program, pkt []byte) time.Duration {
 		_, t, err := p.Benchmark(pkt, 1, nil)
@@ -114,12 +121,12 @@ func timeNewFlows(b *testing.B, d *Datapath, empty *ebpf.Program, floor *Floor, 
 	for start := 0; start < n; start += chunk {
 		m := min(chunk, n-start)
 		for i := range m {
-			pkt := newFlowPacket(proto, base+start+i)
+			pkt := newPacket(proto, base+start+i)
 			sum.steer += once(d.objs.UplinkdLanIn, pkt)
 			sum.empty += once(empty, pkt)
 		}
 		for i := range m {
-			sum.floor += once(floor.Insert, newFlowPacket(proto, floorFlows+base+start+i))
+			sum.floor += once(floor.Insert, newPacket(proto, floorFlows+base+start+i))
 		}
 	}
 	return newFlowTimes{sum.steer / time.Duration(n), sum.empty / time.Duration(n), sum.floor / time.Duration(n)}
@@ -157,6 +164,103 @@ func BenchmarkLANIngressNewFlow(b *testing.B) {
 			b.ReportMetric(float64((t.steer - t.empty).Nanoseconds()), "added-ns/flow")
 			b.ReportMetric(float64((t.floor - t.empty).Nanoseconds()), "floor-added-ns/flow")
 			b.ReportMetric(float64((t.steer - t.floor).Nanoseconds()), "above-floor-ns/flow")
+		})
+	}
+}
+
+// benchPolicies gives benchDatapath's datapath policies 1 to 3 (one line
+// each) beside policy 0 (all three lines), as BenchRuleSet's rules name.
+func benchPolicies(b *testing.B, d *Datapath) {
+	tables := []PolicyTable{{Buckets: Buckets(nil, []int{1, 1, 1}, []bool{true, true, true})}}
+	for l := range 3 {
+		weights := make([]int, 3)
+		weights[l] = 1
+		tables = append(tables, PolicyTable{Buckets: Buckets(nil, weights, []bool{true, true, true})})
+	}
+	if err := d.SetPolicies(tables); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// newFlowPacketAnywhere is newFlowPacket with the destination spread over
+// the unicast IPv4 space, so that the rules' address tries are walked
+// along many paths, as real destinations walk them.
+func newFlowPacketAnywhere(proto uint8, i int) []byte {
+	p := tcp4(uint16(i))
+	p.tcpFlags = tcpSYN
+	if proto == protoUDP {
+		p = udp4(uint16(i))
+	}
+	p.src = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+	a := uint32(i) * 2654435761 // Knuth's multiplicative hash
+	p.dst = netip.AddrFrom4([4]byte{byte(1 + (a>>24)%223), byte(a >> 16), byte(a >> 8), byte(a)})
+	if p.dst.IsLinkLocalUnicast() {
+		p.dst = server4
+	}
+	return p.bytes()
+}
+
+// BenchmarkLANIngressNewFlowRules times new flows (TCP SYNs to destinations
+// all over the address space) with 0, 16, 256 and 4096 rules of
+// control/policy's RandomRules shape, the way BenchmarkLANIngressNewFlow
+// does: added-ns/flow is over the empty program. A second datapath without
+// rules takes the same packets, taking turns by chunks, so that
+// classify-ns/flow (what the rules add to a new flow) is measured in one
+// run; matched-% is the share of flows a rule decided.
+func BenchmarkLANIngressNewFlowRules(b *testing.B) {
+	if BenchRuleSet == nil {
+		b.Skip("no rule compiler (rules_property_test.go sets it)")
+	}
+	for _, n := range []int{0, 16, 256, 4096} {
+		b.Run(fmt.Sprintf("rules-%d", n), func(b *testing.B) {
+			d, plain := benchDatapath(b), benchDatapath(b)
+			benchPolicies(b, d)
+			rs, err := BenchRuleSet(n)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if err := d.SetRuleSet(rs); err != nil {
+				b.Fatal(err)
+			}
+			empty, err := EmptyProgram()
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer empty.Close()
+			once := func(p *ebpf.Program, pkt []byte) time.Duration {
+				_, t, err := p.Benchmark(pkt, 1, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				return t
+			}
+			var rules, none, emptyT time.Duration
+			const chunk = 512 // as timeNewFlows: the LRU refills a CPU's free list 128 at a time
+			for start := 0; start < b.N; start += chunk {
+				m := min(chunk, b.N-start)
+				for i := range m {
+					rules += once(d.objs.UplinkdLanIn, newFlowPacketAnywhere(protoTCP, start+i))
+				}
+				for i := range m {
+					pkt := newFlowPacketAnywhere(protoTCP, start+i)
+					none += once(plain.objs.UplinkdLanIn, pkt)
+					emptyT += once(empty, pkt)
+				}
+			}
+			hits, err := d.RuleHits()
+			if err != nil {
+				b.Fatal(err)
+			}
+			var matched uint64
+			for _, h := range hits {
+				matched += h
+			}
+			per := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / float64(b.N) }
+			b.ReportMetric(per(rules), "ns/op")
+			b.ReportMetric(per(rules-emptyT), "added-ns/flow")
+			b.ReportMetric(per(none-emptyT), "norules-added-ns/flow")
+			b.ReportMetric(per(rules-none), "classify-ns/flow")
+			b.ReportMetric(100*float64(matched)/float64(b.N), "matched-%")
 		})
 	}
 }
