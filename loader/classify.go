@@ -3,9 +3,12 @@
 package loader
 
 import (
+	"cmp"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"net/netip"
 	"slices"
 	"time"
@@ -25,6 +28,11 @@ const (
 	flowPolicyShift    = 24      // FLOW_POLICY_SHIFT
 	flowPolicyMask     = 0x3f    // FLOW_POLICY_MASK
 	ruleFullPrefixBits = 8 + 8   // gen and family bytes before the address in a rule_prefix
+	v4Fanout           = 16      // UL_V4_FANOUT
+	v4MaxDepth         = 5       // UL_V4_MAX_DEPTH
+	v4MaxIntervals     = 1 << 17 // UL_V4_INTERVALS
+	v4Nodes            = 9216    // UL_V4_NODES
+	v4Pad              = ^uint32(0)
 )
 
 // The rule bitmaps hold RuleWords words.
@@ -45,6 +53,8 @@ func checkRuleLimits(spec *ebpf.CollectionSpec) error {
 		{uplinkdMapUlPolicies, MaxPolicies},
 		{uplinkdMapUlPolicyBuckets, MaxPolicies},
 		{uplinkdMapUlPolicyFlows, MaxPolicies},
+		{uplinkdMapUlRuleV4Nodes, 2 * ruleGens * v4Nodes},
+		{uplinkdMapUlRuleV4Ids, 2 * ruleGens * v4MaxIntervals},
 	} {
 		if got := int(spec.Maps[c.m].MaxEntries); got != c.want {
 			return fmt.Errorf("%s has %d entries, the loader expects %d", c.m, got, c.want)
@@ -95,10 +105,13 @@ func (d *Datapath) SetRuleSet(rs RuleSet) error {
 	if time.Since(d.ruleFlip) < time.Second {
 		waitForReaders()
 	}
+	cfg.V4[0][gen], cfg.V4[1][gen] = uplinkdV4Tree{}, uplinkdV4Tree{}
 	if len(rs.Actions) > 0 {
-		if err := d.writeRuleGen(gen, rs); err != nil {
+		trees, err := d.writeRuleGen(gen, rs)
+		if err != nil {
 			return fmt.Errorf("setting rules: %w", err)
 		}
+		cfg.V4[0][gen], cfg.V4[1][gen] = trees[0], trees[1]
 	}
 	// First the generation's fields, then the flip alone: a packet reads
 	// either generation whole.
@@ -165,19 +178,20 @@ func waitForReaders() {
 }
 
 // writeRuleGen writes rs into generation gen of the classifier's tables;
-// the datapath does not read that generation meanwhile.
-func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) error {
+// the datapath does not read that generation meanwhile. It returns where
+// it put the IPv4 address trees, for rule_cfg.
+func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (trees [2]uplinkdV4Tree, err error) {
 	// The counters first: the generation's rules count from zero.
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
-		return err
+		return trees, err
 	}
 	keys := make([]uint32, MaxRules)
 	for r := range keys {
 		keys[r] = gen*MaxRules + uint32(r)
 	}
 	if err := d.w.batchUpdate(d.objs.UlRuleHits, keys, make([]uint64, MaxRules*cpus)); err != nil {
-		return fmt.Errorf("zeroing rule counters: %w", err)
+		return trees, fmt.Errorf("zeroing rule counters: %w", err)
 	}
 
 	bitmaps := make([]uplinkdRuleBitmap, len(rs.Bitmaps))
@@ -192,20 +206,27 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) error {
 		keys = append(keys, gen*MaxBitmaps+uint32(i))
 	}
 	if err := d.w.batchUpdate(d.objs.UlRuleBitmaps, keys, bitmaps); err != nil {
-		return fmt.Errorf("writing rule bitmaps: %w", err)
+		return trees, fmt.Errorf("writing rule bitmaps: %w", err)
 	}
 
-	for _, t := range []struct {
+	for field, t := range []struct {
 		m    *ebpf.Map
 		name string
 		p    []PrefixBitmap
 	}{{d.objs.UlRuleSrc, "source", rs.Src}, {d.objs.UlRuleDst, "destination", rs.Dst}} {
+		tree, err := d.writeV4Tree(uint32(field), gen, t.p)
+		if err != nil {
+			return trees, fmt.Errorf("writing %s prefixes: %w", t.name, err)
+		}
+		trees[field] = tree
 		want := make(map[uplinkdRulePrefix]uint32, len(t.p))
 		for _, p := range t.p {
-			want[rulePrefixKey(gen, p.Prefix)] = p.Bitmap
+			if !p.Prefix.Addr().Is4() {
+				want[rulePrefixKey(gen, p.Prefix)] = p.Bitmap
+			}
 		}
 		if err := syncGen(&d.w, t.m, want, func(k uplinkdRulePrefix) bool { return uint32(k.Gen) == gen }); err != nil {
-			return fmt.Errorf("writing %s prefixes: %w", t.name, err)
+			return trees, fmt.Errorf("writing %s prefixes: %w", t.name, err)
 		}
 	}
 
@@ -225,7 +246,7 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) error {
 			keys = append(keys, gen*uint32(len(a.ids))+uint32(v))
 		}
 		if err := d.w.batchUpdate(a.m, keys, a.ids); err != nil {
-			return fmt.Errorf("writing %s: %w", a.name, err)
+			return trees, fmt.Errorf("writing %s: %w", a.name, err)
 		}
 	}
 
@@ -234,7 +255,7 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) error {
 		lans[uplinkdRuleLanKey{Gen: gen, Ifindex: uint32(ifindex)}] = id
 	}
 	if err := syncGen(&d.w, d.objs.UlRuleLan, lans, func(k uplinkdRuleLanKey) bool { return k.Gen == gen }); err != nil {
-		return fmt.Errorf("writing LAN interfaces: %w", err)
+		return trees, fmt.Errorf("writing LAN interfaces: %w", err)
 	}
 
 	actions := make([]uplinkdRuleAction, len(rs.Actions))
@@ -247,9 +268,123 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) error {
 		keys = append(keys, gen*MaxRules+uint32(r))
 	}
 	if err := d.w.batchUpdate(d.objs.UlRuleActions, keys, actions); err != nil {
-		return fmt.Errorf("writing rule actions: %w", err)
+		return trees, fmt.Errorf("writing rule actions: %w", err)
 	}
-	return nil
+	return trees, nil
+}
+
+// writeV4Tree writes the IPv4 prefixes of an address table as the search
+// tree of generation gen of field (0: source, 1: destination) and returns
+// where it is.
+func (d *Datapath) writeV4Tree(field, gen uint32, t []PrefixBitmap) (uplinkdV4Tree, error) {
+	firsts, ids := v4Intervals(t)
+	if len(firsts) > v4MaxIntervals {
+		return uplinkdV4Tree{}, fmt.Errorf("%d IPv4 address intervals, at most %d", len(firsts), v4MaxIntervals)
+	}
+	levels := v4TreeLevels(firsts)
+	var tree uplinkdV4Tree
+	var nodes []uplinkdV4Node
+	for l, level := range levels {
+		tree.Off[l] = uint32(len(nodes))
+		nodes = append(nodes, level...)
+	}
+	tree.Depth = uint32(len(levels))
+	table := field*ruleGens + gen
+	keys := make([]uint32, len(nodes))
+	for i := range keys {
+		keys[i] = table*v4Nodes + uint32(i)
+	}
+	if err := d.w.batchUpdate(d.objs.UlRuleV4Nodes, keys, nodes); err != nil {
+		return tree, fmt.Errorf("writing the IPv4 tree: %w", err)
+	}
+	keys = make([]uint32, len(ids))
+	for i := range keys {
+		keys[i] = table*v4MaxIntervals + uint32(i)
+	}
+	if err := d.w.batchUpdate(d.objs.UlRuleV4Ids, keys, ids); err != nil {
+		return tree, fmt.Errorf("writing the IPv4 intervals: %w", err)
+	}
+	return tree, nil
+}
+
+// v4Intervals splits the IPv4 space by the longest match of the table's
+// IPv4 prefixes: the intervals' first addresses (from 0, ascending) and
+// their bitmap ids, neighbours with the same id merged. The table holds
+// 0.0.0.0/0 and no prefix twice (checkRuleSet).
+func v4Intervals(t []PrefixBitmap) (firsts, ids []uint32) {
+	type span struct {
+		first, last uint64
+		bits        int
+		id          uint32
+	}
+	var spans []span
+	for _, p := range t {
+		if !p.Prefix.Addr().Is4() {
+			continue
+		}
+		a := p.Prefix.Masked().Addr().As4()
+		first := uint64(binary.BigEndian.Uint32(a[:]))
+		spans = append(spans, span{first, first + 1<<(32-p.Prefix.Bits()) - 1, p.Prefix.Bits(), p.Bitmap})
+	}
+	// Prefixes nest or are apart: by first address, the outer first.
+	slices.SortFunc(spans, func(a, b span) int { return cmp.Or(cmp.Compare(a.first, b.first), cmp.Compare(a.bits, b.bits)) })
+	emit := func(at uint64, id uint32) {
+		if at > math.MaxUint32 {
+			return
+		}
+		if n := len(firsts); n > 0 && uint64(firsts[n-1]) == at { // an inner prefix starts here
+			firsts, ids = firsts[:n-1], ids[:n-1]
+		}
+		if n := len(ids); n > 0 && ids[n-1] == id {
+			return
+		}
+		firsts, ids = append(firsts, uint32(at)), append(ids, id)
+	}
+	var open []span // the prefixes holding the current address, outermost first
+	for _, sp := range spans {
+		for len(open) > 0 && open[len(open)-1].last < sp.first {
+			closed := open[len(open)-1]
+			open = open[:len(open)-1]
+			if len(open) > 0 {
+				emit(closed.last+1, open[len(open)-1].id)
+			}
+		}
+		emit(sp.first, sp.id)
+		open = append(open, sp)
+	}
+	for len(open) > 1 {
+		closed := open[len(open)-1]
+		open = open[:len(open)-1]
+		emit(closed.last+1, open[len(open)-1].id)
+	}
+	return firsts, ids
+}
+
+// v4TreeLevels builds the search tree over the intervals' first addresses:
+// the root's level first, the leaves last. A node holds the first
+// addresses of up to 16 intervals (a leaf) or of its children's.
+func v4TreeLevels(firsts []uint32) [][]uplinkdV4Node {
+	var levels [][]uplinkdV4Node
+	keys := firsts
+	for {
+		level := make([]uplinkdV4Node, (len(keys)+v4Fanout-1)/v4Fanout)
+		for i := range level {
+			for j := range v4Fanout {
+				level[i].First[j] = v4Pad
+				if k := i*v4Fanout + j; k < len(keys) {
+					level[i].First[j] = keys[k]
+				}
+			}
+		}
+		levels = append([][]uplinkdV4Node{level}, levels...)
+		if len(level) <= 1 {
+			return levels
+		}
+		keys = make([]uint32, len(level))
+		for i, n := range level {
+			keys[i] = n.First[0]
+		}
+	}
 }
 
 // syncGen makes the entries of m that ours selects (a generation's) those

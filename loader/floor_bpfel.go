@@ -102,6 +102,11 @@ type floorRuleCfg struct {
 	AnyLan        [2]uint32
 	UnreachMark   uint32
 	BlackholeMark uint32
+	V4            [2][2]struct {
+		_     structs.HostLayout
+		Depth uint32
+		Off   [5]uint32
+	}
 }
 
 type floorRuleLanKey struct {
@@ -158,6 +163,11 @@ const (
 	floorUlReasonUL_REASON_MAX                floorUlReason = 21
 )
 
+type floorV4Node struct {
+	_     structs.HostLayout
+	First [16]uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -185,6 +195,8 @@ const (
 	floorMapUlRuleProto              = "ul_rule_proto"
 	floorMapUlRuleSport              = "ul_rule_sport"
 	floorMapUlRuleSrc                = "ul_rule_src"
+	floorMapUlRuleV4Ids              = "ul_rule_v4_ids"
+	floorMapUlRuleV4Nodes            = "ul_rule_v4_nodes"
 	floorMapUlSticky                 = "ul_sticky"
 	floorProgUplinkdFloorInsert      = "uplinkd_floor_insert"
 	floorProgUplinkdFloorLookup      = "uplinkd_floor_lookup"
@@ -268,6 +280,8 @@ type floorMapSpecs struct {
 	UlRuleProto     *ebpf.MapSpec `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.MapSpec `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.MapSpec `ebpf:"ul_rule_src"`
+	UlRuleV4Ids     *ebpf.MapSpec `ebpf:"ul_rule_v4_ids"`
+	UlRuleV4Nodes   *ebpf.MapSpec `ebpf:"ul_rule_v4_nodes"`
 	UlSticky        *ebpf.MapSpec `ebpf:"ul_sticky"`
 }
 
@@ -323,6 +337,8 @@ type floorMaps struct {
 	UlRuleProto     *ebpf.Map `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.Map `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.Map `ebpf:"ul_rule_src"`
+	UlRuleV4Ids     *ebpf.Map `ebpf:"ul_rule_v4_ids"`
+	UlRuleV4Nodes   *ebpf.Map `ebpf:"ul_rule_v4_nodes"`
 	UlSticky        *ebpf.Map `ebpf:"ul_sticky"`
 }
 
@@ -351,6 +367,8 @@ func (m *floorMaps) Close() error {
 		m.UlRuleProto,
 		m.UlRuleSport,
 		m.UlRuleSrc,
+		m.UlRuleV4Ids,
+		m.UlRuleV4Nodes,
 		m.UlSticky,
 	)
 }

@@ -102,6 +102,7 @@ type uplinkdRuleCfg struct {
 	AnyLan        [2]uint32
 	UnreachMark   uint32
 	BlackholeMark uint32
+	V4            [2][2]uplinkdV4Tree
 }
 
 type uplinkdRuleLanKey struct {
@@ -158,6 +159,17 @@ const (
 	uplinkdUlReasonUL_REASON_MAX                uplinkdUlReason = 21
 )
 
+type uplinkdV4Node struct {
+	_     structs.HostLayout
+	First [16]uint32
+}
+
+type uplinkdV4Tree struct {
+	_     structs.HostLayout
+	Depth uint32
+	Off   [5]uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -185,6 +197,8 @@ const (
 	uplinkdMapUlRuleProto     = "ul_rule_proto"
 	uplinkdMapUlRuleSport     = "ul_rule_sport"
 	uplinkdMapUlRuleSrc       = "ul_rule_src"
+	uplinkdMapUlRuleV4Ids     = "ul_rule_v4_ids"
+	uplinkdMapUlRuleV4Nodes   = "ul_rule_v4_nodes"
 	uplinkdMapUlSticky        = "ul_sticky"
 	uplinkdProgUplinkdLanIn   = "uplinkd_lan_in"
 	uplinkdProgUplinkdLanOut  = "uplinkd_lan_out"
@@ -266,6 +280,8 @@ type uplinkdMapSpecs struct {
 	UlRuleProto     *ebpf.MapSpec `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.MapSpec `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.MapSpec `ebpf:"ul_rule_src"`
+	UlRuleV4Ids     *ebpf.MapSpec `ebpf:"ul_rule_v4_ids"`
+	UlRuleV4Nodes   *ebpf.MapSpec `ebpf:"ul_rule_v4_nodes"`
 	UlSticky        *ebpf.MapSpec `ebpf:"ul_sticky"`
 }
 
@@ -321,6 +337,8 @@ type uplinkdMaps struct {
 	UlRuleProto     *ebpf.Map `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.Map `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.Map `ebpf:"ul_rule_src"`
+	UlRuleV4Ids     *ebpf.Map `ebpf:"ul_rule_v4_ids"`
+	UlRuleV4Nodes   *ebpf.Map `ebpf:"ul_rule_v4_nodes"`
 	UlSticky        *ebpf.Map `ebpf:"ul_sticky"`
 }
 
@@ -349,6 +367,8 @@ func (m *uplinkdMaps) Close() error {
 		m.UlRuleProto,
 		m.UlRuleSport,
 		m.UlRuleSrc,
+		m.UlRuleV4Ids,
+		m.UlRuleV4Nodes,
 		m.UlSticky,
 	)
 }
