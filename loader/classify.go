@@ -33,6 +33,9 @@ const (
 	v4MaxIntervals     = 1 << 17 // UL_V4_INTERVALS
 	v4Nodes            = 9216    // UL_V4_NODES
 	v4Pad              = ^uint32(0)
+	v4DirCells         = 1 << 16 // UL_V4_DIR_CELLS
+	v4DirTree          = 1 << 31 // UL_V4_DIR_TREE
+	v4DirLevelShift    = 24      // UL_V4_DIR_LEVEL_SHIFT
 )
 
 // The rule bitmaps hold RuleWords words.
@@ -55,6 +58,7 @@ func checkRuleLimits(spec *ebpf.CollectionSpec) error {
 		{uplinkdMapUlPolicyFlows, MaxPolicies},
 		{uplinkdMapUlRuleV4Nodes, 2 * ruleGens * v4Nodes},
 		{uplinkdMapUlRuleV4Ids, 2 * ruleGens * v4MaxIntervals},
+		{uplinkdMapUlRuleV4Dir, 2 * ruleGens * v4DirCells},
 	} {
 		if got := int(spec.Maps[c.m].MaxEntries); got != c.want {
 			return fmt.Errorf("%s has %d entries, the loader expects %d", c.m, got, c.want)
@@ -304,7 +308,44 @@ func (d *Datapath) writeV4Tree(field, gen uint32, t []PrefixBitmap) (uplinkdV4Tr
 	if err := d.w.batchUpdate(d.objs.UlRuleV4Ids, keys, ids); err != nil {
 		return tree, fmt.Errorf("writing the IPv4 intervals: %w", err)
 	}
+	// The directory last: it points into the rest.
+	dir := v4Directory(firsts, ids, len(levels))
+	keys = make([]uint32, len(dir))
+	for i := range keys {
+		keys[i] = table*v4DirCells + uint32(i)
+	}
+	if err := d.w.batchUpdate(d.objs.UlRuleV4Dir, keys, dir); err != nil {
+		return tree, fmt.Errorf("writing the IPv4 directory: %w", err)
+	}
 	return tree, nil
+}
+
+// v4Directory gives each /16 its directory entry: the bitmap id of the one
+// interval holding it whole, or where in the tree (of depth levels) to
+// start: the lowest node above the leaves of every interval of the /16.
+func v4Directory(firsts, ids []uint32, depth int) []uint32 {
+	dir := make([]uint32, v4DirCells)
+	a := 0 // the interval holding the /16's first address
+	for c := range dir {
+		lo := uint32(c) << 16
+		for a+1 < len(firsts) && firsts[a+1] <= lo {
+			a++
+		}
+		b := a // the interval holding its last address
+		for b+1 < len(firsts) && firsts[b+1] <= lo|0xffff {
+			b++
+		}
+		if a == b {
+			dir[c] = ids[a]
+			continue
+		}
+		la, lb, level := a/v4Fanout, b/v4Fanout, depth-1
+		for la != lb {
+			la, lb, level = la/v4Fanout, lb/v4Fanout, level-1
+		}
+		dir[c] = v4DirTree | uint32(level)<<v4DirLevelShift | uint32(la)
+	}
+	return dir
 }
 
 // v4Intervals splits the IPv4 space by the longest match of the table's

@@ -815,7 +815,7 @@ func TestAdoptPinsWithoutRuleMaps(t *testing.T) {
 	first.Close()
 	var removed []string
 	for _, name := range []string{"ul_rule_bitmaps", "ul_rule_src", "ul_rule_dst", "ul_rule_proto", "ul_rule_dscp",
-		"ul_rule_sport", "ul_rule_dport", "ul_rule_lan", "ul_rule_actions", "ul_rule_cfg", "ul_rule_hits", "ul_rule_v4_nodes", "ul_rule_v4_ids",
+		"ul_rule_sport", "ul_rule_dport", "ul_rule_lan", "ul_rule_actions", "ul_rule_cfg", "ul_rule_hits", "ul_rule_v4_nodes", "ul_rule_v4_ids", "ul_rule_v4_dir",
 		"ul_policies", "ul_policy_buckets", "ul_sticky", "ul_policy_flows"} {
 		if err := os.Remove(filepath.Join(dir, name)); err != nil {
 			t.Fatalf("unpinning %s: %v", name, err)

@@ -94,10 +94,20 @@ func policyPacket(p loader.TestPacket, lan int) policy.Packet {
 }
 
 // The generators draw from a small space of addresses (within
-// 100.64.0.0/28 and 2001:db8::/124), ports, protocols, DSCPs and LANs, so
-// that rules nest and overlap and packets often match, and not only the
-// first rule.
+// 100.64.0.0/28 and 2001:db8::/124, and 1 in 8 anywhere), ports,
+// protocols, DSCPs and LANs, so that rules nest and overlap and packets
+// often match, and not only the first rule.
 func genAddr(r *rand.Rand, v6 bool) netip.Addr {
+	if r.IntN(8) == 0 { // anywhere
+		var a [16]byte
+		for i := range a {
+			a[i] = byte(r.Uint32())
+		}
+		if !v6 {
+			return netip.AddrFrom4([4]byte(a[:4]))
+		}
+		return netip.AddrFrom16(a)
+	}
 	h := byte(r.IntN(16))
 	if r.IntN(16) == 0 {
 		h = 0x80 | byte(r.IntN(128)) // outside every /28 of the generator

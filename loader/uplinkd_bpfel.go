@@ -197,6 +197,7 @@ const (
 	uplinkdMapUlRuleProto     = "ul_rule_proto"
 	uplinkdMapUlRuleSport     = "ul_rule_sport"
 	uplinkdMapUlRuleSrc       = "ul_rule_src"
+	uplinkdMapUlRuleV4Dir     = "ul_rule_v4_dir"
 	uplinkdMapUlRuleV4Ids     = "ul_rule_v4_ids"
 	uplinkdMapUlRuleV4Nodes   = "ul_rule_v4_nodes"
 	uplinkdMapUlSticky        = "ul_sticky"
@@ -280,6 +281,7 @@ type uplinkdMapSpecs struct {
 	UlRuleProto     *ebpf.MapSpec `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.MapSpec `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.MapSpec `ebpf:"ul_rule_src"`
+	UlRuleV4Dir     *ebpf.MapSpec `ebpf:"ul_rule_v4_dir"`
 	UlRuleV4Ids     *ebpf.MapSpec `ebpf:"ul_rule_v4_ids"`
 	UlRuleV4Nodes   *ebpf.MapSpec `ebpf:"ul_rule_v4_nodes"`
 	UlSticky        *ebpf.MapSpec `ebpf:"ul_sticky"`
@@ -337,6 +339,7 @@ type uplinkdMaps struct {
 	UlRuleProto     *ebpf.Map `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.Map `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.Map `ebpf:"ul_rule_src"`
+	UlRuleV4Dir     *ebpf.Map `ebpf:"ul_rule_v4_dir"`
 	UlRuleV4Ids     *ebpf.Map `ebpf:"ul_rule_v4_ids"`
 	UlRuleV4Nodes   *ebpf.Map `ebpf:"ul_rule_v4_nodes"`
 	UlSticky        *ebpf.Map `ebpf:"ul_sticky"`
@@ -367,6 +370,7 @@ func (m *uplinkdMaps) Close() error {
 		m.UlRuleProto,
 		m.UlRuleSport,
 		m.UlRuleSrc,
+		m.UlRuleV4Dir,
 		m.UlRuleV4Ids,
 		m.UlRuleV4Nodes,
 		m.UlSticky,

@@ -33,14 +33,18 @@
 
 _Static_assert(UL_RULE_WORDS == 64, "a bitmap's summary is one 64-bit word");
 
-/* IPv4 address tables are static search trees (an LPM trie's lookup walks
- * a node per bit that differs, each a cache miss of its own: 400 ns at
- * 4096 prefixes). The loader turns a table's prefixes into the intervals
- * of the IPv4 space whose addresses share their longest match, sorted by
- * first address, and stores their first addresses 16 to a node (a cache
- * line), leaves first, then each level above the first addresses of its
- * children's, up to a root. A lookup reads one node per level (5 at
- * most for UL_V4_INTERVALS) and the interval's bitmap id. */
+/* IPv4 address tables are a directory over static search trees (an LPM
+ * trie's lookup walks a node per bit that differs, each a cache miss of
+ * its own: 400 ns at 4096 prefixes). The loader turns a table's prefixes
+ * into the intervals of the IPv4 space whose addresses share their
+ * longest match, sorted by first address, and stores their first
+ * addresses 16 to a node (a cache line), leaves first, then each level
+ * above the first addresses of its children's, up to a root. The
+ * directory has an entry per /16: the bitmap id when one interval holds
+ * the whole /16 (most of them), else the lowest node of the tree above
+ * every interval of the /16, where the walk starts. A lookup reads the
+ * directory, and for a /16 that prefixes split one node per level from
+ * there (usually one) and the interval's bitmap id. */
 #define UL_V4_FANOUT		16
 #define UL_V4_MAX_DEPTH		5
 #define UL_V4_INTERVALS		131072	/* per table and generation */
@@ -49,6 +53,14 @@ _Static_assert(UL_RULE_WORDS == 64, "a bitmap's summary is one 64-bit word");
 _Static_assert(UL_V4_INTERVALS / UL_V4_FANOUT * UL_V4_FANOUT / (UL_V4_FANOUT - 1) + UL_V4_MAX_DEPTH <= UL_V4_NODES,
 	       "room for the leaves and the levels above");
 
+#define UL_V4_DIR_SHIFT		16
+#define UL_V4_DIR_CELLS		(1U << (32 - UL_V4_DIR_SHIFT))
+/* A directory entry: a bitmap id, or UL_V4_DIR_TREE | level << 24 | node. */
+#define UL_V4_DIR_TREE		(1U << 31)
+#define UL_V4_DIR_LEVEL_SHIFT	24
+#define UL_V4_DIR_LEVEL_MASK	0x7U
+#define UL_V4_DIR_NODE_MASK	0xffffffU
+
 struct v4_node {
 	__u32 first[UL_V4_FANOUT];	/* ascending; 0xffffffff past the last child */
 };
@@ -56,7 +68,7 @@ struct v4_node {
 /* Where a table's tree is in ul_rule_v4_nodes: off[l] is level l's first
  * node (level 0 is the root), relative to the table's part of the map. */
 struct v4_tree {
-	__u32 depth;			/* levels; 0: no tree, no IPv4 address matches */
+	__u32 depth;			/* levels */
 	__u32 off[UL_V4_MAX_DEPTH];
 };
 
@@ -125,6 +137,16 @@ struct {
 	__type(value, struct v4_node);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_rule_v4_nodes SEC(".maps");
+
+/* The IPv4 tables' directories: index (field * UL_RULE_GENS + gen) *
+ * UL_V4_DIR_CELLS + the address's top 16 bits. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, UL_ADDR_FIELDS * UL_RULE_GENS * UL_V4_DIR_CELLS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ul_rule_v4_dir SEC(".maps");
 
 /* The IPv4 intervals' bitmap ids: index (field * UL_RULE_GENS + gen) *
  * UL_V4_INTERVALS + interval. */
@@ -263,16 +285,24 @@ static __always_inline const __u32 *rule_prefix_lookup(void *map, __u32 gen, __u
 }
 
 /* The bitmap id of an IPv4 address (v4-mapped in addr) in the table of
- * field (0: source, 1: destination) of generation gen. */
+ * field (0: source, 1: destination) of generation gen: the /16's entry in
+ * the directory, or the tree walked from the node it names. */
 static __always_inline const __u32 *rule_v4_lookup(const struct rule_cfg *cfg, __u32 field, __u32 gen,
 						   const __u8 *addr)
 {
 	const struct v4_tree *t = &cfg->v4[field % UL_ADDR_FIELDS][gen];
 	__u32 table = field % UL_ADDR_FIELDS * UL_RULE_GENS + gen;
-	__u32 x, idx = 0, k;
+	__u32 x, idx, k, start;
+	const __u32 *dir;
 
 	__builtin_memcpy(&x, addr + 12, sizeof(x));
 	x = bpf_ntohl(x);
+	k = table * UL_V4_DIR_CELLS + (x >> UL_V4_DIR_SHIFT);
+	dir = bpf_map_lookup_elem(&ul_rule_v4_dir, &k);
+	if (!dir || !(*dir & UL_V4_DIR_TREE))
+		return dir;		/* the /16 has one longest match: its bitmap id */
+	start = (*dir >> UL_V4_DIR_LEVEL_SHIFT) & UL_V4_DIR_LEVEL_MASK;
+	idx = *dir & UL_V4_DIR_NODE_MASK;
 	/* Padding compares above every address but this one, the broadcast
 	 * address, which no flow has. */
 	if (x == 0xffffffff)
@@ -281,6 +311,8 @@ static __always_inline const __u32 *rule_v4_lookup(const struct rule_cfg *cfg, _
 		const struct v4_node *n;
 		__u64 le = 0, d;
 
+		if (l < start)
+			continue;
 		if (l >= t->depth)
 			break;
 		k = table * UL_V4_NODES + (t->off[l] + idx) % UL_V4_NODES;
@@ -294,11 +326,10 @@ static __always_inline const __u32 *rule_v4_lookup(const struct rule_cfg *cfg, _
 			asm volatile("" : "+r"(d));	/* keep clang from making it a branch */
 			le += d >> 63;
 		}
-		/* le >= 1: a node's first first is <= x, by its parent's choice. */
+		/* le >= 1: a node's first first is <= x, by its parent's choice
+		 * or the directory's. */
 		idx = idx * UL_V4_FANOUT + (__u32)le - 1;
 	}
-	if (!t->depth)
-		return NULL;
 	k = table * UL_V4_INTERVALS + idx % UL_V4_INTERVALS;
 	return bpf_map_lookup_elem(&ul_rule_v4_ids, &k);
 }
