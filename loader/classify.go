@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"maps"
 	"math"
+	"math/bits"
 	"net/netip"
 	"slices"
 	"time"
@@ -109,14 +110,13 @@ func (d *Datapath) SetRuleSet(rs RuleSet) error {
 	if time.Since(d.ruleFlip) < time.Second {
 		waitForReaders()
 	}
-	cfg.V4[0][gen], cfg.V4[1][gen] = uplinkdV4Tree{}, uplinkdV4Tree{}
+	var g genCfg
 	if len(rs.Actions) > 0 {
-		trees, err := d.writeRuleGen(gen, rs)
-		if err != nil {
+		if g, err = d.writeRuleGen(gen, rs); err != nil {
 			return fmt.Errorf("setting rules: %w", err)
 		}
-		cfg.V4[0][gen], cfg.V4[1][gen] = trees[0], trees[1]
 	}
+	cfg.V4[0][gen], cfg.V4[1][gen], cfg.Fixed[gen] = g.trees[0], g.trees[1], g.fixed
 	// First the generation's fields, then the flip alone: a packet reads
 	// either generation whole.
 	n := len(rs.Actions)
@@ -181,21 +181,83 @@ func waitForReaders() {
 	}
 }
 
+// Rule fields, in the order of enum rule_field (bpf/lib/classify.h).
+const (
+	fieldSrc = iota
+	fieldDst
+	fieldProto
+	fieldDSCP
+	fieldSport
+	fieldDport
+	fieldLAN
+	ruleFields
+	ruleFieldFixed = 1 << 31 // UL_RULE_FIELD_FIXED
+)
+
+var _ = [ruleFields]uint32(uplinkdRuleCfg{}.Fixed[0])
+
+// genCfg is what rule_cfg holds of a generation besides its counts.
+type genCfg struct {
+	trees [2]uplinkdV4Tree
+	fixed [ruleFields]uint32
+}
+
+// fixedFields finds the fields whose table gives one bitmap for every
+// value: the datapath does not look them up, and their tables are not
+// written.
+func fixedFields(rs RuleSet) [ruleFields]uint32 {
+	var fixed [ruleFields]uint32
+	one := func(ids ...uint32) bool {
+		for _, id := range ids {
+			if id != ids[0] {
+				return false
+			}
+		}
+		return len(ids) > 0
+	}
+	prefixIDs := func(t []PrefixBitmap) []uint32 {
+		ids := make([]uint32, len(t))
+		for i, p := range t {
+			ids[i] = p.Bitmap
+		}
+		return ids
+	}
+	portIDs := func(t []PortBitmap) []uint32 {
+		ids := make([]uint32, len(t))
+		for i, p := range t {
+			ids[i] = p.Bitmap
+		}
+		return ids
+	}
+	for f, ids := range map[int][]uint32{
+		fieldSrc: prefixIDs(rs.Src), fieldDst: prefixIDs(rs.Dst),
+		fieldProto: rs.Proto[:], fieldDSCP: rs.DSCP[:],
+		fieldSport: portIDs(rs.SrcPort), fieldDport: portIDs(rs.DstPort),
+		fieldLAN: append(slices.Collect(maps.Values(rs.LAN)), rs.AnyLAN),
+	} {
+		if one(ids...) {
+			fixed[f] = ruleFieldFixed | ids[0]
+		}
+	}
+	return fixed
+}
+
 // writeRuleGen writes rs into generation gen of the classifier's tables;
-// the datapath does not read that generation meanwhile. It returns where
-// it put the IPv4 address trees, for rule_cfg.
-func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (trees [2]uplinkdV4Tree, err error) {
+// the datapath does not read that generation meanwhile. It returns what
+// rule_cfg is to hold of the generation.
+func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (genCfg, error) {
+	c := genCfg{fixed: fixedFields(rs)}
 	// The counters first: the generation's rules count from zero.
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
-		return trees, err
+		return c, err
 	}
 	keys := make([]uint32, MaxRules)
 	for r := range keys {
 		keys[r] = gen*MaxRules + uint32(r)
 	}
 	if err := d.w.batchUpdate(d.objs.UlRuleHits, keys, make([]uint64, MaxRules*cpus)); err != nil {
-		return trees, fmt.Errorf("zeroing rule counters: %w", err)
+		return c, fmt.Errorf("zeroing rule counters: %w", err)
 	}
 
 	bitmaps := make([]uplinkdRuleBitmap, len(rs.Bitmaps))
@@ -210,7 +272,7 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (trees [2]uplinkdV4Tree,
 		keys = append(keys, gen*MaxBitmaps+uint32(i))
 	}
 	if err := d.w.batchUpdate(d.objs.UlRuleBitmaps, keys, bitmaps); err != nil {
-		return trees, fmt.Errorf("writing rule bitmaps: %w", err)
+		return c, fmt.Errorf("writing rule bitmaps: %w", err)
 	}
 
 	for field, t := range []struct {
@@ -218,11 +280,14 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (trees [2]uplinkdV4Tree,
 		name string
 		p    []PrefixBitmap
 	}{{d.objs.UlRuleSrc, "source", rs.Src}, {d.objs.UlRuleDst, "destination", rs.Dst}} {
+		if c.fixed[field] != 0 {
+			continue
+		}
 		tree, err := d.writeV4Tree(uint32(field), gen, t.p)
 		if err != nil {
-			return trees, fmt.Errorf("writing %s prefixes: %w", t.name, err)
+			return c, fmt.Errorf("writing %s prefixes: %w", t.name, err)
 		}
-		trees[field] = tree
+		c.trees[field] = tree
 		want := make(map[uplinkdRulePrefix]uint32, len(t.p))
 		for _, p := range t.p {
 			if !p.Prefix.Addr().Is4() {
@@ -230,36 +295,42 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (trees [2]uplinkdV4Tree,
 			}
 		}
 		if err := syncGen(&d.w, t.m, want, func(k uplinkdRulePrefix) bool { return uint32(k.Gen) == gen }); err != nil {
-			return trees, fmt.Errorf("writing %s prefixes: %w", t.name, err)
+			return c, fmt.Errorf("writing %s prefixes: %w", t.name, err)
 		}
 	}
 
-	arrays := []struct {
-		m    *ebpf.Map
-		name string
-		ids  []uint32
+	for _, a := range []struct {
+		field int
+		m     *ebpf.Map
+		name  string
+		ids   func() []uint32
 	}{
-		{d.objs.UlRuleProto, "protocols", rs.Proto[:]},
-		{d.objs.UlRuleDscp, "DSCPs", rs.DSCP[:]},
-		{d.objs.UlRuleSport, "source ports", portIDs(rs.SrcPort)},
-		{d.objs.UlRuleDport, "destination ports", portIDs(rs.DstPort)},
-	}
-	for _, a := range arrays {
-		keys = keys[:0]
-		for v := range a.ids {
-			keys = append(keys, gen*uint32(len(a.ids))+uint32(v))
+		{fieldProto, d.objs.UlRuleProto, "protocols", func() []uint32 { return rs.Proto[:] }},
+		{fieldDSCP, d.objs.UlRuleDscp, "DSCPs", func() []uint32 { return rs.DSCP[:] }},
+		{fieldSport, d.objs.UlRuleSport, "source ports", func() []uint32 { return portIDs(rs.SrcPort) }},
+		{fieldDport, d.objs.UlRuleDport, "destination ports", func() []uint32 { return portIDs(rs.DstPort) }},
+	} {
+		if c.fixed[a.field] != 0 {
+			continue
 		}
-		if err := d.w.batchUpdate(a.m, keys, a.ids); err != nil {
-			return trees, fmt.Errorf("writing %s: %w", a.name, err)
+		ids := a.ids()
+		keys = keys[:0]
+		for v := range ids {
+			keys = append(keys, gen*uint32(len(ids))+uint32(v))
+		}
+		if err := d.w.batchUpdate(a.m, keys, ids); err != nil {
+			return c, fmt.Errorf("writing %s: %w", a.name, err)
 		}
 	}
 
-	lans := make(map[uplinkdRuleLanKey]uint32, len(rs.LAN))
-	for ifindex, id := range rs.LAN {
-		lans[uplinkdRuleLanKey{Gen: gen, Ifindex: uint32(ifindex)}] = id
-	}
-	if err := syncGen(&d.w, d.objs.UlRuleLan, lans, func(k uplinkdRuleLanKey) bool { return k.Gen == gen }); err != nil {
-		return trees, fmt.Errorf("writing LAN interfaces: %w", err)
+	if c.fixed[fieldLAN] == 0 {
+		lans := make(map[uplinkdRuleLanKey]uint32, len(rs.LAN))
+		for ifindex, id := range rs.LAN {
+			lans[uplinkdRuleLanKey{Gen: gen, Ifindex: uint32(ifindex)}] = id
+		}
+		if err := syncGen(&d.w, d.objs.UlRuleLan, lans, func(k uplinkdRuleLanKey) bool { return k.Gen == gen }); err != nil {
+			return c, fmt.Errorf("writing LAN interfaces: %w", err)
+		}
 	}
 
 	actions := make([]uplinkdRuleAction, len(rs.Actions))
@@ -272,9 +343,9 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (trees [2]uplinkdV4Tree,
 		keys = append(keys, gen*MaxRules+uint32(r))
 	}
 	if err := d.w.batchUpdate(d.objs.UlRuleActions, keys, actions); err != nil {
-		return trees, fmt.Errorf("writing rule actions: %w", err)
+		return c, fmt.Errorf("writing rule actions: %w", err)
 	}
-	return trees, nil
+	return c, nil
 }
 
 // writeV4Tree writes the IPv4 prefixes of an address table as the search
@@ -308,8 +379,16 @@ func (d *Datapath) writeV4Tree(field, gen uint32, t []PrefixBitmap) (uplinkdV4Tr
 	if err := d.w.batchUpdate(d.objs.UlRuleV4Ids, keys, ids); err != nil {
 		return tree, fmt.Errorf("writing the IPv4 intervals: %w", err)
 	}
+	// A tree of 1 or 2 levels is walked from its root.
+	if len(levels) < 3 {
+		return tree, nil
+	}
+	// About a cell per interval: most cells are then one interval or hold
+	// a leaf's worth.
+	bits := min(max(bitsFor(len(firsts)), 8), 16)
+	tree.DirShift = uint32(32 - bits)
 	// The directory last: it points into the rest.
-	dir := v4Directory(firsts, ids, len(levels))
+	dir := v4Directory(firsts, ids, len(levels), bits)
 	keys = make([]uint32, len(dir))
 	for i := range keys {
 		keys[i] = table*v4DirCells + uint32(i)
@@ -320,19 +399,22 @@ func (d *Datapath) writeV4Tree(field, gen uint32, t []PrefixBitmap) (uplinkdV4Tr
 	return tree, nil
 }
 
-// v4Directory gives each /16 its directory entry: the bitmap id of the one
-// interval holding it whole, or where in the tree (of depth levels) to
-// start: the lowest node above the leaves of every interval of the /16.
-func v4Directory(firsts, ids []uint32, depth int) []uint32 {
-	dir := make([]uint32, v4DirCells)
-	a := 0 // the interval holding the /16's first address
+// v4Directory gives each cell (the addresses with the same top bits) its
+// directory entry: the bitmap id of the one interval holding it whole, or
+// where in the tree (of depth levels) to start: the lowest node above the
+// leaves of every interval of the cell.
+func v4Directory(firsts, ids []uint32, depth, bits int) []uint32 {
+	dir := make([]uint32, 1<<bits)
+	shift := 32 - bits
+	a := 0 // the interval holding the cell's first address
 	for c := range dir {
-		lo := uint32(c) << 16
+		lo := uint32(c) << shift
+		hi := lo | (1<<shift - 1)
 		for a+1 < len(firsts) && firsts[a+1] <= lo {
 			a++
 		}
 		b := a // the interval holding its last address
-		for b+1 < len(firsts) && firsts[b+1] <= lo|0xffff {
+		for b+1 < len(firsts) && firsts[b+1] <= hi {
 			b++
 		}
 		if a == b {
@@ -427,6 +509,9 @@ func v4TreeLevels(firsts []uint32) [][]uplinkdV4Node {
 		}
 	}
 }
+
+// bitsFor is the bits that count to n: ceil(log2(n)).
+func bitsFor(n int) int { return bits.Len(uint(n - 1)) }
 
 // syncGen makes the entries of m that ours selects (a generation's) those
 // of want: stale ones are deleted first, then want is written in one batch

@@ -102,10 +102,12 @@ type floorRuleCfg struct {
 	AnyLan        [2]uint32
 	UnreachMark   uint32
 	BlackholeMark uint32
+	Fixed         [2][7]uint32
 	V4            [2][2]struct {
-		_     structs.HostLayout
-		Depth uint32
-		Off   [5]uint32
+		_        structs.HostLayout
+		Depth    uint32
+		DirShift uint32
+		Off      [5]uint32
 	}
 }
 

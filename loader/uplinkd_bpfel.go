@@ -102,6 +102,7 @@ type uplinkdRuleCfg struct {
 	AnyLan        [2]uint32
 	UnreachMark   uint32
 	BlackholeMark uint32
+	Fixed         [2][7]uint32
 	V4            [2][2]uplinkdV4Tree
 }
 
@@ -165,9 +166,10 @@ type uplinkdV4Node struct {
 }
 
 type uplinkdV4Tree struct {
-	_     structs.HostLayout
-	Depth uint32
-	Off   [5]uint32
+	_        structs.HostLayout
+	Depth    uint32
+	DirShift uint32
+	Off      [5]uint32
 }
 
 // Names of all BPF objects in the ELF.

@@ -39,12 +39,15 @@ _Static_assert(UL_RULE_WORDS == 64, "a bitmap's summary is one 64-bit word");
  * into the intervals of the IPv4 space whose addresses share their
  * longest match, sorted by first address, and stores their first
  * addresses 16 to a node (a cache line), leaves first, then each level
- * above the first addresses of its children's, up to a root. The
- * directory has an entry per /16: the bitmap id when one interval holds
- * the whole /16 (most of them), else the lowest node of the tree above
- * every interval of the /16, where the walk starts. A lookup reads the
- * directory, and for a /16 that prefixes split one node per level from
- * there (usually one) and the interval's bitmap id. */
+ * above the first addresses of its children's, up to a root. A tree of
+ * 3 levels or more has a directory, about a cell per interval (2^8 to
+ * 2^16 cells, each a /8 to a /16): the bitmap id when one interval holds
+ * the whole cell, else the lowest node of the tree above every interval
+ * of the cell, where the walk starts. A lookup reads the directory and,
+ * for a cell that prefixes split, a node per level from there (usually
+ * one) and the interval's bitmap id. Sized to the intervals, directory,
+ * nodes and ids of 4096 rules take about 100 KiB, which the cache keeps
+ * (a directory of /16s alone, 256 KiB, missed it). */
 #define UL_V4_FANOUT		16
 #define UL_V4_MAX_DEPTH		5
 #define UL_V4_INTERVALS		131072	/* per table and generation */
@@ -53,8 +56,7 @@ _Static_assert(UL_RULE_WORDS == 64, "a bitmap's summary is one 64-bit word");
 _Static_assert(UL_V4_INTERVALS / UL_V4_FANOUT * UL_V4_FANOUT / (UL_V4_FANOUT - 1) + UL_V4_MAX_DEPTH <= UL_V4_NODES,
 	       "room for the leaves and the levels above");
 
-#define UL_V4_DIR_SHIFT		16
-#define UL_V4_DIR_CELLS		(1U << (32 - UL_V4_DIR_SHIFT))
+#define UL_V4_DIR_CELLS		(1U << 16)	/* at most, per table and generation */
 /* A directory entry: a bitmap id, or UL_V4_DIR_TREE | level << 24 | node. */
 #define UL_V4_DIR_TREE		(1U << 31)
 #define UL_V4_DIR_LEVEL_SHIFT	24
@@ -69,6 +71,7 @@ struct v4_node {
  * node (level 0 is the root), relative to the table's part of the map. */
 struct v4_tree {
 	__u32 depth;			/* levels */
+	__u32 dir_shift;		/* the directory's cells: addresses >> dir_shift; 0: none */
 	__u32 off[UL_V4_MAX_DEPTH];
 };
 
@@ -105,6 +108,22 @@ struct rule_action {
 	__u64 sticky_ns;		/* 0: not sticky */
 };
 
+/* The fields a rule matches on, one bitmap each. */
+enum rule_field {
+	RULE_FIELD_SRC,
+	RULE_FIELD_DST,
+	RULE_FIELD_PROTO,
+	RULE_FIELD_DSCP,
+	RULE_FIELD_SPORT,
+	RULE_FIELD_DPORT,
+	RULE_FIELD_LAN,
+	RULE_FIELDS,
+};
+
+/* rule_cfg.fixed: the field's table gives this bitmap id (the low bits)
+ * for every value, so it is not looked up. */
+#define UL_RULE_FIELD_FIXED	(1U << 31)
+
 /* The rule sets in force. Everything a generation needs is indexed by it,
  * so that flipping gen is the only change a new rule set makes here: the
  * loader writes the inactive generation's fields first, then gen alone. */
@@ -116,6 +135,7 @@ struct rule_cfg {
 	__u32 any_lan[UL_RULE_GENS];	/* the bitmap of a LAN interface ul_rule_lan lacks */
 	__u32 unreach_mark;		/* mark of the unreachable route; 0: not configured */
 	__u32 blackhole_mark;		/* mark of the blackhole route; 0: not configured */
+	__u32 fixed[UL_RULE_GENS][RULE_FIELDS];	/* UL_RULE_FIELD_FIXED | id, or 0: look up */
 	struct v4_tree v4[UL_ADDR_FIELDS][UL_RULE_GENS];	/* the IPv4 address tables */
 };
 
@@ -297,12 +317,16 @@ static __always_inline const __u32 *rule_v4_lookup(const struct rule_cfg *cfg, _
 
 	__builtin_memcpy(&x, addr + 12, sizeof(x));
 	x = bpf_ntohl(x);
-	k = table * UL_V4_DIR_CELLS + (x >> UL_V4_DIR_SHIFT);
-	dir = bpf_map_lookup_elem(&ul_rule_v4_dir, &k);
-	if (!dir || !(*dir & UL_V4_DIR_TREE))
-		return dir;		/* the /16 has one longest match: its bitmap id */
-	start = (*dir >> UL_V4_DIR_LEVEL_SHIFT) & UL_V4_DIR_LEVEL_MASK;
-	idx = *dir & UL_V4_DIR_NODE_MASK;
+	start = 0;
+	idx = 0;
+	if (t->dir_shift) {
+		k = table * UL_V4_DIR_CELLS + (x >> (t->dir_shift & 31));
+		dir = bpf_map_lookup_elem(&ul_rule_v4_dir, &k);
+		if (!dir || !(*dir & UL_V4_DIR_TREE))
+			return dir;	/* the /16 has one longest match: its bitmap id */
+		start = (*dir >> UL_V4_DIR_LEVEL_SHIFT) & UL_V4_DIR_LEVEL_MASK;
+		idx = *dir & UL_V4_DIR_NODE_MASK;
+	}
 	/* Padding compares above every address but this one, the broadcast
 	 * address, which no flow has. */
 	if (x == 0xffffffff)
@@ -379,18 +403,6 @@ static __always_inline __u32 ctz64(__u64 x)
 	return (x * 0x0101010101010101ULL) >> 56;
 }
 
-/* The fields a rule matches on, one bitmap each. */
-enum rule_field {
-	RULE_FIELD_SRC,
-	RULE_FIELD_DST,
-	RULE_FIELD_PROTO,
-	RULE_FIELD_DSCP,
-	RULE_FIELD_SPORT,
-	RULE_FIELD_DPORT,
-	RULE_FIELD_LAN,
-	RULE_FIELDS,
-};
-
 /* The first rule of generation gen that the packet matches, or -1. Every
  * lookup is into a table of gen's; a missing entry (a rule set being
  * written, which cannot be gen's) matches nothing.
@@ -405,7 +417,7 @@ __attribute__((noinline)) int ul_rule_match(struct __sk_buff *skb, const struct 
 	const struct rule_bitmap *bm[RULE_FIELDS];
 	struct rule_lan_key lan = {};
 	const struct rule_cfg *cfg;
-	const __u32 *id;
+	const __u32 *id, *fixed;
 	__u64 cand, w;
 	__u32 i;
 
@@ -418,20 +430,29 @@ __attribute__((noinline)) int ul_rule_match(struct __sk_buff *skb, const struct 
 	lan.gen = gen;
 	lan.ifindex = skb->ingress_ifindex;
 
-	bm[RULE_FIELD_SRC] = rule_bitmap_lookup(gen, rule_addr_lookup(&ul_rule_src, cfg, 0, gen, key->family, key->saddr));
-	bm[RULE_FIELD_DST] = rule_bitmap_lookup(gen, rule_addr_lookup(&ul_rule_dst, cfg, 1, gen, key->family, key->daddr));
-	bm[RULE_FIELD_PROTO] = rule_bitmap_lookup(gen, rule_index_lookup(&ul_rule_proto, gen, UL_NUM_PROTOS, key->proto));
-	bm[RULE_FIELD_DSCP] = rule_bitmap_lookup(gen, rule_index_lookup(&ul_rule_dscp, gen, UL_NUM_DSCPS,
-									 packet_dscp(skb, key->family, l3_off)));
+	/* A field no rule narrows (its table one bitmap) is not looked up. */
+	fixed = cfg->fixed[gen];
+#define FIELD_ID(f, lookup) (fixed[f] & UL_RULE_FIELD_FIXED ? &fixed[f] : (lookup))
+	bm[RULE_FIELD_SRC] = rule_bitmap_lookup(gen, FIELD_ID(RULE_FIELD_SRC,
+		rule_addr_lookup(&ul_rule_src, cfg, 0, gen, key->family, key->saddr)));
+	bm[RULE_FIELD_DST] = rule_bitmap_lookup(gen, FIELD_ID(RULE_FIELD_DST,
+		rule_addr_lookup(&ul_rule_dst, cfg, 1, gen, key->family, key->daddr)));
+	bm[RULE_FIELD_PROTO] = rule_bitmap_lookup(gen, FIELD_ID(RULE_FIELD_PROTO,
+		rule_index_lookup(&ul_rule_proto, gen, UL_NUM_PROTOS, key->proto)));
+	bm[RULE_FIELD_DSCP] = rule_bitmap_lookup(gen, FIELD_ID(RULE_FIELD_DSCP,
+		rule_index_lookup(&ul_rule_dscp, gen, UL_NUM_DSCPS, packet_dscp(skb, key->family, l3_off))));
 	if (key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) {
-		bm[RULE_FIELD_SPORT] = rule_bitmap_lookup(gen, rule_index_lookup(&ul_rule_sport, gen, UL_NUM_PORTS, key->sport));
-		bm[RULE_FIELD_DPORT] = rule_bitmap_lookup(gen, rule_index_lookup(&ul_rule_dport, gen, UL_NUM_PORTS, key->dport));
+		bm[RULE_FIELD_SPORT] = rule_bitmap_lookup(gen, FIELD_ID(RULE_FIELD_SPORT,
+			rule_index_lookup(&ul_rule_sport, gen, UL_NUM_PORTS, key->sport)));
+		bm[RULE_FIELD_DPORT] = rule_bitmap_lookup(gen, FIELD_ID(RULE_FIELD_DPORT,
+			rule_index_lookup(&ul_rule_dport, gen, UL_NUM_PORTS, key->dport)));
 	} else {
 		/* An ICMP echo's identifier is no port. */
 		bm[RULE_FIELD_SPORT] = rule_bitmap_lookup(gen, &cfg->no_ports[gen]);
 		bm[RULE_FIELD_DPORT] = bm[RULE_FIELD_SPORT];
 	}
-	id = bpf_map_lookup_elem(&ul_rule_lan, &lan);
+	id = FIELD_ID(RULE_FIELD_LAN, bpf_map_lookup_elem(&ul_rule_lan, &lan));
+#undef FIELD_ID
 	bm[RULE_FIELD_LAN] = rule_bitmap_lookup(gen, id ? id : &cfg->any_lan[gen]);
 
 	cand = ~0ULL;
