@@ -133,6 +133,17 @@ func (d *Datapath) SetRuleSet(rs RuleSet) error {
 	}
 	d.ruleFlip = time.Now()
 	d.rules = cloneRuleSet(rs)
+	if n > 0 && !d.policy0Lines.Swap(true) {
+		// Sticky rules of policy 0 read its line set, which SetBuckets
+		// keeps from now on.
+		b, err := d.CurrentBuckets()
+		if err != nil {
+			return err
+		}
+		if err := d.setPolicy0Lines(lineSet(b)); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

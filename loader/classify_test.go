@@ -869,3 +869,34 @@ func TestAdoptPinsWithoutRuleMaps(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// Sticky rules of policy 0 on a datapath whose buckets only SetBuckets
+// writes: the line set SetRuleSet and SetBuckets keep decides.
+func TestStickyPolicy0(t *testing.T) {
+	d := steering(t)
+	if err := d.SetBuckets(Buckets(nil, []int{1, 0, 1}, []bool{true, true, true})); err != nil {
+		t.Fatal(err)
+	}
+	setRules(t, d, []testRule{{protos: []uint8{protoTCP}, sticky: time.Hour}})
+	first := runOn(t, d.objs.UplinkdLanIn, tcp4(5000).bytes(), 0, testLAN)
+	lines := map[uint32]bool{}
+	for i := range 20 {
+		mark := runOn(t, d.objs.UplinkdLanIn, tcp4(uint16(5001+i)).bytes(), 0, testLAN)
+		lines[mark] = true
+	}
+	if len(lines) != 1 || !lines[first] {
+		t.Errorf("a sticky client's flows went to %v, want all on %#x", lines, first)
+	}
+	// Its line leaves policy 0's buckets: the client's next flow goes to
+	// the other.
+	other := 2
+	if first == lineMark[2] {
+		other = 0
+	}
+	if err := d.SetBuckets(allOn(other)); err != nil {
+		t.Fatal(err)
+	}
+	if mark := runOn(t, d.objs.UplinkdLanIn, tcp4(6000).bytes(), 0, testLAN); mark != lineMark[other] {
+		t.Errorf("flow after the sticky line left the buckets: mark %#x, want %#x", mark, lineMark[other])
+	}
+}

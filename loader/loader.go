@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -115,6 +116,10 @@ type Datapath struct {
 	ruleMu   sync.Mutex // SetRuleSet and SetLastResortMarks read, change and write ul_rule_cfg
 	rules    *RuleSet   // the rule set this Datapath installed last; nil: none yet
 	ruleFlip time.Time  // when it switched the classifier's generation last
+	// policy0Lines is set once rules or policies are in use: SetBuckets
+	// then keeps policy 0's line set; without them it writes ul_buckets
+	// alone, as it always did.
+	policy0Lines atomic.Bool
 }
 
 // CTRecovery is nil when the datapath recovers flows the flow map lost

@@ -239,13 +239,16 @@ func (d *Datapath) Writes() uint64 { return d.w.n.Load() }
 // SetBuckets installs a bucket table (see Buckets), policy 0's. It
 // changes the line of new flows only: pinned flows keep theirs. Only the
 // buckets that differ from the table in force are written, in one batch,
-// and policy 0's set of lines (ul_policies) when it changes.
+// and, once rules or policies are in use, policy 0's set of lines
+// (ul_policies, which sticky rules read) when it changes.
 func (d *Datapath) SetBuckets(lines []int) error {
 	if err := checkBuckets(lines); err != nil {
 		return err
 	}
-	if err := d.setPolicy0Lines(lineSet(lines)); err != nil {
-		return err
+	if d.policy0Lines.Load() {
+		if err := d.setPolicy0Lines(lineSet(lines)); err != nil {
+			return err
+		}
 	}
 	cur, err := d.CurrentBuckets()
 	if err != nil {

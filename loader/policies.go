@@ -38,6 +38,7 @@ func (d *Datapath) SetPolicies(tables []PolicyTable) error {
 			return fmt.Errorf("setting policy 0: its last resort can only be the default")
 		}
 	}
+	d.policy0Lines.Store(true)
 	if len(tables) > 0 {
 		if err := d.SetBuckets(tables[0].Buckets); err != nil {
 			return err
