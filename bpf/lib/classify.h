@@ -408,9 +408,9 @@ static __always_inline __u32 ctz64(__u64 x)
  * written, which cannot be gen's) matches nothing.
  *
  * A global function, not inlined: the verifier checks it once, on its own,
- * instead of once for every way the program reaches it (180,000
- * instructions processed instead of 20,000 for the program inlined). The
- * call costs a few nanoseconds, on new flows only. */
+ * instead of once for every way the program reaches it (inlined, LAN
+ * ingress took 180,000 processed instructions to verify; 32,000 so, 8,000
+ * before the rules). The call costs a few nanoseconds, on new flows only. */
 __attribute__((noinline)) int ul_rule_match(struct __sk_buff *skb, const struct flow_key *key, __u32 l3_off,
 					   __u32 gen)
 {
