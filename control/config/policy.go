@@ -170,7 +170,8 @@ func (c *Config) LastResortMarks() (unreachable, blackhole uint32) {
 var setNameRE = regexp.MustCompile(`^[a-z0-9_-]{1,32}$`)
 
 // checkPolicies reads the prefix sets, fills the defaults of policies
-// and rules and checks them; lanIf are the LAN interfaces.
+// and rules and checks them; lanIf are the LAN interfaces. Shadowed rules
+// are warnings, in c.Warnings.
 func (c *Config) checkPolicies(lanIf map[string]bool) []error {
 	var errs []error
 	bad := func(field, format string, args ...any) {
@@ -354,6 +355,9 @@ func (c *Config) checkPolicies(lanIf map[string]bool) []error {
 		if _, set := c.pos[f+".sticky"]; r.StickyPerRule && !set {
 			bad(f+".sticky_per_rule", "without sticky: there is nothing to keep")
 		}
+	}
+	if len(errs) == 0 {
+		c.Warnings = append(c.Warnings, c.shadowed()...)
 	}
 	return errs
 }

@@ -257,6 +257,43 @@ func TestLoadPrefixSetErrors(t *testing.T) {
 	}
 }
 
+// A rule that one earlier rule covers in every field is a warning, not an
+// error; narrower earlier rules, or ones that miss a value, are not.
+func TestShadowWarnings(t *testing.T) {
+	for _, tc := range []struct {
+		name, rules string
+		want        string // "" for none
+	}{
+		{"catch-all first", "  - {line: dsl}\n  - {src: 192.0.2.0/24, line: cheap}\n", "p.yaml:35: rules[4]: shadowed by rules[3] (rule-4)"},
+		{"wider prefix and port range", "  - {src: 10.0.0.0/8, proto: [tcp, udp], dst_port: [1-1000, 1001-2000], line: dsl}\n  - {name: web, src: [10.1.0.0/16, 10.2.0.1], proto: tcp, dst_port: [443, 1000-1500], line: cheap}\n", "p.yaml:35: rules[4]: shadowed by rules[3] (rule-4)"},
+		{"same rule twice", "  - {name: a, src_set: banks, dscp: ef, lan: eth0, line: dsl}\n  - {name: b, src_set: banks, dscp: [46], lan: [eth0], line: cheap}\n", "p.yaml:35: rules[4]: shadowed by rules[3] (a)"},
+		{"set covers listed prefixes", "  - {name: a, src_set: banks, line: dsl}\n  - {name: b, src: [198.18.1.0/24, 203.0.113.7], line: cheap}\n", "p.yaml:35: rules[4]: shadowed by rules[3] (a)"},
+		{"the first of several", "  - {name: a, proto: udp, line: dsl}\n  - {name: b, line: dsl}\n  - {name: c, proto: udp, dscp: ef, line: cheap}\n", "p.yaml:36: rules[5]: shadowed by rules[3] (a)"},
+		{"earlier rule of the base", "  - {src: 192.0.2.0/25, proto: udp, dst_port: 5060, dscp: 46, lan: eth0, line: dsl}\n", "p.yaml:34: rules[3]: shadowed by rules[0] (sip)"},
+		{"narrower prefix", "  - {src: 10.1.0.0/16, line: dsl}\n  - {src: 10.0.0.0/8, line: cheap}\n", ""},
+		{"other family", "  - {src: 0.0.0.0/0, line: dsl}\n  - {src: \"2001:db8::/32\", line: cheap}\n", ""},
+		{"ports only with ports", "  - {proto: udp, dst_port: 0-65535, line: dsl}\n  - {proto: udp, line: cheap}\n", ""},
+		{"a port outside", "  - {proto: udp, dst_port: [1-100, 102-200], line: dsl}\n  - {proto: udp, dst_port: 50-150, line: cheap}\n", ""},
+		{"any lan after one", "  - {lan: eth0, line: dsl}\n  - {line: cheap}\n", ""},
+		{"other dscp", "  - {dscp: [ef, cs1], line: dsl}\n  - {dscp: [ef, cs2], line: cheap}\n", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			file := withSets(t)
+			c, err := Parse(file, []byte(policyConfig+tc.rules))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var want []string
+			if tc.want != "" {
+				want = []string{filepath.Dir(file) + "/" + tc.want}
+			}
+			if !reflect.DeepEqual(c.Warnings, want) {
+				t.Errorf("warnings %q, want %q", c.Warnings, want)
+			}
+		})
+	}
+}
+
 // PolicyList gives balanced id 0, the configured policies in file order,
 // then one policy per line: shorthand in the order rules name them.
 func TestPolicyList(t *testing.T) {
