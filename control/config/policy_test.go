@@ -355,3 +355,25 @@ func TestLastResortMarks(t *testing.T) {
 		}
 	}
 }
+
+// README's example of policies parses, without warnings.
+func TestREADMEPolicyExample(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "### Policies, rules, prefix_sets\n")
+	_, example, ok2 := strings.Cut(section, "```yaml\n")
+	example, _, ok3 := strings.Cut(example, "```\n")
+	if !ok || !ok2 || !ok3 {
+		t.Fatal("README has no yaml example under ### Policies, rules, prefix_sets")
+	}
+	file := withSets(t)
+	c, err := Parse(file, []byte("lan: {interfaces: [eth0]}\n"+example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Rules) != 4 || len(c.Warnings) > 0 || c.Rules[2].Policy != "line:cheap" || c.Rules[3].Sticky != 30*time.Minute {
+		t.Errorf("rules %+v, warnings %q", c.Rules, c.Warnings)
+	}
+}
