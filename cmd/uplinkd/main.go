@@ -179,6 +179,7 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 	}
 	defer env.Close()
 	plan.Render(stdout, a.Desired(), cfg.Routing.Protocol)
+	plan.RenderPolicies(stdout, cfg, a.Lines())
 	if cfg.HA != nil {
 		fmt.Fprintln(stdout, "\n# HA pair: the daemons' configs this gateway expects (uplinkd ha configs -c FILE -o DIR writes them)")
 		return cmdHAConfigs([]string{"-c", *file}, stdout, stderr)

@@ -75,6 +75,10 @@ type Agent struct {
 	// spawn runs work that must not hold up the run loop (a goroutine;
 	// unit tests run it inline).
 	spawn func(func())
+	// setChanged says a prefix set's file changed; stopSetWatch ends the
+	// watch of the files of the config in force.
+	setChanged   chan struct{}
+	stopSetWatch context.CancelFunc
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -122,9 +126,11 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		ctl:      make(chan ctlCall),
-		scope:    plan.ScopeOf(cfg).Union(saved),
-		adopting: len(slots) > 0 || previousRun(cfg),
-		spawn:    func(f func()) { go f() },
+		// Buffered: a change while the run loop is busy is not lost.
+		setChanged: make(chan struct{}, 1),
+		scope:      plan.ScopeOf(cfg).Union(saved),
+		adopting:   len(slots) > 0 || previousRun(cfg),
+		spawn:      func(f func()) { go f() },
 	}, nil
 }
 
@@ -720,6 +726,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.health.Start(ctx)
+	a.restartPrefixSetWatch(ctx)
 	// Idle unless an ha block makes this gateway master (a reload may add
 	// one; the state dir, where conntrackd's socket is, cannot change).
 	go a.resyncConntrack(ctx, ha.ConntrackdSocket(a.cfg.StateDir), a.k.Sysctls())
@@ -744,6 +751,13 @@ func (a *Agent) Run(ctx context.Context) error {
 				continue
 			}
 			newConfig = cfg.File()
+			a.restartPrefixSetWatch(ctx)
+		case <-a.setChanged:
+			time.Sleep(prefixSetSettle)
+			drain(a.setChanged)
+			if !a.rereadPrefixSets() {
+				continue
+			}
 		case c := <-a.ctl:
 			c.reply <- a.control(c.req)
 			continue

@@ -166,6 +166,19 @@ func (c *Config) LastResortMarks() (unreachable, blackhole uint32) {
 	return free[0], free[1]
 }
 
+// LastResortRule is the rule priority and table of a last resort
+// (LastResortUnreachable or LastResortBlackhole): past every line's, so
+// that no line's number can take them (the fwmark rule of the resort's mark
+// sends the flow to the table, whose default route is unreachable or
+// blackhole).
+func (r Routing) LastResortRule(kind string) (priority, table int) {
+	n := MaxLines + 1
+	if kind == LastResortBlackhole {
+		n++
+	}
+	return r.FwmarkPriority + n, r.TableBase + n
+}
+
 // setNameRE is the form of policy, rule and prefix set names.
 var setNameRE = regexp.MustCompile(`^[a-z0-9_-]{1,32}$`)
 
@@ -274,6 +287,13 @@ func (c *Config) checkPolicies(lanIf map[string]bool) []error {
 		case LastResortUnreachable, LastResortBlackhole:
 			if u, b := c.LastResortMarks(); u == 0 || b == 0 {
 				bad(f+".last_resort", "%s needs two values of routing.mark_mask %#x that no line's mark takes", p.LastResort, c.Routing.MarkMask)
+			}
+			prio, table := c.Routing.LastResortRule(p.LastResort)
+			switch {
+			case prio >= c.Routing.MultipathPriority || (prio > c.Routing.SourcePriority && prio <= c.Routing.SourcePriority+MaxLines):
+				bad(f+".last_resort", "%s needs rule priority %d (routing.fwmark_priority + %d), which is past the multipath rule or among the source rules", p.LastResort, prio, prio-c.Routing.FwmarkPriority)
+			case !ValidTable(table) || table == c.Routing.MultipathTable || slices.ContainsFunc(c.Lines, func(u Line) bool { return u.Table == table }):
+				bad(f+".last_resort", "%s needs table %d (routing.table_base + %d), which is reserved or another table of the config", p.LastResort, table, table-c.Routing.TableBase)
 			}
 		default:
 			bad(f+".last_resort", "want default, unreachable or blackhole, got %q", p.LastResort)
@@ -472,4 +492,27 @@ func unjoin(err error) []error {
 		return []error{err}
 	}
 	return nil
+}
+
+// WithPrefixSets returns a copy of c whose prefix sets named in sets hold
+// the prefixes given there (as re-read from their files), and whose rules
+// follow them. c is unchanged: its rules and sets share their slices.
+func (c *Config) WithPrefixSets(sets map[string][]netip.Prefix) *Config {
+	n := *c
+	n.PrefixSets = slices.Clone(c.PrefixSets)
+	for i, s := range n.PrefixSets {
+		if p, ok := sets[s.Name]; ok {
+			n.PrefixSets[i].Prefixes = p
+		}
+	}
+	n.Rules = slices.Clone(c.Rules)
+	for i, r := range n.Rules {
+		if p, ok := sets[r.SrcSet]; ok && r.SrcSet != "" {
+			n.Rules[i].Src = p
+		}
+		if p, ok := sets[r.DstSet]; ok && r.DstSet != "" {
+			n.Rules[i].Dst = p
+		}
+	}
+	return &n
 }
