@@ -18,10 +18,10 @@ int uplinkd_lan_in(struct __sk_buff *skb)
 {
 	struct flow_key key = {};
 	enum ul_reason reason;
-	__u32 l4_off;
+	__u32 l3_off, l4_off;
 
-	if (parse_flow(skb, &key, &reason, &l4_off))
-		reason = flow_steer(skb, &key, l4_off);
+	if (parse_flow(skb, &key, &reason, &l3_off, &l4_off))
+		reason = flow_steer(skb, &key, l3_off, l4_off);
 	reason_count(reason);
 	return TC_ACT_UNSPEC;
 }
@@ -32,9 +32,9 @@ int uplinkd_lan_out(struct __sk_buff *skb)
 {
 	struct flow_key key = {};
 	enum ul_reason reason;
-	__u32 l4_off;
+	__u32 l3_off, l4_off;
 
-	if (parse_flow(skb, &key, &reason, &l4_off))
+	if (parse_flow(skb, &key, &reason, &l3_off, &l4_off))
 		flow_count_rx(skb, &key);
 	return TC_ACT_UNSPEC;
 }

@@ -801,10 +801,10 @@ func TestUnchangedConfigWritesNothing(t *testing.T) {
 
 	lines[1].Weight = 5                                                   // one ul_lines entry
 	lines[2].NATAddrs = lines[2].NATAddrs[:1]                             // one ul_lines entry, one NAT address gone
-	buckets = Buckets(buckets, []int{1, 2, 0}, []bool{true, true, false}) // one batch
+	buckets = Buckets(buckets, []int{1, 2, 0}, []bool{true, true, false}) // one batch, and policy 0's line set
 	lan = lan[:1]                                                         // one prefix gone
-	if n := apply(); n != 5 {
-		t.Errorf("a changed configuration: %d map writes, want 5", n)
+	if n := apply(); n != 6 {
+		t.Errorf("a changed configuration: %d map writes, want 6", n)
 	}
 	if n := apply(); n != 0 {
 		t.Errorf("the changed configuration again: %d map writes, want 0", n)

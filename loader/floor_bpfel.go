@@ -68,29 +68,94 @@ type floorLineStats struct {
 	RxBytes   uint64
 }
 
+type floorPolicy struct {
+	_          structs.HostLayout
+	LastResort uint32
+	Flags      uint32
+	Lines      uint32
+}
+
+type floorPolicyBuckets struct {
+	_    structs.HostLayout
+	Line [1024]uint32
+}
+
+type floorRuleAction struct {
+	_        structs.HostLayout
+	Policy   uint32
+	Flags    uint32
+	StickyNs uint64
+}
+
+type floorRuleBitmap struct {
+	_   structs.HostLayout
+	Any uint64
+	W   [64]uint64
+}
+
+type floorRuleCfg struct {
+	_             structs.HostLayout
+	Gen           uint32
+	Words         [2]uint32
+	Nrules        [2]uint32
+	NoPorts       [2]uint32
+	AnyLan        [2]uint32
+	UnreachMark   uint32
+	BlackholeMark uint32
+}
+
+type floorRuleLanKey struct {
+	_       structs.HostLayout
+	Gen     uint32
+	Ifindex uint32
+}
+
+type floorRulePrefix struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Gen       uint8
+	Family    uint8
+	Addr      [16]uint8
+}
+
+type floorSticky struct {
+	_      structs.HostLayout
+	Line   uint32
+	Pad    uint32
+	LastNs uint64
+}
+
+type floorStickyKey struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Scope uint32
+}
+
 type floorUlReason uint32
 
 const (
-	floorUlReasonUL_REASON_NEW_FLOW        floorUlReason = 0
-	floorUlReasonUL_REASON_EXISTING_FLOW   floorUlReason = 1
-	floorUlReasonUL_REASON_RECOVERED_CT    floorUlReason = 2
-	floorUlReasonUL_REASON_MOVED_FLOW      floorUlReason = 3
-	floorUlReasonUL_REASON_DEAD_LINE_TCP   floorUlReason = 4
-	floorUlReasonUL_REASON_NO_LIVE_LINE    floorUlReason = 5
-	floorUlReasonUL_REASON_FLOW_UPDATE_ERR floorUlReason = 6
-	floorUlReasonUL_REASON_NOT_IP          floorUlReason = 7
-	floorUlReasonUL_REASON_ARP             floorUlReason = 8
-	floorUlReasonUL_REASON_TRUNCATED       floorUlReason = 9
-	floorUlReasonUL_REASON_MALFORMED       floorUlReason = 10
-	floorUlReasonUL_REASON_FRAGMENT        floorUlReason = 11
-	floorUlReasonUL_REASON_OTHER_L4        floorUlReason = 12
-	floorUlReasonUL_REASON_ND              floorUlReason = 13
-	floorUlReasonUL_REASON_MULTICAST       floorUlReason = 14
-	floorUlReasonUL_REASON_LINK_LOCAL      floorUlReason = 15
-	floorUlReasonUL_REASON_LOCAL_DST       floorUlReason = 16
-	floorUlReasonUL_REASON_FOREIGN_SRC     floorUlReason = 17
-	floorUlReasonUL_REASON_TCP_UNKNOWN     floorUlReason = 18
-	floorUlReasonUL_REASON_MAX             floorUlReason = 19
+	floorUlReasonUL_REASON_NEW_FLOW           floorUlReason = 0
+	floorUlReasonUL_REASON_EXISTING_FLOW      floorUlReason = 1
+	floorUlReasonUL_REASON_RECOVERED_CT       floorUlReason = 2
+	floorUlReasonUL_REASON_MOVED_FLOW         floorUlReason = 3
+	floorUlReasonUL_REASON_DEAD_LINE_TCP      floorUlReason = 4
+	floorUlReasonUL_REASON_NO_LIVE_LINE       floorUlReason = 5
+	floorUlReasonUL_REASON_FLOW_UPDATE_ERR    floorUlReason = 6
+	floorUlReasonUL_REASON_NOT_IP             floorUlReason = 7
+	floorUlReasonUL_REASON_ARP                floorUlReason = 8
+	floorUlReasonUL_REASON_TRUNCATED          floorUlReason = 9
+	floorUlReasonUL_REASON_MALFORMED          floorUlReason = 10
+	floorUlReasonUL_REASON_FRAGMENT           floorUlReason = 11
+	floorUlReasonUL_REASON_OTHER_L4           floorUlReason = 12
+	floorUlReasonUL_REASON_ND                 floorUlReason = 13
+	floorUlReasonUL_REASON_MULTICAST          floorUlReason = 14
+	floorUlReasonUL_REASON_LINK_LOCAL         floorUlReason = 15
+	floorUlReasonUL_REASON_LOCAL_DST          floorUlReason = 16
+	floorUlReasonUL_REASON_FOREIGN_SRC        floorUlReason = 17
+	floorUlReasonUL_REASON_TCP_UNKNOWN        floorUlReason = 18
+	floorUlReasonUL_REASON_POLICY_UNREACHABLE floorUlReason = 19
+	floorUlReasonUL_REASON_POLICY_BLACKHOLE   floorUlReason = 20
+	floorUlReasonUL_REASON_MAX                floorUlReason = 21
 )
 
 // Names of all BPF objects in the ELF.
@@ -105,7 +170,22 @@ const (
 	floorMapUlLines                  = "ul_lines"
 	floorMapUlLocal                  = "ul_local"
 	floorMapUlNatSrc                 = "ul_nat_src"
+	floorMapUlPolicies               = "ul_policies"
+	floorMapUlPolicyBuckets          = "ul_policy_buckets"
+	floorMapUlPolicyFlows            = "ul_policy_flows"
 	floorMapUlReasons                = "ul_reasons"
+	floorMapUlRuleActions            = "ul_rule_actions"
+	floorMapUlRuleBitmaps            = "ul_rule_bitmaps"
+	floorMapUlRuleCfg                = "ul_rule_cfg"
+	floorMapUlRuleDport              = "ul_rule_dport"
+	floorMapUlRuleDscp               = "ul_rule_dscp"
+	floorMapUlRuleDst                = "ul_rule_dst"
+	floorMapUlRuleHits               = "ul_rule_hits"
+	floorMapUlRuleLan                = "ul_rule_lan"
+	floorMapUlRuleProto              = "ul_rule_proto"
+	floorMapUlRuleSport              = "ul_rule_sport"
+	floorMapUlRuleSrc                = "ul_rule_src"
+	floorMapUlSticky                 = "ul_sticky"
 	floorProgUplinkdFloorInsert      = "uplinkd_floor_insert"
 	floorProgUplinkdFloorLookup      = "uplinkd_floor_lookup"
 	floorProgUplinkdFloorLookupReply = "uplinkd_floor_lookup_reply"
@@ -165,15 +245,30 @@ type floorProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type floorMapSpecs struct {
-	UlBuckets   *ebpf.MapSpec `ebpf:"ul_buckets"`
-	UlClock     *ebpf.MapSpec `ebpf:"ul_clock"`
-	UlFlows     *ebpf.MapSpec `ebpf:"ul_flows"`
-	UlLanSrc    *ebpf.MapSpec `ebpf:"ul_lan_src"`
-	UlLineStats *ebpf.MapSpec `ebpf:"ul_line_stats"`
-	UlLines     *ebpf.MapSpec `ebpf:"ul_lines"`
-	UlLocal     *ebpf.MapSpec `ebpf:"ul_local"`
-	UlNatSrc    *ebpf.MapSpec `ebpf:"ul_nat_src"`
-	UlReasons   *ebpf.MapSpec `ebpf:"ul_reasons"`
+	UlBuckets       *ebpf.MapSpec `ebpf:"ul_buckets"`
+	UlClock         *ebpf.MapSpec `ebpf:"ul_clock"`
+	UlFlows         *ebpf.MapSpec `ebpf:"ul_flows"`
+	UlLanSrc        *ebpf.MapSpec `ebpf:"ul_lan_src"`
+	UlLineStats     *ebpf.MapSpec `ebpf:"ul_line_stats"`
+	UlLines         *ebpf.MapSpec `ebpf:"ul_lines"`
+	UlLocal         *ebpf.MapSpec `ebpf:"ul_local"`
+	UlNatSrc        *ebpf.MapSpec `ebpf:"ul_nat_src"`
+	UlPolicies      *ebpf.MapSpec `ebpf:"ul_policies"`
+	UlPolicyBuckets *ebpf.MapSpec `ebpf:"ul_policy_buckets"`
+	UlPolicyFlows   *ebpf.MapSpec `ebpf:"ul_policy_flows"`
+	UlReasons       *ebpf.MapSpec `ebpf:"ul_reasons"`
+	UlRuleActions   *ebpf.MapSpec `ebpf:"ul_rule_actions"`
+	UlRuleBitmaps   *ebpf.MapSpec `ebpf:"ul_rule_bitmaps"`
+	UlRuleCfg       *ebpf.MapSpec `ebpf:"ul_rule_cfg"`
+	UlRuleDport     *ebpf.MapSpec `ebpf:"ul_rule_dport"`
+	UlRuleDscp      *ebpf.MapSpec `ebpf:"ul_rule_dscp"`
+	UlRuleDst       *ebpf.MapSpec `ebpf:"ul_rule_dst"`
+	UlRuleHits      *ebpf.MapSpec `ebpf:"ul_rule_hits"`
+	UlRuleLan       *ebpf.MapSpec `ebpf:"ul_rule_lan"`
+	UlRuleProto     *ebpf.MapSpec `ebpf:"ul_rule_proto"`
+	UlRuleSport     *ebpf.MapSpec `ebpf:"ul_rule_sport"`
+	UlRuleSrc       *ebpf.MapSpec `ebpf:"ul_rule_src"`
+	UlSticky        *ebpf.MapSpec `ebpf:"ul_sticky"`
 }
 
 // floorVariableSpecs contains global variables before they are loaded into the kernel.
@@ -205,15 +300,30 @@ func (o *floorObjects) Close() error {
 //
 // It can be passed to loadFloorObjects or ebpf.CollectionSpec.LoadAndAssign.
 type floorMaps struct {
-	UlBuckets   *ebpf.Map `ebpf:"ul_buckets"`
-	UlClock     *ebpf.Map `ebpf:"ul_clock"`
-	UlFlows     *ebpf.Map `ebpf:"ul_flows"`
-	UlLanSrc    *ebpf.Map `ebpf:"ul_lan_src"`
-	UlLineStats *ebpf.Map `ebpf:"ul_line_stats"`
-	UlLines     *ebpf.Map `ebpf:"ul_lines"`
-	UlLocal     *ebpf.Map `ebpf:"ul_local"`
-	UlNatSrc    *ebpf.Map `ebpf:"ul_nat_src"`
-	UlReasons   *ebpf.Map `ebpf:"ul_reasons"`
+	UlBuckets       *ebpf.Map `ebpf:"ul_buckets"`
+	UlClock         *ebpf.Map `ebpf:"ul_clock"`
+	UlFlows         *ebpf.Map `ebpf:"ul_flows"`
+	UlLanSrc        *ebpf.Map `ebpf:"ul_lan_src"`
+	UlLineStats     *ebpf.Map `ebpf:"ul_line_stats"`
+	UlLines         *ebpf.Map `ebpf:"ul_lines"`
+	UlLocal         *ebpf.Map `ebpf:"ul_local"`
+	UlNatSrc        *ebpf.Map `ebpf:"ul_nat_src"`
+	UlPolicies      *ebpf.Map `ebpf:"ul_policies"`
+	UlPolicyBuckets *ebpf.Map `ebpf:"ul_policy_buckets"`
+	UlPolicyFlows   *ebpf.Map `ebpf:"ul_policy_flows"`
+	UlReasons       *ebpf.Map `ebpf:"ul_reasons"`
+	UlRuleActions   *ebpf.Map `ebpf:"ul_rule_actions"`
+	UlRuleBitmaps   *ebpf.Map `ebpf:"ul_rule_bitmaps"`
+	UlRuleCfg       *ebpf.Map `ebpf:"ul_rule_cfg"`
+	UlRuleDport     *ebpf.Map `ebpf:"ul_rule_dport"`
+	UlRuleDscp      *ebpf.Map `ebpf:"ul_rule_dscp"`
+	UlRuleDst       *ebpf.Map `ebpf:"ul_rule_dst"`
+	UlRuleHits      *ebpf.Map `ebpf:"ul_rule_hits"`
+	UlRuleLan       *ebpf.Map `ebpf:"ul_rule_lan"`
+	UlRuleProto     *ebpf.Map `ebpf:"ul_rule_proto"`
+	UlRuleSport     *ebpf.Map `ebpf:"ul_rule_sport"`
+	UlRuleSrc       *ebpf.Map `ebpf:"ul_rule_src"`
+	UlSticky        *ebpf.Map `ebpf:"ul_sticky"`
 }
 
 func (m *floorMaps) Close() error {
@@ -226,7 +336,22 @@ func (m *floorMaps) Close() error {
 		m.UlLines,
 		m.UlLocal,
 		m.UlNatSrc,
+		m.UlPolicies,
+		m.UlPolicyBuckets,
+		m.UlPolicyFlows,
 		m.UlReasons,
+		m.UlRuleActions,
+		m.UlRuleBitmaps,
+		m.UlRuleCfg,
+		m.UlRuleDport,
+		m.UlRuleDscp,
+		m.UlRuleDst,
+		m.UlRuleHits,
+		m.UlRuleLan,
+		m.UlRuleProto,
+		m.UlRuleSport,
+		m.UlRuleSrc,
+		m.UlSticky,
 	)
 }
 

@@ -122,6 +122,23 @@ func run(tb testing.TB, prog *ebpf.Program, pkt []byte, mark uint32) uint32 {
 	return skbMark(out)
 }
 
+// runOn runs prog on one packet as if it came in by the interface of
+// index ifindex (skb->ingress_ifindex), with the given input mark, and
+// returns the output mark.
+func runOn(tb testing.TB, prog *ebpf.Program, pkt []byte, mark, ifindex uint32) uint32 {
+	tb.Helper()
+	in := skbCtx{Mark: mark, IngressIfindex: ifindex}
+	out := make([]byte, skbCtxOutSize)
+	ret, err := prog.Run(&ebpf.RunOptions{Data: pkt, Context: in, ContextOut: out})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if ret != tcActUnspec {
+		tb.Fatalf("program returned %d, want TC_ACT_UNSPEC", int32(ret))
+	}
+	return skbMark(out)
+}
+
 // skbMark reads the mark from an output context.
 func skbMark(out []byte) uint32 {
 	return binary.NativeEndian.Uint32(out[unsafe.Offsetof(skbCtx{}.Mark):])
@@ -178,6 +195,7 @@ type packet struct {
 	extHdrs      []uint8 // IPv6 extension headers, in order
 	fragOffset   uint16  // in 8-byte units
 	moreFrags    bool
+	dscp         uint8 // IPv4 TOS, IPv6 traffic class: DSCP << 2 (ECN 0)
 	payload      int
 	cut          int // bytes cut from the end
 }
@@ -256,6 +274,7 @@ func (p packet) ipv4() []byte {
 		version = p.version
 	}
 	h[0] = byte(version<<4 | ihl)
+	h[1] = p.dscp << 2
 	binary.BigEndian.PutUint16(h[2:], uint16(len(h)+len(l4)))
 	frag := p.fragOffset
 	if p.moreFrags {
@@ -298,7 +317,9 @@ func (p packet) ipv6() []byte {
 	if p.version != 0 {
 		version = p.version
 	}
-	h[0] = byte(version << 4)
+	tc := p.dscp << 2
+	h[0] = byte(version<<4) | tc>>4
+	h[1] = tc << 4
 	binary.BigEndian.PutUint16(h[4:], uint16(len(ext)+len(l4)))
 	h[6] = next
 	h[7] = 64

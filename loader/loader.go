@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -57,6 +59,9 @@ func init() {
 	DefaultFlowEntries = spec.Maps[uplinkdMapUlFlows].MaxEntries
 	if err := spec.Variables[uplinkdVarMarkMask].Get(&DefaultMarkMask); err != nil {
 		panic(fmt.Sprintf("loader: the embedded datapath object: mark_mask: %v", err))
+	}
+	if err := checkRuleLimits(spec); err != nil {
+		panic(fmt.Sprintf("loader: the embedded datapath object: %v", err))
 	}
 }
 
@@ -106,6 +111,10 @@ type Datapath struct {
 	ctRecovery error
 	attached   map[string]AttachMode // interface → how its programs are attached
 	w          mapWriter             // every write to the maps
+
+	ruleMu   sync.Mutex // SetRuleSet and SetLastResortMarks read, change and write ul_rule_cfg
+	rules    *RuleSet   // the rule set this Datapath installed last; nil: none yet
+	ruleFlip time.Time  // when it switched the classifier's generation last
 }
 
 // CTRecovery is nil when the datapath recovers flows the flow map lost
@@ -157,7 +166,11 @@ func Load(opts Options) (*Datapath, error) {
 	if err := spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: pinned}); err != nil {
 		return nil, loadError(opts.PinDir, err)
 	}
-	d.Stats = Stats{flows: d.objs.UlFlows, lineStats: d.objs.UlLineStats, reasons: d.objs.UlReasons, reasonNames: reasons}
+	d.Stats = Stats{
+		flows: d.objs.UlFlows, lineStats: d.objs.UlLineStats, reasons: d.objs.UlReasons,
+		ruleCfg: d.objs.UlRuleCfg, ruleHits: d.objs.UlRuleHits, policyFlows: d.objs.UlPolicyFlows,
+		reasonNames: reasons,
+	}
 	d.tcState, err = ebpf.NewMapWithOptions(tcStateSpec, pinned)
 	if err != nil {
 		d.objs.Close()

@@ -55,6 +55,12 @@ type Flow struct {
 	NATAddr netip.Addr
 	// Recovered says the line came from conntrack, not from the buckets.
 	Recovered bool
+	// Rule is the index of the rule that classified the flow in the rule
+	// set in force then; -1 when none did (no rule matched, or no rule set
+	// was in force).
+	Rule int
+	// Policy is the id of the flow's policy: 0 when no rule decided.
+	Policy int
 	// Tx is LAN to Internet, Rx Internet to LAN; bytes are frame lengths.
 	TxPackets, TxBytes, RxPackets, RxBytes uint64
 	FirstSeen, LastSeen                    time.Time
@@ -230,20 +236,16 @@ func (w *mapWriter) batchUpdate(m *ebpf.Map, keys, values any) error {
 // call.
 func (d *Datapath) Writes() uint64 { return d.w.n.Load() }
 
-// SetBuckets installs a bucket table (see Buckets). It changes the line of
-// new flows only: pinned flows keep theirs. Only the buckets that differ
-// from the table in force are written, in one batch.
+// SetBuckets installs a bucket table (see Buckets), policy 0's. It
+// changes the line of new flows only: pinned flows keep theirs. Only the
+// buckets that differ from the table in force are written, in one batch,
+// and policy 0's set of lines (ul_policies) when it changes.
 func (d *Datapath) SetBuckets(lines []int) error {
-	if len(lines) != NumBuckets {
-		return fmt.Errorf("bucket table has %d entries, want %d", len(lines), NumBuckets)
+	if err := checkBuckets(lines); err != nil {
+		return err
 	}
-	for b, l := range lines {
-		if l == NoLine {
-			continue
-		}
-		if err := checkLine(l); err != nil {
-			return fmt.Errorf("bucket %d: %w", b, err)
-		}
+	if err := d.setPolicy0Lines(lineSet(lines)); err != nil {
+		return err
 	}
 	cur, err := d.CurrentBuckets()
 	if err != nil {
@@ -265,6 +267,23 @@ func (d *Datapath) SetBuckets(lines []int) error {
 	}
 	if err := d.w.batchUpdate(d.objs.UlBuckets, keys, values); err != nil {
 		return fmt.Errorf("setting buckets: %w", err)
+	}
+	return nil
+}
+
+// setPolicy0Lines records the lines of policy 0's buckets, which sticky
+// rules of policy 0 read.
+func (d *Datapath) setPolicy0Lines(set uint32) error {
+	var p uplinkdPolicy
+	if err := d.objs.UlPolicies.Lookup(uint32(0), &p); err != nil {
+		return fmt.Errorf("reading policy 0: %w", err)
+	}
+	if p.Lines == set {
+		return nil
+	}
+	p.Lines = set
+	if err := d.w.put(d.objs.UlPolicies, uint32(0), &p); err != nil {
+		return fmt.Errorf("setting policy 0's lines: %w", err)
 	}
 	return nil
 }
@@ -468,6 +487,7 @@ func flowOf(k *uplinkdFlowKey, v *uplinkdFlow, boot time.Time) Flow {
 	if v.NatAddr != [16]byte{} {
 		f.NATAddr = netip.AddrFrom16(v.NatAddr).Unmap()
 	}
+	f.Rule, f.Policy = flowRulePolicy(v.Flags)
 	return f
 }
 

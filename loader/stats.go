@@ -20,8 +20,11 @@ import (
 // without a running agent.
 type Stats struct {
 	flows, lineStats, reasons *ebpf.Map
-	reasonNames               []string // by code
-	owned                     bool     // opened by OpenStats: Close closes the maps
+	// The rule and policy counters and the rule config; nil when opened
+	// over the pins of an uplinkd that had none.
+	ruleCfg, ruleHits, policyFlows *ebpf.Map
+	reasonNames                    []string // by code
+	owned                          bool     // opened by OpenStats: Close closes the maps
 }
 
 // ErrNoDatapath says the pin dir holds no datapath maps (no agent has run
@@ -41,10 +44,17 @@ func OpenStats(pinDir string) (*Stats, error) {
 	s := &Stats{reasonNames: names, owned: true}
 	ro := &ebpf.LoadPinOptions{ReadOnly: true}
 	for _, m := range []struct {
-		name string
-		to   **ebpf.Map
-	}{{"ul_flows", &s.flows}, {"ul_line_stats", &s.lineStats}, {"ul_reasons", &s.reasons}} {
+		name     string
+		to       **ebpf.Map
+		optional bool // an earlier uplinkd's pins lack it
+	}{
+		{"ul_flows", &s.flows, false}, {"ul_line_stats", &s.lineStats, false}, {"ul_reasons", &s.reasons, false},
+		{"ul_rule_cfg", &s.ruleCfg, true}, {"ul_rule_hits", &s.ruleHits, true}, {"ul_policy_flows", &s.policyFlows, true},
+	} {
 		*m.to, err = ebpf.LoadPinnedMap(filepath.Join(pinDir, m.name), ro)
+		if errors.Is(err, os.ErrNotExist) && m.optional {
+			continue
+		}
 		if errors.Is(err, os.ErrNotExist) {
 			s.Close()
 			return nil, fmt.Errorf("%s: %w", pinDir, ErrNoDatapath)
@@ -67,7 +77,7 @@ func (s *Stats) Close() {
 	if !s.owned {
 		return
 	}
-	for _, m := range []*ebpf.Map{s.flows, s.lineStats, s.reasons} {
+	for _, m := range []*ebpf.Map{s.flows, s.lineStats, s.reasons, s.ruleCfg, s.ruleHits, s.policyFlows} {
 		if m != nil {
 			m.Close()
 		}
@@ -104,6 +114,7 @@ func (d *Datapath) SeedFlows(n int, flow func(i int) Flow) error {
 			if f.Recovered {
 				v.Flags |= flowRecovered
 			}
+			v.Flags |= flowFlags(f.Rule, f.Policy)
 			vals[i] = v
 		}
 		if err := d.w.batchUpdate(d.objs.UlFlows, keys[:m], vals[:m]); err != nil {
@@ -111,4 +122,69 @@ func (d *Datapath) SeedFlows(n int, flow func(i int) Flow) error {
 		}
 	}
 	return nil
+}
+
+// RuleHits returns how many flows each rule of the rule set in force
+// decided (a new flow, a flow recovered from conntrack, or each packet a
+// last resort of unreachable or blackhole marked), indexed by rule and
+// summed over the CPUs; they count from zero when a rule set is
+// installed. Empty when no rule set is in force.
+func (s *Stats) RuleHits() ([]uint64, error) {
+	if s.ruleCfg == nil || s.ruleHits == nil {
+		return nil, nil
+	}
+	var cfg uplinkdRuleCfg
+	if err := s.ruleCfg.Lookup(uint32(0), &cfg); err != nil {
+		return nil, fmt.Errorf("reading rule config: %w", err)
+	}
+	gen := cfg.Gen % ruleGens
+	n := int(cfg.Nrules[gen])
+	if cfg.Words[gen] == 0 || n == 0 {
+		return nil, nil
+	}
+	// A batch reads from the first key on: up to the generation's last
+	// rule.
+	counts, err := perCPUSums(s.ruleHits, int(gen)*MaxRules+n)
+	if err != nil {
+		return nil, fmt.Errorf("reading rule hits: %w", err)
+	}
+	return counts[int(gen)*MaxRules:], nil
+}
+
+// PolicyFlows returns how many flows were pinned for each policy, indexed
+// by policy id, summed over the CPUs. They are counted only while a rule
+// set is in force: without one every flow is policy 0's, and the
+// new_flow and recovered_ct reasons count them.
+func (s *Stats) PolicyFlows() ([]uint64, error) {
+	if s.policyFlows == nil {
+		return make([]uint64, MaxPolicies), nil
+	}
+	counts, err := perCPUSums(s.policyFlows, MaxPolicies)
+	if err != nil {
+		return nil, fmt.Errorf("reading policy flows: %w", err)
+	}
+	return counts, nil
+}
+
+// perCPUSums reads the first n entries of a per-CPU array of counters in
+// one batch and sums each over the CPUs.
+func perCPUSums(m *ebpf.Map, n int) ([]uint64, error) {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, err
+	}
+	keys := make([]uint32, n)
+	perCPU := make([]uint64, n*cpus)
+	var cursor ebpf.MapBatchCursor
+	got, err := m.BatchLookup(&cursor, keys, perCPU, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, err
+	}
+	sums := make([]uint64, n)
+	for i := range got {
+		for _, c := range perCPU[i*cpus : (i+1)*cpus] {
+			sums[keys[i]] += c
+		}
+	}
+	return sums, nil
 }

@@ -68,49 +68,129 @@ type uplinkdLineStats struct {
 	RxBytes   uint64
 }
 
+type uplinkdPolicy struct {
+	_          structs.HostLayout
+	LastResort uint32
+	Flags      uint32
+	Lines      uint32
+}
+
+type uplinkdPolicyBuckets struct {
+	_    structs.HostLayout
+	Line [1024]uint32
+}
+
+type uplinkdRuleAction struct {
+	_        structs.HostLayout
+	Policy   uint32
+	Flags    uint32
+	StickyNs uint64
+}
+
+type uplinkdRuleBitmap struct {
+	_   structs.HostLayout
+	Any uint64
+	W   [64]uint64
+}
+
+type uplinkdRuleCfg struct {
+	_             structs.HostLayout
+	Gen           uint32
+	Words         [2]uint32
+	Nrules        [2]uint32
+	NoPorts       [2]uint32
+	AnyLan        [2]uint32
+	UnreachMark   uint32
+	BlackholeMark uint32
+}
+
+type uplinkdRuleLanKey struct {
+	_       structs.HostLayout
+	Gen     uint32
+	Ifindex uint32
+}
+
+type uplinkdRulePrefix struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Gen       uint8
+	Family    uint8
+	Addr      [16]uint8
+}
+
+type uplinkdSticky struct {
+	_      structs.HostLayout
+	Line   uint32
+	Pad    uint32
+	LastNs uint64
+}
+
+type uplinkdStickyKey struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Scope uint32
+}
+
 type uplinkdUlReason uint32
 
 const (
-	uplinkdUlReasonUL_REASON_NEW_FLOW        uplinkdUlReason = 0
-	uplinkdUlReasonUL_REASON_EXISTING_FLOW   uplinkdUlReason = 1
-	uplinkdUlReasonUL_REASON_RECOVERED_CT    uplinkdUlReason = 2
-	uplinkdUlReasonUL_REASON_MOVED_FLOW      uplinkdUlReason = 3
-	uplinkdUlReasonUL_REASON_DEAD_LINE_TCP   uplinkdUlReason = 4
-	uplinkdUlReasonUL_REASON_NO_LIVE_LINE    uplinkdUlReason = 5
-	uplinkdUlReasonUL_REASON_FLOW_UPDATE_ERR uplinkdUlReason = 6
-	uplinkdUlReasonUL_REASON_NOT_IP          uplinkdUlReason = 7
-	uplinkdUlReasonUL_REASON_ARP             uplinkdUlReason = 8
-	uplinkdUlReasonUL_REASON_TRUNCATED       uplinkdUlReason = 9
-	uplinkdUlReasonUL_REASON_MALFORMED       uplinkdUlReason = 10
-	uplinkdUlReasonUL_REASON_FRAGMENT        uplinkdUlReason = 11
-	uplinkdUlReasonUL_REASON_OTHER_L4        uplinkdUlReason = 12
-	uplinkdUlReasonUL_REASON_ND              uplinkdUlReason = 13
-	uplinkdUlReasonUL_REASON_MULTICAST       uplinkdUlReason = 14
-	uplinkdUlReasonUL_REASON_LINK_LOCAL      uplinkdUlReason = 15
-	uplinkdUlReasonUL_REASON_LOCAL_DST       uplinkdUlReason = 16
-	uplinkdUlReasonUL_REASON_FOREIGN_SRC     uplinkdUlReason = 17
-	uplinkdUlReasonUL_REASON_TCP_UNKNOWN     uplinkdUlReason = 18
-	uplinkdUlReasonUL_REASON_MAX             uplinkdUlReason = 19
+	uplinkdUlReasonUL_REASON_NEW_FLOW           uplinkdUlReason = 0
+	uplinkdUlReasonUL_REASON_EXISTING_FLOW      uplinkdUlReason = 1
+	uplinkdUlReasonUL_REASON_RECOVERED_CT       uplinkdUlReason = 2
+	uplinkdUlReasonUL_REASON_MOVED_FLOW         uplinkdUlReason = 3
+	uplinkdUlReasonUL_REASON_DEAD_LINE_TCP      uplinkdUlReason = 4
+	uplinkdUlReasonUL_REASON_NO_LIVE_LINE       uplinkdUlReason = 5
+	uplinkdUlReasonUL_REASON_FLOW_UPDATE_ERR    uplinkdUlReason = 6
+	uplinkdUlReasonUL_REASON_NOT_IP             uplinkdUlReason = 7
+	uplinkdUlReasonUL_REASON_ARP                uplinkdUlReason = 8
+	uplinkdUlReasonUL_REASON_TRUNCATED          uplinkdUlReason = 9
+	uplinkdUlReasonUL_REASON_MALFORMED          uplinkdUlReason = 10
+	uplinkdUlReasonUL_REASON_FRAGMENT           uplinkdUlReason = 11
+	uplinkdUlReasonUL_REASON_OTHER_L4           uplinkdUlReason = 12
+	uplinkdUlReasonUL_REASON_ND                 uplinkdUlReason = 13
+	uplinkdUlReasonUL_REASON_MULTICAST          uplinkdUlReason = 14
+	uplinkdUlReasonUL_REASON_LINK_LOCAL         uplinkdUlReason = 15
+	uplinkdUlReasonUL_REASON_LOCAL_DST          uplinkdUlReason = 16
+	uplinkdUlReasonUL_REASON_FOREIGN_SRC        uplinkdUlReason = 17
+	uplinkdUlReasonUL_REASON_TCP_UNKNOWN        uplinkdUlReason = 18
+	uplinkdUlReasonUL_REASON_POLICY_UNREACHABLE uplinkdUlReason = 19
+	uplinkdUlReasonUL_REASON_POLICY_BLACKHOLE   uplinkdUlReason = 20
+	uplinkdUlReasonUL_REASON_MAX                uplinkdUlReason = 21
 )
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	uplinkdMapUlBuckets      = "ul_buckets"
-	uplinkdMapUlClock        = "ul_clock"
-	uplinkdMapUlFlows        = "ul_flows"
-	uplinkdMapUlLanSrc       = "ul_lan_src"
-	uplinkdMapUlLineStats    = "ul_line_stats"
-	uplinkdMapUlLines        = "ul_lines"
-	uplinkdMapUlLocal        = "ul_local"
-	uplinkdMapUlNatSrc       = "ul_nat_src"
-	uplinkdMapUlReasons      = "ul_reasons"
-	uplinkdProgUplinkdLanIn  = "uplinkd_lan_in"
-	uplinkdProgUplinkdLanOut = "uplinkd_lan_out"
-	uplinkdVarCtRecovery     = "ct_recovery"
-	uplinkdVarMarkMask       = "mark_mask"
-	uplinkdVarUlReasonMax    = "ul_reason_max"
+	uplinkdMapUlBuckets       = "ul_buckets"
+	uplinkdMapUlClock         = "ul_clock"
+	uplinkdMapUlFlows         = "ul_flows"
+	uplinkdMapUlLanSrc        = "ul_lan_src"
+	uplinkdMapUlLineStats     = "ul_line_stats"
+	uplinkdMapUlLines         = "ul_lines"
+	uplinkdMapUlLocal         = "ul_local"
+	uplinkdMapUlNatSrc        = "ul_nat_src"
+	uplinkdMapUlPolicies      = "ul_policies"
+	uplinkdMapUlPolicyBuckets = "ul_policy_buckets"
+	uplinkdMapUlPolicyFlows   = "ul_policy_flows"
+	uplinkdMapUlReasons       = "ul_reasons"
+	uplinkdMapUlRuleActions   = "ul_rule_actions"
+	uplinkdMapUlRuleBitmaps   = "ul_rule_bitmaps"
+	uplinkdMapUlRuleCfg       = "ul_rule_cfg"
+	uplinkdMapUlRuleDport     = "ul_rule_dport"
+	uplinkdMapUlRuleDscp      = "ul_rule_dscp"
+	uplinkdMapUlRuleDst       = "ul_rule_dst"
+	uplinkdMapUlRuleHits      = "ul_rule_hits"
+	uplinkdMapUlRuleLan       = "ul_rule_lan"
+	uplinkdMapUlRuleProto     = "ul_rule_proto"
+	uplinkdMapUlRuleSport     = "ul_rule_sport"
+	uplinkdMapUlRuleSrc       = "ul_rule_src"
+	uplinkdMapUlSticky        = "ul_sticky"
+	uplinkdProgUplinkdLanIn   = "uplinkd_lan_in"
+	uplinkdProgUplinkdLanOut  = "uplinkd_lan_out"
+	uplinkdVarCtRecovery      = "ct_recovery"
+	uplinkdVarMarkMask        = "mark_mask"
+	uplinkdVarUlReasonMax     = "ul_reason_max"
 )
 
 // loadUplinkd returns the embedded CollectionSpec for uplinkd.
@@ -163,15 +243,30 @@ type uplinkdProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type uplinkdMapSpecs struct {
-	UlBuckets   *ebpf.MapSpec `ebpf:"ul_buckets"`
-	UlClock     *ebpf.MapSpec `ebpf:"ul_clock"`
-	UlFlows     *ebpf.MapSpec `ebpf:"ul_flows"`
-	UlLanSrc    *ebpf.MapSpec `ebpf:"ul_lan_src"`
-	UlLineStats *ebpf.MapSpec `ebpf:"ul_line_stats"`
-	UlLines     *ebpf.MapSpec `ebpf:"ul_lines"`
-	UlLocal     *ebpf.MapSpec `ebpf:"ul_local"`
-	UlNatSrc    *ebpf.MapSpec `ebpf:"ul_nat_src"`
-	UlReasons   *ebpf.MapSpec `ebpf:"ul_reasons"`
+	UlBuckets       *ebpf.MapSpec `ebpf:"ul_buckets"`
+	UlClock         *ebpf.MapSpec `ebpf:"ul_clock"`
+	UlFlows         *ebpf.MapSpec `ebpf:"ul_flows"`
+	UlLanSrc        *ebpf.MapSpec `ebpf:"ul_lan_src"`
+	UlLineStats     *ebpf.MapSpec `ebpf:"ul_line_stats"`
+	UlLines         *ebpf.MapSpec `ebpf:"ul_lines"`
+	UlLocal         *ebpf.MapSpec `ebpf:"ul_local"`
+	UlNatSrc        *ebpf.MapSpec `ebpf:"ul_nat_src"`
+	UlPolicies      *ebpf.MapSpec `ebpf:"ul_policies"`
+	UlPolicyBuckets *ebpf.MapSpec `ebpf:"ul_policy_buckets"`
+	UlPolicyFlows   *ebpf.MapSpec `ebpf:"ul_policy_flows"`
+	UlReasons       *ebpf.MapSpec `ebpf:"ul_reasons"`
+	UlRuleActions   *ebpf.MapSpec `ebpf:"ul_rule_actions"`
+	UlRuleBitmaps   *ebpf.MapSpec `ebpf:"ul_rule_bitmaps"`
+	UlRuleCfg       *ebpf.MapSpec `ebpf:"ul_rule_cfg"`
+	UlRuleDport     *ebpf.MapSpec `ebpf:"ul_rule_dport"`
+	UlRuleDscp      *ebpf.MapSpec `ebpf:"ul_rule_dscp"`
+	UlRuleDst       *ebpf.MapSpec `ebpf:"ul_rule_dst"`
+	UlRuleHits      *ebpf.MapSpec `ebpf:"ul_rule_hits"`
+	UlRuleLan       *ebpf.MapSpec `ebpf:"ul_rule_lan"`
+	UlRuleProto     *ebpf.MapSpec `ebpf:"ul_rule_proto"`
+	UlRuleSport     *ebpf.MapSpec `ebpf:"ul_rule_sport"`
+	UlRuleSrc       *ebpf.MapSpec `ebpf:"ul_rule_src"`
+	UlSticky        *ebpf.MapSpec `ebpf:"ul_sticky"`
 }
 
 // uplinkdVariableSpecs contains global variables before they are loaded into the kernel.
@@ -203,15 +298,30 @@ func (o *uplinkdObjects) Close() error {
 //
 // It can be passed to loadUplinkdObjects or ebpf.CollectionSpec.LoadAndAssign.
 type uplinkdMaps struct {
-	UlBuckets   *ebpf.Map `ebpf:"ul_buckets"`
-	UlClock     *ebpf.Map `ebpf:"ul_clock"`
-	UlFlows     *ebpf.Map `ebpf:"ul_flows"`
-	UlLanSrc    *ebpf.Map `ebpf:"ul_lan_src"`
-	UlLineStats *ebpf.Map `ebpf:"ul_line_stats"`
-	UlLines     *ebpf.Map `ebpf:"ul_lines"`
-	UlLocal     *ebpf.Map `ebpf:"ul_local"`
-	UlNatSrc    *ebpf.Map `ebpf:"ul_nat_src"`
-	UlReasons   *ebpf.Map `ebpf:"ul_reasons"`
+	UlBuckets       *ebpf.Map `ebpf:"ul_buckets"`
+	UlClock         *ebpf.Map `ebpf:"ul_clock"`
+	UlFlows         *ebpf.Map `ebpf:"ul_flows"`
+	UlLanSrc        *ebpf.Map `ebpf:"ul_lan_src"`
+	UlLineStats     *ebpf.Map `ebpf:"ul_line_stats"`
+	UlLines         *ebpf.Map `ebpf:"ul_lines"`
+	UlLocal         *ebpf.Map `ebpf:"ul_local"`
+	UlNatSrc        *ebpf.Map `ebpf:"ul_nat_src"`
+	UlPolicies      *ebpf.Map `ebpf:"ul_policies"`
+	UlPolicyBuckets *ebpf.Map `ebpf:"ul_policy_buckets"`
+	UlPolicyFlows   *ebpf.Map `ebpf:"ul_policy_flows"`
+	UlReasons       *ebpf.Map `ebpf:"ul_reasons"`
+	UlRuleActions   *ebpf.Map `ebpf:"ul_rule_actions"`
+	UlRuleBitmaps   *ebpf.Map `ebpf:"ul_rule_bitmaps"`
+	UlRuleCfg       *ebpf.Map `ebpf:"ul_rule_cfg"`
+	UlRuleDport     *ebpf.Map `ebpf:"ul_rule_dport"`
+	UlRuleDscp      *ebpf.Map `ebpf:"ul_rule_dscp"`
+	UlRuleDst       *ebpf.Map `ebpf:"ul_rule_dst"`
+	UlRuleHits      *ebpf.Map `ebpf:"ul_rule_hits"`
+	UlRuleLan       *ebpf.Map `ebpf:"ul_rule_lan"`
+	UlRuleProto     *ebpf.Map `ebpf:"ul_rule_proto"`
+	UlRuleSport     *ebpf.Map `ebpf:"ul_rule_sport"`
+	UlRuleSrc       *ebpf.Map `ebpf:"ul_rule_src"`
+	UlSticky        *ebpf.Map `ebpf:"ul_sticky"`
 }
 
 func (m *uplinkdMaps) Close() error {
@@ -224,7 +334,22 @@ func (m *uplinkdMaps) Close() error {
 		m.UlLines,
 		m.UlLocal,
 		m.UlNatSrc,
+		m.UlPolicies,
+		m.UlPolicyBuckets,
+		m.UlPolicyFlows,
 		m.UlReasons,
+		m.UlRuleActions,
+		m.UlRuleBitmaps,
+		m.UlRuleCfg,
+		m.UlRuleDport,
+		m.UlRuleDscp,
+		m.UlRuleDst,
+		m.UlRuleHits,
+		m.UlRuleLan,
+		m.UlRuleProto,
+		m.UlRuleSport,
+		m.UlRuleSrc,
+		m.UlSticky,
 	)
 }
 

@@ -232,7 +232,7 @@ static __always_inline bool dst_routable(const struct flow_key *key, enum ul_rea
  * the same flow (LAN egress counts a reply on its pinned flow whichever
  * parser read it). */
 static __always_inline bool parse_flow_slow(struct __sk_buff *skb, struct flow_key *key,
-					    enum ul_reason *reason, __u32 *l4_off)
+					    enum ul_reason *reason, __u32 *l3_off, __u32 *l4_off)
 {
 	__u32 off = sizeof(struct ethhdr);
 	struct ethhdr eth;
@@ -257,6 +257,7 @@ static __always_inline bool parse_flow_slow(struct __sk_buff *skb, struct flow_k
 		off += sizeof(tag);
 	}
 
+	*l3_off = off;
 	if (proto == bpf_htons(ETH_P_IP)) {
 		ok = parse_ipv4(skb, &off, key, reason);
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
@@ -330,18 +331,20 @@ static __always_inline bool parse_flow_fast(const struct __sk_buff *skb, struct 
 	return true;
 }
 
-/* Fills key, and the offset of the transport header, from the packet, by
- * the fast parser where it can. Returns false, with the reason, for a
- * packet that is no TCP, UDP or ICMP echo flow. A true return does not say
- * that the destination is routable: dst_routable() does. */
+/* Fills key, and the offsets of the IP and transport headers, from the
+ * packet, by the fast parser where it can. Returns false, with the reason,
+ * for a packet that is no TCP, UDP or ICMP echo flow. A true return does
+ * not say that the destination is routable: dst_routable() does. */
 static __always_inline bool parse_flow(struct __sk_buff *skb, struct flow_key *key,
-				       enum ul_reason *reason, __u32 *l4_off)
+				       enum ul_reason *reason, __u32 *l3_off, __u32 *l4_off)
 {
-	if (parse_flow_fast(skb, key, l4_off))
+	if (parse_flow_fast(skb, key, l4_off)) {
+		*l3_off = sizeof(struct ethhdr);
 		return true;
+	}
 	slow_parse_count();
 	__builtin_memset(key, 0, sizeof(*key));
-	return parse_flow_slow(skb, key, reason, l4_off);
+	return parse_flow_slow(skb, key, reason, l3_off, l4_off);
 }
 
 /* TCP flags (the 14th byte of the header). */

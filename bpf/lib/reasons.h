@@ -28,6 +28,9 @@ enum ul_reason {
 	UL_REASON_FOREIGN_SRC,		/* a source outside the LAN's subnets (ul_lan_src): no flow */
 	UL_REASON_TCP_UNKNOWN,		/* a TCP segment, not a SYN, of a connection neither the flow
 					 * map nor conntrack knows: passed unmarked, not pinned */
+	UL_REASON_POLICY_UNREACHABLE,	/* the rule's policy has no usable line and its last resort
+					 * is unreachable: marked for the unreachable route, not pinned */
+	UL_REASON_POLICY_BLACKHOLE,	/* likewise, last resort blackhole: marked for the blackhole route */
 	UL_REASON_MAX,
 };
 
