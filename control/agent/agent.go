@@ -183,6 +183,9 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	if err := writeSlots(cfg.StateDir, cfg.Slots()); err != nil {
 		return err
 	}
+	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(cfg)); err != nil {
+		return err
+	}
 	scope := a.scope.Union(plan.ScopeOf(cfg))
 	if err := writeScope(cfg.StateDir, scope); err != nil {
 		return err
@@ -285,6 +288,42 @@ func previousRun(cfg *config.Config) bool {
 
 func writeSlots(stateDir string, s config.Slots) error {
 	return statefile.Write(stateDir, slotsFile, s)
+}
+
+// policyNamesFile, in the state dir, names the rules and policies of the
+// config in force by their numbers in the datapath, for readers of the
+// flow map (uplinkd flows).
+const policyNamesFile = "policies.json"
+
+// PolicyNames are the names of the rules (by index) and policies (by id)
+// the datapath's flows record.
+type PolicyNames struct {
+	Rules    []string `json:"rules"`
+	Policies []string `json:"policies"`
+}
+
+// policyNames are cfg's rules' and policies' names.
+func policyNames(cfg *config.Config) PolicyNames {
+	var n PolicyNames
+	for _, r := range cfg.Rules {
+		n.Rules = append(n.Rules, r.Name)
+	}
+	for _, p := range cfg.PolicyList() {
+		n.Policies = append(n.Policies, p.Name)
+	}
+	return n
+}
+
+// ReadPolicyNames returns the names a running agent kept in stateDir;
+// none where it has not run.
+func ReadPolicyNames(stateDir string) (PolicyNames, error) {
+	var n PolicyNames
+	if err := statefile.Check(stateDir); errors.Is(err, fs.ErrNotExist) {
+		return n, nil
+	} else if err != nil {
+		return n, err
+	}
+	return n, statefile.Read(stateDir, policyNamesFile, &n)
 }
 
 // ReadSlots returns the lines' numbers a running agent kept in stateDir;
@@ -632,7 +671,7 @@ func Down(cfg *config.Config, env *Env) error {
 	} else if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
 		errs = append(errs, err)
 	}
-	files := []string{linesDownFile, slotsFile}
+	files := []string{linesDownFile, slotsFile, policyNamesFile}
 	if routesErr == nil && scopeErr == nil {
 		files = append(files, scopeFile) // kept until its rules and routes are gone
 	}
@@ -697,6 +736,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	// What a previous run left (it did not `down`) is adopted, forwarding.
 	adopting := a.adopting
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
+		return err
+	}
+	if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.cfg)); err != nil {
 		return err
 	}
 	if err := writeScope(a.cfg.StateDir, a.scope); err != nil {

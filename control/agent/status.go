@@ -9,9 +9,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/flows"
+	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/loader"
 )
 
@@ -41,6 +43,35 @@ type Status struct {
 	DatapathError string `json:"datapath_error,omitempty"`
 	// HA is this gateway's part in an HA pair; absent without an ha block.
 	HA *HAStatus `json:"ha,omitempty"`
+	// Policies and Rules: every policy by id and every rule in order;
+	// absent without rules (every flow takes the balanced policy).
+	Policies []PolicyStatus `json:"policies,omitempty"`
+	Rules    []RuleStatus   `json:"rules,omitempty"`
+}
+
+// PolicyStatus is one policy: which of its tiers new flows use now.
+type PolicyStatus struct {
+	ID         int    `json:"id"`
+	Name       string `json:"name"`
+	LastResort string `json:"last_resort"`
+	// Tier is the tier (1-based, by metric) whose lines get the policy's
+	// new flows now; 0 when none of its lines is usable (the last
+	// resort), and Lines are those lines.
+	Tier  int      `json:"tier"`
+	Lines []string `json:"lines"`
+	// Flows counts the new flows the policy's rules gave it since the
+	// datapath's maps were created (the balanced policy's: those of its
+	// rules only, not the flows no rule matched).
+	Flows uint64 `json:"flows"`
+}
+
+// RuleStatus is one rule and the new flows it matched.
+type RuleStatus struct {
+	Name   string `json:"name"`
+	Policy string `json:"policy"`
+	// Hits counts the new flows the rule matched since its rule set was
+	// installed (a reload that changes the rules starts again from 0).
+	Hits uint64 `json:"hits"`
 }
 
 // HAStatus is this gateway's part in an HA pair.
@@ -168,6 +199,7 @@ func (a *Agent) status() Status {
 		}
 		s.Lines = append(s.Lines, ls)
 	}
+	s.Policies, s.Rules = policyStatus(a.cfg, a.lines)
 	counters := a.interfaceCounters()
 	rates := a.stats.rates(counters, time.Now())
 	for i := range s.Lines {
@@ -236,6 +268,12 @@ func (a *Agent) addDatapath(s *Status) {
 	if err != nil {
 		s.DatapathError = err.Error()
 		return
+	}
+	if len(s.Rules) > 0 {
+		if err := addPolicyCounts(st, s); err != nil {
+			s.DatapathError = err.Error()
+			return
+		}
 	}
 	for i := range s.Lines {
 		l := &s.Lines[i]
@@ -410,4 +448,59 @@ func (a *Agent) handle(ctx context.Context, req ctlsock.Request) ctlsock.Reply {
 		evs = []events.Event{}
 	}
 	return ctlsock.DataReply(evs)
+}
+
+// policyStatus is every policy with the tier in use, and every rule; nil
+// for a config without rules.
+func policyStatus(cfg *config.Config, lines []plan.Line) ([]PolicyStatus, []RuleStatus) {
+	if len(cfg.Rules) == 0 {
+		return nil, nil
+	}
+	var ps []PolicyStatus
+	for id, p := range cfg.PolicyList() {
+		st := PolicyStatus{ID: id, Name: p.Name, LastResort: p.LastResort, Lines: []string{}}
+		if t := plan.ActiveTier(p, lines); t >= 0 {
+			st.Tier = t + 1
+			usable := map[string]bool{}
+			for _, l := range lines {
+				usable[l.Name] = l.Usable()
+			}
+			for _, m := range plan.Tiers(p)[t].Members {
+				if usable[m.Line] {
+					st.Lines = append(st.Lines, m.Line)
+				}
+			}
+		}
+		ps = append(ps, st)
+	}
+	rs := make([]RuleStatus, len(cfg.Rules))
+	for i, r := range cfg.Rules {
+		rs[i] = RuleStatus{Name: r.Name, Policy: r.Policy}
+	}
+	return ps, rs
+}
+
+// addPolicyCounts adds the datapath's rule hits and flows per policy. The
+// hits are those of the rule set installed now, which is the config's but
+// for an instant after a reload.
+func addPolicyCounts(st *loader.Stats, s *Status) error {
+	hits, err := st.RuleHits()
+	if err != nil {
+		return err
+	}
+	flows, err := st.PolicyFlows()
+	if err != nil {
+		return err
+	}
+	for i := range s.Rules {
+		if i < len(hits) {
+			s.Rules[i].Hits = hits[i]
+		}
+	}
+	for i := range s.Policies {
+		if id := s.Policies[i].ID; id < len(flows) {
+			s.Policies[i].Flows = flows[id]
+		}
+	}
+	return nil
 }
