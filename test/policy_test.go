@@ -12,6 +12,7 @@ package test
 // with probability (1/3)^8 < 2e-4.
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -220,7 +221,7 @@ rules:
     dscp: ef
     line: dsl2
 `, l.ServerAddrs[1], lab.ClientAddr(2).Addr())}))
-	startPolicyAgent(t, l, file)
+	a := startPolicyAgent(t, l, file)
 
 	for _, c := range []struct {
 		what string
@@ -244,6 +245,41 @@ rules:
 	// one line by chance: 3·(1/3)^24 < 1e-10.
 	if lines := newLines(t, l, dial{c1, web.Addr, 0}, 24); distinct(lines) < 2 {
 		t.Errorf("c1 to port 7 (no rule matches): new flows left by %s, want the balanced policy's spread over the lines", fmtLines(lines))
+	}
+
+	// What the operator sees: hits per rule and new flows per policy in
+	// the status, and each flow's rule and policy in `uplinkd flows`.
+	st := a.status(t)
+	hits := map[string]uint64{}
+	for _, r := range st.Rules {
+		hits[r.Name] = r.Hits
+	}
+	for rule, want := range map[string]uint64{"to-second-server": 16, "port-8": 8, "from-c2": 16, "voice": 8} {
+		if hits[rule] != want {
+			t.Errorf("status: rule %s has %d hits, want %d (all: %v)", rule, hits[rule], want, hits)
+		}
+	}
+	newFlows := map[string]uint64{}
+	for _, p := range st.Policies {
+		newFlows[p.Name] = p.Flows
+	}
+	for policy, want := range map[string]uint64{"line:dsl1": 16, "via2": 8, "via3": 16, "line:dsl2": 8} {
+		if newFlows[policy] != want {
+			t.Errorf("status: policy %s has %d new flows, want %d (all: %v)", policy, newFlows[policy], want, newFlows)
+		}
+	}
+	rows := map[string]int{}
+	for _, line := range strings.Split(strings.TrimSpace(gw(t, l, uplinkd, "flows", "--json", "-c", file)), "\n") {
+		var r struct{ Rule, Policy string }
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatalf("flows --json line %q: %v", line, err)
+		}
+		rows[r.Policy+"/"+r.Rule]++
+	}
+	for key, want := range map[string]int{"via2/port-8": 8, "line:dsl2/voice": 8, "balanced/": 24} {
+		if rows[key] != want {
+			t.Errorf("flows --json: %d flows of policy/rule %s, want %d (all: %v)", rows[key], key, want, rows)
+		}
 	}
 }
 

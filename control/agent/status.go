@@ -63,6 +63,9 @@ type PolicyStatus struct {
 	// datapath's maps were created (the balanced policy's: those of its
 	// rules only, not the flows no rule matched).
 	Flows uint64 `json:"flows"`
+	// Pinned counts the policy's flows in the flow map now (counted with
+	// the flows per line, see LineStatus.Flows).
+	Pinned int `json:"pinned"`
 }
 
 // RuleStatus is one rule and the new flows it matched.
@@ -254,7 +257,7 @@ func (a *Agent) addDatapath(s *Status) {
 	if err == nil {
 		s.SlowParsed, err = st.SlowParsed()
 	}
-	var perLine map[int]int
+	var counts flows.Counts
 	var use loader.FlowMapUse
 	if err == nil {
 		use, err = st.FlowMapUseFrom(s.Reasons)
@@ -263,7 +266,8 @@ func (a *Agent) addDatapath(s *Status) {
 		// What changes the count by line: flows pinned, moved off a dead
 		// line, removed with a line (evictions come with pins).
 		changes := use.Inserted + use.Removed + s.Reasons["moved_flow"]
-		perLine, s.FlowMap.Entries, err = a.stats.countFlows(st, changes, time.Now)
+		counts, err = a.stats.countFlows(st, changes, time.Now)
+		s.FlowMap.Entries = counts.Total
 	}
 	if err != nil {
 		s.DatapathError = err.Error()
@@ -283,9 +287,10 @@ func (a *Agent) addDatapath(s *Status) {
 		}
 		c := lines[idx]
 		l.ForwardedTxPackets, l.ForwardedTxBytes, l.ForwardedRxPackets, l.ForwardedRxBytes = c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes
-		l.Flows = perLine[l.Number]
+		l.Flows = counts.PerLine[l.Number]
 	}
 	s.Totals.Flows = s.FlowMap.Entries
+	addPinnedFlows(s, counts)
 }
 
 // statsReader reads the pinned maps for status, and keeps the last
@@ -325,8 +330,7 @@ const flowCountSmall = 100000
 // all. The datapath keeps no count: the map is walked.
 type flowCount struct {
 	mu      sync.Mutex
-	perLine map[int]int
-	total   int
+	counts  flows.Counts
 	at      time.Time     // when the walk ended; zero: never counted
 	took    time.Duration // what it took
 	changes uint64        // the map's pins, moves and removals when it was walked
@@ -336,22 +340,22 @@ type flowCount struct {
 // the map's pins, moves and removals (changes, from the datapath's
 // counters) are the same since, or where the walk was expensive and is recent (see
 // flowCountReuse); else a fresh walk of the flow map.
-func (r *statsReader) countFlows(src flows.Source, changes uint64, now func() time.Time) (map[int]int, int, error) {
+func (r *statsReader) countFlows(src flows.Source, changes uint64, now func() time.Time) (flows.Counts, error) {
 	c := &r.counted
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	start := now()
-	expensive := c.took >= flowCountCheap && c.total >= flowCountSmall
+	expensive := c.took >= flowCountCheap && c.counts.Total >= flowCountSmall
 	if !c.at.IsZero() && (changes == c.changes || expensive && start.Sub(c.at) < flowCountReuse*c.took) {
-		return c.perLine, c.total, nil
+		return c.counts, nil
 	}
-	perLine, total, err := flows.Count(src)
+	counts, err := flows.Count(src)
 	if err != nil {
-		return nil, 0, err
+		return flows.Counts{}, err
 	}
-	c.perLine, c.total, c.at, c.changes = perLine, total, now(), changes
+	c.counts, c.at, c.changes = counts, now(), changes
 	c.took = c.at.Sub(start)
-	return perLine, total, nil
+	return counts, nil
 }
 
 func (r *statsReader) open(pinDir string) (*loader.Stats, error) {
@@ -488,7 +492,7 @@ func addPolicyCounts(st *loader.Stats, s *Status) error {
 	if err != nil {
 		return err
 	}
-	flows, err := st.PolicyFlows()
+	newFlows, err := st.PolicyFlows()
 	if err != nil {
 		return err
 	}
@@ -498,9 +502,16 @@ func addPolicyCounts(st *loader.Stats, s *Status) error {
 		}
 	}
 	for i := range s.Policies {
-		if id := s.Policies[i].ID; id < len(flows) {
-			s.Policies[i].Flows = flows[id]
+		if id := s.Policies[i].ID; id < len(newFlows) {
+			s.Policies[i].Flows = newFlows[id]
 		}
 	}
 	return nil
+}
+
+// addPinnedFlows adds each policy's flows in the flow map now.
+func addPinnedFlows(s *Status, counts flows.Counts) {
+	for i := range s.Policies {
+		s.Policies[i].Pinned = counts.PerPolicy[s.Policies[i].ID]
+	}
 }

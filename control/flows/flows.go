@@ -237,15 +237,23 @@ func rowOf(f *loader.Flow, names Names, now time.Time) Row {
 	return r
 }
 
-// Count counts the flows pinned to each line (by line number) and in all.
-func Count(src Source) (map[int]int, int, error) {
-	per, total := map[int]int{}, 0
+// Counts are the flows in the flow map, by line number, by policy id and
+// in all.
+type Counts struct {
+	PerLine, PerPolicy map[int]int
+	Total              int
+}
+
+// Count counts the flows pinned to each line and each policy, and in all.
+func Count(src Source) (Counts, error) {
+	c := Counts{PerLine: map[int]int{}, PerPolicy: map[int]int{}}
 	err := src.Flows(func(f loader.Flow) bool {
-		per[f.Line+1]++
-		total++
+		c.PerLine[f.Line+1]++
+		c.PerPolicy[f.Policy]++
+		c.Total++
 		return true
 	})
-	return per, total, err
+	return c, err
 }
 
 // nameOf is names[i], or i where names has no name for it.

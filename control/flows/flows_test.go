@@ -136,9 +136,9 @@ func TestParse(t *testing.T) {
 	if _, err := ParseClient("client1"); err == nil {
 		t.Error("a name accepted as client")
 	}
-	per, total, _ := Count(fakeFlows(10))
-	if total != 10 || per[1] != 5 || per[2] != 5 {
-		t.Errorf("count: %v %d", per, total)
+	c, _ := Count(fakeFlows(10))
+	if c.Total != 10 || c.PerLine[1] != 5 || c.PerLine[2] != 5 || c.PerPolicy[0] != 10 {
+		t.Errorf("count: %+v", c)
 	}
 }
 

@@ -124,6 +124,9 @@ var (
 	policyFlows = prometheus.NewDesc("uplinkd_policy_flows_total",
 		"New flows the rules gave each policy since the datapath's maps were created.",
 		[]string{"policy"}, nil)
+	policyPinned = prometheus.NewDesc("uplinkd_policy_pinned_flows",
+		"Flows of each policy in the datapath's flow map now (counted with uplinkd_line_flows).",
+		[]string{"policy"}, nil)
 	policyTier = prometheus.NewDesc("uplinkd_policy_tier",
 		"The tier (1-based, by metric) whose lines get the policy's new flows now; 0 while none of its lines is usable (its last resort).",
 		[]string{"policy"}, nil)
@@ -152,7 +155,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		lineRTT, lineJitter, lineLoss, lineSamples, lineWeight, lineFlows, lineStateChanges,
 		datapathPackets, flowMapEntries, flowMapCapacity, flowMapInserted, flowMapEvicted,
 		slowParsed, reconcileErrors, restored, allLinesDown, datapathError, statusError,
-		haMaster, haTakeovers, haTakeoverApply, haResyncs, ruleHits, policyFlows, policyTier,
+		haMaster, haTakeovers, haTakeoverApply, haResyncs, ruleHits, policyFlows, policyPinned, policyTier,
 	} {
 		ch <- d
 	}
@@ -211,6 +214,7 @@ func collect(ch chan<- prometheus.Metric, s agent.Status) {
 		gauge(policyTier, float64(p.Tier), p.Name)
 		if datapath {
 			counter(policyFlows, p.Flows, p.Name)
+			gauge(policyPinned, float64(p.Pinned), p.Name)
 		}
 	}
 	if datapath {
