@@ -28,10 +28,10 @@ type Row struct {
 	Line       string  `json:"line"`  // the line's name; its number where unknown
 	LineNumber int     `json:"line_number"`
 	NATSource  string  `json:"nat_source,omitempty"`
-	Recovered  bool    `json:"recovered"`  // its line came from conntrack, not the buckets
+	Recovered  bool    `json:"recovered"`      // its line came from conntrack, not the buckets
 	Policy     string  `json:"policy"`         // the policy that gave it its line: "balanced" unless a rule matched
 	Rule       string  `json:"rule,omitempty"` // the rule that matched its first packet; "" for none
-	TxPackets  uint64  `json:"tx_packets"` // LAN to Internet
+	TxPackets  uint64  `json:"tx_packets"`     // LAN to Internet
 	TxBytes    uint64  `json:"tx_bytes"`
 	RxPackets  uint64  `json:"rx_packets"` // Internet to LAN
 	RxBytes    uint64  `json:"rx_bytes"`
