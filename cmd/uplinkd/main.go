@@ -178,6 +178,9 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer env.Close()
+	for _, w := range cfg.Warnings {
+		fmt.Fprintf(stdout, "# warning: %s\n", w)
+	}
 	plan.Render(stdout, a.Desired(), cfg.Routing.Protocol)
 	plan.RenderPolicies(stdout, cfg, a.Lines())
 	if cfg.HA != nil {
@@ -217,6 +220,9 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
+	for _, w := range cfg.Warnings {
+		log.Warn("config", "warning", w)
+	}
 	a, env, err := agentFor(cfg, log)
 	if err != nil {
 		return err
@@ -238,6 +244,9 @@ func cmdRun(args []string, stderr io.Writer) error {
 				if err != nil {
 					log.Error("reloading config, keeping the old one", "err", err)
 					continue
+				}
+				for _, w := range c.Warnings {
+					log.Warn("config", "warning", w)
 				}
 				_ = a.Reconfigure(ctx, c)
 			}
