@@ -66,29 +66,44 @@ func cmdFlows(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("flows: %w", err)
 	}
 	defer src.Close()
-	names := map[int]string{}
+	names := flows.Names{Lines: map[int]string{}}
 	if slots, err := agent.ReadSlots(cfg.StateDir); err == nil {
 		for name, n := range slots {
-			names[n] = name
+			names.Lines[n] = name
 		}
 	}
-	if q.Line != "" && flows.LineNumber(q.Line, names) < 0 {
-		return usageError{fmt.Errorf("flows: --line: no line %q (lines known from %s: %v)", q.Line, cfg.StateDir, names)}
+	if pn, err := agent.ReadPolicyNames(cfg.StateDir); err == nil {
+		names.Rules, names.Policies = pn.Rules, pn.Policies
 	}
+	if q.Line != "" && flows.LineNumber(q.Line, names.Lines) < 0 {
+		return usageError{fmt.Errorf("flows: --line: no line %q (lines known from %s: %v)", q.Line, cfg.StateDir, names.Lines)}
+	}
+	// The policy column only where rules classify flows.
+	withPolicy := len(names.Rules) > 0
 	w := bufio.NewWriterSize(stdout, 64<<10)
 	defer w.Flush()
 	enc := json.NewEncoder(w)
 	if !*asJSON {
-		fmt.Fprintf(w, "%-5s %-39s %-45s %-8s %-15s %10s %10s %10s %10s %8s %8s\n",
+		fmt.Fprintf(w, "%-5s %-39s %-45s %-8s %-15s %10s %10s %10s %10s %8s %8s",
 			"PROTO", "CLIENT", "REMOTE", "LINE", "NAT SOURCE", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "AGE", "IDLE")
+		if withPolicy {
+			fmt.Fprint(w, "  POLICY (RULE)")
+		}
+		fmt.Fprintln(w)
 	}
 	return flows.Run(src, q, names, time.Now(), func(r flows.Row) error {
 		if *asJSON {
 			return enc.Encode(r)
 		}
-		_, err := fmt.Fprintf(w, "%-5s %-39s %-45s %-8s %-15s %10d %10s %10d %10s %8s %8s\n",
+		_, err := fmt.Fprintf(w, "%-5s %-39s %-45s %-8s %-15s %10d %10s %10d %10s %8s %8s",
 			r.Proto, hostPort(r.Client, r.ClientPort), hostPort(r.Remote, r.RemotePort), r.Line, orDash(r.NATSource),
 			r.TxPackets, bytesText(r.TxBytes), r.RxPackets, bytesText(r.RxBytes), secondsText(r.AgeSeconds), secondsText(r.IdleSecs))
+		if err == nil && withPolicy {
+			_, err = fmt.Fprintf(w, "  %s (%s)", r.Policy, orDash(r.Rule))
+		}
+		if err == nil {
+			_, err = fmt.Fprintln(w)
+		}
 		return err
 	})
 }

@@ -34,6 +34,8 @@ const usage = `uplinkd: use several Internet uplinks at once.
 Usage:
   uplinkd run  -c FILE     apply the config and keep it applied until SIGTERM/SIGINT; SIGHUP reloads it
   uplinkd plan -c FILE     print the kernel state as ip/nft/sysctl commands; touches nothing
+  uplinkd check -c FILE    check the config (and its prefix-set files) without the kernel: warnings on stderr,
+                           "ok" and exit 0, or the errors and exit 2
   uplinkd down [-c FILE]   remove everything uplinkd installed (the config names custom numbers)
   uplinkd line down|up NAME -c FILE   take a line out of service (no new flows; its TCP flows get a reset,
                                       its UDP flows move) or bring it back
@@ -80,6 +82,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return cmdRun(args, stderr)
 	case "plan":
 		return cmdPlan(args, stdout, stderr)
+	case "check":
+		return cmdCheck(args, stdout, stderr)
 	case "down":
 		return cmdDown(args, stderr)
 	case "lab":
@@ -174,11 +178,34 @@ func cmdPlan(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer env.Close()
+	for _, w := range cfg.Warnings {
+		fmt.Fprintf(stdout, "# warning: %s\n", w)
+	}
 	plan.Render(stdout, a.Desired(), cfg.Routing.Protocol)
+	plan.RenderPolicies(stdout, cfg, a.Lines())
 	if cfg.HA != nil {
 		fmt.Fprintln(stdout, "\n# HA pair: the daemons' configs this gateway expects (uplinkd ha configs -c FILE -o DIR writes them)")
 		return cmdHAConfigs([]string{"-c", *file}, stdout, stderr)
 	}
+	return nil
+}
+
+// cmdCheck checks a config as Load does, touching neither the kernel nor
+// the agent: what can be checked before installing it.
+func cmdCheck(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("check", flag.ContinueOnError)
+	file := fs.String("c", "", "config `file`")
+	if err := parseFlags(fs, args, stderr); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*file)
+	if err != nil {
+		return err
+	}
+	for _, w := range cfg.Warnings {
+		fmt.Fprintln(stderr, w) // FILE:LINE: first, as editors want it
+	}
+	fmt.Fprintln(stdout, "ok")
 	return nil
 }
 
@@ -193,6 +220,9 @@ func cmdRun(args []string, stderr io.Writer) error {
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil))
+	for _, w := range cfg.Warnings {
+		log.Warn("config", "warning", w)
+	}
 	a, env, err := agentFor(cfg, log)
 	if err != nil {
 		return err
@@ -214,6 +244,9 @@ func cmdRun(args []string, stderr io.Writer) error {
 				if err != nil {
 					log.Error("reloading config, keeping the old one", "err", err)
 					continue
+				}
+				for _, w := range c.Warnings {
+					log.Warn("config", "warning", w)
 				}
 				_ = a.Reconfigure(ctx, c)
 			}

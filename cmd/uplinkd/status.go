@@ -116,6 +116,24 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 	if len(st.Attached) > 0 {
 		fmt.Fprintf(w, "datapath attached: %s\n", joinSorted(st.Attached, " "))
 	}
+	if len(st.Policies) > 0 {
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "POLICY	ID	TIER	LINES	LAST RESORT	NEW FLOWS	PINNED")
+		for _, p := range st.Policies {
+			tier := strconv.Itoa(p.Tier)
+			if p.Tier == 0 {
+				tier = "none: last resort"
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", p.Name, p.ID, tier, orDash(strings.Join(p.Lines, ",")), p.LastResort, p.Flows, p.Pinned)
+		}
+		tw.Flush()
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "RULE	POLICY	HITS")
+		for _, r := range st.Rules {
+			fmt.Fprintf(tw, "%s\t%s\t%d\n", r.Name, r.Policy, r.Hits)
+		}
+		tw.Flush()
+	}
 	if len(st.Reasons) > 0 {
 		nonzero := map[string]string{}
 		for r, n := range st.Reasons {

@@ -146,9 +146,15 @@ func (v *topView) sample(ctx context.Context) error {
 		}
 		v.stats = st
 	}
-	names := map[int]string{}
+	names := flows.Names{Lines: map[int]string{}}
 	for _, l := range v.status.Lines {
-		names[l.Number] = l.Name
+		names.Lines[l.Number] = l.Name
+	}
+	for _, r := range v.status.Rules {
+		names.Rules = append(names.Rules, r.Name)
+	}
+	for _, p := range v.status.Policies {
+		names.Policies = append(names.Policies, p.Name)
 	}
 	now := time.Now()
 	active := map[flowKey][2]uint64{}

@@ -75,6 +75,10 @@ type Agent struct {
 	// spawn runs work that must not hold up the run loop (a goroutine;
 	// unit tests run it inline).
 	spawn func(func())
+	// setChanged says a prefix set's file changed; stopSetWatch ends the
+	// watch of the files of the config in force.
+	setChanged   chan struct{}
+	stopSetWatch context.CancelFunc
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -122,9 +126,11 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		ctl:      make(chan ctlCall),
-		scope:    plan.ScopeOf(cfg).Union(saved),
-		adopting: len(slots) > 0 || previousRun(cfg),
-		spawn:    func(f func()) { go f() },
+		// Buffered: a change while the run loop is busy is not lost.
+		setChanged: make(chan struct{}, 1),
+		scope:      plan.ScopeOf(cfg).Union(saved),
+		adopting:   len(slots) > 0 || previousRun(cfg),
+		spawn:      func(f func()) { go f() },
 	}, nil
 }
 
@@ -175,6 +181,9 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		return err
 	}
 	if err := writeSlots(cfg.StateDir, cfg.Slots()); err != nil {
+		return err
+	}
+	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(cfg)); err != nil {
 		return err
 	}
 	scope := a.scope.Union(plan.ScopeOf(cfg))
@@ -279,6 +288,42 @@ func previousRun(cfg *config.Config) bool {
 
 func writeSlots(stateDir string, s config.Slots) error {
 	return statefile.Write(stateDir, slotsFile, s)
+}
+
+// policyNamesFile, in the state dir, names the rules and policies of the
+// config in force by their numbers in the datapath, for readers of the
+// flow map (uplinkd flows).
+const policyNamesFile = "policies.json"
+
+// PolicyNames are the names of the rules (by index) and policies (by id)
+// the datapath's flows record.
+type PolicyNames struct {
+	Rules    []string `json:"rules"`
+	Policies []string `json:"policies"`
+}
+
+// policyNames are cfg's rules' and policies' names.
+func policyNames(cfg *config.Config) PolicyNames {
+	var n PolicyNames
+	for _, r := range cfg.Rules {
+		n.Rules = append(n.Rules, r.Name)
+	}
+	for _, p := range cfg.PolicyList() {
+		n.Policies = append(n.Policies, p.Name)
+	}
+	return n
+}
+
+// ReadPolicyNames returns the names a running agent kept in stateDir;
+// none where it has not run.
+func ReadPolicyNames(stateDir string) (PolicyNames, error) {
+	var n PolicyNames
+	if err := statefile.Check(stateDir); errors.Is(err, fs.ErrNotExist) {
+		return n, nil
+	} else if err != nil {
+		return n, err
+	}
+	return n, statefile.Read(stateDir, policyNamesFile, &n)
 }
 
 // ReadSlots returns the lines' numbers a running agent kept in stateDir;
@@ -626,7 +671,7 @@ func Down(cfg *config.Config, env *Env) error {
 	} else if err := nat.Remove(env.NFT, cfg.Routing.NFTTable); err != nil {
 		errs = append(errs, err)
 	}
-	files := []string{linesDownFile, slotsFile}
+	files := []string{linesDownFile, slotsFile, policyNamesFile}
 	if routesErr == nil && scopeErr == nil {
 		files = append(files, scopeFile) // kept until its rules and routes are gone
 	}
@@ -693,6 +738,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
 		return err
 	}
+	if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.cfg)); err != nil {
+		return err
+	}
 	if err := writeScope(a.cfg.StateDir, a.scope); err != nil {
 		return err
 	}
@@ -720,6 +768,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.health.Start(ctx)
+	a.restartPrefixSetWatch(ctx)
 	// Idle unless an ha block makes this gateway master (a reload may add
 	// one; the state dir, where conntrackd's socket is, cannot change).
 	go a.resyncConntrack(ctx, ha.ConntrackdSocket(a.cfg.StateDir), a.k.Sysctls())
@@ -744,6 +793,13 @@ func (a *Agent) Run(ctx context.Context) error {
 				continue
 			}
 			newConfig = cfg.File()
+			a.restartPrefixSetWatch(ctx)
+		case <-a.setChanged:
+			time.Sleep(prefixSetSettle)
+			drain(a.setChanged)
+			if !a.rereadPrefixSets() {
+				continue
+			}
 		case c := <-a.ctl:
 			c.reply <- a.control(c.req)
 			continue

@@ -96,6 +96,9 @@ func (a *Agent) controlReload() ctlsock.Reply {
 	rep, err := a.Apply()
 	a.events.Add(events.Config, "", "new config applied", "file", file, "changes", rep.String())
 	msg := describeChange(old, cfg) + "kernel: " + rep.String()
+	for _, w := range cfg.Warnings {
+		msg += "\nwarning: " + w
+	}
 	if err != nil {
 		return ctlsock.Reply{Message: msg, Error: "applying: " + err.Error()}
 	}

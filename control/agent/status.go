@@ -9,9 +9,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/ctlsock"
 	"github.com/uplinkd/uplinkd/control/events"
 	"github.com/uplinkd/uplinkd/control/flows"
+	"github.com/uplinkd/uplinkd/control/plan"
 	"github.com/uplinkd/uplinkd/loader"
 )
 
@@ -41,6 +43,38 @@ type Status struct {
 	DatapathError string `json:"datapath_error,omitempty"`
 	// HA is this gateway's part in an HA pair; absent without an ha block.
 	HA *HAStatus `json:"ha,omitempty"`
+	// Policies and Rules: every policy by id and every rule in order;
+	// absent without rules (every flow takes the balanced policy).
+	Policies []PolicyStatus `json:"policies,omitempty"`
+	Rules    []RuleStatus   `json:"rules,omitempty"`
+}
+
+// PolicyStatus is one policy: which of its tiers new flows use now.
+type PolicyStatus struct {
+	ID         int    `json:"id"`
+	Name       string `json:"name"`
+	LastResort string `json:"last_resort"`
+	// Tier is the tier (1-based, by metric) whose lines get the policy's
+	// new flows now; 0 when none of its lines is usable (the last
+	// resort), and Lines are those lines.
+	Tier  int      `json:"tier"`
+	Lines []string `json:"lines"`
+	// Flows counts the new flows the policy's rules gave it since the
+	// datapath's maps were created (the balanced policy's: those of its
+	// rules only, not the flows no rule matched).
+	Flows uint64 `json:"flows"`
+	// Pinned counts the policy's flows in the flow map now (counted with
+	// the flows per line, see LineStatus.Flows).
+	Pinned int `json:"pinned"`
+}
+
+// RuleStatus is one rule and the new flows it matched.
+type RuleStatus struct {
+	Name   string `json:"name"`
+	Policy string `json:"policy"`
+	// Hits counts the new flows the rule matched since its rule set was
+	// installed (a reload that changes the rules starts again from 0).
+	Hits uint64 `json:"hits"`
 }
 
 // HAStatus is this gateway's part in an HA pair.
@@ -168,6 +202,7 @@ func (a *Agent) status() Status {
 		}
 		s.Lines = append(s.Lines, ls)
 	}
+	s.Policies, s.Rules = policyStatus(a.cfg, a.lines)
 	counters := a.interfaceCounters()
 	rates := a.stats.rates(counters, time.Now())
 	for i := range s.Lines {
@@ -222,7 +257,7 @@ func (a *Agent) addDatapath(s *Status) {
 	if err == nil {
 		s.SlowParsed, err = st.SlowParsed()
 	}
-	var perLine map[int]int
+	var counts flows.Counts
 	var use loader.FlowMapUse
 	if err == nil {
 		use, err = st.FlowMapUseFrom(s.Reasons)
@@ -231,11 +266,18 @@ func (a *Agent) addDatapath(s *Status) {
 		// What changes the count by line: flows pinned, moved off a dead
 		// line, removed with a line (evictions come with pins).
 		changes := use.Inserted + use.Removed + s.Reasons["moved_flow"]
-		perLine, s.FlowMap.Entries, err = a.stats.countFlows(st, changes, time.Now)
+		counts, err = a.stats.countFlows(st, changes, time.Now)
+		s.FlowMap.Entries = counts.Total
 	}
 	if err != nil {
 		s.DatapathError = err.Error()
 		return
+	}
+	if len(s.Rules) > 0 {
+		if err := addPolicyCounts(st, s); err != nil {
+			s.DatapathError = err.Error()
+			return
+		}
 	}
 	for i := range s.Lines {
 		l := &s.Lines[i]
@@ -245,9 +287,10 @@ func (a *Agent) addDatapath(s *Status) {
 		}
 		c := lines[idx]
 		l.ForwardedTxPackets, l.ForwardedTxBytes, l.ForwardedRxPackets, l.ForwardedRxBytes = c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes
-		l.Flows = perLine[l.Number]
+		l.Flows = counts.PerLine[l.Number]
 	}
 	s.Totals.Flows = s.FlowMap.Entries
+	addPinnedFlows(s, counts)
 }
 
 // statsReader reads the pinned maps for status, and keeps the last
@@ -287,8 +330,7 @@ const flowCountSmall = 100000
 // all. The datapath keeps no count: the map is walked.
 type flowCount struct {
 	mu      sync.Mutex
-	perLine map[int]int
-	total   int
+	counts  flows.Counts
 	at      time.Time     // when the walk ended; zero: never counted
 	took    time.Duration // what it took
 	changes uint64        // the map's pins, moves and removals when it was walked
@@ -298,22 +340,22 @@ type flowCount struct {
 // the map's pins, moves and removals (changes, from the datapath's
 // counters) are the same since, or where the walk was expensive and is recent (see
 // flowCountReuse); else a fresh walk of the flow map.
-func (r *statsReader) countFlows(src flows.Source, changes uint64, now func() time.Time) (map[int]int, int, error) {
+func (r *statsReader) countFlows(src flows.Source, changes uint64, now func() time.Time) (flows.Counts, error) {
 	c := &r.counted
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	start := now()
-	expensive := c.took >= flowCountCheap && c.total >= flowCountSmall
+	expensive := c.took >= flowCountCheap && c.counts.Total >= flowCountSmall
 	if !c.at.IsZero() && (changes == c.changes || expensive && start.Sub(c.at) < flowCountReuse*c.took) {
-		return c.perLine, c.total, nil
+		return c.counts, nil
 	}
-	perLine, total, err := flows.Count(src)
+	counts, err := flows.Count(src)
 	if err != nil {
-		return nil, 0, err
+		return flows.Counts{}, err
 	}
-	c.perLine, c.total, c.at, c.changes = perLine, total, now(), changes
+	c.counts, c.at, c.changes = counts, now(), changes
 	c.took = c.at.Sub(start)
-	return perLine, total, nil
+	return counts, nil
 }
 
 func (r *statsReader) open(pinDir string) (*loader.Stats, error) {
@@ -410,4 +452,66 @@ func (a *Agent) handle(ctx context.Context, req ctlsock.Request) ctlsock.Reply {
 		evs = []events.Event{}
 	}
 	return ctlsock.DataReply(evs)
+}
+
+// policyStatus is every policy with the tier in use, and every rule; nil
+// for a config without rules.
+func policyStatus(cfg *config.Config, lines []plan.Line) ([]PolicyStatus, []RuleStatus) {
+	if len(cfg.Rules) == 0 {
+		return nil, nil
+	}
+	var ps []PolicyStatus
+	for id, p := range cfg.PolicyList() {
+		st := PolicyStatus{ID: id, Name: p.Name, LastResort: p.LastResort, Lines: []string{}}
+		if t := plan.ActiveTier(p, lines); t >= 0 {
+			st.Tier = t + 1
+			usable := map[string]bool{}
+			for _, l := range lines {
+				usable[l.Name] = l.Usable()
+			}
+			for _, m := range plan.Tiers(p)[t].Members {
+				if usable[m.Line] {
+					st.Lines = append(st.Lines, m.Line)
+				}
+			}
+		}
+		ps = append(ps, st)
+	}
+	rs := make([]RuleStatus, len(cfg.Rules))
+	for i, r := range cfg.Rules {
+		rs[i] = RuleStatus{Name: r.Name, Policy: r.Policy}
+	}
+	return ps, rs
+}
+
+// addPolicyCounts adds the datapath's rule hits and flows per policy. The
+// hits are those of the rule set installed now, which is the config's but
+// for an instant after a reload.
+func addPolicyCounts(st *loader.Stats, s *Status) error {
+	hits, err := st.RuleHits()
+	if err != nil {
+		return err
+	}
+	newFlows, err := st.PolicyFlows()
+	if err != nil {
+		return err
+	}
+	for i := range s.Rules {
+		if i < len(hits) {
+			s.Rules[i].Hits = hits[i]
+		}
+	}
+	for i := range s.Policies {
+		if id := s.Policies[i].ID; id < len(newFlows) {
+			s.Policies[i].Flows = newFlows[id]
+		}
+	}
+	return nil
+}
+
+// addPinnedFlows adds each policy's flows in the flow map now.
+func addPinnedFlows(s *Status, counts flows.Counts) {
+	for i := range s.Policies {
+		s.Policies[i].Pinned = counts.PerPolicy[s.Policies[i].ID]
+	}
 }

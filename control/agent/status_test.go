@@ -40,14 +40,14 @@ func TestFlowCountBounded(t *testing.T) {
 	changes := uint64(0)
 	count := func() int {
 		t.Helper()
-		perLine, total, err := r.countFlows(src, changes, now)
+		counts, err := r.countFlows(src, changes, now)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if perLine[1] != total {
-			t.Fatalf("flows by line %v, total %d", perLine, total)
+		if counts.PerLine[1] != counts.Total || counts.PerPolicy[0] != counts.Total {
+			t.Fatalf("flows by line %v, by policy %v, total %d", counts.PerLine, counts.PerPolicy, counts.Total)
 		}
-		return total
+		return counts.Total
 	}
 	if got := count(); got != big+3 || src.walks != 1 {
 		t.Fatalf("first count: %d flows in %d walks, want %d in 1", got, src.walks, big+3)

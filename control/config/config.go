@@ -71,6 +71,17 @@ type Config struct {
 	// gateway.
 	HA *HA `yaml:"ha"`
 
+	// PrefixSets, Policies and Rules steer new flows: the first rule that
+	// matches a flow names its policy, the lines it may take; a flow no
+	// rule matches takes the built-in balanced policy (see PolicyList).
+	PrefixSets []PrefixSet `yaml:"prefix_sets"`
+	Policies   []Policy    `yaml:"policies"`
+	Rules      []Rule      `yaml:"rules"`
+
+	// Warnings are what Load found odd but not wrong (a rule that an
+	// earlier one shadows), each "FILE:LINE: FIELD: message".
+	Warnings []string `yaml:"-"`
+
 	file string
 	pos  positions
 }
@@ -315,8 +326,9 @@ func Load(file string) (*Config, error) {
 	return Parse(file, data)
 }
 
-// Parse parses and checks config text; file names it in errors. All
-// problems are reported at once, joined.
+// Parse parses and checks config text; file names it in errors, and a
+// prefix set's relative file is relative to its directory (Parse reads
+// the prefix sets' files). All problems are reported at once, joined.
 func Parse(file string, data []byte) (*Config, error) {
 	var root, more yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
@@ -678,6 +690,7 @@ func (c *Config) check() error {
 	if c.HA != nil {
 		errs = append(errs, c.checkHA(lanIf, ifaces)...)
 	}
+	errs = append(errs, c.checkPolicies(lanIf)...)
 
 	// A target that is a line's gateway says nothing beyond it.
 	gateways := map[netip.Addr]string{}

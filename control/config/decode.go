@@ -34,6 +34,13 @@ func (e *FieldError) Error() string {
 	return b.String()
 }
 
+// List is a list in the file that may also be written as its one item:
+// `proto: udp` is `proto: [udp]`. A scalar keeps the field's own path
+// (rules[2].proto), an item of a list its index (rules[2].proto[1]).
+type List []string
+
+var listType = reflect.TypeFor[List]()
+
 // positions maps a field path ("uplinks[1].gateway") to its line in the file.
 type positions map[string]int
 
@@ -69,6 +76,10 @@ func (d *decoder) decode(n *yaml.Node, v reflect.Value, path string) {
 	case reflect.Struct:
 		d.decodeStruct(n, v, path)
 	case reflect.Slice:
+		if n.Kind == yaml.ScalarNode && v.Type() == listType {
+			v.Set(reflect.ValueOf(List{n.Value}))
+			return
+		}
 		if n.Kind != yaml.SequenceNode {
 			d.fail(n.Line, path, "want a list, got %s", kindName(n))
 			return

@@ -15,7 +15,9 @@ import (
 // names the file (FILE[:LINE]: ...), the same input gives the same answer,
 // and a config it accepts is consistent: 1..16 lines with unique names,
 // interfaces, tables and marks inside the mask, weights 1..255, unicast
-// IPv4 gateways, absolute paths and rule priorities in order.
+// IPv4 gateways, absolute paths and rule priorities in order; rules name
+// policies of PolicyList (64 at most), LAN interfaces of lan.interfaces,
+// and ports only with tcp or udp.
 func FuzzParse(f *testing.F) {
 	f.Add(seed)
 	f.Add(seed + "routing:\n  table_base: 100\n  mark_mask: 0xff\n  protocol: 99\n")
@@ -24,6 +26,12 @@ func FuzzParse(f *testing.F) {
 	f.Add(strings.Replace(seed, "    weight: 4\n", "    weight: 4\n    table: 7\n    mark: 0x4000000\n    health: {gateway_probe: arp}\n", 1))
 	f.Add("lan: {interfaces: [a]}\nuplinks: [{name: x, interface: b, gateway: 192.0.2.1}]\n---\n")
 	f.Add("lan: &l {interfaces: [a]}\nuplinks: *l\n")
+	// Policies and rules, without prefix sets: their files would be
+	// relative to the test's directory.
+	noSets := strings.NewReplacer("prefix_sets:\n  - name: banks\n    file: banks.txt\n", "", "dst_set: banks", "dst: 198.18.0.0/15").Replace(policyConfig)
+	f.Add(noSets)
+	f.Add(noSets + "  - {src: [10.0.0.0/8, \"2001:db8::1\"], proto: [6, udp], src_port: 1-1023, dscp: [cs1, 9], line: dsl}\n")
+	f.Add(strings.Replace(policyConfig, "file: banks.txt", "file: /nonexistent/banks.txt", 1))
 	f.Fuzz(func(t *testing.T, text string) {
 		c, err := Parse("fuzz.yaml", []byte(text))
 		_, err2 := Parse("fuzz.yaml", []byte(text))
@@ -86,5 +94,34 @@ func checkConsistent(t *testing.T, c *Config) {
 	}
 	if r.Protocol < 5 || r.Protocol > 255 || !ValidTable(r.MultipathTable) {
 		t.Fatalf("routing accepted: %+v", r)
+	}
+	policies := map[string]bool{}
+	list := c.PolicyList()
+	for _, p := range list {
+		policies[p.Name] = true
+		for _, m := range p.Members {
+			if !seen["name "+m.Line] || m.Weight < 1 || m.Weight > 255 || m.Metric < 0 {
+				t.Fatalf("policy %s: member %+v accepted", p.Name, m)
+			}
+		}
+	}
+	if len(list) > MaxPolicies || len(policies) != len(list) {
+		t.Fatalf("%d policies (%d names) accepted", len(list), len(policies))
+	}
+	for _, rule := range c.Rules {
+		if !policies[rule.Policy] {
+			t.Fatalf("rule %s: policy %q accepted", rule.Name, rule.Policy)
+		}
+		for _, l := range rule.LANs {
+			if !slices.Contains(c.LAN.Interfaces, l) {
+				t.Fatalf("rule %s: lan %s accepted", rule.Name, l)
+			}
+		}
+		if len(rule.SrcPorts)+len(rule.DstPorts) > 0 && !portProtos(rule.Protos) {
+			t.Fatalf("rule %s: ports with protocols %v accepted", rule.Name, rule.Protos)
+		}
+		if rule.Sticky < 0 || rule.Sticky > MaxSticky {
+			t.Fatalf("rule %s: sticky %v accepted", rule.Name, rule.Sticky)
+		}
 	}
 }

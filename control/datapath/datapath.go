@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -39,6 +40,11 @@ type Sync struct {
 	// lineIfs are the line interfaces by name → ifindex, each cleared once
 	// of the uplink programs earlier uplinkd attached there.
 	lineIfs map[string]int
+	// ruleSet is the rule set compiled for compiledFor with its LAN
+	// interfaces at compiledLANs: compiled again only when they change.
+	ruleSet      loader.RuleSet
+	compiledFor  *config.Config
+	compiledLANs map[string]int
 }
 
 // New returns a Sync that has loaded nothing yet.
@@ -135,17 +141,8 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 		errs = append(errs, err)
 	}
 
-	prev, err := d.dp.CurrentBuckets()
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	next := loader.Buckets(prev, weights, live)
-	if !slices.Equal(prev, next) {
-		if err := d.dp.SetBuckets(next); err != nil {
-			errs = append(errs, err)
-		} else {
-			log.Info("buckets changed", "moved", moved(prev, next), "of", len(next))
-		}
+	if err := d.applyPolicies(cfg, lines, weights, live, log); err != nil {
+		errs = append(errs, err)
 	}
 	if err := d.dp.SetLANSubnets(lan); err != nil {
 		errs = append(errs, err)
@@ -158,6 +155,73 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// applyPolicies writes every policy's bucket table (the balanced one's, id
+// 0, from the lines' effective weights), the last resorts' marks, then the
+// rules that name the policies. Only what changed is written: the buckets
+// that must move for a new weight or a dead line (so only new flows see
+// the change), a rule set only when it compiles to other tables.
+func (d *Sync) applyPolicies(cfg *config.Config, lines []plan.Line, weights []int, live []bool, log *slog.Logger) error {
+	prev, err := d.dp.CurrentPolicies()
+	if err != nil {
+		return err
+	}
+	prevBuckets := make([][]int, len(prev))
+	for id, t := range prev {
+		prevBuckets[id] = t.Buckets
+	}
+	list := cfg.PolicyList()
+	buckets := PolicyBuckets(cfg, lines, prevBuckets)
+	buckets[0] = loader.Buckets(prev[0].Buckets, weights, live)
+	tables := make([]loader.PolicyTable, len(list))
+	for id, p := range list {
+		tables[id] = loader.PolicyTable{LastResort: lastResort(p.LastResort), Buckets: buckets[id]}
+	}
+	unreachable, blackhole := cfg.LastResortMarks()
+	if err := d.dp.SetLastResortMarks(unreachable, blackhole); err != nil {
+		return err
+	}
+	if err := d.dp.SetPolicies(tables); err != nil {
+		return err
+	}
+	if !slices.Equal(prev[0].Buckets, buckets[0]) {
+		log.Info("buckets changed", "moved", moved(prev[0].Buckets, buckets[0]), "of", len(buckets[0]))
+	}
+	for id := 1; id < len(list); id++ {
+		if id < len(prev) && !slices.Equal(prev[id].Buckets, buckets[id]) && prev[id].Buckets != nil {
+			log.Info("policy buckets changed", "policy", list[id].Name, "moved", moved(prev[id].Buckets, buckets[id]), "of", len(buckets[id]))
+		}
+	}
+	rs, err := d.compiled(cfg)
+	if err != nil {
+		return err
+	}
+	return d.dp.SetRuleSet(rs)
+}
+
+// compiled is cfg's rule set, compiled again only when the config or the
+// index of a LAN interface its rules name changed.
+func (d *Sync) compiled(cfg *config.Config) (loader.RuleSet, error) {
+	lans := map[string]int{}
+	for _, r := range cfg.Rules {
+		for _, ifname := range r.LANs {
+			index, err := d.k.LinkIndex(ifname)
+			if err != nil {
+				return loader.RuleSet{}, fmt.Errorf("compiling rules: lan %s: %w", ifname, err)
+			}
+			lans[ifname] = index
+		}
+	}
+	if d.compiledFor == cfg && maps.Equal(d.compiledLANs, lans) {
+		return d.ruleSet, nil
+	}
+	rs, err := CompileRules(cfg, func(ifname string) (int, error) { return lans[ifname], nil })
+	if err != nil {
+		return loader.RuleSet{}, err
+	}
+	d.compiledFor, d.compiledLANs, d.ruleSet = cfg, lans, rs
+	return rs, nil
 }
 
 // lineEntry is a line's entry in the datapath's line table (its interface

@@ -64,10 +64,17 @@ func testNS(t *testing.T, lines int) (netns.NsHandle, *netlink.Handle) {
 	return ns, h
 }
 
-// A reconcile with nothing to change writes nothing to the datapath's
-// maps: every write goes through the loader's counted map writer.
-func TestApplyUnchangedWritesNothing(t *testing.T) {
-	const n = 16
+// syncLab is a Sync over a throwaway namespace with n lines, l1..ln on
+// wan1..wanN, its config text extended by extra; its pins go with the test.
+type syncLab struct {
+	d     *Sync
+	cfg   *config.Config
+	lines []plan.Line
+	base  string // the config's text without extra
+}
+
+func newSyncLab(t *testing.T, n int, extra string) *syncLab {
+	t.Helper()
 	ns, h := testNS(t, n)
 	pinDir, err := os.MkdirTemp(loader.BPFFSRoot, "uplinkd-test-")
 	if err != nil {
@@ -78,7 +85,7 @@ func TestApplyUnchangedWritesNothing(t *testing.T) {
 		text += fmt.Sprintf("  - {name: l%d, interface: wan%d, gateway: 10.0.%d.1}\n", i, i, i)
 	}
 	text += fmt.Sprintf("state_dir: %s\ndatapath: {pin_dir: %s, flow_entries: 4096}\n", t.TempDir(), pinDir)
-	cfg, err := config.Parse("unit.yaml", []byte(text))
+	cfg, err := config.Parse("unit.yaml", []byte(text+extra))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,38 +110,116 @@ func TestApplyUnchangedWritesNothing(t *testing.T) {
 	var lines []plan.Line
 	for i, l := range cfg.Lines {
 		lines = append(lines, plan.Line{
-			Line: l, Index: l.Slot - 1, Carrier: true, Up: true, Healthy: i != 3, // one line dead
+			Line: l, Index: l.Slot - 1, Carrier: true, Up: true, Healthy: true,
 			Address: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 0, byte(i + 1), 2}), 24),
 		})
 	}
+	return &syncLab{d: d, cfg: cfg, lines: lines, base: text}
+}
+
+// apply applies the lab's config and lines, returning the map writes made.
+func (l *syncLab) apply(t *testing.T) uint64 {
+	t.Helper()
+	var before uint64
+	if l.d.dp != nil {
+		before = l.d.dp.Writes()
+	}
 	lan := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ev := events.NewRing(16, log)
-	apply := func() uint64 {
-		t.Helper()
-		var before uint64
-		if d.dp != nil {
-			before = d.dp.Writes()
-		}
-		if err := d.Apply(cfg, lines, lan, log, ev); err != nil {
-			t.Fatal(err)
-		}
-		return d.dp.Writes() - before
+	if err := l.d.Apply(l.cfg, l.lines, lan, log, events.NewRing(16, log)); err != nil {
+		t.Fatal(err)
 	}
-	if w := apply(); w == 0 {
+	return l.d.dp.Writes() - before
+}
+
+// A reconcile with nothing to change writes nothing to the datapath's
+// maps: every write goes through the loader's counted map writer.
+func TestApplyUnchangedWritesNothing(t *testing.T) {
+	l := newSyncLab(t, 16, "")
+	l.lines[3].Healthy = false // one line dead
+	if w := l.apply(t); w == 0 {
 		t.Fatal("the first apply wrote nothing")
 	}
 	for range 3 {
-		if w := apply(); w != 0 {
+		if w := l.apply(t); w != 0 {
 			t.Errorf("an apply with nothing to change made %d map writes, want 0", w)
 		}
 	}
-	lines[3].Healthy = true // the dead line is back: its entry and its buckets
-	if w := apply(); w != 2 {
-		t.Errorf("a line back: %d map writes, want 2 (its entry, one batch of buckets)", w)
+	// The dead line is back: its entry, its buckets and the balanced
+	// policy's set of lines (which sticky rules read).
+	l.lines[3].Healthy = true
+	if w := l.apply(t); w != 3 {
+		t.Errorf("a line back: %d map writes, want 3 (its entry, one batch of buckets, the balanced policy's line set)", w)
 	}
-	if w := apply(); w != 0 {
+	if w := l.apply(t); w != 0 {
 		t.Errorf("after the change, an apply with nothing to change made %d map writes, want 0", w)
+	}
+}
+
+// A policy's new flows go to its first tier with a usable line, then to
+// its last resort; the rules are installed once, and again only when they
+// change.
+func TestApplyPolicies(t *testing.T) {
+	l := newSyncLab(t, 3, `policies:
+  - name: tiered
+    members: [{line: l1, metric: 1}, {line: l2, metric: 2}, {line: l3, metric: 2}]
+    last_resort: unreachable
+rules:
+  - {dst_port: 5060, proto: udp, policy: tiered}
+  - {dst: 203.0.113.0/24, line: l3}
+`)
+	l.apply(t)
+	lineSet := func(id int) map[int]int {
+		t.Helper()
+		tables, err := l.d.dp.CurrentPolicies()
+		if err != nil {
+			t.Fatal(err)
+		}
+		set := map[int]int{}
+		for _, line := range tables[id].Buckets {
+			set[line]++
+		}
+		return set
+	}
+	if got := lineSet(1); len(got) != 1 || got[0] != loader.NumBuckets {
+		t.Errorf("tiered with every line up: buckets %v, want all on l1 (index 0)", got)
+	}
+	if got := lineSet(2); len(got) != 1 || got[2] != loader.NumBuckets {
+		t.Errorf("line:l3: buckets %v, want all on l3 (index 2)", got)
+	}
+	hits, err := l.d.dp.RuleHits()
+	if err != nil || len(hits) != 2 {
+		t.Fatalf("rule hits %v (%v): want the 2 rules installed", hits, err)
+	}
+	if w := l.apply(t); w != 0 {
+		t.Errorf("an apply with nothing to change made %d map writes, want 0", w)
+	}
+	l.lines[0].Healthy = false
+	l.apply(t)
+	if got := lineSet(1); len(got) != 2 || got[1]+got[2] != loader.NumBuckets {
+		t.Errorf("tiered with l1 down: buckets %v, want l2 and l3 (indexes 1, 2) only", got)
+	}
+	l.lines[1].Healthy, l.lines[2].Healthy = false, false
+	l.apply(t)
+	if got := lineSet(1); len(got) != 1 || got[loader.NoLine] != loader.NumBuckets {
+		t.Errorf("tiered with every line down: buckets %v, want none (its last resort)", got)
+	}
+	tables, err := l.d.dp.CurrentPolicies()
+	if err != nil || tables[1].LastResort != loader.LastResortUnreachable {
+		t.Errorf("tiered's last resort %d (%v), want unreachable", tables[1].LastResort, err)
+	}
+	// A reload without rules or policies unsets them.
+	noRules, err := config.Parse("unit.yaml", []byte(l.base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.cfg = noRules
+	l.apply(t)
+	if hits, err := l.d.dp.RuleHits(); err != nil || len(hits) != 0 {
+		t.Errorf("after a reload without rules: hits %v (%v), want no rules installed", hits, err)
+	}
+	if got := lineSet(1); len(got) != 0 {
+		t.Errorf("after a reload without policies: policy 1's buckets %v, want none", got)
 	}
 }
 

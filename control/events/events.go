@@ -34,6 +34,7 @@ const (
 	HANotify       = "ha-notify"        // keepalived's notify script said a state
 	HAResyncFailed = "ha-resync-failed" // the master's periodic conntrackd resync failed
 	HAFlowsCleared = "ha-flows-cleared" // the flow map emptied on becoming standby
+	PrefixSet      = "prefix-set"       // a prefix set's file changed, or was refused
 )
 
 // Event is one thing that happened. Its JSON form is the one `uplinkd

@@ -28,8 +28,10 @@ type Row struct {
 	Line       string  `json:"line"`  // the line's name; its number where unknown
 	LineNumber int     `json:"line_number"`
 	NATSource  string  `json:"nat_source,omitempty"`
-	Recovered  bool    `json:"recovered"`  // its line came from conntrack, not the buckets
-	TxPackets  uint64  `json:"tx_packets"` // LAN to Internet
+	Recovered  bool    `json:"recovered"`      // its line came from conntrack, not the buckets
+	Policy     string  `json:"policy"`         // the policy that gave it its line: "balanced" unless a rule matched
+	Rule       string  `json:"rule,omitempty"` // the rule that matched its first packet; "" for none
+	TxPackets  uint64  `json:"tx_packets"`     // LAN to Internet
 	TxBytes    uint64  `json:"tx_bytes"`
 	RxPackets  uint64  `json:"rx_packets"` // Internet to LAN
 	RxBytes    uint64  `json:"rx_bytes"`
@@ -78,19 +80,26 @@ func ParseClient(s string) (netip.Prefix, error) {
 	return netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()), nil
 }
 
+// Names give the numbers the flow map records their names.
+type Names struct {
+	Lines    map[int]string // by line number (1-based)
+	Rules    []string       // by rule index
+	Policies []string       // by policy id
+}
+
 // Source is where flows come from: loader.Stats.
 type Source interface {
 	Flows(fn func(loader.Flow) bool) error
 }
 
-// Run streams the flows q selects to emit, in q's order. names gives each
-// line number (1-based) its name. Without Sort, flows are emitted as the
+// Run streams the flows q selects to emit, in q's order, with names's
+// names for the lines, rules and policies. Without Sort, flows are emitted as the
 // map is read and Limit stops the read early; with Sort and Limit, only
 // Limit flows are kept; with Sort alone, every selected flow is.
-func Run(src Source, q Query, names map[int]string, now time.Time, emit func(Row) error) error {
+func Run(src Source, q Query, names Names, now time.Time, emit func(Row) error) error {
 	lineNumber := -1
 	if q.Line != "" {
-		lineNumber = LineNumber(q.Line, names)
+		lineNumber = LineNumber(q.Line, names.Lines)
 		if lineNumber < 0 {
 			return fmt.Errorf("no line %q", q.Line)
 		}
@@ -203,7 +212,7 @@ func ProtoName(p uint8) string {
 	return fmt.Sprint(p)
 }
 
-func rowOf(f *loader.Flow, names map[int]string, now time.Time) Row {
+func rowOf(f *loader.Flow, names Names, now time.Time) Row {
 	r := Row{
 		Client: f.Src.Addr().String(), ClientPort: f.Src.Port(),
 		Remote: f.Dst.Addr().String(), RemotePort: f.Dst.Port(),
@@ -211,9 +220,16 @@ func rowOf(f *loader.Flow, names map[int]string, now time.Time) Row {
 		TxPackets: f.TxPackets, TxBytes: f.TxBytes, RxPackets: f.RxPackets, RxBytes: f.RxBytes,
 		AgeSeconds: max(0, now.Sub(f.FirstSeen).Seconds()), IdleSecs: max(0, now.Sub(f.LastSeen).Seconds()),
 	}
-	r.Line = names[r.LineNumber]
+	r.Line = names.Lines[r.LineNumber]
 	if r.Line == "" {
 		r.Line = fmt.Sprint(r.LineNumber)
+	}
+	r.Policy = nameOf(names.Policies, f.Policy)
+	if f.Policy == 0 && r.Policy == "0" {
+		r.Policy = "balanced"
+	}
+	if f.Rule >= 0 {
+		r.Rule = nameOf(names.Rules, f.Rule)
 	}
 	if f.NATAddr.IsValid() {
 		r.NATSource = f.NATAddr.String()
@@ -221,13 +237,29 @@ func rowOf(f *loader.Flow, names map[int]string, now time.Time) Row {
 	return r
 }
 
-// Count counts the flows pinned to each line (by line number) and in all.
-func Count(src Source) (map[int]int, int, error) {
-	per, total := map[int]int{}, 0
+// Counts are the flows in the flow map, by line number, by policy id and
+// in all.
+type Counts struct {
+	PerLine, PerPolicy map[int]int
+	Total              int
+}
+
+// Count counts the flows pinned to each line and each policy, and in all.
+func Count(src Source) (Counts, error) {
+	c := Counts{PerLine: map[int]int{}, PerPolicy: map[int]int{}}
 	err := src.Flows(func(f loader.Flow) bool {
-		per[f.Line+1]++
-		total++
+		c.PerLine[f.Line+1]++
+		c.PerPolicy[f.Policy]++
+		c.Total++
 		return true
 	})
-	return per, total, err
+	return c, err
+}
+
+// nameOf is names[i], or i where names has no name for it.
+func nameOf(names []string, i int) string {
+	if i >= 0 && i < len(names) && names[i] != "" {
+		return names[i]
+	}
+	return fmt.Sprint(i)
 }

@@ -49,7 +49,7 @@ func fakeFlows(n int) fakeSource {
 func collect(t *testing.T, src Source, q Query) []Row {
 	t.Helper()
 	var rows []Row
-	if err := Run(src, q, map[int]string{1: "dsl1", 2: "dsl2"}, now, func(r Row) error { rows = append(rows, r); return nil }); err != nil {
+	if err := Run(src, q, Names{Lines: map[int]string{1: "dsl1", 2: "dsl2"}}, now, func(r Row) error { rows = append(rows, r); return nil }); err != nil {
 		t.Fatal(err)
 	}
 	return rows
@@ -72,7 +72,7 @@ func TestFiltersSelectExactly(t *testing.T) {
 		rows := collect(t, src, c.q)
 		want := 0
 		for _, f := range src {
-			if c.want(rowOf(&f, map[int]string{1: "dsl1", 2: "dsl2"}, now)) {
+			if c.want(rowOf(&f, Names{Lines: map[int]string{1: "dsl1", 2: "dsl2"}}, now)) {
 				want++
 			}
 		}
@@ -85,10 +85,10 @@ func TestFiltersSelectExactly(t *testing.T) {
 			}
 		}
 	}
-	if err := Run(src, Query{Line: "dsl9"}, map[int]string{1: "dsl1"}, now, func(Row) error { return nil }); err == nil {
+	if err := Run(src, Query{Line: "dsl9"}, Names{Lines: map[int]string{1: "dsl1"}}, now, func(Row) error { return nil }); err == nil {
 		t.Error("an unknown line is no error")
 	}
-	if err := Run(src, Query{Sort: "size"}, nil, now, func(Row) error { return nil }); err == nil {
+	if err := Run(src, Query{Sort: "size"}, Names{}, now, func(Row) error { return nil }); err == nil {
 		t.Error("an unknown sort is no error")
 	}
 }
@@ -136,8 +136,31 @@ func TestParse(t *testing.T) {
 	if _, err := ParseClient("client1"); err == nil {
 		t.Error("a name accepted as client")
 	}
-	per, total, _ := Count(fakeFlows(10))
-	if total != 10 || per[1] != 5 || per[2] != 5 {
-		t.Errorf("count: %v %d", per, total)
+	c, _ := Count(fakeFlows(10))
+	if c.Total != 10 || c.PerLine[1] != 5 || c.PerLine[2] != 5 || c.PerPolicy[0] != 10 {
+		t.Errorf("count: %+v", c)
+	}
+}
+
+// A flow names the rule that matched it and its policy; a flow no rule
+// matched has the balanced policy and no rule.
+func TestRowPolicyAndRule(t *testing.T) {
+	names := Names{Rules: []string{"sip", "banks"}, Policies: []string{"balanced", "voip", "line:dsl2"}}
+	now := time.Now()
+	for _, c := range []struct {
+		rule, policy     int
+		wantRule, wantPo string
+	}{
+		{1, 2, "banks", "line:dsl2"},
+		{-1, 0, "", "balanced"},
+		{5, 9, "5", "9"}, // numbers the names do not know (a reload under way)
+	} {
+		r := rowOf(&loader.Flow{Rule: c.rule, Policy: c.policy}, names, now)
+		if r.Rule != c.wantRule || r.Policy != c.wantPo {
+			t.Errorf("rule %d policy %d: row says rule %q policy %q, want %q %q", c.rule, c.policy, r.Rule, r.Policy, c.wantRule, c.wantPo)
+		}
+	}
+	if r := rowOf(&loader.Flow{Rule: -1}, Names{}, now); r.Policy != "balanced" || r.Rule != "" {
+		t.Errorf("without names: rule %q policy %q, want none and balanced", r.Rule, r.Policy)
 	}
 }

@@ -118,6 +118,18 @@ var (
 		"In an HA pair: from the last takeover (the LAN VIP seen here) until the kernel state followed it.", nil, nil)
 	haResyncs = prometheus.NewDesc("uplinkd_ha_conntrack_resyncs_total",
 		"In an HA pair: the master's periodic conntrackd resyncs (which keep the standby's copies of steady flows from timing out), by result (ok, error), since the agent started.", []string{"result"}, nil)
+	ruleHits = prometheus.NewDesc("uplinkd_rule_hits_total",
+		"New flows each rule matched since its rule set was installed (a reload that changes the rules starts it again).",
+		[]string{"rule", "policy"}, nil)
+	policyFlows = prometheus.NewDesc("uplinkd_policy_flows_total",
+		"New flows the rules gave each policy since the datapath's maps were created.",
+		[]string{"policy"}, nil)
+	policyPinned = prometheus.NewDesc("uplinkd_policy_pinned_flows",
+		"Flows of each policy in the datapath's flow map now (counted with uplinkd_line_flows).",
+		[]string{"policy"}, nil)
+	policyTier = prometheus.NewDesc("uplinkd_policy_tier",
+		"The tier (1-based, by metric) whose lines get the policy's new flows now; 0 while none of its lines is usable (its last resort).",
+		[]string{"policy"}, nil)
 	statusError = prometheus.NewDesc("uplinkd_status_error",
 		"1 when the agent did not give its status for this scrape (starting, busy or stopping): no other uplinkd metric is given then.", nil, nil)
 )
@@ -143,7 +155,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		lineRTT, lineJitter, lineLoss, lineSamples, lineWeight, lineFlows, lineStateChanges,
 		datapathPackets, flowMapEntries, flowMapCapacity, flowMapInserted, flowMapEvicted,
 		slowParsed, reconcileErrors, restored, allLinesDown, datapathError, statusError,
-		haMaster, haTakeovers, haTakeoverApply, haResyncs,
+		haMaster, haTakeovers, haTakeoverApply, haResyncs, ruleHits, policyFlows, policyPinned, policyTier,
 	} {
 		ch <- d
 	}
@@ -196,6 +208,18 @@ func collect(ch chan<- prometheus.Metric, s agent.Status) {
 		counter(slowParsed, s.SlowParsed)
 		for reason, n := range s.Reasons {
 			counter(datapathPackets, n, reason)
+		}
+	}
+	for _, p := range s.Policies {
+		gauge(policyTier, float64(p.Tier), p.Name)
+		if datapath {
+			counter(policyFlows, p.Flows, p.Name)
+			gauge(policyPinned, float64(p.Pinned), p.Name)
+		}
+	}
+	if datapath {
+		for _, r := range s.Rules {
+			counter(ruleHits, r.Hits, r.Name, r.Policy)
 		}
 	}
 	for _, l := range s.Lines {

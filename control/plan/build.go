@@ -168,6 +168,22 @@ func Build(c *config.Config, lines []Line) State {
 		})
 		mp = append(mp, Nexthop{Gateway: l.GatewayAddr, Device: l.Interface, Weight: l.EffectiveWeight()})
 	}
+	unreachable, blackhole := c.LastResortMarks()
+	for _, kind := range LastResorts(c) {
+		prio, table := r.LastResortRule(kind)
+		mark, typ := unreachable, Unreachable
+		if kind == config.LastResortBlackhole {
+			mark, typ = blackhole, Blackhole
+		}
+		s.Rules = append(s.Rules, Rule{
+			Priority: prio, Table: table, Mark: mark, Mask: r.MarkMask, SuppressPrefixLen: -1,
+			Why: fmt.Sprintf("new flows of a policy with last_resort: %s while none of its lines is usable", kind),
+		})
+		s.Routes = append(s.Routes, Route{
+			Table: table, Dst: defaultRoute4, Type: typ,
+			Why: fmt.Sprintf("last_resort: %s", kind),
+		})
+	}
 	s.Rules = append(s.Rules, Rule{
 		Priority: r.MultipathPriority, Table: r.MultipathTable, SuppressPrefixLen: -1,
 		Why: "everything not pinned: weighted multipath over the usable lines",

@@ -36,8 +36,13 @@ func RuleCommand(r Rule, proto int) string {
 func RouteCommand(r Route, proto int) string {
 	var b strings.Builder
 	b.WriteString("ip route replace ")
-	if r.Type == Prohibit {
+	switch r.Type {
+	case Prohibit:
 		b.WriteString("prohibit ")
+	case Unreachable:
+		b.WriteString("unreachable ")
+	case Blackhole:
+		b.WriteString("blackhole ")
 	}
 	b.WriteString(dstName(r))
 	switch {

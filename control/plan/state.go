@@ -24,8 +24,10 @@ type RouteType uint8
 
 // Route types uplinkd uses (values are the kernel's RTN_*).
 const (
-	Unicast  RouteType = 1
-	Prohibit RouteType = 8 // answers with ICMP "administratively prohibited": the client fails fast
+	Unicast     RouteType = 1
+	Blackhole   RouteType = 6 // drops silently
+	Unreachable RouteType = 7 // answers with ICMP "host unreachable"
+	Prohibit    RouteType = 8 // answers with ICMP "administratively prohibited": the client fails fast
 )
 
 // Rule is one policy routing rule.
@@ -210,6 +212,10 @@ func ScopeOf(c *config.Config) Scope {
 	for _, u := range c.Lines {
 		s.Tables[u.Table] = true
 	}
+	for _, kind := range lastResorts {
+		prio, table := r.LastResortRule(kind)
+		s.Priorities[prio], s.Tables[table] = true, true
+	}
 	return s
 }
 
@@ -241,5 +247,25 @@ func Needed(c *config.Config) Scope {
 		s.Priorities[r.SourcePriority+u.Slot] = true
 		s.Tables[u.Table] = true
 	}
+	for _, kind := range LastResorts(c) {
+		prio, table := r.LastResortRule(kind)
+		s.Priorities[prio], s.Tables[table] = true, true
+	}
 	return s
+}
+
+// lastResorts are the last resorts that have a rule and a table of their
+// own.
+var lastResorts = []string{config.LastResortUnreachable, config.LastResortBlackhole}
+
+// LastResorts are the last resorts that c's policies use, of those with a
+// rule and a table (lastResorts).
+func LastResorts(c *config.Config) []string {
+	var used []string
+	for _, kind := range lastResorts {
+		if slices.ContainsFunc(c.Policies, func(p config.Policy) bool { return p.LastResort == kind }) {
+			used = append(used, kind)
+		}
+	}
+	return used
 }

@@ -4,6 +4,7 @@ package lab
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 )
 
@@ -73,4 +74,16 @@ func HostOf(prefix, name string) (*Host, error) {
 		return nil, fmt.Errorf("no lab host %q: want gw, gwN, sw, srv, cN or ispN", name)
 	}
 	return h, nil
+}
+
+// LineOf returns the number (1-based) of the line whose address (or, in
+// an HA lab, virtual address) is addr, the NAT source the server sees of a
+// flow that left by that line; 0 when no line has it.
+func (l *Lab) LineOf(addr netip.Addr) int {
+	for i, u := range l.Lines {
+		if addr == u.Address.Addr() || u.VIP.IsValid() && addr == u.VIP.Addr() {
+			return i + 1
+		}
+	}
+	return 0
 }

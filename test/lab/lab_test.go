@@ -5,7 +5,9 @@ package lab
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"runtime"
@@ -278,6 +280,83 @@ func TestGatewayLineAndFaults(t *testing.T) {
 	if err := eventually(3, func() error { return Ping(l.Gateway, u.Gateway, time.Second) }); err != nil {
 		t.Errorf("ISP 1 router after line loss removed: %v", err)
 	}
+}
+
+// DialTCPTOS's packets carry the DSCP asked for, the SYN included (where a
+// gateway classifies a new flow), and DialTCP's do not: the server counts
+// them by DSCP (nftables). ISP 1's router dials, it routes to the server
+// without a gateway. LineOf names the line of a line's address.
+func TestDialTCPTOS(t *testing.T) {
+	t.Parallel()
+	l := newLab(t, Options{ISPs: 1})
+	if n := l.LineOf(l.Lines[0].Address.Addr()); n != 1 {
+		t.Errorf("LineOf(line 1's address) = %d, want 1", n)
+	}
+	if n := l.LineOf(l.ServerAddrs[0]); n != 0 {
+		t.Errorf("LineOf(a server address) = %d, want 0", n)
+	}
+	srv := netip.AddrPortFrom(l.ServerAddrs[0], 7008)
+	es, err := StartEchoServer(l.Server, srv.Addr(), srv.Port())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { es.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if out, err := l.Server.Run(ctx, "nft", "add table inet dscp; "+
+		"add chain inet dscp c { type filter hook input priority 0; }; "+
+		"add rule inet dscp c tcp dport 7008 tcp flags syn ip dscp ef counter comment \"ef-syn\"; "+
+		"add rule inet dscp c tcp dport 7008 ip dscp ef counter comment \"ef\"; "+
+		"add rule inet dscp c tcp dport 7008 ip dscp != ef counter comment \"other\""); err != nil {
+		t.Fatal(err, out)
+	}
+	counts := func() map[string]int {
+		out, err := l.Server.Run(ctx, "nft", "list", "table", "inet", "dscp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]int{}
+		for _, line := range strings.Split(out, "\n") {
+			var n int
+			if i := strings.Index(line, "counter packets "); i >= 0 {
+				fmt.Sscanf(line[i+len("counter packets "):], "%d", &n)
+				if j := strings.Index(line, `comment "`); j >= 0 {
+					m[strings.TrimSuffix(line[j+len(`comment "`):], `"`)] = n
+				}
+			}
+		}
+		return m
+	}
+
+	c, _, err := eventuallyDial(func() (net.Conn, netip.AddrPort, error) { return DialTCP(l.ISPs[0], srv, 2*time.Second) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if m := counts(); m["ef"] != 0 || m["other"] == 0 {
+		t.Fatalf("DialTCP: counters %v, want no packet with DSCP ef and some without", m)
+	}
+	const ef = 46 << 2
+	c, _, err = DialTCPTOS(l.ISPs[0], srv, ef, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if m := counts(); m["ef-syn"] != 1 || m["ef"] < 2 {
+		t.Errorf("DialTCPTOS(ef): counters %v, want its SYN and its other packets with DSCP ef", m)
+	}
+}
+
+// eventuallyDial retries dial a few times (the first one may wait for ARP).
+func eventuallyDial(dial func() (net.Conn, netip.AddrPort, error)) (c net.Conn, seen netip.AddrPort, err error) {
+	err = eventually(3, func() (err error) {
+		c, seen, err = dial()
+		return err
+	})
+	return c, seen, err
 }
 
 // TestParallelLabs builds two labs at once; their prefixes must differ and

@@ -14,7 +14,10 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // EchoIdle is how long the echo server keeps an idle TCP connection.
@@ -213,9 +216,37 @@ func parseSRC(line string) (netip.AddrPort, error) {
 // the connection (positioned after the greeting) and the source address the
 // server saw. The source is chosen by h's routing.
 func DialTCP(h *Host, dst netip.AddrPort, timeout time.Duration) (net.Conn, netip.AddrPort, error) {
+	return dialTCP(h, dst, &net.Dialer{Timeout: timeout}, timeout)
+}
+
+// DialTCPTOS is DialTCP with the socket's traffic class set before it
+// connects (IP_TOS, or IPV6_TCLASS towards an IPv6 dst), so that every
+// packet of the connection, its SYN included, carries it: tos is the
+// whole byte, DSCP<<2 (the kernel keeps TCP's ECN bits to itself).
+func DialTCPTOS(h *Host, dst netip.AddrPort, tos int, timeout time.Duration) (net.Conn, netip.AddrPort, error) {
+	level, opt := unix.IPPROTO_IP, unix.IP_TOS
+	if dst.Addr().Is6() && !dst.Addr().Is4In6() {
+		level, opt = unix.IPPROTO_IPV6, unix.IPV6_TCLASS
+	}
+	d := &net.Dialer{Timeout: timeout, Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), level, opt, tos) }); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("setting the traffic class %#x: %w", tos, serr)
+		}
+		return nil
+	}}
+	return dialTCP(h, dst, d, timeout)
+}
+
+// dialTCP dials with d in h's namespace and reads the echo server's
+// greeting.
+func dialTCP(h *Host, dst netip.AddrPort, d *net.Dialer, timeout time.Duration) (net.Conn, netip.AddrPort, error) {
 	var c net.Conn
 	err := h.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp", dst.String(), timeout)
+		c, err = d.Dial("tcp", dst.String())
 		return err
 	})
 	if err != nil {
