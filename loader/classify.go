@@ -34,9 +34,10 @@ const (
 	v4MaxIntervals     = 1 << 17 // UL_V4_INTERVALS
 	v4Nodes            = 9216    // UL_V4_NODES
 	v4Pad              = ^uint32(0)
-	v4DirCells         = 1 << 16 // UL_V4_DIR_CELLS
-	v4DirTree          = 1 << 31 // UL_V4_DIR_TREE
-	v4DirLevelShift    = 24      // UL_V4_DIR_LEVEL_SHIFT
+	v4DirCells         = 1 << 16      // UL_V4_DIR_CELLS
+	v4DirTree          = 1 << 31      // UL_V4_DIR_TREE
+	v4DirLevelShift    = 24           // UL_V4_DIR_LEVEL_SHIFT
+	v6MaxPrefixes      = 65536 + 4096 // UL_V6_PREFIXES
 )
 
 // The rule bitmaps hold RuleWords words.
@@ -60,6 +61,8 @@ func checkRuleLimits(spec *ebpf.CollectionSpec) error {
 		{uplinkdMapUlRuleV4Nodes, 2 * ruleGens * v4Nodes},
 		{uplinkdMapUlRuleV4Ids, 2 * ruleGens * v4MaxIntervals},
 		{uplinkdMapUlRuleV4Dir, 2 * ruleGens * v4DirCells},
+		{uplinkdMapUlRuleSrc, ruleGens * v6MaxPrefixes},
+		{uplinkdMapUlRuleDst, ruleGens * v6MaxPrefixes},
 	} {
 		if got := int(spec.Maps[c.m].MaxEntries); got != c.want {
 			return fmt.Errorf("%s has %d entries, the loader expects %d", c.m, got, c.want)
@@ -606,6 +609,27 @@ func portIDs(t []PortBitmap) []uint32 {
 	return ids
 }
 
+// CheckRuleSet says what in rs the datapath cannot take: SetRuleSet
+// refuses it whole.
+func CheckRuleSet(rs RuleSet) error { return checkRuleSet(rs) }
+
+// v4IntervalsOf is the IPv4 intervals t makes (see v4Intervals).
+func v4IntervalsOf(t []PrefixBitmap) []uint32 {
+	firsts, _ := v4Intervals(t)
+	return firsts
+}
+
+// countV6 counts t's IPv6 prefixes: its entries in the IPv6 trie.
+func countV6(t []PrefixBitmap) int {
+	n := 0
+	for _, p := range t {
+		if !p.Prefix.Addr().Is4() {
+			n++
+		}
+	}
+	return n
+}
+
 // checkRuleSet says what in rs the datapath cannot take.
 func checkRuleSet(rs RuleSet) error {
 	n := len(rs.Actions)
@@ -640,6 +664,12 @@ func checkRuleSet(rs RuleSet) error {
 		name string
 		p    []PrefixBitmap
 	}{{"src", rs.Src}, {"dst", rs.Dst}} {
+		if n := len(v4IntervalsOf(t.p)); n > v4MaxIntervals {
+			errs = append(errs, fmt.Errorf("%s: %d IPv4 address intervals, at most %d", t.name, n, v4MaxIntervals))
+		}
+		if n := countV6(t.p); n > v6MaxPrefixes {
+			errs = append(errs, fmt.Errorf("%s: %d IPv6 prefixes, at most %d", t.name, n, v6MaxPrefixes))
+		}
 		has4, has6 := false, false
 		seen := make(map[netip.Prefix]bool, len(t.p))
 		for _, p := range t.p {

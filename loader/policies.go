@@ -18,8 +18,8 @@ type PolicyTable struct {
 }
 
 // SetPolicies installs the policies, tables[id] being policy id's; ids
-// from len(tables) on are unset, and a rule naming one sends its flows to
-// policy 0. Policy 0's buckets are ul_buckets (SetBuckets), its last
+// from len(tables) on, and ids whose table has no buckets (nil), are
+// unset, and a rule naming one sends its flows to policy 0. Policy 0's buckets are ul_buckets (SetBuckets), its last
 // resort the default: no line. Pinned flows keep their lines. Only what
 // differs from the maps is written, one batch a map: a reconcile with
 // nothing to change writes nothing.
@@ -28,6 +28,9 @@ func (d *Datapath) SetPolicies(tables []PolicyTable) error {
 		return fmt.Errorf("setting policies: %d policies, at most %d", len(tables), MaxPolicies)
 	}
 	for id, t := range tables {
+		if id > 0 && t.Buckets == nil {
+			continue // unset
+		}
 		if err := checkBuckets(t.Buckets); err != nil {
 			return fmt.Errorf("setting policy %d: %w", id, err)
 		}
@@ -59,7 +62,7 @@ func (d *Datapath) SetPolicies(tables []PolicyTable) error {
 	)
 	for id := uint32(1); id < MaxPolicies; id++ {
 		var want uplinkdPolicy
-		if int(id) < len(tables) {
+		if int(id) < len(tables) && tables[id].Buckets != nil {
 			t := tables[id]
 			b := policyBuckets(t.Buckets)
 			if haveBuckets[id] != b {

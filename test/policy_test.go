@@ -599,3 +599,64 @@ rules:
 	}
 	settle(t, a, l, d, 12, "new flows to the server taken out of the set spread again", notAllOn2)
 }
+
+// Policies keep their ids across a reload that reorders them: a flow
+// records its policy's id, and a UDP flow whose line dies moves within
+// that policy. Here pa (dsl1, then dsl2) and pb (dsl3) swap places in the
+// file; pa's flow on dsl1 must move to dsl2 when dsl1 dies, not to pb's
+// dsl3, and `flows` must still name pa.
+func TestPolicyReorderKeepsPolicy(t *testing.T) {
+	t.Parallel()
+	l, state := policyLab(t)
+	srv := echoServer(t, l) // 203.0.113.100:7
+	pa := "  - name: pa\n    members:\n      - {line: dsl1, metric: 1}\n      - {line: dsl2, metric: 2}\n"
+	pb := "  - name: pb\n    members:\n      - {line: dsl3}\n"
+	toSrv := fmt.Sprintf("  - name: to-srv\n    dst: %s\n    policy: pa\n", srv.Addr.Addr())
+	toOther := fmt.Sprintf("  - name: to-other\n    dst: %s\n    policy: pb\n", l.ServerAddrs[1])
+	opts := lab.ConfigOptions{StateDir: state, Extra: "policies:\n" + pa + pb + "rules:\n" + toSrv + toOther}
+	file := writeConfig(t, l.Config(opts))
+	a := startPolicyAgent(t, l, file)
+	u, err := lab.OpenUDPFlow(l.Clients[0], srv.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	seen, err := u.Query([]byte("a"), emulated(2*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := l.LineOf(seen.Addr()); n != 1 {
+		t.Fatalf("pa's UDP flow leaves by dsl%d, want dsl1", n)
+	}
+	opts.Extra = "policies:\n" + pb + pa + "rules:\n" + toOther + toSrv
+	a.reload(t, file, l.Config(opts))
+	if now, err := u.Query([]byte("b"), emulated(2*time.Second)); err != nil || now != seen {
+		t.Fatalf("after the reload the flow is seen as %v (%v), want %v", now, err, seen)
+	}
+	policyOf := func() string {
+		for _, line := range strings.Split(strings.TrimSpace(gw(t, l, uplinkd, "flows", "--json", "--proto", "udp", "-c", file)), "\n") {
+			var r struct{ Policy, Rule string }
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				t.Fatalf("flows --json line %q: %v", line, err)
+			}
+			return r.Policy + "/" + r.Rule
+		}
+		return ""
+	}
+	if got := policyOf(); got != "pa/to-srv" {
+		t.Errorf("after the reload flows names the flow's policy/rule %s, want pa/to-srv", got)
+	}
+	if err := l.SetGatewaySilent(1, true); err != nil {
+		t.Fatal(err)
+	}
+	a.waitEvent(t, 1, events.LineDown, "dsl1")
+	var moved netip.AddrPort
+	for i := range 20 {
+		if moved, err = u.Query([]byte(fmt.Sprint(i)), time.Second); err == nil {
+			break
+		}
+	}
+	if err != nil || l.LineOf(moved.Addr()) != 2 {
+		t.Errorf("with dsl1 down pa's UDP flow is seen as %v (%v): dsl%d, want dsl2 (pa's second tier)", moved, err, l.LineOf(moved.Addr()))
+	}
+}

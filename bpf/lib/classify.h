@@ -178,12 +178,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_rule_v4_ids SEC(".maps");
 
+/* IPv6 prefixes of one table and generation: the config's 65536 in all
+ * prefix sets, ::/0 and room for the rules' own. */
+#define UL_V6_PREFIXES		(65536 + 4096)
+
 /* IPv6 source and destination address tables: the longest matching
  * prefix's bitmap. Each generation holds ::/0, so every address finds
  * one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * 65536);
+	__uint(max_entries, UL_RULE_GENS * UL_V6_PREFIXES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct rule_prefix);
 	__type(value, __u32);
@@ -192,7 +196,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * 65536);
+	__uint(max_entries, UL_RULE_GENS * UL_V6_PREFIXES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct rule_prefix);
 	__type(value, __u32);

@@ -142,9 +142,11 @@ func optionalConfig(file string) (config.Config, error) {
 	if file == "" {
 		return config.Default(), nil
 	}
-	c, err := loadConfig(file)
+	// Its numbers and directories only: a prefix-set file gone or broken
+	// must not keep one from removing uplinkd or reading its state.
+	c, err := config.LoadWithoutPrefixSets(file)
 	if err != nil {
-		return config.Config{}, err
+		return config.Config{}, usageError{err}
 	}
 	return *c, nil
 }
@@ -201,6 +203,9 @@ func cmdCheck(args []string, stdout, stderr io.Writer) error {
 	cfg, err := loadConfig(*file)
 	if err != nil {
 		return err
+	}
+	if err := agent.CheckRules(cfg); err != nil {
+		return usageError{err}
 	}
 	for _, w := range cfg.Warnings {
 		fmt.Fprintln(stderr, w) // FILE:LINE: first, as editors want it

@@ -75,10 +75,15 @@ type Agent struct {
 	// spawn runs work that must not hold up the run loop (a goroutine;
 	// unit tests run it inline).
 	spawn func(func())
-	// setChanged says a prefix set's file changed; stopSetWatch ends the
-	// watch of the files of the config in force.
-	setChanged   chan struct{}
+	// setRead brings the prefix-set files as read after a change, by the
+	// watch numbered setWatch (the config in force's); stopSetWatch ends
+	// that watch.
+	setRead      chan prefixSetRead
+	setWatch     int
 	stopSetWatch context.CancelFunc
+	// policyIDs are the policies' ids, the removed ones' too (see
+	// config.RenumberPolicies), as kept in the state dir.
+	policyIDs config.PolicyIDs
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -104,6 +109,14 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 	if err := cfg.Renumber(slots); err != nil {
 		return nil, err
 	}
+	names, err := ReadPolicyNames(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	policyIDs := cfg.RenumberPolicies(names.IDs())
+	if err := CheckRules(cfg); err != nil {
+		return nil, err
+	}
 	lines, err := plan.Resolve(cfg, k)
 	if err != nil {
 		return nil, err
@@ -126,11 +139,12 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		events:   events.NewRing(events.DefaultSize, log),
 		reconfig: make(chan *config.Config),
 		ctl:      make(chan ctlCall),
-		// Buffered: a change while the run loop is busy is not lost.
-		setChanged: make(chan struct{}, 1),
-		scope:      plan.ScopeOf(cfg).Union(saved),
-		adopting:   len(slots) > 0 || previousRun(cfg),
-		spawn:      func(f func()) { go f() },
+		// Buffered: a read while the run loop is busy is not lost.
+		setRead:   make(chan prefixSetRead, 1),
+		scope:     plan.ScopeOf(cfg).Union(saved),
+		adopting:  len(slots) > 0 || previousRun(cfg),
+		spawn:     func(f func()) { go f() },
+		policyIDs: policyIDs,
 	}, nil
 }
 
@@ -183,7 +197,11 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	if err := writeSlots(cfg.StateDir, cfg.Slots()); err != nil {
 		return err
 	}
-	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(cfg)); err != nil {
+	policyIDs := cfg.RenumberPolicies(a.policyIDs)
+	if err := CheckRules(cfg); err != nil {
+		return err
+	}
+	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(cfg, policyIDs)); err != nil {
 		return err
 	}
 	scope := a.scope.Union(plan.ScopeOf(cfg))
@@ -217,7 +235,7 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		}
 	}
 	a.cfg, a.lines = cfg, lines
-	a.scope = scope
+	a.scope, a.policyIDs = scope, policyIDs
 	a.events.Add(events.Config, "", "new config", "file", cfg.File())
 	return nil
 }
@@ -290,28 +308,54 @@ func writeSlots(stateDir string, s config.Slots) error {
 	return statefile.Write(stateDir, slotsFile, s)
 }
 
+// CheckRules compiles cfg's rules as the datapath would take them, so that
+// a rule set past its limits (distinct rule bitmaps, address intervals) is
+// refused with the config instead of failing every apply.
+func CheckRules(cfg *config.Config) error {
+	if _, err := datapath.CompileRules(cfg, func(string) (int, error) { return 1, nil }); err != nil {
+		return cfg.Errorf("rules", "%v", err)
+	}
+	return nil
+}
+
 // policyNamesFile, in the state dir, names the rules and policies of the
 // config in force by their numbers in the datapath, for readers of the
 // flow map (uplinkd flows).
 const policyNamesFile = "policies.json"
 
 // PolicyNames are the names of the rules (by index) and policies (by id)
-// the datapath's flows record.
+// the datapath's flows record. Policies holds the ids the agent keeps for
+// policies a reload removed too ("" for a free id): their flows are
+// still pinned, and the ids are given to new policies last.
 type PolicyNames struct {
 	Rules    []string `json:"rules"`
 	Policies []string `json:"policies"`
 }
 
-// policyNames are cfg's rules' and policies' names.
-func policyNames(cfg *config.Config) PolicyNames {
+// policyNames are cfg's rules' names and the policies' of ids, by id.
+func policyNames(cfg *config.Config, ids config.PolicyIDs) PolicyNames {
 	var n PolicyNames
 	for _, r := range cfg.Rules {
 		n.Rules = append(n.Rules, r.Name)
 	}
-	for _, p := range cfg.PolicyList() {
-		n.Policies = append(n.Policies, p.Name)
+	for name, id := range ids {
+		for len(n.Policies) <= id {
+			n.Policies = append(n.Policies, "")
+		}
+		n.Policies[id] = name
 	}
 	return n
+}
+
+// IDs are the policies' ids by name.
+func (n PolicyNames) IDs() config.PolicyIDs {
+	ids := config.PolicyIDs{}
+	for id, name := range n.Policies {
+		if name != "" {
+			ids[name] = id
+		}
+	}
+	return ids
 }
 
 // ReadPolicyNames returns the names a running agent kept in stateDir;
@@ -738,7 +782,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
 		return err
 	}
-	if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.cfg)); err != nil {
+	if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.cfg, a.policyIDs)); err != nil {
 		return err
 	}
 	if err := writeScope(a.cfg.StateDir, a.scope); err != nil {
@@ -794,10 +838,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 			newConfig = cfg.File()
 			a.restartPrefixSetWatch(ctx)
-		case <-a.setChanged:
-			time.Sleep(prefixSetSettle)
-			drain(a.setChanged)
-			if !a.rereadPrefixSets() {
+		case r := <-a.setRead:
+			if !a.takePrefixSets(r) {
 				continue
 			}
 		case c := <-a.ctl:

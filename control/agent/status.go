@@ -461,8 +461,8 @@ func policyStatus(cfg *config.Config, lines []plan.Line) ([]PolicyStatus, []Rule
 		return nil, nil
 	}
 	var ps []PolicyStatus
-	for id, p := range cfg.PolicyList() {
-		st := PolicyStatus{ID: id, Name: p.Name, LastResort: p.LastResort, Lines: []string{}}
+	for _, p := range cfg.PolicyList() {
+		st := PolicyStatus{ID: p.ID, Name: p.Name, LastResort: p.LastResort, Lines: []string{}}
 		if t := plan.ActiveTier(p, lines); t >= 0 {
 			st.Tier = t + 1
 			usable := map[string]bool{}

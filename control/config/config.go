@@ -84,6 +84,10 @@ type Config struct {
 
 	file string
 	pos  positions
+	// policyIDs are the policies' ids (RenumberPolicies); nil: by place.
+	policyIDs PolicyIDs
+	// skipSets: the prefix-set files are not read (LoadWithoutPrefixSets).
+	skipSets bool
 }
 
 // LAN names the interfaces that face the clients.
@@ -310,7 +314,15 @@ func Default() Config {
 const MaxFileSize = 1 << 20
 
 // Load reads, parses and checks a config file.
-func Load(file string) (*Config, error) {
+func Load(file string) (*Config, error) { return load(file, false) }
+
+// LoadWithoutPrefixSets is Load without reading the prefix-set files
+// (every set is empty), for the commands that need only the config's
+// numbers and directories (down, status, flows): a set file gone or
+// broken must not keep an operator from removing uplinkd.
+func LoadWithoutPrefixSets(file string) (*Config, error) { return load(file, true) }
+
+func load(file string, skipSets bool) (*Config, error) {
 	f, err := os.Open(file)
 	if err != nil {
 		return nil, fmt.Errorf("reading config: %w", err)
@@ -323,13 +335,15 @@ func Load(file string) (*Config, error) {
 	if len(data) > MaxFileSize {
 		return nil, &FieldError{File: file, Msg: fmt.Sprintf("larger than %d bytes: not a config file", MaxFileSize)}
 	}
-	return Parse(file, data)
+	return parse(file, data, skipSets)
 }
 
 // Parse parses and checks config text; file names it in errors, and a
 // prefix set's relative file is relative to its directory (Parse reads
 // the prefix sets' files). All problems are reported at once, joined.
-func Parse(file string, data []byte) (*Config, error) {
+func Parse(file string, data []byte) (*Config, error) { return parse(file, data, false) }
+
+func parse(file string, data []byte, skipSets bool) (*Config, error) {
 	var root, more yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&root); err != nil && !errors.Is(err, io.EOF) {
@@ -341,7 +355,7 @@ func Parse(file string, data []byte) (*Config, error) {
 		return nil, yamlError(file, err)
 	}
 	c := Default()
-	c.file, c.pos = file, positions{}
+	c.file, c.pos, c.skipSets = file, positions{}, skipSets
 	if len(root.Content) == 0 {
 		return nil, &FieldError{File: file, Msg: "empty config: at least lan and uplinks are needed"}
 	}

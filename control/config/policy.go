@@ -59,6 +59,8 @@ type PrefixSet struct {
 // tier with the lowest metric that has a usable line, by weight; the next
 // tier only while every line of those above is down.
 type Policy struct {
+	// ID is the policy's number in the datapath (PolicyList fills it).
+	ID      int            `yaml:"-"`
 	Name    string         `yaml:"name"`
 	Members []PolicyMember `yaml:"members"`
 	// LastResort is what a flow gets when no member is usable: one of
@@ -120,10 +122,71 @@ type RuleText struct {
 	Line    string `yaml:"line"` // shorthand for a one-line policy, whose last resort is the default
 }
 
-// PolicyList is every policy, indexed by id: 0 is balanced (every line,
-// metric 0, its weight), then the configured policies in file order, then
-// one per distinct line: shorthand, in the order rules first name them.
+// PolicyList is every policy: balanced (every line, metric 0, its
+// weight), then the configured policies in file order, then one per
+// distinct line: shorthand, in the order rules first name them. Each has
+// its ID: balanced 0, the others their numbers of RenumberPolicies, or
+// their places in this list where it was not called.
 func (c *Config) PolicyList() []Policy {
+	list := c.policyList()
+	for i := range list {
+		list[i].ID = i
+		if id, ok := c.policyIDs[list[i].Name]; ok {
+			list[i].ID = id
+		}
+	}
+	return list
+}
+
+// PolicyIDs are policies' ids in the datapath, by name.
+type PolicyIDs map[string]int
+
+// RenumberPolicies numbers the policies so that each keeps the id prev
+// gives its name (a running agent's numbers, kept in its state dir): a
+// flow records its policy's id, and a reload or restart that reorders,
+// adds or removes policies must not hand that id to another policy. A
+// new policy takes the lowest id that prev gives no name, else the lowest
+// that no policy of c holds. It returns the numbers to keep: c's, and
+// prev's others as long as their ids are free.
+func (c *Config) RenumberPolicies(prev PolicyIDs) PolicyIDs {
+	list := c.policyList()
+	ids, used := PolicyIDs{BalancedPolicy: 0}, map[int]bool{0: true}
+	for _, p := range list[1:] {
+		if id, ok := prev[p.Name]; ok && id > 0 && id < MaxPolicies && !used[id] {
+			ids[p.Name], used[id] = id, true
+		}
+	}
+	retired := map[int]bool{}
+	for name, id := range prev {
+		if _, ok := ids[name]; !ok {
+			retired[id] = true
+		}
+	}
+	for _, p := range list[1:] {
+		if _, ok := ids[p.Name]; ok {
+			continue
+		}
+		id := 1
+		for id < MaxPolicies && (used[id] || retired[id]) {
+			id++
+		}
+		if id == MaxPolicies { // every free id was a retired policy's
+			for id = 1; used[id]; id++ {
+			}
+		}
+		ids[p.Name], used[id] = id, true
+	}
+	c.policyIDs = ids
+	keep := maps.Clone(ids)
+	for name, id := range prev {
+		if _, ok := keep[name]; !ok && id > 0 && id < MaxPolicies && !used[id] {
+			keep[name] = id
+		}
+	}
+	return keep
+}
+
+func (c *Config) policyList() []Policy {
 	weight := map[string]int{}
 	balanced := Policy{Name: BalancedPolicy, LastResort: LastResortDefault}
 	for _, u := range c.Lines {
@@ -224,9 +287,15 @@ func (c *Config) checkPolicies(lanIf map[string]bool) []error {
 		if !filepath.IsAbs(s.File) {
 			s.File = filepath.Join(filepath.Dir(c.file), s.File)
 		}
+		if c.skipSets {
+			continue
+		}
 		p, err := ReadPrefixSet(s.File)
 		for _, e := range unjoin(err) {
 			bad(f+".file", "%v", e)
+		}
+		if err == nil && len(p) == 0 {
+			c.Warnings = append(c.Warnings, c.Errorf(f+".file", "%s has no prefixes: the rules on set %s match nothing", s.File, s.Name).Error())
 		}
 		s.Prefixes, total = p, total+len(p)
 	}

@@ -303,11 +303,11 @@ func TestPolicyList(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []Policy{
-		{Name: "balanced", Members: []PolicyMember{{"fiber", 0, 4}, {"dsl", 0, 1}, {"cheap", 0, 2}}, LastResort: LastResortDefault},
-		{Name: "voip", Members: []PolicyMember{{"fiber", 1, 1}, {"dsl", 2, 1}}, LastResort: LastResortUnreachable},
-		{Name: "bulk", Members: []PolicyMember{{"cheap", 0, 2}, {"dsl", 1, 3}}, LastResort: LastResortBlackhole},
-		{Name: "line:cheap", Members: []PolicyMember{{"cheap", 0, 2}}, LastResort: LastResortDefault},
-		{Name: "line:dsl", Members: []PolicyMember{{"dsl", 0, 1}}, LastResort: LastResortDefault},
+		{ID: 0, Name: "balanced", Members: []PolicyMember{{"fiber", 0, 4}, {"dsl", 0, 1}, {"cheap", 0, 2}}, LastResort: LastResortDefault},
+		{ID: 1, Name: "voip", Members: []PolicyMember{{"fiber", 1, 1}, {"dsl", 2, 1}}, LastResort: LastResortUnreachable},
+		{ID: 2, Name: "bulk", Members: []PolicyMember{{"cheap", 0, 2}, {"dsl", 1, 3}}, LastResort: LastResortBlackhole},
+		{ID: 3, Name: "line:cheap", Members: []PolicyMember{{"cheap", 0, 2}}, LastResort: LastResortDefault},
+		{ID: 4, Name: "line:dsl", Members: []PolicyMember{{"dsl", 0, 1}}, LastResort: LastResortDefault},
 	}
 	if got := c.PolicyList(); !reflect.DeepEqual(got, want) {
 		t.Errorf("PolicyList\n%+v\nwant\n%+v", got, want)
@@ -375,5 +375,53 @@ func TestREADMEPolicyExample(t *testing.T) {
 	}
 	if len(c.Rules) != 4 || len(c.Warnings) > 0 || c.Rules[2].Policy != "line:cheap" || c.Rules[3].Sticky != 30*time.Minute {
 		t.Errorf("rules %+v, warnings %q", c.Rules, c.Warnings)
+	}
+}
+
+// A policy keeps its id across reorders, insertions and removals (flows
+// record it); a new policy avoids the ids of removed ones while others
+// are free; balanced is 0.
+func TestRenumberPolicies(t *testing.T) {
+	ids := func(c *Config) map[string]int {
+		m := map[string]int{}
+		for _, p := range c.PolicyList() {
+			m[p.Name] = p.ID
+		}
+		return m
+	}
+	parse := func(policies string) *Config {
+		t.Helper()
+		text := strings.Replace(policyConfig, "rules:\n", policies+"rules:\n", 1)
+		c, err := Parse(withSets(t), []byte(text))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a := parse("  - {name: pa, members: [{line: dsl}]}\n  - {name: pb, members: [{line: cheap}]}\n")
+	kept := a.RenumberPolicies(nil)
+	first := ids(a)
+	if first["balanced"] != 0 || first["voip"] != 1 || first["pa"] != 2 || first["pb"] != 3 {
+		t.Fatalf("first numbering %v, want balanced 0, then by place", first)
+	}
+	// pb moved before voip, pa removed, pc added.
+	b := parse("  - {name: pb, members: [{line: cheap}]}\n  - {name: pc, members: [{line: dsl}]}\n")
+	kept = b.RenumberPolicies(kept)
+	second := ids(b)
+	if second["pb"] != 3 || second["voip"] != 1 || second["balanced"] != 0 {
+		t.Errorf("after a reorder: %v, want pb and voip to keep 3 and 1", second)
+	}
+	if second["pc"] == first["pa"] {
+		t.Errorf("pc took the removed pa's id %d while others were free: %v", second["pc"], second)
+	}
+	if kept["pa"] != first["pa"] {
+		t.Errorf("the removed pa's id is not kept: %v", kept)
+	}
+	seen := map[int]string{}
+	for name, id := range second {
+		if other, ok := seen[id]; ok {
+			t.Errorf("%s and %s share id %d", name, other, id)
+		}
+		seen[id] = name
 	}
 }

@@ -31,8 +31,8 @@ const (
 // ReadPrefixSet reads a prefix-set file: one prefix or address a line,
 // '#' starting a comment, blank lines ignored. An address is its /32 or
 // /128; a prefix listed twice is kept once. Errors name the file and the
-// line ("banks.txt:7: ..."), each a *FieldError; a file without prefixes
-// is an error too, since a rule on an empty set would match any address.
+// line ("banks.txt:7: ..."), each a *FieldError. A file without prefixes
+// is an empty set: the rules on it match nothing.
 func ReadPrefixSet(path string) ([]netip.Prefix, error) {
 	fail := func(line int, format string, args ...any) error {
 		return &FieldError{File: path, Line: line, Msg: fmt.Sprintf(format, args...)}
@@ -89,8 +89,6 @@ func ReadPrefixSet(path string) ([]netip.Prefix, error) {
 		return nil, fail(0, "larger than %d bytes", MaxPrefixSetFileSize)
 	case len(errs) > 0:
 		return nil, errors.Join(errs...)
-	case len(out) == 0:
-		return nil, fail(0, "no prefixes: a rule on an empty set would match any address")
 	}
 	return out, nil
 }

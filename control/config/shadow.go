@@ -102,6 +102,8 @@ func portsCover(a, b []PortRange) bool {
 // (empty: any); the same set on both sides covers whatever it holds.
 func prefixesCover(a, b []netip.Prefix, aSet, bSet string, index func() *prefixIndex) bool {
 	switch {
+	case len(a) == 0 && aSet != "": // an empty set: a matches nothing
+		return false
 	case len(a) == 0:
 		return true
 	case len(b) == 0:

@@ -157,9 +157,11 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 	return errors.Join(errs...)
 }
 
-// applyPolicies writes every policy's bucket table (the balanced one's, id
-// 0, from the lines' effective weights), the last resorts' marks, then the
-// rules that name the policies. Only what changed is written: the buckets
+// applyPolicies writes every policy's table (the balanced one's, id 0,
+// from the lines' effective weights), the last resorts' marks, then the
+// rules that name the policies, then unsets the policies no rule names
+// any more: a flow classified meanwhile, by the old rules or the new,
+// finds its policy's table. Only what changed is written: the buckets
 // that must move for a new weight or a dead line (so only new flows see
 // the change), a rule set only when it compiles to other tables.
 func (d *Sync) applyPolicies(cfg *config.Config, lines []plan.Line, weights []int, live []bool, log *slog.Logger) error {
@@ -167,37 +169,43 @@ func (d *Sync) applyPolicies(cfg *config.Config, lines []plan.Line, weights []in
 	if err != nil {
 		return err
 	}
-	prevBuckets := make([][]int, len(prev))
-	for id, t := range prev {
-		prevBuckets[id] = t.Buckets
+	rs, err := d.compiled(cfg)
+	if err != nil {
+		return err
 	}
-	list := cfg.PolicyList()
-	buckets := PolicyBuckets(cfg, lines, prevBuckets)
-	buckets[0] = loader.Buckets(prev[0].Buckets, weights, live)
-	tables := make([]loader.PolicyTable, len(list))
-	for id, p := range list {
-		tables[id] = loader.PolicyTable{LastResort: lastResort(p.LastResort), Buckets: buckets[id]}
+	tables := PolicyTables(cfg, lines, weights, live, prev)
+	// The old rules' policies stay until the new rules are in.
+	during := slices.Clone(tables)
+	for id := range during {
+		if during[id].Buckets == nil && id < len(prev) {
+			during[id] = prev[id]
+		}
 	}
 	unreachable, blackhole := cfg.LastResortMarks()
 	if err := d.dp.SetLastResortMarks(unreachable, blackhole); err != nil {
 		return err
 	}
-	if err := d.dp.SetPolicies(tables); err != nil {
+	if err := d.dp.SetPolicies(during); err != nil {
 		return err
 	}
-	if !slices.Equal(prev[0].Buckets, buckets[0]) {
-		log.Info("buckets changed", "moved", moved(prev[0].Buckets, buckets[0]), "of", len(buckets[0]))
+	names := map[int]string{}
+	for _, p := range cfg.PolicyList() {
+		names[p.ID] = p.Name
 	}
-	for id := 1; id < len(list); id++ {
-		if id < len(prev) && !slices.Equal(prev[id].Buckets, buckets[id]) && prev[id].Buckets != nil {
-			log.Info("policy buckets changed", "policy", list[id].Name, "moved", moved(prev[id].Buckets, buckets[id]), "of", len(buckets[id]))
+	for id, t := range tables {
+		if id >= len(prev) || prev[id].Buckets == nil || t.Buckets == nil || slices.Equal(prev[id].Buckets, t.Buckets) {
+			continue
+		}
+		if id == 0 {
+			log.Info("buckets changed", "moved", moved(prev[id].Buckets, t.Buckets), "of", len(t.Buckets))
+		} else {
+			log.Info("policy buckets changed", "policy", names[id], "moved", moved(prev[id].Buckets, t.Buckets), "of", len(t.Buckets))
 		}
 	}
-	rs, err := d.compiled(cfg)
-	if err != nil {
+	if err := d.dp.SetRuleSet(rs); err != nil {
 		return err
 	}
-	return d.dp.SetRuleSet(rs)
+	return d.dp.SetPolicies(tables)
 }
 
 // compiled is cfg's rule set, compiled again only when the config or the
@@ -208,7 +216,7 @@ func (d *Sync) compiled(cfg *config.Config) (loader.RuleSet, error) {
 		for _, ifname := range r.LANs {
 			index, err := d.k.LinkIndex(ifname)
 			if err != nil {
-				return loader.RuleSet{}, fmt.Errorf("compiling rules: lan %s: %w", ifname, err)
+				index = NoInterface // gone: the rule matches nothing until it is back
 			}
 			lans[ifname] = index
 		}

@@ -4,6 +4,7 @@ package datapath
 
 import (
 	"fmt"
+	"math"
 
 	"github.com/uplinkd/uplinkd/control/config"
 	"github.com/uplinkd/uplinkd/control/plan"
@@ -11,16 +12,23 @@ import (
 	"github.com/uplinkd/uplinkd/loader"
 )
 
+// NoInterface is an interface index no interface has: a rule that can
+// match nothing (its LAN interface is gone, its prefix set is empty) is
+// compiled with it, so that it keeps its place and its number.
+const NoInterface = math.MaxInt32
+
 // CompileRules turns cfg's rules into the datapath's classifier tables:
-// policies by id (config.PolicyList), LAN interfaces by index (ifindex),
-// prefix sets as they were last read.
+// policies by id (config.PolicyList), LAN interfaces by index (ifindex:
+// one that fails, an interface that is gone, gives NoInterface), prefix
+// sets as they were last read (an empty set matches nothing). The result
+// passes loader.CheckRuleSet, or this returns its error.
 func CompileRules(cfg *config.Config, ifindex func(string) (int, error)) (loader.RuleSet, error) {
 	if len(cfg.Rules) == 0 {
 		return loader.RuleSet{}, nil
 	}
 	ids := map[string]int{}
-	for id, p := range cfg.PolicyList() {
-		ids[p.Name] = id
+	for _, p := range cfg.PolicyList() {
+		ids[p.Name] = p.ID
 	}
 	rules := make([]policy.Rule, len(cfg.Rules))
 	for i, r := range cfg.Rules {
@@ -40,43 +48,68 @@ func CompileRules(cfg *config.Config, ifindex func(string) (int, error)) (loader
 		}
 		for _, ifname := range r.LANs {
 			index, err := ifindex(ifname)
-			if err != nil {
-				return loader.RuleSet{}, fmt.Errorf("compiling rules: rules[%d] (%s): lan %s: %w", i, r.Name, ifname, err)
+			if err != nil || index <= 0 {
+				index = NoInterface
 			}
 			pr.LANs = append(pr.LANs, index)
 		}
+		if emptySet(cfg, r.SrcSet) || emptySet(cfg, r.DstSet) {
+			pr.LANs = []int{NoInterface}
+		}
 		rules[i] = pr
 	}
-	return policy.Compile(rules)
+	rs, err := policy.Compile(rules)
+	if err != nil {
+		return loader.RuleSet{}, err
+	}
+	if err := loader.CheckRuleSet(rs); err != nil {
+		return loader.RuleSet{}, fmt.Errorf("compiling rules: %w", err)
+	}
+	return rs, nil
 }
 
-// PolicyBuckets computes the bucket table of every policy of cfg but the
-// balanced one (id 0, the datapath's own bucket table, which follows the
-// lines' effective weights): its first tier with a usable line, by its
-// members' weights, keeping the buckets of prev (the tables in force,
-// by id) that it can. The result is indexed by policy id; entry 0 is nil.
-func PolicyBuckets(cfg *config.Config, lines []plan.Line, prev [][]int) [][]int {
+// emptySet reports whether name is a prefix set without prefixes.
+func emptySet(cfg *config.Config, name string) bool {
+	for _, s := range cfg.PrefixSets {
+		if s.Name == name {
+			return len(s.Prefixes) == 0
+		}
+	}
+	return false
+}
+
+// PolicyTables computes every policy's table by id: its last resort, and
+// the bucket table of its first tier with a usable line, by its members'
+// weights, keeping the buckets of prev (the tables in force, by id) that
+// it can. The balanced policy (id 0) takes the lines' effective weights
+// (weights, live: by line index). Ids no policy of cfg has are unset
+// (nil buckets).
+func PolicyTables(cfg *config.Config, lines []plan.Line, weights []int, live []bool, prev []loader.PolicyTable) []loader.PolicyTable {
 	index := map[string]int{}
 	usable := make([]bool, loader.MaxLines)
 	for _, l := range lines {
 		index[l.Name] = l.Index
 		usable[l.Index] = l.Usable()
 	}
-	list := cfg.PolicyList()
-	tables := make([][]int, len(list))
-	for id, p := range list[1:] {
-		id++
+	before := func(id int) []int {
+		if id < len(prev) {
+			return prev[id].Buckets
+		}
+		return nil
+	}
+	tables := make([]loader.PolicyTable, loader.MaxPolicies)
+	for _, p := range cfg.PolicyList() {
+		if p.ID == 0 {
+			tables[0].Buckets = loader.Buckets(before(0), weights, live)
+			continue
+		}
 		var members []policy.Member
 		for _, m := range p.Members {
 			if i, ok := index[m.Line]; ok {
 				members = append(members, policy.Member{Line: i, Metric: m.Metric, Weight: m.Weight})
 			}
 		}
-		var before []int
-		if id < len(prev) {
-			before = prev[id]
-		}
-		tables[id] = policy.Buckets(before, members, usable)
+		tables[p.ID] = loader.PolicyTable{LastResort: lastResort(p.LastResort), Buckets: policy.Buckets(before(p.ID), members, usable)}
 	}
 	return tables
 }

@@ -58,7 +58,7 @@ func RenderPolicies(w io.Writer, c *config.Config, lines []Line) {
 		return
 	}
 	fmt.Fprintln(w, "\n# policies, by id in the datapath: a new flow takes a line of its policy's first tier with a usable line")
-	for id, p := range c.PolicyList() {
+	for _, p := range c.PolicyList() {
 		var tiers []string
 		for _, t := range Tiers(p) {
 			var ms []string
@@ -71,7 +71,7 @@ func RenderPolicies(w io.Writer, c *config.Config, lines []Line) {
 		if i := ActiveTier(p, lines); i >= 0 {
 			now = fmt.Sprintf("tier %d", i+1)
 		}
-		fmt.Fprintf(w, "# policy %d %s: %s; last_resort %s (now: %s)\n", id, p.Name, strings.Join(tiers, " | "), p.LastResort, now)
+		fmt.Fprintf(w, "# policy %d %s: %s; last_resort %s (now: %s)\n", p.ID, p.Name, strings.Join(tiers, " | "), p.LastResort, now)
 	}
 	fmt.Fprintln(w, "\n# rules, in the datapath's classifier: the first that matches a new flow decides (pinned flows never move)")
 	for i, r := range c.Rules {
