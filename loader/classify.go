@@ -350,7 +350,7 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (genCfg, error) {
 	actions := make([]uplinkdRuleAction, len(rs.Actions))
 	keys = keys[:0]
 	for r, a := range rs.Actions {
-		actions[r] = uplinkdRuleAction{Policy: uint32(a.Policy), StickyNs: uint64(a.Sticky.Nanoseconds())}
+		actions[r] = uplinkdRuleAction{Id: uint32(a.ID), Policy: uint32(a.Policy), StickyNs: uint64(a.Sticky.Nanoseconds())}
 		if a.StickyPerRule {
 			actions[r].Flags |= ruleStickyPerRule
 		}
@@ -723,7 +723,12 @@ func checkRuleSet(rs RuleSet) error {
 		}
 		errs = append(errs, id(fmt.Sprintf("lan %d", ifindex), b))
 	}
+	ruleIDs := map[int]bool{}
 	for r, a := range rs.Actions {
+		if a.ID < 0 || a.ID >= MaxRules || ruleIDs[a.ID] {
+			errs = append(errs, fmt.Errorf("rule %d: id %d out of range [0, %d) or another rule's", r, a.ID, MaxRules))
+		}
+		ruleIDs[a.ID] = true
 		if a.Policy < 0 || a.Policy >= MaxPolicies {
 			errs = append(errs, fmt.Errorf("rule %d: policy %d out of range [0, %d)", r, a.Policy, MaxPolicies))
 		}

@@ -116,7 +116,7 @@ func buildRuleSet(rules []testRule) RuleSet {
 	}
 	rs.AnyLAN = intern(func(r testRule) bool { return len(r.lans) == 0 })
 	for _, r := range rules {
-		rs.Actions = append(rs.Actions, RuleAction{Policy: r.policy, Sticky: r.sticky, StickyPerRule: r.stickyPerRule})
+		rs.Actions = append(rs.Actions, RuleAction{ID: len(rs.Actions), Policy: r.policy, Sticky: r.sticky, StickyPerRule: r.stickyPerRule})
 	}
 	return rs
 }
@@ -898,5 +898,38 @@ func TestStickyPolicy0(t *testing.T) {
 	}
 	if mark := runOn(t, d.objs.UplinkdLanIn, tcp4(6000).bytes(), 0, testLAN); mark != lineMark[other] {
 		t.Errorf("flow after the sticky line left the buckets: mark %#x, want %#x", mark, lineMark[other])
+	}
+}
+
+// A flow records the id of the rule that matched it (RuleAction.ID), not
+// its place: a reload that moves the rule leaves the flow naming it.
+func TestFlowRecordsRuleID(t *testing.T) {
+	d := classifying(t)
+	rs := buildRuleSet([]testRule{
+		{dst: pfx("203.0.113.0/24"), policy: 1},
+		{protos: []uint8{protoUDP}, policy: 2},
+	})
+	rs.Actions[0].ID, rs.Actions[1].ID = 4000, 17
+	if err := d.SetRuleSet(rs); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		pkt       packet
+		rule, pol int
+	}{
+		{packet{src: client4, dst: netip.MustParseAddr("203.0.113.5"), proto: protoTCP, sport: 301, dport: 443}, 4000, 1},
+		{packet{src: client4, dst: netip.MustParseAddr("198.51.100.9"), proto: protoUDP, sport: 302, dport: 53}, 17, 2},
+	} {
+		runOn(t, d.objs.UplinkdLanIn, c.pkt.bytes(), foreignMark, testLAN)
+		if rule, pol, ok := pinnedRule(t, d, c.pkt); !ok || rule != c.rule || pol != c.pol {
+			t.Errorf("flow pinned %v by rule %d, policy %d; want rule %d, policy %d", ok, rule, pol, c.rule, c.pol)
+		}
+	}
+	if hits, err := d.RuleHits(); err != nil || len(hits) != 2 || hits[0] != 1 || hits[1] != 1 {
+		t.Errorf("hits %v (%v), want one each, by place", hits, err)
+	}
+	rs.Actions[1].ID = 4000
+	if err := d.SetRuleSet(rs); err == nil {
+		t.Error("two rules with one id accepted")
 	}
 }

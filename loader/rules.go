@@ -44,6 +44,9 @@ type PortBitmap struct {
 
 // RuleAction is what a rule does to the new flow it matches.
 type RuleAction struct {
+	// ID is the rule's number, 0..MaxRules-1, which flows and sticky
+	// entries record: kept across reloads that move the rule.
+	ID int
 	// Policy is the id of the policy whose buckets give the flow its line.
 	Policy int
 	// Sticky, when positive, keeps a client's new flows on the line it got

@@ -85,6 +85,8 @@ type uplinkdRuleAction struct {
 	Policy   uint32
 	Flags    uint32
 	StickyNs uint64
+	Id       uint32
+	Pad      uint32
 }
 
 type uplinkdRuleBitmap struct {

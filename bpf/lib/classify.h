@@ -106,6 +106,9 @@ struct rule_action {
 	__u32 policy;			/* index into ul_policies */
 	__u32 flags;			/* RULE_F_* */
 	__u64 sticky_ns;		/* 0: not sticky */
+	__u32 id;			/* the rule's number, kept across reloads that move it:
+					 * what flows and sticky entries record */
+	__u32 pad;
 };
 
 /* The fields a rule matches on, one bitmap each. */
@@ -284,7 +287,7 @@ static __always_inline const struct rule_cfg *rule_cfg_lookup(void)
 
 /* A rule set's verdict on a new flow. */
 struct rule_verdict {
-	__s32 rule;			/* index into the rule set; -1: no rule matched */
+	__s32 rule;			/* the rule's id (rule_action.id); -1: no rule matched */
 	__u32 policy;
 	__u32 flags;			/* RULE_F_* */
 	__u64 sticky_ns;
@@ -526,7 +529,7 @@ static __always_inline bool classify(struct __sk_buff *skb, const struct flow_ke
 	act = bpf_map_lookup_elem(&ul_rule_actions, &k);
 	if (!act)
 		return true;
-	v->rule = rule;
+	v->rule = act->id % UL_MAX_RULES;
 	v->policy = act->policy;
 	v->flags = act->flags;
 	v->sticky_ns = act->sticky_ns;

@@ -81,9 +81,9 @@ type Agent struct {
 	setRead      chan prefixSetRead
 	setWatch     int
 	stopSetWatch context.CancelFunc
-	// policyIDs are the policies' ids, the removed ones' too (see
-	// config.RenumberPolicies), as kept in the state dir.
-	policyIDs config.PolicyIDs
+	// policyIDs and ruleIDs are the policies' and rules' ids, the removed
+	// ones' too (see config.RenumberPolicies), as kept in the state dir.
+	policyIDs, ruleIDs config.IDs
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -113,7 +113,7 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	policyIDs := cfg.RenumberPolicies(names.IDs())
+	policyIDs, ruleIDs := cfg.RenumberPolicies(idsOf(names.Policies)), cfg.RenumberRules(idsOf(names.Rules))
 	if err := CheckRules(cfg); err != nil {
 		return nil, err
 	}
@@ -145,6 +145,7 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		adopting:  len(slots) > 0 || previousRun(cfg),
 		spawn:     func(f func()) { go f() },
 		policyIDs: policyIDs,
+		ruleIDs:   ruleIDs,
 	}, nil
 }
 
@@ -197,11 +198,11 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	if err := writeSlots(cfg.StateDir, cfg.Slots()); err != nil {
 		return err
 	}
-	policyIDs := cfg.RenumberPolicies(a.policyIDs)
+	policyIDs, ruleIDs := cfg.RenumberPolicies(a.policyIDs), cfg.RenumberRules(a.ruleIDs)
 	if err := CheckRules(cfg); err != nil {
 		return err
 	}
-	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(cfg, policyIDs)); err != nil {
+	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(ruleIDs, policyIDs)); err != nil {
 		return err
 	}
 	scope := a.scope.Union(plan.ScopeOf(cfg))
@@ -235,7 +236,7 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		}
 	}
 	a.cfg, a.lines = cfg, lines
-	a.scope, a.policyIDs = scope, policyIDs
+	a.scope, a.policyIDs, a.ruleIDs = scope, policyIDs, ruleIDs
 	a.events.Add(events.Config, "", "new config", "file", cfg.File())
 	return nil
 }
@@ -332,25 +333,27 @@ type PolicyNames struct {
 	Policies []string `json:"policies"`
 }
 
-// policyNames are cfg's rules' names and the policies' of ids, by id.
-func policyNames(cfg *config.Config, ids config.PolicyIDs) PolicyNames {
-	var n PolicyNames
-	for _, r := range cfg.Rules {
-		n.Rules = append(n.Rules, r.Name)
-	}
-	for name, id := range ids {
-		for len(n.Policies) <= id {
-			n.Policies = append(n.Policies, "")
-		}
-		n.Policies[id] = name
-	}
-	return n
+// policyNames are the rules' and policies' names by id.
+func policyNames(rules, policies config.IDs) PolicyNames {
+	return PolicyNames{Rules: byID(rules), Policies: byID(policies)}
 }
 
-// IDs are the policies' ids by name.
-func (n PolicyNames) IDs() config.PolicyIDs {
-	ids := config.PolicyIDs{}
-	for id, name := range n.Policies {
+// byID lists names by id, "" for an id no name has.
+func byID(ids config.IDs) []string {
+	var out []string
+	for name, id := range ids {
+		for len(out) <= id {
+			out = append(out, "")
+		}
+		out[id] = name
+	}
+	return out
+}
+
+// idsOf are the ids of names listed by id.
+func idsOf(names []string) config.IDs {
+	ids := config.IDs{}
+	for id, name := range names {
 		if name != "" {
 			ids[name] = id
 		}
@@ -782,7 +785,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
 		return err
 	}
-	if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.cfg, a.policyIDs)); err != nil {
+	if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.ruleIDs, a.policyIDs)); err != nil {
 		return err
 	}
 	if err := writeScope(a.cfg.StateDir, a.scope); err != nil {

@@ -161,7 +161,7 @@ func TestTakePrefixSets(t *testing.T) {
 	old := prefixesOf("192.0.2.0/24")
 	cfg := &config.Config{
 		PrefixSets: []config.PrefixSet{{Name: "banks", File: "banks.txt", Prefixes: old}},
-		Rules:      []config.Rule{{Name: "banks", DstSet: "banks", Dst: old, Policy: config.BalancedPolicy}, {Name: "other", Policy: config.BalancedPolicy}},
+		Rules:      []config.Rule{{Name: "banks", DstSet: "banks", Dst: old, Policy: config.BalancedPolicy}, {Name: "other", ID: 1, Policy: config.BalancedPolicy}},
 	}
 	a := &Agent{cfg: cfg, setWatch: 3, events: events.NewRing(events.DefaultSize, slog.New(slog.DiscardHandler))}
 	read := func(watch int, p []netip.Prefix, err error) prefixSetRead {

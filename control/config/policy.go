@@ -85,6 +85,9 @@ type PortRange struct{ First, Last uint16 }
 type Rule struct {
 	// Name defaults to "rule-N", N the rule's 1-based position.
 	Name string `yaml:"name"`
+	// ID is the rule's number in the datapath, which flows record: its
+	// place in the file unless RenumberRules keeps an earlier one.
+	ID int `yaml:"-"`
 	// Text is what the file writes for the fields Load parses below.
 	Text RuleText `yaml:",inline"`
 
@@ -138,22 +141,57 @@ func (c *Config) PolicyList() []Policy {
 	return list
 }
 
+// IDs are numbers in the datapath by name: policies' (balanced is 0) or
+// rules'.
+type IDs map[string]int
+
 // PolicyIDs are policies' ids in the datapath, by name.
-type PolicyIDs map[string]int
+type PolicyIDs = IDs
 
 // RenumberPolicies numbers the policies so that each keeps the id prev
 // gives its name (a running agent's numbers, kept in its state dir): a
 // flow records its policy's id, and a reload or restart that reorders,
-// adds or removes policies must not hand that id to another policy. A
-// new policy takes the lowest id that prev gives no name, else the lowest
-// that no policy of c holds. It returns the numbers to keep: c's, and
-// prev's others as long as their ids are free.
-func (c *Config) RenumberPolicies(prev PolicyIDs) PolicyIDs {
+// adds or removes policies must not hand that id to another policy. It
+// returns the numbers to keep (see renumber).
+func (c *Config) RenumberPolicies(prev IDs) IDs {
 	list := c.policyList()
-	ids, used := PolicyIDs{BalancedPolicy: 0}, map[int]bool{0: true}
-	for _, p := range list[1:] {
-		if id, ok := prev[p.Name]; ok && id > 0 && id < MaxPolicies && !used[id] {
-			ids[p.Name], used[id] = id, true
+	names := make([]string, len(list))
+	for i, p := range list {
+		names[i] = p.Name
+	}
+	ids, keep := renumber(names, prev, MaxPolicies)
+	c.policyIDs = ids
+	return keep
+}
+
+// RenumberRules numbers the rules as RenumberPolicies does the policies:
+// a flow records its rule's id, which a reload that moves the rule keeps.
+func (c *Config) RenumberRules(prev IDs) IDs {
+	names := make([]string, len(c.Rules))
+	for i, r := range c.Rules {
+		names[i] = r.Name
+	}
+	ids, keep := renumber(names, prev, MaxRules)
+	for i := range c.Rules {
+		c.Rules[i].ID = ids[c.Rules[i].Name]
+	}
+	return keep
+}
+
+// renumber gives names[0] the id 0 if it is the balanced policy (which
+// always is), then each name the id prev gives it; a new name takes the
+// lowest id that prev gives no name, else the lowest that no name holds.
+// keep is ids plus prev's other names whose ids are still free, so that
+// an id a reload freed goes to a new name last.
+func renumber(names []string, prev IDs, limit int) (ids, keep IDs) {
+	ids, used := IDs{}, map[int]bool{}
+	first := 0
+	if len(names) > 0 && names[0] == BalancedPolicy {
+		ids[BalancedPolicy], used[0], first = 0, true, 1
+	}
+	for _, name := range names[first:] {
+		if id, ok := prev[name]; ok && id >= first && id < limit && !used[id] {
+			ids[name], used[id] = id, true
 		}
 	}
 	retired := map[int]bool{}
@@ -162,28 +200,27 @@ func (c *Config) RenumberPolicies(prev PolicyIDs) PolicyIDs {
 			retired[id] = true
 		}
 	}
-	for _, p := range list[1:] {
-		if _, ok := ids[p.Name]; ok {
+	for _, name := range names[first:] {
+		if _, ok := ids[name]; ok {
 			continue
 		}
-		id := 1
-		for id < MaxPolicies && (used[id] || retired[id]) {
+		id := first
+		for id < limit && (used[id] || retired[id]) {
 			id++
 		}
-		if id == MaxPolicies { // every free id was a retired policy's
-			for id = 1; used[id]; id++ {
+		if id == limit { // every free id was a retired name's
+			for id = first; used[id]; id++ {
 			}
 		}
-		ids[p.Name], used[id] = id, true
+		ids[name], used[id] = id, true
 	}
-	c.policyIDs = ids
-	keep := maps.Clone(ids)
+	keep = maps.Clone(ids)
 	for name, id := range prev {
-		if _, ok := keep[name]; !ok && id > 0 && id < MaxPolicies && !used[id] {
-			keep[name] = id
+		if _, ok := keep[name]; !ok && id >= first && id < limit && !used[id] {
+			keep[name], used[id] = id, true
 		}
 	}
-	return keep
+	return ids, keep
 }
 
 func (c *Config) policyList() []Policy {
@@ -379,6 +416,7 @@ func (c *Config) checkPolicies(lanIf map[string]bool) []error {
 	for i := range c.Rules {
 		r := &c.Rules[i]
 		f := fmt.Sprintf("rules[%d]", i)
+		r.ID = i
 		if _, set := c.pos[f+".name"]; !set && r.Name == "" {
 			r.Name = fmt.Sprintf("rule-%d", i+1)
 		}

@@ -97,8 +97,8 @@ func TestParsePolicies(t *testing.T) {
 			Name: "sip", Src: prefixes("192.0.2.0/24", "2001:db8::/32"), Protos: []uint8{17},
 			DstPorts: []PortRange{{5060, 5060}, {10000, 20000}}, DSCPs: []uint8{46}, LANs: []string{"eth0"}, Policy: "voip",
 		},
-		{Name: "backup", Dst: prefixes("203.0.113.10/32"), Protos: []uint8{6, 17}, SrcPorts: []PortRange{{873, 873}}, Policy: "line:cheap"},
-		{Name: "banks", Dst: banks, DstSet: "banks", Policy: "balanced", Sticky: 30 * time.Minute, StickyPerRule: true},
+		{Name: "backup", ID: 1, Dst: prefixes("203.0.113.10/32"), Protos: []uint8{6, 17}, SrcPorts: []PortRange{{873, 873}}, Policy: "line:cheap"},
+		{Name: "banks", ID: 2, Dst: banks, DstSet: "banks", Policy: "balanced", Sticky: 30 * time.Minute, StickyPerRule: true},
 	}
 	for i := range c.Rules {
 		c.Rules[i].Text = RuleText{}
@@ -128,7 +128,7 @@ func TestParseRuleForms(t *testing.T) {
 	}
 	r := c.Rules[3]
 	want := Rule{
-		Name: "rule-4", Src: prefixes("192.0.2.1/32"), Dst: prefixes("2001:db8::1/128", "198.51.100.0/24"), Protos: []uint8{6},
+		Name: "rule-4", ID: 3, Src: prefixes("192.0.2.1/32"), Dst: prefixes("2001:db8::1/128", "198.51.100.0/24"), Protos: []uint8{6},
 		SrcPorts: []PortRange{{0, 0}, {1, 1023}, {65535, 65535}},
 		DSCPs:    []uint8{0, 8, 10, 12, 14, 18, 20, 22, 26, 28, 30, 34, 36, 38, 40, 44, 46, 56, 63},
 		LANs:     []string{"eth9", "eth0"}, Policy: "line:dsl", Sticky: 24 * time.Hour,
@@ -423,5 +423,23 @@ func TestRenumberPolicies(t *testing.T) {
 			t.Errorf("%s and %s share id %d", name, other, id)
 		}
 		seen[id] = name
+	}
+}
+
+// A rule keeps its id when a reload moves it (flows record it); a new
+// rule avoids a removed one's id while others are free.
+func TestRenumberRules(t *testing.T) {
+	c := &Config{Rules: []Rule{{Name: "a"}, {Name: "b"}, {Name: "c"}}}
+	kept := c.RenumberRules(nil)
+	if c.Rules[0].ID != 0 || c.Rules[1].ID != 1 || c.Rules[2].ID != 2 {
+		t.Fatalf("first numbering %+v, want by place", c.Rules)
+	}
+	d := &Config{Rules: []Rule{{Name: "c"}, {Name: "new"}, {Name: "a"}}}
+	kept = d.RenumberRules(kept)
+	if d.Rules[0].ID != 2 || d.Rules[2].ID != 0 || d.Rules[1].ID != 3 {
+		t.Errorf("after moving c first, dropping b, adding new: %+v, want c 2, a 0, new 3 (not b's 1)", d.Rules)
+	}
+	if kept["b"] != 1 {
+		t.Errorf("b's id not kept: %v", kept)
 	}
 }

@@ -62,6 +62,9 @@ func CompileRules(cfg *config.Config, ifindex func(string) (int, error)) (loader
 	if err != nil {
 		return loader.RuleSet{}, err
 	}
+	for i, r := range cfg.Rules {
+		rs.Actions[i].ID = r.ID
+	}
 	if err := loader.CheckRuleSet(rs); err != nil {
 		return loader.RuleSet{}, fmt.Errorf("compiling rules: %w", err)
 	}

@@ -71,7 +71,9 @@ func Compile(rules []Rule) (loader.RuleSet, error) {
 	rs.Bitmaps = c.pool
 	rs.Actions = make([]loader.RuleAction, len(rules))
 	for i, r := range rules {
-		rs.Actions[i] = loader.RuleAction{Policy: r.Policy, Sticky: r.Sticky, StickyPerRule: r.StickyPerRule}
+		// Numbered by place: a caller that keeps numbers across reloads
+		// sets its own.
+		rs.Actions[i] = loader.RuleAction{ID: i, Policy: r.Policy, Sticky: r.Sticky, StickyPerRule: r.StickyPerRule}
 	}
 	return rs, nil
 }

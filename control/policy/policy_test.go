@@ -128,7 +128,7 @@ func TestCompileActions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []loader.RuleAction{{Policy: 3, Sticky: time.Minute, StickyPerRule: true}, {}}
+	want := []loader.RuleAction{{ID: 0, Policy: 3, Sticky: time.Minute, StickyPerRule: true}, {ID: 1}}
 	if !reflect.DeepEqual(rs.Actions, want) {
 		t.Errorf("actions %+v, want %+v", rs.Actions, want)
 	}
