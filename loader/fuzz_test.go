@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -23,7 +24,8 @@ import (
 //   - every flow entry is well-formed and pinned to a live line.
 //
 // Line 1 is dead but still holds buckets, as in the instant between a line
-// dying and its buckets moving: no flow may land on it.
+// dying and its buckets moving: no flow may land on it. A rule set sends
+// some new flows to other policies (one with the unreachable last resort).
 //
 // The seeds (below, and testdata/fuzz/FuzzLANPrograms) cover Ethernet with
 // and without VLAN tags, IPv4 with options and fragments, IPv6 with
@@ -44,6 +46,29 @@ func FuzzLANPrograms(f *testing.F) {
 		f.Fatal(err)
 	}
 	if err := d.SetLocal([]netip.Addr{local4, local6}); err != nil {
+		f.Fatal(err)
+	}
+	// Rules too, so that new flows go through the classifier: policy 1
+	// on line 0; policy 2 on the dead line 1 alone (its new flows fall
+	// back to policy 0's lines); policy 3 as well, with last resort
+	// unreachable (its new flows get the unreachable mark, no flow).
+	if err := d.SetPolicies([]PolicyTable{
+		{Buckets: Buckets(nil, []int{1, 1, 1}, []bool{true, true, true})},
+		{Buckets: allOn(0)},
+		{Buckets: allOn(1)},
+		{LastResort: LastResortUnreachable, Buckets: allOn(1)},
+	}); err != nil {
+		f.Fatal(err)
+	}
+	if err := d.SetLastResortMarks(unreachMark, blackholeMark); err != nil {
+		f.Fatal(err)
+	}
+	if err := d.SetRuleSet(buildRuleSet([]testRule{
+		{dst: pfx("203.0.113.0/24", "2001:db8:cc::/48"), policy: 1},
+		{protos: []uint8{protoUDP}, dports: portRange(53, 53), policy: 2},
+		{dscps: []uint8{46}, policy: 3},
+		{src: pfx("192.0.2.128/25"), sports: portRange(1000, 1999), policy: 1, sticky: time.Second},
+	})); err != nil {
 		f.Fatal(err)
 	}
 
@@ -76,8 +101,8 @@ func FuzzLANPrograms(f *testing.F) {
 		if inMark&^d.markMask != mark&^d.markMask {
 			t.Errorf("LAN ingress changed mark bits outside the mask: %#x -> %#x", mark, inMark)
 		}
-		if inMark != mark && inMark&d.markMask != lineMark[0] && inMark&d.markMask != lineMark[2] {
-			t.Errorf("LAN ingress set mark %#x, not a live line's", inMark)
+		if inMark != mark && inMark&d.markMask != lineMark[0] && inMark&d.markMask != lineMark[2] && inMark&d.markMask != unreachMark {
+			t.Errorf("LAN ingress set mark %#x, not a live line's nor the unreachable last resort's", inMark)
 		}
 		if n := reasonTotal(t, d) - reasonsBefore; n != 1 {
 			t.Errorf("LAN ingress counted %d reasons, want 1", n)
@@ -190,8 +215,12 @@ func badFlow(k *uplinkdFlowKey, v *uplinkdFlow) string {
 		return "ICMP flow with a destination port"
 	case v.Line != 0 && v.Line != 2:
 		return "not pinned to a live line"
-	case v.Flags != 0:
-		return "flags set without conntrack"
+	case v.Flags&flowRecovered != 0:
+		return "recovered without conntrack"
+	case v.Flags&^(flowRuleMask<<flowRuleShift|flowPolicyMask<<flowPolicyShift) != 0:
+		return "unknown flags"
+	case !fuzzRulePolicy(v.Flags):
+		return "a rule or policy the fuzz's rule set does not have"
 	case v.TxPackets == 0 || v.TxBytes < 14*v.TxPackets:
 		return "tx counters"
 	case v.FirstSeen == 0 || v.LastSeen < v.FirstSeen:
@@ -325,4 +354,15 @@ func fuzzSeeds() []packet {
 		{src: netip.MustParseAddr("fe80::5"), dst: server6, proto: protoTCP, sport: 40020, dport: 443},
 		{src: netip.MustParseAddr("224.1.1.1"), dst: server4, proto: protoUDP, sport: 40021, dport: 53},
 	}
+}
+
+// fuzzRulePolicy reports whether a flow's rule and policy are of
+// FuzzLANPrograms's rule set: no rule and policy 0, or one of its four
+// rules with its policy (a flow of rule 1 or 2 keeps the policy it was
+// classified in, whichever line it fell back to).
+func fuzzRulePolicy(flags uint32) bool {
+	rule, policy := flowRulePolicy(flags)
+	want := map[int]int{-1: 0, 0: 1, 1: 2, 2: 3, 3: 1}
+	p, ok := want[rule]
+	return ok && p == policy
 }
