@@ -429,6 +429,53 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 	return removed, errors.Join(delErr, d.countRemoved(removed))
 }
 
+// ForgetPolicies makes the pinned flows of the policies ids no policy's
+// (they then move, off a dead line, within policy 0, as a removed
+// policy's flows do) and of no rule: before their ids go to new policies,
+// which must not inherit them. It returns how many flows it changed.
+func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
+	forget := map[int]bool{}
+	for _, id := range ids {
+		forget[id] = id > 0
+	}
+	keys := make([]uplinkdFlowKey, flowBatch)
+	values := make([]uplinkdFlow, flowBatch)
+	var doomed []uplinkdFlowKey
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
+		for i := range n {
+			if _, policy := flowRulePolicy(values[i].Flags); forget[policy] {
+				doomed = append(doomed, keys[i])
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return 0, fmt.Errorf("reading flows: %w", err)
+		}
+	}
+	changed := 0
+	for _, k := range doomed {
+		// Read again, one by one: the datapath counts meanwhile, and a
+		// flow the LRU evicted is no error.
+		var v uplinkdFlow
+		if err := d.objs.UlFlows.Lookup(&k, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		} else if err != nil {
+			return changed, fmt.Errorf("reading a flow: %w", err)
+		}
+		v.Flags &^= flowRuleMask<<flowRuleShift | flowPolicyMask<<flowPolicyShift
+		if err := d.w.update(d.objs.UlFlows, &k, &v, ebpf.UpdateExist); err == nil {
+			changed++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return changed, fmt.Errorf("forgetting a flow's policy: %w", err)
+		}
+	}
+	return changed, nil
+}
+
 // ClearFlows removes every pinned flow: an HA standby's pins go stale
 // while its peer forwards. It returns how many it removed. It takes the
 // flows in batches (lookup and delete in one call each), holding no more

@@ -84,6 +84,9 @@ type Agent struct {
 	// policyIDs and ruleIDs are the policies' and rules' ids, the removed
 	// ones' too (see config.RenumberPolicies), as kept in the state dir.
 	policyIDs, ruleIDs config.IDs
+	// runCtx is Run's context, nil before Run: what the watches started
+	// by a reload live as long as.
+	runCtx context.Context
 }
 
 // NewAgent checks cfg against the kernel (interfaces, addresses) and
@@ -202,6 +205,15 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	if err := CheckRules(cfg); err != nil {
 		return err
 	}
+	// Past the limit of ids a new policy takes a removed one's, whose
+	// pinned flows must not become the new policy's.
+	if reused := reusedIDs(a.policyIDs, cfg); len(reused) > 0 {
+		n, err := a.k.ForgetPolicies(reused)
+		if err != nil {
+			return fmt.Errorf("freeing the ids of removed policies %v: %w", reused, err)
+		}
+		a.events.Add(events.Config, "", "removed policies' ids reused: their flows are no policy's now", "ids", reused, "flows", n)
+	}
 	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(ruleIDs, policyIDs)); err != nil {
 		return err
 	}
@@ -237,6 +249,9 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	}
 	a.cfg, a.lines = cfg, lines
 	a.scope, a.policyIDs, a.ruleIDs = scope, policyIDs, ruleIDs
+	// Its prefix sets' files, which may be others (SIGHUP and `uplinkd
+	// reload` alike).
+	a.restartPrefixSetWatch(a.runCtx)
 	a.events.Add(events.Config, "", "new config", "file", cfg.File())
 	return nil
 }
@@ -311,12 +326,38 @@ func writeSlots(stateDir string, s config.Slots) error {
 
 // CheckRules compiles cfg's rules as the datapath would take them, so that
 // a rule set past its limits (distinct rule bitmaps, address intervals) is
-// refused with the config instead of failing every apply.
+// refused with the config instead of failing every apply. Each LAN
+// interface gets an index of its own, as in the kernel: the most bitmaps
+// the rules can need.
 func CheckRules(cfg *config.Config) error {
-	if _, err := datapath.CompileRules(cfg, func(string) (int, error) { return 1, nil }); err != nil {
+	index := map[string]int{}
+	ifindex := func(ifname string) (int, error) {
+		if _, ok := index[ifname]; !ok {
+			index[ifname] = len(index) + 1
+		}
+		return index[ifname], nil
+	}
+	if _, err := datapath.CompileRules(cfg, ifindex); err != nil {
 		return cfg.Errorf("rules", "%v", err)
 	}
 	return nil
+}
+
+// reusedIDs are the ids that cfg's policies take from other names in prev
+// (removed policies whose ids were kept).
+func reusedIDs(prev config.IDs, cfg *config.Config) []int {
+	was := map[int]string{}
+	for name, id := range prev {
+		was[id] = name
+	}
+	var reused []int
+	for _, p := range cfg.PolicyList() {
+		if name, ok := was[p.ID]; ok && name != p.Name {
+			reused = append(reused, p.ID)
+		}
+	}
+	slices.Sort(reused)
+	return reused
 }
 
 // policyNamesFile, in the state dir, names the rules and policies of the
@@ -815,6 +856,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.health.Start(ctx)
+	a.runCtx = ctx
 	a.restartPrefixSetWatch(ctx)
 	// Idle unless an ha block makes this gateway master (a reload may add
 	// one; the state dir, where conntrackd's socket is, cannot change).
@@ -840,7 +882,6 @@ func (a *Agent) Run(ctx context.Context) error {
 				continue
 			}
 			newConfig = cfg.File()
-			a.restartPrefixSetWatch(ctx)
 		case r := <-a.setRead:
 			if !a.takePrefixSets(r) {
 				continue

@@ -41,6 +41,9 @@ type ops interface {
 	// RemoveLine removes a dropped line's datapath entry and its pinned
 	// flows; it returns how many flows it removed.
 	RemoveLine(index int) (int, error)
+	// ForgetPolicies makes the pinned flows of policies ids no policy's
+	// (loader.Datapath.ForgetPolicies); it returns how many it changed.
+	ForgetPolicies(ids []int) (int, error)
 	// FlowClearer returns a func that removes every flow pinned in the
 	// datapath loaded now and says how many; it may run beside the run
 	// loop.
@@ -83,6 +86,7 @@ func (o *envOps) ApplyNAT(n plan.NAT) (bool, error)           { return nat.Apply
 func (o *envOps) FlushConntrack(a netip.Addr) (uint, error)   { return o.env.FlushConntrack(a) }
 func (o *envOps) Detach(ifname string) error                  { return o.dp.Detach(ifname) }
 func (o *envOps) RemoveLine(index int) (int, error)           { return o.dp.RemoveLine(index) }
+func (o *envOps) ForgetPolicies(ids []int) (int, error)       { return o.dp.ForgetPolicies(ids) }
 func (o *envOps) FlowClearer() func() (int, error)            { return o.dp.FlowClearer() }
 func (o *envOps) Close()                                      { o.dp.Close() }
 func (o *envOps) Attached() map[string]string                 { return o.dp.Attached() }

@@ -172,6 +172,9 @@ func fileStates(sets []config.PrefixSet) []fileState {
 // ending the watch of the previous one (a read it had under way is
 // dropped: its watch number is no longer the agent's).
 func (a *Agent) restartPrefixSetWatch(ctx context.Context) {
+	if ctx == nil { // not running (unit tests of reconfigure)
+		return
+	}
 	if a.stopSetWatch != nil {
 		a.stopSetWatch()
 	}

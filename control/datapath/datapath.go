@@ -269,6 +269,15 @@ func (d *Sync) RemoveLine(index int) (int, error) {
 	return d.dp.RemoveLine(index)
 }
 
+// ForgetPolicies makes the pinned flows of policies ids no policy's
+// (none before Apply loaded the datapath: nothing is pinned).
+func (d *Sync) ForgetPolicies(ids []int) (int, error) {
+	if d.dp == nil || len(ids) == 0 {
+		return 0, nil
+	}
+	return d.dp.ForgetPolicies(ids)
+}
+
 // FlowClearer returns a func removing every pinned flow of the datapath
 // loaded now (none before Apply loaded it) and saying how many; it may
 // run on another goroutine.
