@@ -4,6 +4,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -200,5 +201,29 @@ func TestTakePrefixSets(t *testing.T) {
 	}
 	if n := a.events.Count(events.PrefixSet, ""); n != 2 {
 		t.Errorf("%d prefix-set events, want 2 (the change, the refusal)", n)
+	}
+}
+
+// A policy that takes an id another name had is found, so that that
+// name's pinned flows are made no policy's first.
+func TestReusedIDs(t *testing.T) {
+	cfg := &config.Config{Policies: []config.Policy{{Name: "pz"}, {Name: "pa"}}}
+	cfg.RenumberPolicies(config.IDs{"balanced": 0, "p1": 1, "pa": 2})
+	// Ids 3.. are free: pz avoids p1's.
+	if got := reusedIDs(config.IDs{"balanced": 0, "p1": 1, "pa": 2}, cfg); len(got) != 0 {
+		t.Errorf("reused %v with free ids left, want none", got)
+	}
+	prev := config.IDs{"balanced": 0}
+	for id := 1; id < config.MaxPolicies; id++ {
+		prev[fmt.Sprintf("p%d", id)] = id
+	}
+	full := &config.Config{}
+	for id := 2; id < config.MaxPolicies; id++ {
+		full.Policies = append(full.Policies, config.Policy{Name: fmt.Sprintf("p%d", id)})
+	}
+	full.Policies = append(full.Policies, config.Policy{Name: "pz"})
+	full.RenumberPolicies(prev)
+	if got := reusedIDs(prev, full); !slices.Equal(got, []int{1}) {
+		t.Errorf("every id taken, p1 swapped for pz: reused %v, want [1]", got)
 	}
 }
