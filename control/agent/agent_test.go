@@ -99,7 +99,7 @@ func (k *fakeKernel) Addrs(ifname string) ([]netip.Prefix, error) {
 func (k *fakeKernel) Carrier(ifname string) bool             { return k.carrier[ifname] }
 func (k *fakeKernel) Sysctls() sysctl.FS                     { return k.proc }
 func (k *fakeKernel) Routing(int, plan.Scope) routing.Kernel { return &k.routes }
-func (k *fakeKernel) ForgetPolicies(ids []int) (int, error) { return 0, nil }
+func (k *fakeKernel) ForgetPolicies(ids []int) (int, error)  { return 0, nil }
 
 func (k *fakeKernel) RemoveLine(index int) (int, error) {
 	k.log = append(k.log, fmt.Sprintf("remove line %d", index))
