@@ -933,3 +933,31 @@ func TestFlowRecordsRuleID(t *testing.T) {
 		t.Error("two rules with one id accepted")
 	}
 }
+
+// ForgetPolicies makes the flows of the given policies no policy's and no
+// rule's, and leaves the others as they are.
+func TestForgetPolicies(t *testing.T) {
+	d := classifying(t)
+	setRules(t, d, []testRule{
+		{dst: pfx("203.0.113.0/24"), policy: 1},
+		{protos: []uint8{protoUDP}, policy: 2},
+	})
+	one := packet{src: client4, dst: netip.MustParseAddr("203.0.113.5"), proto: protoTCP, sport: 401, dport: 443}
+	two := packet{src: client4, dst: netip.MustParseAddr("198.51.100.9"), proto: protoUDP, sport: 402, dport: 53}
+	for _, p := range []packet{one, two} {
+		runOn(t, d.objs.UplinkdLanIn, p.bytes(), foreignMark, testLAN)
+	}
+	n, err := d.ForgetPolicies([]int{1})
+	if err != nil || n != 1 {
+		t.Fatalf("ForgetPolicies: %d flows (%v), want 1", n, err)
+	}
+	if rule, pol, ok := pinnedRule(t, d, one); !ok || rule != -1 || pol != 0 {
+		t.Errorf("policy 1's flow after: rule %d policy %d (%v), want none and 0", rule, pol, ok)
+	}
+	if rule, pol, ok := pinnedRule(t, d, two); !ok || rule != 1 || pol != 2 {
+		t.Errorf("policy 2's flow after: rule %d policy %d (%v), want 1 and 2 untouched", rule, pol, ok)
+	}
+	if f, ok := lookupFlow(t, d, one); !ok || f.Line != 0 || f.TxPackets != 1 {
+		t.Errorf("policy 1's flow after: %+v, want its line and counters kept", f)
+	}
+}

@@ -397,23 +397,9 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 	if err := d.SetLine(line, Line{Dead: true}); err != nil {
 		return 0, err
 	}
-	keys := make([]uplinkdFlowKey, flowBatch)
-	values := make([]uplinkdFlow, flowBatch)
-	var doomed []uplinkdFlowKey
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
-		for i := range n {
-			if int(values[i].Line) == line {
-				doomed = append(doomed, keys[i])
-			}
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			break
-		}
-		if err != nil {
-			return 0, fmt.Errorf("reading flows: %w", err)
-		}
+	doomed, err := d.flowsWhere(func(f *uplinkdFlow) bool { return int(f.Line) == line })
+	if err != nil {
+		return 0, err
 	}
 	removed := 0
 	var delErr error
@@ -429,6 +415,28 @@ func (d *Datapath) RemoveLine(line int) (int, error) {
 	return removed, errors.Join(delErr, d.countRemoved(removed))
 }
 
+// flowsWhere returns the keys of the flows that match, read in batches.
+func (d *Datapath) flowsWhere(match func(*uplinkdFlow) bool) ([]uplinkdFlowKey, error) {
+	keys := make([]uplinkdFlowKey, flowBatch)
+	values := make([]uplinkdFlow, flowBatch)
+	var found []uplinkdFlowKey
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
+		for i := range n {
+			if match(&values[i]) {
+				found = append(found, keys[i])
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return found, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("reading flows: %w", err)
+		}
+	}
+}
+
 // ForgetPolicies makes the pinned flows of the policies ids no policy's
 // (they then move, off a dead line, within policy 0, as a removed
 // policy's flows do) and of no rule: before their ids go to new policies,
@@ -438,23 +446,12 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 	for _, id := range ids {
 		forget[id] = id > 0
 	}
-	keys := make([]uplinkdFlowKey, flowBatch)
-	values := make([]uplinkdFlow, flowBatch)
-	var doomed []uplinkdFlowKey
-	var cursor ebpf.MapBatchCursor
-	for {
-		n, err := d.objs.UlFlows.BatchLookup(&cursor, keys, values, nil)
-		for i := range n {
-			if _, policy := flowRulePolicy(values[i].Flags); forget[policy] {
-				doomed = append(doomed, keys[i])
-			}
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			break
-		}
-		if err != nil {
-			return 0, fmt.Errorf("reading flows: %w", err)
-		}
+	doomed, err := d.flowsWhere(func(f *uplinkdFlow) bool {
+		_, policy := flowRulePolicy(f.Flags)
+		return forget[policy]
+	})
+	if err != nil {
+		return 0, err
 	}
 	changed := 0
 	for _, k := range doomed {
