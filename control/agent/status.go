@@ -463,17 +463,8 @@ func policyStatus(cfg *config.Config, lines []plan.Line) ([]PolicyStatus, []Rule
 	var ps []PolicyStatus
 	for _, p := range cfg.PolicyList() {
 		st := PolicyStatus{ID: p.ID, Name: p.Name, LastResort: p.LastResort, Lines: []string{}}
-		if t := plan.ActiveTier(p, lines); t >= 0 {
-			st.Tier = t + 1
-			usable := map[string]bool{}
-			for _, l := range lines {
-				usable[l.Name] = l.Usable()
-			}
-			for _, m := range plan.Tiers(p)[t].Members {
-				if usable[m.Line] {
-					st.Lines = append(st.Lines, m.Line)
-				}
-			}
+		if t, in := plan.ActiveTier(p, lines); t >= 0 {
+			st.Tier, st.Lines = t+1, in
 		}
 		ps = append(ps, st)
 	}

@@ -85,7 +85,7 @@ type Config struct {
 	file string
 	pos  positions
 	// policyIDs are the policies' ids (RenumberPolicies); nil: by place.
-	policyIDs PolicyIDs
+	policyIDs IDs
 	// skipSets: the prefix-set files are not read (LoadWithoutPrefixSets).
 	skipSets bool
 }

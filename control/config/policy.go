@@ -145,9 +145,6 @@ func (c *Config) PolicyList() []Policy {
 // rules'.
 type IDs map[string]int
 
-// PolicyIDs are policies' ids in the datapath, by name.
-type PolicyIDs = IDs
-
 // RenumberPolicies numbers the policies so that each keeps the id prev
 // gives its name (a running agent's numbers, kept in its state dir): a
 // flow records its policy's id, and a reload or restart that reorders,

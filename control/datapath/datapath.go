@@ -216,7 +216,7 @@ func (d *Sync) compiled(cfg *config.Config) (loader.RuleSet, error) {
 		for _, ifname := range r.LANs {
 			index, err := d.k.LinkIndex(ifname)
 			if err != nil {
-				index = NoInterface // gone: the rule matches nothing until it is back
+				index = noInterface // gone: the rule matches nothing until it is back
 			}
 			lans[ifname] = index
 		}

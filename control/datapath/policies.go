@@ -12,14 +12,14 @@ import (
 	"github.com/uplinkd/uplinkd/loader"
 )
 
-// NoInterface is an interface index no interface has: a rule that can
+// noInterface is an interface index no interface has: a rule that can
 // match nothing (its LAN interface is gone, its prefix set is empty) is
 // compiled with it, so that it keeps its place and its number.
-const NoInterface = math.MaxInt32
+const noInterface = math.MaxInt32
 
 // CompileRules turns cfg's rules into the datapath's classifier tables:
 // policies by id (config.PolicyList), LAN interfaces by index (ifindex:
-// one that fails, an interface that is gone, gives NoInterface), prefix
+// one that fails, an interface that is gone, gives noInterface), prefix
 // sets as they were last read (an empty set matches nothing). The result
 // passes loader.CheckRuleSet, or this returns its error.
 func CompileRules(cfg *config.Config, ifindex func(string) (int, error)) (loader.RuleSet, error) {
@@ -49,12 +49,12 @@ func CompileRules(cfg *config.Config, ifindex func(string) (int, error)) (loader
 		for _, ifname := range r.LANs {
 			index, err := ifindex(ifname)
 			if err != nil || index <= 0 {
-				index = NoInterface
+				index = noInterface
 			}
 			pr.LANs = append(pr.LANs, index)
 		}
 		if emptySet(cfg, r.SrcSet) || emptySet(cfg, r.DstSet) {
-			pr.LANs = []int{NoInterface}
+			pr.LANs = []int{noInterface}
 		}
 		rules[i] = pr
 	}

@@ -34,19 +34,26 @@ func Tiers(p config.Policy) []Tier {
 	return tiers
 }
 
-// ActiveTier is the index of the first tier of p with a usable line, -1 for
-// none: the tier whose lines get p's new flows.
-func ActiveTier(p config.Policy, lines []Line) int {
+// ActiveTier is the index of the first tier of p with a usable line and
+// those lines, the lines that get p's new flows; -1 and none when no line
+// of p is usable (its last resort).
+func ActiveTier(p config.Policy, lines []Line) (int, []string) {
 	usable := map[string]bool{}
 	for _, l := range lines {
 		usable[l.Name] = l.Usable()
 	}
 	for i, t := range Tiers(p) {
-		if slices.ContainsFunc(t.Members, func(m config.PolicyMember) bool { return usable[m.Line] }) {
-			return i
+		var in []string
+		for _, m := range t.Members {
+			if usable[m.Line] {
+				in = append(in, m.Line)
+			}
+		}
+		if len(in) > 0 {
+			return i, in
 		}
 	}
-	return -1
+	return -1, nil
 }
 
 // RenderPolicies prints c's policies and rules as the datapath gets them:
@@ -68,7 +75,7 @@ func RenderPolicies(w io.Writer, c *config.Config, lines []Line) {
 			tiers = append(tiers, fmt.Sprintf("metric %d: %s", t.Metric, strings.Join(ms, ", ")))
 		}
 		now := "none usable: last resort"
-		if i := ActiveTier(p, lines); i >= 0 {
+		if i, _ := ActiveTier(p, lines); i >= 0 {
 			now = fmt.Sprintf("tier %d", i+1)
 		}
 		fmt.Fprintf(w, "# policy %d %s: %s; last_resort %s (now: %s)\n", p.ID, p.Name, strings.Join(tiers, " | "), p.LastResort, now)
