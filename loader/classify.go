@@ -38,6 +38,8 @@ const (
 	v4DirTree          = 1 << 31      // UL_V4_DIR_TREE
 	v4DirLevelShift    = 24           // UL_V4_DIR_LEVEL_SHIFT
 	v6MaxPrefixes      = 65536 + 4096 // UL_V6_PREFIXES
+	lanSlotCount       = 64           // UL_LAN_SLOTS
+	lanSlotShared      = ^uint32(0)   // UL_LAN_SLOT_SHARED
 )
 
 // The rule bitmaps hold RuleWords words.
@@ -58,9 +60,11 @@ func checkRuleLimits(spec *ebpf.CollectionSpec) error {
 		{uplinkdMapUlPolicies, MaxPolicies},
 		{uplinkdMapUlPolicyBuckets, MaxPolicies},
 		{uplinkdMapUlPolicyFlows, MaxPolicies},
+		{uplinkdMapUlPolicyStats, MaxPolicies},
 		{uplinkdMapUlRuleV4Nodes, 2 * ruleGens * v4Nodes},
 		{uplinkdMapUlRuleV4Ids, 2 * ruleGens * v4MaxIntervals},
 		{uplinkdMapUlRuleV4Dir, 2 * ruleGens * v4DirCells},
+		{uplinkdMapUlRuleLanSlots, ruleGens * lanSlotCount},
 		{uplinkdMapUlRuleSrc, ruleGens * v6MaxPrefixes},
 		{uplinkdMapUlRuleDst, ruleGens * v6MaxPrefixes},
 	} {
@@ -345,6 +349,14 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (genCfg, error) {
 		if err := syncGen(&d.w, d.objs.UlRuleLan, lans, func(k uplinkdRuleLanKey) bool { return k.Gen == gen }); err != nil {
 			return c, fmt.Errorf("writing LAN interfaces: %w", err)
 		}
+		slots := lanSlots(rs.LAN)
+		keys = keys[:0]
+		for s := range slots {
+			keys = append(keys, gen*lanSlotCount+uint32(s))
+		}
+		if err := d.w.batchUpdate(d.objs.UlRuleLanSlots, keys, slots); err != nil {
+			return c, fmt.Errorf("writing LAN interface slots: %w", err)
+		}
 	}
 
 	actions := make([]uplinkdRuleAction, len(rs.Actions))
@@ -360,6 +372,22 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (genCfg, error) {
 		return c, fmt.Errorf("writing rule actions: %w", err)
 	}
 	return c, nil
+}
+
+// lanSlots places the LAN interfaces the rules name by ifindex %
+// lanSlotCount; a slot two of them share is marked so, and the datapath
+// looks those up in ul_rule_lan.
+func lanSlots(lans map[int]uint32) []uplinkdRuleLanSlot {
+	slots := make([]uplinkdRuleLanSlot, lanSlotCount)
+	for ifindex, id := range lans {
+		s := &slots[ifindex%lanSlotCount]
+		if s.Ifindex != 0 {
+			*s = uplinkdRuleLanSlot{Ifindex: lanSlotShared}
+			continue
+		}
+		*s = uplinkdRuleLanSlot{Ifindex: uint32(ifindex), Id: id}
+	}
+	return slots
 }
 
 // writeV4Tree writes the IPv4 prefixes of an address table as the search
@@ -393,6 +421,12 @@ func (d *Datapath) writeV4Tree(field, gen uint32, t []PrefixBitmap) (uplinkdV4Tr
 	if err := d.w.batchUpdate(d.objs.UlRuleV4Ids, keys, ids); err != nil {
 		return tree, fmt.Errorf("writing the IPv4 intervals: %w", err)
 	}
+	// Before the flip, like the rest: the datapath reads the common cells
+	// of every table with more than one interval, first.
+	common := v4CommonCells(firsts, ids)
+	if err := d.w.put(d.objs.UlRuleV4Common, table, &common); err != nil {
+		return tree, fmt.Errorf("writing the IPv4 common cells: %w", err)
+	}
 	// A tree of 1 or 2 levels is walked from its root.
 	if len(levels) < 3 {
 		return tree, nil
@@ -411,6 +445,35 @@ func (d *Datapath) writeV4Tree(field, gen uint32, t []PrefixBitmap) (uplinkdV4Tr
 		return tree, fmt.Errorf("writing the IPv4 directory: %w", err)
 	}
 	return tree, nil
+}
+
+// v4CommonCells finds the bitmap id that holds the most /16s whole (in a
+// table of specific prefixes, the id of the rules without one) and marks
+// the /16s it holds.
+func v4CommonCells(firsts, ids []uint32) uplinkdV4Common {
+	cells := v4Directory(firsts, ids, v4MaxDepth, 16)
+	count := map[uint32]int{}
+	for _, e := range cells {
+		if e&v4DirTree == 0 {
+			count[e]++
+		}
+	}
+	c := uplinkdV4Common{Set: 1}
+	best := 0
+	for id, n := range count {
+		if n > best || n == best && id < c.Id {
+			c.Id, best = id, n
+		}
+	}
+	if best == 0 {
+		return c
+	}
+	for cell, e := range cells {
+		if e == c.Id {
+			c.Cells[cell/64] |= 1 << (cell % 64)
+		}
+	}
+	return c
 }
 
 // v4Directory gives each cell (the addresses with the same top bits) its

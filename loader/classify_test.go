@@ -202,6 +202,8 @@ func TestRulesClassifyNewFlows(t *testing.T) {
 		6: {dst: pfx("2001:db8:aa::/48"), sports: portRange(1000, 1999), policy: 1},
 		7: {src: pfx("2001:db8:1::77"), dscps: []uint8{10}, policy: 2},
 		8: {protos: []uint8{protoTCP}, dports: portRange(8000, 8999), lans: []int{testLAN, 11}, policy: 1},
+		// ul_rule_lan_slots: 73 shares 9's slot, 139 11's; 7's is its own.
+		9: {lans: []int{9 + 64, 11 + 128}, policy: 1},
 	}
 	setRules(t, d, rules)
 
@@ -234,6 +236,10 @@ func TestRulesClassifyNewFlows(t *testing.T) {
 		{"tcp port on a listed lan", packet{src: client4, dst: other4, proto: protoTCP, sport: 118, dport: 8080}, 11, 8},
 		{"tcp port on another lan", packet{src: client4, dst: other4, proto: protoTCP, sport: 119, dport: 8080}, 12, -1},
 		{"v4 nothing", packet{src: client4, dst: other4, proto: protoTCP, sport: 120, dport: 443}, testLAN, -1},
+		{"lan sharing a slot", packet{src: client4, dst: other4, proto: protoTCP, sport: 121, dport: 443}, 73, 9},
+		{"other lan sharing that slot", packet{src: client4, dst: other4, proto: protoTCP, sport: 122, dport: 443}, 139, 9},
+		{"unnamed lan in a shared slot", packet{src: client4, dst: other4, proto: protoTCP, sport: 123, dport: 443}, 9 + 128, -1},
+		{"unnamed lan in a named one's slot", packet{src: client4, dst: other4, proto: protoTCP, sport: 124, dport: 443}, testLAN + 64, -1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -626,6 +632,73 @@ func TestRuleHitsAndPolicyFlows(t *testing.T) {
 	}
 }
 
+// TestPolicyStats: a policy counts the forwarded packets and bytes of the
+// flows a rule set classified into it, out and back, those of no rule
+// being policy 0's; a flow pinned before any rule set counts nowhere, and
+// ForgetPolicies zeroes a freed id's counters and stops its flows
+// counting.
+func TestPolicyStats(t *testing.T) {
+	d := classifying(t)
+	before := tcp4(300)
+	runOn(t, d.objs.UplinkdLanIn, before.bytes(), 0, testLAN)
+	setRules(t, d, []testRule{
+		{protos: []uint8{protoUDP}, policy: 2},
+		{dports: portRange(443, 443), policy: 1},
+	})
+	reply := func(p packet) packet {
+		r := p
+		r.src, r.dst, r.sport, r.dport = p.dst, p.src, p.dport, p.sport
+		return r
+	}
+	udp, web, other := udp4(301), tcp4(302), tcp4(303)
+	other.dport = 80
+	for range 3 {
+		runOn(t, d.objs.UplinkdLanIn, udp.bytes(), 0, testLAN)
+	}
+	for range 2 {
+		runOn(t, d.objs.UplinkdLanIn, web.bytes(), 0, testLAN)
+	}
+	runOn(t, d.objs.UplinkdLanIn, other.bytes(), 0, testLAN)
+	runOn(t, d.objs.UplinkdLanIn, before.bytes(), 0, testLAN) // pinned before the rules
+	run(t, d.objs.UplinkdLanOut, reply(web).bytes(), 0)
+	run(t, d.objs.UplinkdLanOut, reply(before).bytes(), 0)
+
+	size := func(p packet) uint64 { return uint64(len(p.bytes())) }
+	want := make([]LineStats, MaxPolicies)
+	want[0] = LineStats{TxPackets: 1, TxBytes: size(other)}
+	want[1] = LineStats{TxPackets: 2, TxBytes: 2 * size(web), RxPackets: 1, RxBytes: size(reply(web))}
+	want[2] = LineStats{TxPackets: 3, TxBytes: 3 * size(udp)}
+	got, err := d.PolicyStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("policy stats %v, want %v", got[:3], want[:3])
+	}
+	s, err := OpenStats(d.pinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if pinned, err := s.PolicyStats(); err != nil || !slices.Equal(pinned, want) {
+		t.Errorf("pinned policy stats %v (%v), want %v", pinned[:3], err, want[:3])
+	}
+
+	// A freed id counts from zero, and its old flows count nowhere.
+	if _, err := d.ForgetPolicies([]int{1}); err != nil {
+		t.Fatal(err)
+	}
+	runOn(t, d.objs.UplinkdLanIn, web.bytes(), 0, testLAN)
+	run(t, d.objs.UplinkdLanOut, reply(web).bytes(), 0)
+	want[1] = LineStats{}
+	if got, err := d.PolicyStats(); err != nil || !slices.Equal(got, want) {
+		t.Errorf("policy stats after ForgetPolicies %v (%v), want %v", got[:3], err, want[:3])
+	}
+	if flows, err := d.PolicyFlows(); err != nil || flows[1] != 0 || flows[2] != 1 {
+		t.Errorf("policy flows after ForgetPolicies %v (%v), want 0 for policy 1, 1 for 2", flows[:3], err)
+	}
+}
+
 // Rule sets change while packets run: every flow is classified by one
 // whole rule set or the other, never by a mix. The two sets differ in
 // size (one word, three), so a packet reading one generation's tables
@@ -815,8 +888,8 @@ func TestAdoptPinsWithoutRuleMaps(t *testing.T) {
 	first.Close()
 	var removed []string
 	for _, name := range []string{"ul_rule_bitmaps", "ul_rule_src", "ul_rule_dst", "ul_rule_proto", "ul_rule_dscp",
-		"ul_rule_sport", "ul_rule_dport", "ul_rule_lan", "ul_rule_actions", "ul_rule_cfg", "ul_rule_hits", "ul_rule_v4_nodes", "ul_rule_v4_ids", "ul_rule_v4_dir",
-		"ul_policies", "ul_policy_buckets", "ul_sticky", "ul_policy_flows"} {
+		"ul_rule_sport", "ul_rule_dport", "ul_rule_lan", "ul_rule_actions", "ul_rule_cfg", "ul_rule_hits", "ul_rule_v4_nodes", "ul_rule_v4_ids", "ul_rule_v4_dir", "ul_rule_v4_common", "ul_rule_lan_slots",
+		"ul_policies", "ul_policy_buckets", "ul_sticky", "ul_policy_flows", "ul_policy_stats"} {
 		if err := os.Remove(filepath.Join(dir, name)); err != nil {
 			t.Fatalf("unpinning %s: %v", name, err)
 		}

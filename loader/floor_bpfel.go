@@ -119,6 +119,12 @@ type floorRuleLanKey struct {
 	Ifindex uint32
 }
 
+type floorRuleLanSlot struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	Id      uint32
+}
+
 type floorRulePrefix struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -167,6 +173,13 @@ const (
 	floorUlReasonUL_REASON_MAX                floorUlReason = 21
 )
 
+type floorV4Common struct {
+	_     structs.HostLayout
+	Id    uint32
+	Set   uint32
+	Cells [1024]uint64
+}
+
 type floorV4Node struct {
 	_     structs.HostLayout
 	First [16]uint32
@@ -187,6 +200,7 @@ const (
 	floorMapUlPolicies               = "ul_policies"
 	floorMapUlPolicyBuckets          = "ul_policy_buckets"
 	floorMapUlPolicyFlows            = "ul_policy_flows"
+	floorMapUlPolicyStats            = "ul_policy_stats"
 	floorMapUlReasons                = "ul_reasons"
 	floorMapUlRuleActions            = "ul_rule_actions"
 	floorMapUlRuleBitmaps            = "ul_rule_bitmaps"
@@ -196,9 +210,11 @@ const (
 	floorMapUlRuleDst                = "ul_rule_dst"
 	floorMapUlRuleHits               = "ul_rule_hits"
 	floorMapUlRuleLan                = "ul_rule_lan"
+	floorMapUlRuleLanSlots           = "ul_rule_lan_slots"
 	floorMapUlRuleProto              = "ul_rule_proto"
 	floorMapUlRuleSport              = "ul_rule_sport"
 	floorMapUlRuleSrc                = "ul_rule_src"
+	floorMapUlRuleV4Common           = "ul_rule_v4_common"
 	floorMapUlRuleV4Dir              = "ul_rule_v4_dir"
 	floorMapUlRuleV4Ids              = "ul_rule_v4_ids"
 	floorMapUlRuleV4Nodes            = "ul_rule_v4_nodes"
@@ -273,6 +289,7 @@ type floorMapSpecs struct {
 	UlPolicies      *ebpf.MapSpec `ebpf:"ul_policies"`
 	UlPolicyBuckets *ebpf.MapSpec `ebpf:"ul_policy_buckets"`
 	UlPolicyFlows   *ebpf.MapSpec `ebpf:"ul_policy_flows"`
+	UlPolicyStats   *ebpf.MapSpec `ebpf:"ul_policy_stats"`
 	UlReasons       *ebpf.MapSpec `ebpf:"ul_reasons"`
 	UlRuleActions   *ebpf.MapSpec `ebpf:"ul_rule_actions"`
 	UlRuleBitmaps   *ebpf.MapSpec `ebpf:"ul_rule_bitmaps"`
@@ -282,9 +299,11 @@ type floorMapSpecs struct {
 	UlRuleDst       *ebpf.MapSpec `ebpf:"ul_rule_dst"`
 	UlRuleHits      *ebpf.MapSpec `ebpf:"ul_rule_hits"`
 	UlRuleLan       *ebpf.MapSpec `ebpf:"ul_rule_lan"`
+	UlRuleLanSlots  *ebpf.MapSpec `ebpf:"ul_rule_lan_slots"`
 	UlRuleProto     *ebpf.MapSpec `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.MapSpec `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.MapSpec `ebpf:"ul_rule_src"`
+	UlRuleV4Common  *ebpf.MapSpec `ebpf:"ul_rule_v4_common"`
 	UlRuleV4Dir     *ebpf.MapSpec `ebpf:"ul_rule_v4_dir"`
 	UlRuleV4Ids     *ebpf.MapSpec `ebpf:"ul_rule_v4_ids"`
 	UlRuleV4Nodes   *ebpf.MapSpec `ebpf:"ul_rule_v4_nodes"`
@@ -331,6 +350,7 @@ type floorMaps struct {
 	UlPolicies      *ebpf.Map `ebpf:"ul_policies"`
 	UlPolicyBuckets *ebpf.Map `ebpf:"ul_policy_buckets"`
 	UlPolicyFlows   *ebpf.Map `ebpf:"ul_policy_flows"`
+	UlPolicyStats   *ebpf.Map `ebpf:"ul_policy_stats"`
 	UlReasons       *ebpf.Map `ebpf:"ul_reasons"`
 	UlRuleActions   *ebpf.Map `ebpf:"ul_rule_actions"`
 	UlRuleBitmaps   *ebpf.Map `ebpf:"ul_rule_bitmaps"`
@@ -340,9 +360,11 @@ type floorMaps struct {
 	UlRuleDst       *ebpf.Map `ebpf:"ul_rule_dst"`
 	UlRuleHits      *ebpf.Map `ebpf:"ul_rule_hits"`
 	UlRuleLan       *ebpf.Map `ebpf:"ul_rule_lan"`
+	UlRuleLanSlots  *ebpf.Map `ebpf:"ul_rule_lan_slots"`
 	UlRuleProto     *ebpf.Map `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.Map `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.Map `ebpf:"ul_rule_src"`
+	UlRuleV4Common  *ebpf.Map `ebpf:"ul_rule_v4_common"`
 	UlRuleV4Dir     *ebpf.Map `ebpf:"ul_rule_v4_dir"`
 	UlRuleV4Ids     *ebpf.Map `ebpf:"ul_rule_v4_ids"`
 	UlRuleV4Nodes   *ebpf.Map `ebpf:"ul_rule_v4_nodes"`
@@ -362,6 +384,7 @@ func (m *floorMaps) Close() error {
 		m.UlPolicies,
 		m.UlPolicyBuckets,
 		m.UlPolicyFlows,
+		m.UlPolicyStats,
 		m.UlReasons,
 		m.UlRuleActions,
 		m.UlRuleBitmaps,
@@ -371,9 +394,11 @@ func (m *floorMaps) Close() error {
 		m.UlRuleDst,
 		m.UlRuleHits,
 		m.UlRuleLan,
+		m.UlRuleLanSlots,
 		m.UlRuleProto,
 		m.UlRuleSport,
 		m.UlRuleSrc,
+		m.UlRuleV4Common,
 		m.UlRuleV4Dir,
 		m.UlRuleV4Ids,
 		m.UlRuleV4Nodes,

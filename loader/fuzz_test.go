@@ -217,8 +217,10 @@ func badFlow(k *uplinkdFlowKey, v *uplinkdFlow) string {
 		return "not pinned to a live line"
 	case v.Flags&flowRecovered != 0:
 		return "recovered without conntrack"
-	case v.Flags&^(flowRuleMask<<flowRuleShift|flowPolicyMask<<flowPolicyShift) != 0:
+	case v.Flags&^(flowClassified|flowRuleMask<<flowRuleShift|flowPolicyMask<<flowPolicyShift) != 0:
 		return "unknown flags"
+	case v.Flags&flowClassified == 0:
+		return "not classified, with a rule set in force"
 	case !fuzzRulePolicy(v.Flags):
 		return "a rule or policy the fuzz's rule set does not have"
 	case v.TxPackets == 0 || v.TxBytes < 14*v.TxPackets:

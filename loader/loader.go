@@ -174,6 +174,7 @@ func Load(opts Options) (*Datapath, error) {
 	d.Stats = Stats{
 		flows: d.objs.UlFlows, lineStats: d.objs.UlLineStats, reasons: d.objs.UlReasons,
 		ruleCfg: d.objs.UlRuleCfg, ruleHits: d.objs.UlRuleHits, policyFlows: d.objs.UlPolicyFlows,
+		policyStats: d.objs.UlPolicyStats,
 		reasonNames: reasons,
 	}
 	d.tcState, err = ebpf.NewMapWithOptions(tcStateSpec, pinned)

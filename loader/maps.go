@@ -18,8 +18,9 @@ import (
 
 // Flags shared with bpf/lib/maps.h.
 const (
-	lineDead      = 1 << 0 // LINE_F_DEAD
-	flowRecovered = 1 << 0 // FLOW_F_RECOVERED
+	lineDead       = 1 << 0 // LINE_F_DEAD
+	flowRecovered  = 1 << 0 // FLOW_F_RECOVERED
+	flowClassified = 1 << 1 // FLOW_F_CLASSIFIED
 )
 
 // Line is the datapath's view of a line.
@@ -446,6 +447,9 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 	for _, id := range ids {
 		forget[id] = id > 0
 	}
+	if err := d.zeroPolicyCounters(ids); err != nil {
+		return 0, err
+	}
 	doomed, err := d.flowsWhere(func(f *uplinkdFlow) bool {
 		_, policy := flowRulePolicy(f.Flags)
 		return forget[policy]
@@ -463,7 +467,7 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 		} else if err != nil {
 			return changed, fmt.Errorf("reading a flow: %w", err)
 		}
-		v.Flags &^= flowRuleMask<<flowRuleShift | flowPolicyMask<<flowPolicyShift
+		v.Flags &^= flowClassified | flowRuleMask<<flowRuleShift | flowPolicyMask<<flowPolicyShift
 		if err := d.w.update(d.objs.UlFlows, &k, &v, ebpf.UpdateExist); err == nil {
 			changed++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -471,6 +475,27 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 		}
 	}
 	return changed, nil
+}
+
+// zeroPolicyCounters zeroes the flow, packet and byte counters of policies
+// ids, so that a policy taking a removed one's id counts from zero.
+func (d *Datapath) zeroPolicyCounters(ids []int) error {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		if id <= 0 || id >= MaxPolicies {
+			continue
+		}
+		if err := d.w.update(d.objs.UlPolicyFlows, uint32(id), make([]uint64, cpus), ebpf.UpdateExist); err != nil {
+			return fmt.Errorf("zeroing policy %d's flows: %w", id, err)
+		}
+		if err := d.w.update(d.objs.UlPolicyStats, uint32(id), make([]uplinkdLineStats, cpus), ebpf.UpdateExist); err != nil {
+			return fmt.Errorf("zeroing policy %d's bytes: %w", id, err)
+		}
+	}
+	return nil
 }
 
 // ClearFlows removes every pinned flow: an HA standby's pins go stale
@@ -550,27 +575,52 @@ func bootTime() (time.Time, error) {
 // LineStats returns the packets and bytes of every line, indexed by line,
 // read in one batch.
 func (s *Stats) LineStats() ([]LineStats, error) {
-	cpus, err := ebpf.PossibleCPU()
+	stats, err := perCPUStats(s.lineStats, MaxLines)
 	if err != nil {
 		return nil, fmt.Errorf("reading line stats: %w", err)
 	}
-	keys := make([]uint32, MaxLines)
-	perCPU := make([]uplinkdLineStats, MaxLines*cpus) // key i's at [i*cpus, (i+1)*cpus)
+	return stats, nil
+}
+
+// PolicyStats returns the packets and bytes forwarded for each policy,
+// indexed by policy id, summed over the CPUs: those of the flows pinned
+// while a rule set was in force (without one, the lines' counters are
+// the balanced policy's). Zero when the pins have no such counters.
+func (s *Stats) PolicyStats() ([]LineStats, error) {
+	if s.policyStats == nil {
+		return make([]LineStats, MaxPolicies), nil
+	}
+	stats, err := perCPUStats(s.policyStats, MaxPolicies)
+	if err != nil {
+		return nil, fmt.Errorf("reading policy stats: %w", err)
+	}
+	return stats, nil
+}
+
+// perCPUStats reads the n entries of a per-CPU array of LineStats in one
+// batch and sums each over the CPUs.
+func perCPUStats(m *ebpf.Map, n int) ([]LineStats, error) {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, err
+	}
+	keys := make([]uint32, n)
+	perCPU := make([]uplinkdLineStats, n*cpus) // key i's at [i*cpus, (i+1)*cpus)
 	var cursor ebpf.MapBatchCursor
-	n, err := s.lineStats.BatchLookup(&cursor, keys, perCPU, nil)
+	got, err := m.BatchLookup(&cursor, keys, perCPU, nil)
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil, fmt.Errorf("reading line stats: %w", err)
+		return nil, err
 	}
-	if n != MaxLines {
-		return nil, fmt.Errorf("reading line stats: %d of %d lines", n, MaxLines)
+	if got != n {
+		return nil, fmt.Errorf("%d of %d entries", got, n)
 	}
-	stats := make([]LineStats, MaxLines)
-	for i, l := range keys {
+	stats := make([]LineStats, n)
+	for i, k := range keys {
 		for _, c := range perCPU[i*cpus : (i+1)*cpus] {
-			stats[l].TxPackets += c.TxPackets
-			stats[l].TxBytes += c.TxBytes
-			stats[l].RxPackets += c.RxPackets
-			stats[l].RxBytes += c.RxBytes
+			stats[k].TxPackets += c.TxPackets
+			stats[k].TxBytes += c.TxBytes
+			stats[k].RxPackets += c.RxPackets
+			stats[k].RxBytes += c.RxBytes
 		}
 	}
 	return stats, nil

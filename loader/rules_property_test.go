@@ -32,7 +32,7 @@ func TestDatapathClassifiesAsMatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	r := rand.New(rand.NewPCG(12, 1))
-	lans := []int{3, 4, 5}
+	lans := []int{3, 4, 5, 3 + 64} // 67 shares 3's slot in ul_rule_lan_slots
 	matched, later, total := 0, 0, 0
 	sizes := []int{1, 3, 10, 40, 64, 65, 150, 700}
 	for set := range 40 {

@@ -22,9 +22,9 @@ type Stats struct {
 	flows, lineStats, reasons *ebpf.Map
 	// The rule and policy counters and the rule config; nil when opened
 	// over the pins of an uplinkd that had none.
-	ruleCfg, ruleHits, policyFlows *ebpf.Map
-	reasonNames                    []string // by code
-	owned                          bool     // opened by OpenStats: Close closes the maps
+	ruleCfg, ruleHits, policyFlows, policyStats *ebpf.Map
+	reasonNames                                 []string // by code
+	owned                                       bool     // opened by OpenStats: Close closes the maps
 }
 
 // ErrNoDatapath says the pin dir holds no datapath maps (no agent has run
@@ -50,6 +50,7 @@ func OpenStats(pinDir string) (*Stats, error) {
 	}{
 		{"ul_flows", &s.flows, false}, {"ul_line_stats", &s.lineStats, false}, {"ul_reasons", &s.reasons, false},
 		{"ul_rule_cfg", &s.ruleCfg, true}, {"ul_rule_hits", &s.ruleHits, true}, {"ul_policy_flows", &s.policyFlows, true},
+		{"ul_policy_stats", &s.policyStats, true},
 	} {
 		*m.to, err = ebpf.LoadPinnedMap(filepath.Join(pinDir, m.name), ro)
 		if errors.Is(err, os.ErrNotExist) && m.optional {
@@ -77,7 +78,7 @@ func (s *Stats) Close() {
 	if !s.owned {
 		return
 	}
-	for _, m := range []*ebpf.Map{s.flows, s.lineStats, s.reasons, s.ruleCfg, s.ruleHits, s.policyFlows} {
+	for _, m := range []*ebpf.Map{s.flows, s.lineStats, s.reasons, s.ruleCfg, s.ruleHits, s.policyFlows, s.policyStats} {
 		if m != nil {
 			m.Close()
 		}
@@ -115,6 +116,9 @@ func (d *Datapath) SeedFlows(n int, flow func(i int) Flow) error {
 				v.Flags |= flowRecovered
 			}
 			v.Flags |= flowFlags(f.Rule, f.Policy)
+			if f.Rule >= 0 || f.Policy > 0 {
+				v.Flags |= flowClassified
+			}
 			vals[i] = v
 		}
 		if err := d.w.batchUpdate(d.objs.UlFlows, keys[:m], vals[:m]); err != nil {

@@ -114,6 +114,12 @@ type uplinkdRuleLanKey struct {
 	Ifindex uint32
 }
 
+type uplinkdRuleLanSlot struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	Id      uint32
+}
+
 type uplinkdRulePrefix struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -162,6 +168,13 @@ const (
 	uplinkdUlReasonUL_REASON_MAX                uplinkdUlReason = 21
 )
 
+type uplinkdV4Common struct {
+	_     structs.HostLayout
+	Id    uint32
+	Set   uint32
+	Cells [1024]uint64
+}
+
 type uplinkdV4Node struct {
 	_     structs.HostLayout
 	First [16]uint32
@@ -189,6 +202,7 @@ const (
 	uplinkdMapUlPolicies      = "ul_policies"
 	uplinkdMapUlPolicyBuckets = "ul_policy_buckets"
 	uplinkdMapUlPolicyFlows   = "ul_policy_flows"
+	uplinkdMapUlPolicyStats   = "ul_policy_stats"
 	uplinkdMapUlReasons       = "ul_reasons"
 	uplinkdMapUlRuleActions   = "ul_rule_actions"
 	uplinkdMapUlRuleBitmaps   = "ul_rule_bitmaps"
@@ -198,9 +212,11 @@ const (
 	uplinkdMapUlRuleDst       = "ul_rule_dst"
 	uplinkdMapUlRuleHits      = "ul_rule_hits"
 	uplinkdMapUlRuleLan       = "ul_rule_lan"
+	uplinkdMapUlRuleLanSlots  = "ul_rule_lan_slots"
 	uplinkdMapUlRuleProto     = "ul_rule_proto"
 	uplinkdMapUlRuleSport     = "ul_rule_sport"
 	uplinkdMapUlRuleSrc       = "ul_rule_src"
+	uplinkdMapUlRuleV4Common  = "ul_rule_v4_common"
 	uplinkdMapUlRuleV4Dir     = "ul_rule_v4_dir"
 	uplinkdMapUlRuleV4Ids     = "ul_rule_v4_ids"
 	uplinkdMapUlRuleV4Nodes   = "ul_rule_v4_nodes"
@@ -273,6 +289,7 @@ type uplinkdMapSpecs struct {
 	UlPolicies      *ebpf.MapSpec `ebpf:"ul_policies"`
 	UlPolicyBuckets *ebpf.MapSpec `ebpf:"ul_policy_buckets"`
 	UlPolicyFlows   *ebpf.MapSpec `ebpf:"ul_policy_flows"`
+	UlPolicyStats   *ebpf.MapSpec `ebpf:"ul_policy_stats"`
 	UlReasons       *ebpf.MapSpec `ebpf:"ul_reasons"`
 	UlRuleActions   *ebpf.MapSpec `ebpf:"ul_rule_actions"`
 	UlRuleBitmaps   *ebpf.MapSpec `ebpf:"ul_rule_bitmaps"`
@@ -282,9 +299,11 @@ type uplinkdMapSpecs struct {
 	UlRuleDst       *ebpf.MapSpec `ebpf:"ul_rule_dst"`
 	UlRuleHits      *ebpf.MapSpec `ebpf:"ul_rule_hits"`
 	UlRuleLan       *ebpf.MapSpec `ebpf:"ul_rule_lan"`
+	UlRuleLanSlots  *ebpf.MapSpec `ebpf:"ul_rule_lan_slots"`
 	UlRuleProto     *ebpf.MapSpec `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.MapSpec `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.MapSpec `ebpf:"ul_rule_src"`
+	UlRuleV4Common  *ebpf.MapSpec `ebpf:"ul_rule_v4_common"`
 	UlRuleV4Dir     *ebpf.MapSpec `ebpf:"ul_rule_v4_dir"`
 	UlRuleV4Ids     *ebpf.MapSpec `ebpf:"ul_rule_v4_ids"`
 	UlRuleV4Nodes   *ebpf.MapSpec `ebpf:"ul_rule_v4_nodes"`
@@ -331,6 +350,7 @@ type uplinkdMaps struct {
 	UlPolicies      *ebpf.Map `ebpf:"ul_policies"`
 	UlPolicyBuckets *ebpf.Map `ebpf:"ul_policy_buckets"`
 	UlPolicyFlows   *ebpf.Map `ebpf:"ul_policy_flows"`
+	UlPolicyStats   *ebpf.Map `ebpf:"ul_policy_stats"`
 	UlReasons       *ebpf.Map `ebpf:"ul_reasons"`
 	UlRuleActions   *ebpf.Map `ebpf:"ul_rule_actions"`
 	UlRuleBitmaps   *ebpf.Map `ebpf:"ul_rule_bitmaps"`
@@ -340,9 +360,11 @@ type uplinkdMaps struct {
 	UlRuleDst       *ebpf.Map `ebpf:"ul_rule_dst"`
 	UlRuleHits      *ebpf.Map `ebpf:"ul_rule_hits"`
 	UlRuleLan       *ebpf.Map `ebpf:"ul_rule_lan"`
+	UlRuleLanSlots  *ebpf.Map `ebpf:"ul_rule_lan_slots"`
 	UlRuleProto     *ebpf.Map `ebpf:"ul_rule_proto"`
 	UlRuleSport     *ebpf.Map `ebpf:"ul_rule_sport"`
 	UlRuleSrc       *ebpf.Map `ebpf:"ul_rule_src"`
+	UlRuleV4Common  *ebpf.Map `ebpf:"ul_rule_v4_common"`
 	UlRuleV4Dir     *ebpf.Map `ebpf:"ul_rule_v4_dir"`
 	UlRuleV4Ids     *ebpf.Map `ebpf:"ul_rule_v4_ids"`
 	UlRuleV4Nodes   *ebpf.Map `ebpf:"ul_rule_v4_nodes"`
@@ -362,6 +384,7 @@ func (m *uplinkdMaps) Close() error {
 		m.UlPolicies,
 		m.UlPolicyBuckets,
 		m.UlPolicyFlows,
+		m.UlPolicyStats,
 		m.UlReasons,
 		m.UlRuleActions,
 		m.UlRuleBitmaps,
@@ -371,9 +394,11 @@ func (m *uplinkdMaps) Close() error {
 		m.UlRuleDst,
 		m.UlRuleHits,
 		m.UlRuleLan,
+		m.UlRuleLanSlots,
 		m.UlRuleProto,
 		m.UlRuleSport,
 		m.UlRuleSrc,
+		m.UlRuleV4Common,
 		m.UlRuleV4Dir,
 		m.UlRuleV4Ids,
 		m.UlRuleV4Nodes,

@@ -268,6 +268,34 @@ rules:
 			t.Errorf("status: policy %s has %d new flows, want %d (all: %v)", policy, newFlows[policy], want, newFlows)
 		}
 	}
+	// Every forwarded byte is some policy's: the rules were in force
+	// before the first flow, so the policies' traffic adds up to the
+	// lines' (once the last flows' closing segments are through).
+	type traffic struct{ txPackets, txBytes, rxPackets, rxBytes uint64 }
+	var why string
+	eventually(t, "the policies' traffic adding up to the lines'", func() bool {
+		st := a.status(t)
+		var lines, policies traffic
+		for _, l := range st.Lines {
+			lines.txPackets += l.ForwardedTxPackets
+			lines.txBytes += l.ForwardedTxBytes
+			lines.rxPackets += l.ForwardedRxPackets
+			lines.rxBytes += l.ForwardedRxBytes
+		}
+		for _, p := range st.Policies {
+			if p.Flows > 0 && (p.TxBytes == 0 || p.RxBytes == 0) {
+				why = fmt.Sprintf("policy %s: %d new flows but tx %d, rx %d bytes", p.Name, p.Flows, p.TxBytes, p.RxBytes)
+				return false
+			}
+			policies.txPackets += p.TxPackets
+			policies.txBytes += p.TxBytes
+			policies.rxPackets += p.RxPackets
+			policies.rxBytes += p.RxBytes
+		}
+		why = fmt.Sprintf("forwarded by the lines %+v, by the policies %+v", lines, policies)
+		return lines == policies && lines.txBytes > 0
+	})
+	t.Log(why)
 	rows := map[string]int{}
 	for _, line := range strings.Split(strings.TrimSpace(gw(t, l, uplinkd, "flows", "--json", "-c", file)), "\n") {
 		var r struct{ Rule, Policy string }

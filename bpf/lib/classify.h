@@ -171,6 +171,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_rule_v4_dir SEC(".maps");
 
+/* The /16s of an IPv4 address table that one interval holds whole and
+ * whose bitmap is the table's commonest (most /16s have it: the bitmap of
+ * the rules that name no address of theirs), a bit each: 8 KiB, which the
+ * cache keeps, where the directory (256 KiB) and the tree are misses. An
+ * address in such a /16 is looked up here alone. Written, like the rest
+ * of a generation, before the flip. */
+#define UL_V4_COMMON_WORDS	(UL_V4_DIR_CELLS / 64)
+
+struct v4_common {
+	__u32 id;			/* the commonest bitmap id */
+	__u32 set;			/* 0: not written, look everything up */
+	__u64 cells[UL_V4_COMMON_WORDS];	/* bit c % 64 of cells[c / 64]: /16 c has id */
+};
+
+/* Index field * UL_RULE_GENS + gen. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, UL_ADDR_FIELDS * UL_RULE_GENS);
+	__type(key, __u32);
+	__type(value, struct v4_common);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ul_rule_v4_common SEC(".maps");
+
 /* The IPv4 intervals' bitmap ids: index (field * UL_RULE_GENS + gen) *
  * UL_V4_INTERVALS + interval. */
 struct {
@@ -241,7 +264,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_rule_dport SEC(".maps");
 
-/* LAN interfaces some rule names; the others take rule_cfg.any_lan. */
+/* LAN interfaces some rule names; the others take rule_cfg.any_lan. Read
+ * for the interfaces whose ul_rule_lan_slots slot is shared. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, UL_RULE_GENS * 256);
@@ -249,6 +273,43 @@ struct {
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_rule_lan SEC(".maps");
+
+/* The LAN interfaces some rule names, by slot (ifindex % UL_LAN_SLOTS):
+ * an array read is a third of a hash lookup (the hash alone cost 25 ns of
+ * a new flow at 4096 rules). A slot two named interfaces share says so,
+ * and sends the lookup to ul_rule_lan. Index gen * UL_LAN_SLOTS + slot. */
+#define UL_LAN_SLOTS		64
+#define UL_LAN_SLOT_SHARED	0xffffffffU	/* no interface has it: ifindex is an int */
+
+struct rule_lan_slot {
+	__u32 ifindex;			/* the named interface; 0: none; or UL_LAN_SLOT_SHARED */
+	__u32 id;			/* its bitmap id */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, UL_RULE_GENS * UL_LAN_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rule_lan_slot);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ul_rule_lan_slots SEC(".maps");
+
+/* The bitmap id of LAN interface ifindex in generation gen: its slot's,
+ * ul_rule_lan's when the slot is shared, NULL when no rule names it. */
+static __always_inline const __u32 *rule_lan_lookup(__u32 gen, __u32 ifindex)
+{
+	struct rule_lan_key lan = { .gen = gen, .ifindex = ifindex };
+	__u32 k = gen * UL_LAN_SLOTS + ifindex % UL_LAN_SLOTS;
+	const struct rule_lan_slot *slot = bpf_map_lookup_elem(&ul_rule_lan_slots, &k);
+
+	if (!slot)
+		return NULL;
+	if (slot->ifindex == ifindex)
+		return &slot->id;
+	if (slot->ifindex != UL_LAN_SLOT_SHARED)
+		return NULL;
+	return bpf_map_lookup_elem(&ul_rule_lan, &lan);
+}
 
 /* What each rule does: index gen * UL_MAX_RULES + rule. */
 struct {
@@ -319,13 +380,18 @@ static __always_inline const __u32 *rule_v4_lookup(const struct rule_cfg *cfg, _
 {
 	const struct v4_tree *t = &cfg->v4[field % UL_ADDR_FIELDS][gen];
 	__u32 table = field % UL_ADDR_FIELDS * UL_RULE_GENS + gen;
-	__u32 x, idx, k, start;
+	const struct v4_common *c;
+	__u32 x, idx, k, start, cell;
 	const __u32 *dir;
 
 	__builtin_memcpy(&x, addr + 12, sizeof(x));
 	x = bpf_ntohl(x);
 	start = 0;
 	idx = 0;
+	c = bpf_map_lookup_elem(&ul_rule_v4_common, &table);
+	cell = x >> 16;
+	if (c && c->set && (c->cells[(cell / 64) % UL_V4_COMMON_WORDS] >> (cell % 64)) & 1)
+		return &c->id;
 	if (t->dir_shift) {
 		k = table * UL_V4_DIR_CELLS + (x >> (t->dir_shift & 31));
 		dir = bpf_map_lookup_elem(&ul_rule_v4_dir, &k);
@@ -422,7 +488,6 @@ __attribute__((noinline)) int ul_rule_match(struct __sk_buff *skb, const struct 
 					   __u32 gen)
 {
 	const struct rule_bitmap *bm[RULE_FIELDS];
-	struct rule_lan_key lan = {};
 	const struct rule_cfg *cfg;
 	const __u32 *id, *fixed;
 	__u64 cand, w;
@@ -434,8 +499,6 @@ __attribute__((noinline)) int ul_rule_match(struct __sk_buff *skb, const struct 
 	if (!cfg)
 		return -1;
 	gen %= UL_RULE_GENS;
-	lan.gen = gen;
-	lan.ifindex = skb->ingress_ifindex;
 
 	/* A field no rule narrows (its table one bitmap) is not looked up. */
 	fixed = cfg->fixed[gen];
@@ -458,7 +521,7 @@ __attribute__((noinline)) int ul_rule_match(struct __sk_buff *skb, const struct 
 		bm[RULE_FIELD_SPORT] = rule_bitmap_lookup(gen, &cfg->no_ports[gen]);
 		bm[RULE_FIELD_DPORT] = bm[RULE_FIELD_SPORT];
 	}
-	id = FIELD_ID(RULE_FIELD_LAN, bpf_map_lookup_elem(&ul_rule_lan, &lan));
+	id = FIELD_ID(RULE_FIELD_LAN, rule_lan_lookup(gen, skb->ingress_ifindex));
 #undef FIELD_ID
 	bm[RULE_FIELD_LAN] = rule_bitmap_lookup(gen, id ? id : &cfg->any_lan[gen]);
 

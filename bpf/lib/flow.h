@@ -177,20 +177,22 @@ static __always_inline void flow_touch(struct flow *flow, __u64 now)
 		flow->last_seen = now;
 }
 
-/* Forwarded packets and bytes of a line, counted where the flow names it. */
-static __always_inline void line_count(__u32 line, __u32 len, bool tx)
+/* Forwarded packets and bytes of a flow: its line's, and its policy's when
+ * a rule set classified it. */
+static __always_inline void forwarded_count(__u32 line, __u32 flags, __u32 len, bool tx)
 {
 	struct line_stats *stats = line_stats_lookup(line);
 
-	if (!stats)
-		return;
-	if (tx) {
-		stats->tx_packets++;
-		stats->tx_bytes += len;
-	} else {
-		stats->rx_packets++;
-		stats->rx_bytes += len;
+	if (stats) {
+		if (tx) {
+			stats->tx_packets++;
+			stats->tx_bytes += len;
+		} else {
+			stats->rx_packets++;
+			stats->rx_bytes += len;
+		}
 	}
+	policy_count(flags, len, tx);
 }
 
 /* Flow counters are atomic adds: LAN ingress and egress of one flow may
@@ -240,7 +242,7 @@ out:
 	/* A packet held on a dead line meets its prohibit route: it does not
 	 * leave by the line, so the line does not count it. */
 	if (line_live(ln))
-		line_count(flow->line, skb->len, true);
+		forwarded_count(flow->line, flow->flags, skb->len, true);
 	return reason;
 }
 
@@ -302,13 +304,13 @@ static __always_inline enum ul_reason flow_steer_new(struct __sk_buff *skb, cons
 	}
 	flow.line = line;
 	if (classified)
-		flow.flags |= flow_policy_flags(v.rule, v.policy);
+		flow.flags |= FLOW_F_CLASSIFIED | flow_policy_flags(v.rule, v.policy);
 
 	err = flow_insert(key, &flow);
 	if (!err && classified)
 		policy_flow_count(v.policy % UL_MAX_POLICIES);
 	if (!err && line_live(ln))		/* not a TCP flow recovered onto a dead line */
-		line_count(line, skb->len, true);
+		forwarded_count(line, flow.flags, skb->len, true);
 	if (err == -EEXIST) {
 		/* Another CPU pinned the flow first: follow it. */
 		winner = flow_lookup(key);
@@ -375,5 +377,5 @@ static __always_inline void flow_count_rx(struct __sk_buff *skb, struct flow_key
 	__sync_fetch_and_add(&flow->rx_packets, 1);
 	__sync_fetch_and_add(&flow->rx_bytes, skb->len);
 	flow_touch(flow, ul_now());
-	line_count(flow->line, skb->len, false);
+	forwarded_count(flow->line, flow->flags, skb->len, false);
 }

@@ -22,6 +22,7 @@ struct flow_key {
 
 /* flow.flags */
 #define FLOW_F_RECOVERED	(1U << 0)	/* line taken from conntrack, not the buckets */
+#define FLOW_F_CLASSIFIED	(1U << 1)	/* pinned while a rule set was in force: its policy counts it */
 
 struct flow {
 	__u32 line;			/* index into ul_lines */

@@ -80,6 +80,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ul_policy_flows SEC(".maps");
 
+/* Forwarded packets and bytes per policy, per CPU, of the flows a rule set
+ * classified (those of no rule are policy 0's), counted where their lines
+ * count them. A gateway without rules counts nothing here: its lines'
+ * counters are the balanced policy's, and its pinned flows pay no more
+ * than a test of their flags. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, UL_MAX_POLICIES);
+	__type(key, __u32);
+	__type(value, struct line_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ul_policy_stats SEC(".maps");
+
 /* flow.flags: the rule (+1, 0: none) and the policy that pinned the flow. */
 #define FLOW_RULE_SHIFT		8
 #define FLOW_RULE_MASK		0x1fffU		/* bits 8..20 */
@@ -123,4 +136,24 @@ static __always_inline void policy_flow_count(__u32 policy)
 
 	if (count)
 		*count += 1;
+}
+
+/* Counts a forwarded packet of a flow (by its flags) to its policy. */
+static __always_inline void policy_count(__u32 flags, __u32 len, bool tx)
+{
+	__u32 policy = flow_policy(flags);
+	struct line_stats *stats;
+
+	if (!(flags & FLOW_F_CLASSIFIED))
+		return;
+	stats = bpf_map_lookup_elem(&ul_policy_stats, &policy);
+	if (!stats)
+		return;
+	if (tx) {
+		stats->tx_packets++;
+		stats->tx_bytes += len;
+	} else {
+		stats->rx_packets++;
+		stats->rx_bytes += len;
+	}
 }

@@ -118,13 +118,14 @@ func printStatus(w io.Writer, st agent.Status, now time.Time) {
 	}
 	if len(st.Policies) > 0 {
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "POLICY	ID	TIER	LINES	LAST RESORT	NEW FLOWS	PINNED")
+		fmt.Fprintln(tw, "POLICY	ID	TIER	LINES	LAST RESORT	NEW FLOWS	PINNED	TX	RX")
 		for _, p := range st.Policies {
 			tier := strconv.Itoa(p.Tier)
 			if p.Tier == 0 {
 				tier = "none: last resort"
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", p.Name, p.ID, tier, orDash(strings.Join(p.Lines, ",")), p.LastResort, p.Flows, p.Pinned)
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\t%s\t%s\n", p.Name, p.ID, tier, orDash(strings.Join(p.Lines, ",")), p.LastResort,
+				p.Flows, p.Pinned, bytesText(p.TxBytes), bytesText(p.RxBytes))
 		}
 		tw.Flush()
 		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)

@@ -59,13 +59,21 @@ type PolicyStatus struct {
 	// resort), and Lines are those lines.
 	Tier  int      `json:"tier"`
 	Lines []string `json:"lines"`
-	// Flows counts the new flows the policy's rules gave it since the
-	// datapath's maps were created (the balanced policy's: those of its
-	// rules only, not the flows no rule matched).
+	// Flows counts the new flows the rules gave the policy since the
+	// datapath's maps were created, while a rule set was in force (the
+	// balanced policy's include those no rule matched).
 	Flows uint64 `json:"flows"`
 	// Pinned counts the policy's flows in the flow map now (counted with
 	// the flows per line, see LineStatus.Flows).
 	Pinned int `json:"pinned"`
+	// The traffic of those flows that the datapath forwarded, as the
+	// lines' forwarded counters count it (Tx at LAN ingress, Rx at LAN
+	// egress). A gateway without rules counts nothing here: all its
+	// traffic is the balanced policy's, the lines' forwarded counters.
+	TxPackets uint64 `json:"tx_packets"`
+	TxBytes   uint64 `json:"tx_bytes"`
+	RxPackets uint64 `json:"rx_packets"`
+	RxBytes   uint64 `json:"rx_bytes"`
 }
 
 // RuleStatus is one rule and the new flows it matched.
@@ -475,7 +483,8 @@ func policyStatus(cfg *config.Config, lines []plan.Line) ([]PolicyStatus, []Rule
 	return ps, rs
 }
 
-// addPolicyCounts adds the datapath's rule hits and flows per policy. The
+// addPolicyCounts adds the datapath's rule hits, and flows and traffic per
+// policy. The
 // hits are those of the rule set installed now, which is the config's but
 // for an instant after a reload.
 func addPolicyCounts(st *loader.Stats, s *Status) error {
@@ -487,14 +496,23 @@ func addPolicyCounts(st *loader.Stats, s *Status) error {
 	if err != nil {
 		return err
 	}
+	traffic, err := st.PolicyStats()
+	if err != nil {
+		return err
+	}
 	for i := range s.Rules {
 		if i < len(hits) {
 			s.Rules[i].Hits = hits[i]
 		}
 	}
 	for i := range s.Policies {
-		if id := s.Policies[i].ID; id < len(newFlows) {
-			s.Policies[i].Flows = newFlows[id]
+		p := &s.Policies[i]
+		if p.ID < len(newFlows) {
+			p.Flows = newFlows[p.ID]
+		}
+		if p.ID < len(traffic) {
+			t := traffic[p.ID]
+			p.TxPackets, p.TxBytes, p.RxPackets, p.RxBytes = t.TxPackets, t.TxBytes, t.RxPackets, t.RxBytes
 		}
 	}
 	return nil

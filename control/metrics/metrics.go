@@ -122,8 +122,14 @@ var (
 		"New flows each rule matched since its rule set was installed (a reload that changes the rules starts it again).",
 		[]string{"rule", "policy"}, nil)
 	policyFlows = prometheus.NewDesc("uplinkd_policy_flows_total",
-		"New flows the rules gave each policy since the datapath's maps were created.",
+		"New flows the rules gave each policy since the datapath's maps were created (the balanced policy's include those no rule matched).",
 		[]string{"policy"}, nil)
+	policyBytes = prometheus.NewDesc("uplinkd_policy_bytes_total",
+		"Bytes of the flows the rules gave each policy, as the datapath counts them (direction tx out at LAN ingress, rx back at LAN egress); a gateway without rules counts none: uplinkd_line_forwarded_bytes_total is then the balanced policy's.",
+		[]string{"policy", "direction"}, nil)
+	policyPackets = prometheus.NewDesc("uplinkd_policy_packets_total",
+		"Packets of the flows the rules gave each policy, as uplinkd_policy_bytes_total counts their bytes.",
+		[]string{"policy", "direction"}, nil)
 	policyPinned = prometheus.NewDesc("uplinkd_policy_pinned_flows",
 		"Flows of each policy in the datapath's flow map now (counted with uplinkd_line_flows).",
 		[]string{"policy"}, nil)
@@ -155,7 +161,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		lineRTT, lineJitter, lineLoss, lineSamples, lineWeight, lineFlows, lineStateChanges,
 		datapathPackets, flowMapEntries, flowMapCapacity, flowMapInserted, flowMapEvicted,
 		slowParsed, reconcileErrors, restored, allLinesDown, datapathError, statusError,
-		haMaster, haTakeovers, haTakeoverApply, haResyncs, ruleHits, policyFlows, policyPinned, policyTier,
+		haMaster, haTakeovers, haTakeoverApply, haResyncs, ruleHits, policyFlows, policyBytes, policyPackets, policyPinned, policyTier,
 	} {
 		ch <- d
 	}
@@ -214,6 +220,10 @@ func collect(ch chan<- prometheus.Metric, s agent.Status) {
 		gauge(policyTier, float64(p.Tier), p.Name)
 		if datapath {
 			counter(policyFlows, p.Flows, p.Name)
+			counter(policyBytes, p.TxBytes, p.Name, "tx")
+			counter(policyBytes, p.RxBytes, p.Name, "rx")
+			counter(policyPackets, p.TxPackets, p.Name, "tx")
+			counter(policyPackets, p.RxPackets, p.Name, "rx")
 			gauge(policyPinned, float64(p.Pinned), p.Name)
 		}
 	}
