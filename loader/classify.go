@@ -40,6 +40,7 @@ const (
 	v6MaxPrefixes      = 65536 + 4096 // UL_V6_PREFIXES
 	lanSlotCount       = 64           // UL_LAN_SLOTS
 	lanSlotShared      = ^uint32(0)   // UL_LAN_SLOT_SHARED
+	lanSlotEmpty       = ^uint32(1)   // UL_LAN_SLOT_EMPTY
 )
 
 // The rule bitmaps hold RuleWords words.
@@ -379,9 +380,12 @@ func (d *Datapath) writeRuleGen(gen uint32, rs RuleSet) (genCfg, error) {
 // looks those up in ul_rule_lan.
 func lanSlots(lans map[int]uint32) []uplinkdRuleLanSlot {
 	slots := make([]uplinkdRuleLanSlot, lanSlotCount)
+	for i := range slots {
+		slots[i].Ifindex = lanSlotEmpty
+	}
 	for ifindex, id := range lans {
 		s := &slots[ifindex%lanSlotCount]
-		if s.Ifindex != 0 {
+		if s.Ifindex != lanSlotEmpty {
 			*s = uplinkdRuleLanSlot{Ifindex: lanSlotShared}
 			continue
 		}

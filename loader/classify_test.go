@@ -632,6 +632,33 @@ func TestRuleHitsAndPolicyFlows(t *testing.T) {
 	}
 }
 
+// A rule generation written by an uplinkd without ul_rule_lan_slots (an
+// upgrade: the new programs read the old agent's rules until the new one
+// writes its own) has its slots zero: the LAN interfaces are then looked
+// up in ul_rule_lan, not taken for unnamed.
+func TestLANSlotsUnwritten(t *testing.T) {
+	d := classifying(t)
+	setRules(t, d, []testRule{{lans: []int{9}, policy: 1}})
+	keys := make([]uint32, ruleGens*lanSlotCount)
+	for i := range keys {
+		keys[i] = uint32(i)
+	}
+	if _, err := d.objs.UlRuleLanSlots.BatchUpdate(keys, make([]uplinkdRuleLanSlot, len(keys)), nil); err != nil {
+		t.Fatal(err)
+	}
+	named := packet{src: client4, dst: netip.MustParseAddr("198.51.100.9"), proto: protoTCP, sport: 131, dport: 443}
+	other := named
+	other.sport = 132
+	runOn(t, d.objs.UplinkdLanIn, named.bytes(), 0, 9)
+	runOn(t, d.objs.UplinkdLanIn, other.bytes(), 0, 10)
+	if rule, pol, ok := pinnedRule(t, d, named); !ok || rule != 0 || pol != 1 {
+		t.Errorf("flow from the named LAN: rule %d, policy %d (%v); want 0, 1", rule, pol, ok)
+	}
+	if rule, pol, ok := pinnedRule(t, d, other); !ok || rule != -1 || pol != 0 {
+		t.Errorf("flow from another LAN: rule %d, policy %d (%v); want none, 0", rule, pol, ok)
+	}
+}
+
 // TestPolicyStats: a policy counts the forwarded packets and bytes of the
 // flows a rule set classified into it, out and back, those of no rule
 // being policy 0's; a flow pinned before any rule set counts nowhere, and

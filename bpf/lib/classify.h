@@ -277,12 +277,16 @@ struct {
 /* The LAN interfaces some rule names, by slot (ifindex % UL_LAN_SLOTS):
  * an array read is a third of a hash lookup (the hash alone cost 25 ns of
  * a new flow at 4096 rules). A slot two named interfaces share says so,
- * and sends the lookup to ul_rule_lan. Index gen * UL_LAN_SLOTS + slot. */
+ * and sends the lookup to ul_rule_lan, as does a slot never written (0:
+ * the generation was written by an uplinkd without slots, which a new
+ * one's programs read until it writes its own). Index gen * UL_LAN_SLOTS
+ * + slot. */
 #define UL_LAN_SLOTS		64
-#define UL_LAN_SLOT_SHARED	0xffffffffU	/* no interface has it: ifindex is an int */
+#define UL_LAN_SLOT_SHARED	0xffffffffU	/* no interface has these: ifindex is an int */
+#define UL_LAN_SLOT_EMPTY	0xfffffffeU
 
 struct rule_lan_slot {
-	__u32 ifindex;			/* the named interface; 0: none; or UL_LAN_SLOT_SHARED */
+	__u32 ifindex;			/* the named interface, UL_LAN_SLOT_EMPTY or _SHARED; 0: not written */
 	__u32 id;			/* its bitmap id */
 };
 
@@ -295,7 +299,8 @@ struct {
 } ul_rule_lan_slots SEC(".maps");
 
 /* The bitmap id of LAN interface ifindex in generation gen: its slot's,
- * ul_rule_lan's when the slot is shared, NULL when no rule names it. */
+ * ul_rule_lan's when the slot is shared or not written, NULL when no rule
+ * names it. */
 static __always_inline const __u32 *rule_lan_lookup(__u32 gen, __u32 ifindex)
 {
 	struct rule_lan_key lan = { .gen = gen, .ifindex = ifindex };
@@ -306,9 +311,9 @@ static __always_inline const __u32 *rule_lan_lookup(__u32 gen, __u32 ifindex)
 		return NULL;
 	if (slot->ifindex == ifindex)
 		return &slot->id;
-	if (slot->ifindex != UL_LAN_SLOT_SHARED)
-		return NULL;
-	return bpf_map_lookup_elem(&ul_rule_lan, &lan);
+	if (slot->ifindex == UL_LAN_SLOT_SHARED || !slot->ifindex)
+		return bpf_map_lookup_elem(&ul_rule_lan, &lan);
+	return NULL;
 }
 
 /* What each rule does: index gen * UL_MAX_RULES + rule. */
