@@ -659,6 +659,57 @@ func TestLANSlotsUnwritten(t *testing.T) {
 	}
 }
 
+// A datapath loaded over pins trusts neither shortcut of the classifier
+// (the IPv4 common cells, the LAN slots) until it writes its own rules: an
+// older uplinkd run in between rewrote the rules under them. Here they are
+// made stale by hand: a common dst bitmap of every rule without ports for
+// every /16, and LAN 9 taken for unnamed.
+func TestLoadDistrustsRuleShortcuts(t *testing.T) {
+	d := classifying(t)
+	setRules(t, d, []testRule{
+		{dst: pfx("203.0.113.0/24"), policy: 1},
+		{lans: []int{9}, policy: 2},
+	})
+	cfg, err := d.ruleCfg()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale := uplinkdV4Common{Set: 1, Id: cfg.NoPorts[cfg.Gen%ruleGens]}
+	for i := range stale.Cells {
+		stale.Cells[i] = ^uint64(0)
+	}
+	for gen := range uint32(ruleGens) {
+		if err := d.objs.UlRuleV4Common.Put(1*ruleGens+gen, &stale); err != nil { // the dst table
+			t.Fatal(err)
+		}
+		slot := uplinkdRuleLanSlot{Ifindex: 9, Id: cfg.AnyLan[cfg.Gen%ruleGens]}
+		if err := d.objs.UlRuleLanSlots.Put(gen*lanSlotCount+9, &slot); err != nil {
+			t.Fatal(err)
+		}
+	}
+	plain := packet{src: client4, dst: netip.MustParseAddr("198.51.100.9"), proto: protoTCP, sport: 141, dport: 443}
+	fromLAN9 := plain
+	fromLAN9.sport = 142
+	// The stale shortcuts are read: the test's premise.
+	runOn(t, d.objs.UplinkdLanIn, plain.bytes(), 0, testLAN)
+	if rule, _, _ := pinnedRule(t, d, plain); rule != 0 {
+		t.Fatalf("the stale common cells did not take: rule %d, want 0", rule)
+	}
+	if _, err := d.ClearFlows(); err != nil {
+		t.Fatal(err)
+	}
+
+	again := load(t, Options{PinDir: d.pinDir})
+	runOn(t, again.objs.UplinkdLanIn, plain.bytes(), 0, testLAN)
+	runOn(t, again.objs.UplinkdLanIn, fromLAN9.bytes(), 0, 9)
+	if rule, pol, ok := pinnedRule(t, again, plain); !ok || rule != -1 || pol != 0 {
+		t.Errorf("after a load, a flow to no rule's prefix: rule %d, policy %d (%v); want none, 0", rule, pol, ok)
+	}
+	if rule, pol, ok := pinnedRule(t, again, fromLAN9); !ok || rule != 1 || pol != 2 {
+		t.Errorf("after a load, a flow from LAN 9: rule %d, policy %d (%v); want 1, 2", rule, pol, ok)
+	}
+}
+
 // TestPolicyStats: a policy counts the forwarded packets and bytes of the
 // flows a rule set classified into it, out and back, those of no rule
 // being policy 0's; a flow pinned before any rule set counts nowhere, and

@@ -186,6 +186,10 @@ func Load(opts Options) (*Datapath, error) {
 		d.Close()
 		return nil, err
 	}
+	if err := d.distrustRuleShortcuts(); err != nil {
+		d.Close()
+		return nil, err
+	}
 	// A fresh ul_lan_src allows every source until SetLANSubnets narrows it.
 	var k uplinkdLanPrefix
 	if err := d.objs.UlLanSrc.NextKey(nil, &k); errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -195,6 +199,28 @@ func Load(opts Options) (*Datapath, error) {
 		}
 	}
 	return d, nil
+}
+
+// distrustRuleShortcuts zeroes the classifier's shortcuts, the IPv4
+// common cells and the LAN slots, in both generations: an uplinkd that
+// does not know them (an older one, run between two runs of this one)
+// may have rewritten a generation's tables under them, and this one's
+// programs read that generation until the agent installs its rules. Zero,
+// they send every lookup the long way (directory and tree, ul_rule_lan),
+// which every uplinkd writes; the next rule set writes them again.
+func (d *Datapath) distrustRuleShortcuts() error {
+	keys := make([]uint32, ruleGens*lanSlotCount)
+	for i := range keys {
+		keys[i] = uint32(i)
+	}
+	if err := d.w.batchUpdate(d.objs.UlRuleLanSlots, keys, make([]uplinkdRuleLanSlot, len(keys))); err != nil {
+		return fmt.Errorf("resetting the LAN slots: %w", err)
+	}
+	keys = keys[:2*ruleGens]
+	if err := d.w.batchUpdate(d.objs.UlRuleV4Common, keys, make([]uplinkdV4Common, len(keys))); err != nil {
+		return fmt.Errorf("resetting the IPv4 common cells: %w", err)
+	}
+	return nil
 }
 
 func boolU32(b bool) uint32 {
