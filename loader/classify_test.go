@@ -1111,4 +1111,38 @@ func TestForgetPolicies(t *testing.T) {
 	if f, ok := lookupFlow(t, d, one); !ok || f.Line != 0 || f.TxPackets != 1 {
 		t.Errorf("policy 1's flow after: %+v, want its line and counters kept", f)
 	}
+	// Readers that cache counts by the map's changes see it.
+	if use, err := d.FlowMapUse(); err != nil || use.Forgotten != 1 {
+		t.Errorf("FlowMapUse after: %+v (%v), want 1 forgotten", use, err)
+	}
+}
+
+// After ForgetPolicies, the old rules may still pin flows under the
+// reused id until the new rules are in: ForgetStalePolicyFlows forgets
+// those (rule 0 gave them policy 1; the new rules give policy 1 by rule
+// 1 only) and keeps the new policy's.
+func TestForgetStalePolicyFlows(t *testing.T) {
+	d := classifying(t)
+	setRules(t, d, []testRule{{dst: pfx("203.0.113.0/24"), policy: 1}})
+	if _, err := d.ForgetPolicies([]int{1}); err != nil {
+		t.Fatal(err)
+	}
+	stale := packet{src: client4, dst: netip.MustParseAddr("203.0.113.5"), proto: protoTCP, sport: 411, dport: 443}
+	runOn(t, d.objs.UplinkdLanIn, stale.bytes(), 0, testLAN) // the old rules, still in force
+	setRules(t, d, []testRule{
+		{dst: pfx("203.0.113.0/24"), policy: 2},
+		{protos: []uint8{protoUDP}, policy: 1},
+	})
+	fresh := packet{src: client4, dst: netip.MustParseAddr("198.51.100.9"), proto: protoUDP, sport: 412, dport: 53}
+	runOn(t, d.objs.UplinkdLanIn, fresh.bytes(), 0, testLAN)
+	n, err := d.ForgetStalePolicyFlows([]int{1})
+	if err != nil || n != 1 {
+		t.Fatalf("ForgetStalePolicyFlows: %d flows (%v), want 1", n, err)
+	}
+	if rule, pol, ok := pinnedRule(t, d, stale); !ok || rule != -1 || pol != 0 {
+		t.Errorf("the old rules' flow: rule %d policy %d (%v), want none and 0", rule, pol, ok)
+	}
+	if rule, pol, ok := pinnedRule(t, d, fresh); !ok || rule != 1 || pol != 1 {
+		t.Errorf("the new policy's flow: rule %d policy %d (%v), want 1 and 1 kept", rule, pol, ok)
+	}
 }

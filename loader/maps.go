@@ -385,8 +385,8 @@ func (s *Stats) Flows(fn func(Flow) bool) error {
 	}
 }
 
-// removedMu serializes countRemoved's read-modify-write: ClearFlows may
-// run beside a run loop removing a line.
+// removedMu serializes countSlot's read-modify-write: ClearFlows may run
+// beside a run loop removing a line.
 var removedMu sync.Mutex
 
 // RemoveLine takes a line out of the datapath for good (a new config
@@ -447,9 +447,6 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 	for _, id := range ids {
 		forget[id] = id > 0
 	}
-	if err := d.zeroPolicyCounters(ids); err != nil {
-		return 0, err
-	}
 	doomed, err := d.flowsWhere(func(f *uplinkdFlow) bool {
 		_, policy := flowRulePolicy(f.Flags)
 		return forget[policy]
@@ -457,6 +454,51 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	n, err := d.forgetFlows(doomed)
+	if err != nil {
+		return n, err
+	}
+	// The counters after the flows: a packet of a forgotten flow counts
+	// no more.
+	return n, d.zeroPolicyCounters(ids)
+}
+
+// ForgetStalePolicyFlows makes no policy's the pinned flows of policies
+// ids that the rule set in force would not give them: those the previous
+// rules pinned under an id that was a removed policy's, after
+// ForgetPolicies and before the flip to the rules that give the id to its
+// new policy. Packets still classifying by the previous rules are waited
+// out first. The counters stay: the new policy's first flows are in them.
+func (d *Datapath) ForgetStalePolicyFlows(ids []int) (int, error) {
+	d.ruleMu.Lock()
+	gives := map[[2]int]bool{}
+	if d.rules != nil {
+		for _, a := range d.rules.Actions {
+			gives[[2]int{a.ID, a.Policy}] = true
+		}
+	}
+	flip := d.ruleFlip
+	d.ruleMu.Unlock()
+	if time.Since(flip) < time.Second {
+		waitForReaders()
+	}
+	forget := map[int]bool{}
+	for _, id := range ids {
+		forget[id] = id > 0
+	}
+	doomed, err := d.flowsWhere(func(f *uplinkdFlow) bool {
+		rule, policy := flowRulePolicy(f.Flags)
+		return forget[policy] && !gives[[2]int{rule, policy}]
+	})
+	if err != nil {
+		return 0, err
+	}
+	return d.forgetFlows(doomed)
+}
+
+// forgetFlows clears the rule, policy and classified flags of the flows
+// keyed doomed and returns how many it changed.
+func (d *Datapath) forgetFlows(doomed []uplinkdFlowKey) (int, error) {
 	changed := 0
 	for _, k := range doomed {
 		// Read again, one by one: the datapath counts meanwhile, and a
@@ -471,10 +513,11 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 		if err := d.w.update(d.objs.UlFlows, &k, &v, ebpf.UpdateExist); err == nil {
 			changed++
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return changed, fmt.Errorf("forgetting a flow's policy: %w", err)
+			return changed, errors.Join(fmt.Errorf("forgetting a flow's policy: %w", err),
+				d.countSlot(slotForgottenFlowsFromEnd, changed, "forgotten flows"))
 		}
 	}
-	return changed, nil
+	return changed, d.countSlot(slotForgottenFlowsFromEnd, changed, "forgotten flows")
 }
 
 // zeroPolicyCounters zeroes the flow, packet and byte counters of policies
@@ -525,19 +568,25 @@ func (d *Datapath) ClearFlows() (int, error) {
 // the last slot of ul_reasons (no reason uses it), pinned with the flows:
 // FlowMapUse tells them from evictions.
 func (d *Datapath) countRemoved(n int) error {
+	return d.countSlot(slotRemovedFlowsFromEnd, n, "removed flows")
+}
+
+// countSlot adds n to a slot of ul_reasons that the control plane counts
+// in (on CPU 0's counter).
+func (d *Datapath) countSlot(fromEnd uint32, n int, what string) error {
 	if n == 0 {
 		return nil
 	}
 	removedMu.Lock()
 	defer removedMu.Unlock()
-	slot := d.slotFromEnd(slotRemovedFlowsFromEnd)
+	slot := d.slotFromEnd(fromEnd)
 	var perCPU []uint64
 	if err := d.objs.UlReasons.Lookup(slot, &perCPU); err != nil {
-		return fmt.Errorf("counting removed flows: %w", err)
+		return fmt.Errorf("counting %s: %w", what, err)
 	}
 	perCPU[0] += uint64(n)
 	if err := d.w.update(d.objs.UlReasons, slot, perCPU, ebpf.UpdateExist); err != nil {
-		return fmt.Errorf("counting removed flows: %w", err)
+		return fmt.Errorf("counting %s: %w", what, err)
 	}
 	return nil
 }
@@ -643,8 +692,9 @@ func (s *Stats) Reasons() (map[string]uint64, error) {
 // The slots of ul_reasons past the reasons, counted from its end
 // (UL_SLOT_* in bpf/lib/reasons.h).
 const (
-	slotSlowParseFromEnd    = 2
-	slotRemovedFlowsFromEnd = 1
+	slotForgottenFlowsFromEnd = 3
+	slotSlowParseFromEnd      = 2
+	slotRemovedFlowsFromEnd   = 1
 )
 
 func (s *Stats) slotFromEnd(n uint32) uint32 { return s.reasons.MaxEntries() - n }
@@ -681,6 +731,9 @@ type FlowMapUse struct {
 	Capacity int    // max entries
 	Inserted uint64 // flows pinned since the maps were created (new and recovered)
 	Removed  uint64 // flows the control plane removed (a removed line's, an HA standby's)
+	// Forgotten counts the flows whose policy the control plane forgot
+	// (their policy's id went to a new policy): they stay, of no policy.
+	Forgotten uint64
 	// EvictedAtLeast is Inserted less Removed beyond Capacity: flows
 	// leave the map only by eviction otherwise, so at least that many were
 	// evicted (the LRU may evict a little before it is full: it can be
@@ -722,6 +775,9 @@ func (s *Stats) flowMapUse(reasons map[string]uint64) (FlowMapUse, error) {
 		return u, fmt.Errorf("reading removed flows: %w", err)
 	}
 	u.Removed = removed
+	if u.Forgotten, err = s.slotSum(s.slotFromEnd(slotForgottenFlowsFromEnd)); err != nil {
+		return u, fmt.Errorf("reading forgotten flows: %w", err)
+	}
 	if held := u.Inserted - min(u.Removed, u.Inserted); held > uint64(u.Capacity) {
 		u.EvictedAtLeast = held - uint64(u.Capacity)
 	}

@@ -40,13 +40,15 @@ const enum ul_reason ul_reason_max = UL_REASON_MAX;
 /* Room for reasons added later, so that a pinned ul_reasons map stays
  * compatible across upgrades. */
 #define UL_REASON_SLOTS	64
-/* The last slots count what is not a packet's reason: packets the full
- * parser read because the fast one could not (counted at LAN ingress and
- * egress alike), and flows the control plane removed (the loader writes
- * that one). */
+/* The last slots count what is not a packet's reason: flows whose policy
+ * the control plane forgot (their ids went to new policies), packets the
+ * full parser read because the fast one could not (counted at LAN ingress
+ * and egress alike), and flows the control plane removed. The loader
+ * writes the first and the last. */
+#define UL_SLOT_FORGOTTEN_FLOWS	(UL_REASON_SLOTS - 3)
 #define UL_SLOT_SLOW_PARSE	(UL_REASON_SLOTS - 2)
 #define UL_SLOT_REMOVED_FLOWS	(UL_REASON_SLOTS - 1)
-_Static_assert(UL_REASON_MAX <= UL_SLOT_SLOW_PARSE, "too many reasons");
+_Static_assert(UL_REASON_MAX <= UL_SLOT_FORGOTTEN_FLOWS, "too many reasons");
 
 /* Packets per reason, per CPU: summed by the loader. */
 struct {

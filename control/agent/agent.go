@@ -84,6 +84,9 @@ type Agent struct {
 	// policyIDs and ruleIDs are the policies' and rules' ids, the removed
 	// ones' too (see config.RenumberPolicies), as kept in the state dir.
 	policyIDs, ruleIDs config.IDs
+	// reused are the ids this run's policies take from policies the
+	// previous run had and this config removed: Run frees them.
+	reused []int
 	// runCtx is Run's context, nil before Run: what the watches started
 	// by a reload live as long as.
 	runCtx context.Context
@@ -117,6 +120,7 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		return nil, err
 	}
 	policyIDs, ruleIDs := cfg.RenumberPolicies(idsOf(names.Policies)), cfg.RenumberRules(idsOf(names.Rules))
+	reused := reusedIDs(idsOf(names.Policies), cfg)
 	if err := CheckRules(cfg); err != nil {
 		return nil, err
 	}
@@ -149,6 +153,7 @@ func newAgent(cfg *config.Config, k ops, log *slog.Logger) (*Agent, error) {
 		spawn:     func(f func()) { go f() },
 		policyIDs: policyIDs,
 		ruleIDs:   ruleIDs,
+		reused:    reused,
 	}, nil
 }
 
@@ -823,6 +828,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	// What a previous run left (it did not `down`) is adopted, forwarding.
 	adopting := a.adopting
+	// Policies that take removed ones' ids must not inherit their pinned
+	// flows: forgotten as the datapath is loaded, and those the previous
+	// run's rules pin until this run's are in, after.
+	if _, err := a.k.ForgetPolicies(a.reused); err != nil {
+		return fmt.Errorf("freeing the ids of removed policies %v: %w", a.reused, err)
+	}
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
 		return err
 	}

@@ -271,9 +271,10 @@ func (a *Agent) addDatapath(s *Status) {
 		use, err = st.FlowMapUseFrom(s.Reasons)
 	}
 	if err == nil {
-		// What changes the count by line: flows pinned, moved off a dead
-		// line, removed with a line (evictions come with pins).
-		changes := use.Inserted + use.Removed + s.Reasons["moved_flow"]
+		// What changes the count by line (and by policy): flows pinned,
+		// moved off a dead line, removed with a line (evictions come with
+		// pins), whose policy was forgotten.
+		changes := use.Inserted + use.Removed + use.Forgotten + s.Reasons["moved_flow"]
 		counts, err = a.stats.countFlows(st, changes, time.Now)
 		s.FlowMap.Entries = counts.Total
 	}

@@ -45,6 +45,10 @@ type Sync struct {
 	ruleSet      loader.RuleSet
 	compiledFor  *config.Config
 	compiledLANs map[string]int
+	// reused are policy ids that new policies take from removed ones:
+	// their flows are forgotten when the datapath is loaded, and those
+	// the old rules pinned meanwhile once the new rules are in.
+	reused []int
 }
 
 // New returns a Sync that has loaded nothing yet.
@@ -82,6 +86,15 @@ func (d *Sync) Apply(cfg *config.Config, lines []plan.Line, lan []netip.Prefix, 
 			return fmt.Errorf("loading datapath: %w", err)
 		}
 		d.dp, d.attached, d.lineIfs = dp, map[string]int{}, map[string]int{}
+		if len(d.reused) > 0 {
+			// A start whose policies take removed ones' ids: the
+			// previous run's flows must not become the new policies'.
+			n, err := dp.ForgetPolicies(d.reused)
+			if err != nil {
+				return fmt.Errorf("freeing the ids of removed policies %v: %w", d.reused, err)
+			}
+			log.Info("removed policies' ids reused: their flows are no policy's now", "ids", d.reused, "flows", n)
+		}
 		if err := dp.CTRecovery(); err != nil {
 			log.Warn("datapath loaded; recovery from conntrack is off: flows the flow map loses are picked afresh", "ct_recovery", "off", "why", err)
 		} else {
@@ -205,6 +218,16 @@ func (d *Sync) applyPolicies(cfg *config.Config, lines []plan.Line, weights []in
 	if err := d.dp.SetRuleSet(rs); err != nil {
 		return err
 	}
+	if len(d.reused) > 0 {
+		n, err := d.dp.ForgetStalePolicyFlows(d.reused)
+		if err != nil {
+			return fmt.Errorf("freeing the ids of removed policies %v: %w", d.reused, err)
+		}
+		if n > 0 {
+			log.Info("flows the old rules pinned under reused policy ids during the change are no policy's", "ids", d.reused, "flows", n)
+		}
+		d.reused = nil
+	}
 	return d.dp.SetPolicies(tables)
 }
 
@@ -269,10 +292,21 @@ func (d *Sync) RemoveLine(index int) (int, error) {
 	return d.dp.RemoveLine(index)
 }
 
-// ForgetPolicies makes the pinned flows of policies ids no policy's
-// (none before Apply loaded the datapath: nothing is pinned).
+// ForgetPolicies makes the pinned flows of policies ids no policy's, ids
+// that new policies take from removed ones: now, when the datapath is
+// loaded (else when Apply loads it), and once more, after the next Apply
+// installed the new rules, for the flows the old rules pinned meanwhile.
+// It returns how many flows it changed now.
 func (d *Sync) ForgetPolicies(ids []int) (int, error) {
-	if d.dp == nil || len(ids) == 0 {
+	if len(ids) == 0 {
+		return 0, nil
+	}
+	for _, id := range ids {
+		if !slices.Contains(d.reused, id) {
+			d.reused = append(d.reused, id)
+		}
+	}
+	if d.dp == nil {
 		return 0, nil
 	}
 	return d.dp.ForgetPolicies(ids)
