@@ -649,28 +649,18 @@ func (s *Stats) PolicyStats() ([]LineStats, error) {
 // perCPUStats reads the n entries of a per-CPU array of LineStats in one
 // batch and sums each over the CPUs.
 func perCPUStats(m *ebpf.Map, n int) ([]LineStats, error) {
-	cpus, err := ebpf.PossibleCPU()
+	sums, err := perCPUFold(m, n, func(sum *uplinkdLineStats, c uplinkdLineStats) {
+		sum.TxPackets += c.TxPackets
+		sum.TxBytes += c.TxBytes
+		sum.RxPackets += c.RxPackets
+		sum.RxBytes += c.RxBytes
+	})
 	if err != nil {
 		return nil, err
 	}
-	keys := make([]uint32, n)
-	perCPU := make([]uplinkdLineStats, n*cpus) // key i's at [i*cpus, (i+1)*cpus)
-	var cursor ebpf.MapBatchCursor
-	got, err := m.BatchLookup(&cursor, keys, perCPU, nil)
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil, err
-	}
-	if got != n {
-		return nil, fmt.Errorf("%d of %d entries", got, n)
-	}
 	stats := make([]LineStats, n)
-	for i, k := range keys {
-		for _, c := range perCPU[i*cpus : (i+1)*cpus] {
-			stats[k].TxPackets += c.TxPackets
-			stats[k].TxBytes += c.TxBytes
-			stats[k].RxPackets += c.RxPackets
-			stats[k].RxBytes += c.RxBytes
-		}
+	for i, s := range sums {
+		stats[i] = LineStats{TxPackets: s.TxPackets, TxBytes: s.TxBytes, RxPackets: s.RxPackets, RxBytes: s.RxBytes}
 	}
 	return stats, nil
 }

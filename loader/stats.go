@@ -173,22 +173,31 @@ func (s *Stats) PolicyFlows() ([]uint64, error) {
 // perCPUSums reads the first n entries of a per-CPU array of counters in
 // one batch and sums each over the CPUs.
 func perCPUSums(m *ebpf.Map, n int) ([]uint64, error) {
+	return perCPUFold(m, n, func(sum *uint64, c uint64) { *sum += c })
+}
+
+// perCPUFold reads the first n entries of a per-CPU array in one batch and
+// folds each entry's values over the CPUs with add.
+func perCPUFold[T any](m *ebpf.Map, n int, add func(sum *T, c T)) ([]T, error) {
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
 		return nil, err
 	}
 	keys := make([]uint32, n)
-	perCPU := make([]uint64, n*cpus)
+	perCPU := make([]T, n*cpus) // key i's at [i*cpus, (i+1)*cpus)
 	var cursor ebpf.MapBatchCursor
 	got, err := m.BatchLookup(&cursor, keys, perCPU, nil)
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil, err
 	}
-	sums := make([]uint64, n)
-	for i := range got {
+	if got != n {
+		return nil, fmt.Errorf("%d of %d entries", got, n)
+	}
+	folded := make([]T, n)
+	for i, k := range keys {
 		for _, c := range perCPU[i*cpus : (i+1)*cpus] {
-			sums[keys[i]] += c
+			add(&folded[k], c)
 		}
 	}
-	return sums, nil
+	return folded, nil
 }

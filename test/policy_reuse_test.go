@@ -79,23 +79,39 @@ func policyID(t *testing.T, a *agent, name string) int {
 	return -1
 }
 
-// A restart whose config replaces policy old by new.
-func TestPolicyIDReuseAcrossRestart(t *testing.T) {
-	t.Parallel()
+// reuseStart starts an agent whose policy old (every id taken) gets the
+// echo server's traffic; newConfig is the config that replaces old by
+// new, which takes old's id.
+func reuseStart(t *testing.T) (l *lab.Lab, a *agent, srv *lab.EchoServer, file, newConfig string) {
+	t.Helper()
 	l, state := policyLab(t)
-	srv := echoServer(t, l)
-	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("old") + reuseRules(l, srv.Addr, "old", "p01")}))
-	a := startPolicyAgent(t, l, file)
+	srv = echoServer(t, l)
+	file = writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("old") + reuseRules(l, srv.Addr, "old", "p01")}))
+	a = startPolicyAgent(t, l, file)
+	newConfig = l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("new") + reuseRules(l, srv.Addr, "p02", "new")})
+	return l, a, srv, file, newConfig
+}
+
+// reuseFlow opens a UDP flow of old's, answered 5 times.
+func reuseFlow(t *testing.T, l *lab.Lab, srv *lab.EchoServer) *lab.UDPFlow {
+	t.Helper()
 	u, err := lab.OpenUDPFlow(l.Clients[0], srv.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer u.Close()
+	t.Cleanup(func() { u.Close() })
 	queries(t, u, "q", 5)
+	return u
+}
+
+// A restart whose config replaces policy old by new.
+func TestPolicyIDReuseAcrossRestart(t *testing.T) {
+	t.Parallel()
+	l, a, srv, _, newConfig := reuseStart(t)
+	u := reuseFlow(t, l, srv)
 	oldID := policyID(t, a, "old")
 	a.stop(t)
-	file2 := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("new") + reuseRules(l, srv.Addr, "p02", "new")}))
-	b := startPolicyAgent(t, l, file2)
+	b := startPolicyAgent(t, l, writeConfig(t, newConfig))
 	queries(t, u, "r", 3)
 	checkInheritsNothing(t, b, "new", oldID)
 }
@@ -103,19 +119,11 @@ func TestPolicyIDReuseAcrossRestart(t *testing.T) {
 // The same by a reload.
 func TestPolicyIDReuseAcrossReload(t *testing.T) {
 	t.Parallel()
-	l, state := policyLab(t)
-	srv := echoServer(t, l)
-	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("old") + reuseRules(l, srv.Addr, "old", "p01")}))
-	a := startPolicyAgent(t, l, file)
-	u, err := lab.OpenUDPFlow(l.Clients[0], srv.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer u.Close()
-	queries(t, u, "q", 5)
+	l, a, srv, file, newConfig := reuseStart(t)
+	u := reuseFlow(t, l, srv)
 	oldID := policyID(t, a, "old")
 	a.status(t) // a count of the flows, which the status reuses while the map does not change
-	a.reload(t, file, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("new") + reuseRules(l, srv.Addr, "p02", "new")}))
+	a.reload(t, file, newConfig)
 	queries(t, u, "r", 3)
 	checkInheritsNothing(t, a, "new", oldID)
 }
@@ -124,10 +132,7 @@ func TestPolicyIDReuseAcrossReload(t *testing.T) {
 // old rules pin while the reload is under way are not new's.
 func TestPolicyIDReuseDuringReload(t *testing.T) {
 	t.Parallel()
-	l, state := policyLab(t)
-	srv := echoServer(t, l)
-	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("old") + reuseRules(l, srv.Addr, "old", "p01")}))
-	a := startPolicyAgent(t, l, file)
+	l, a, srv, file, newConfig := reuseStart(t)
 	stop, done := make(chan struct{}), make(chan int)
 	go func() {
 		n := 0
@@ -151,7 +156,7 @@ func TestPolicyIDReuseDuringReload(t *testing.T) {
 		}
 	}()
 	time.Sleep(200 * time.Millisecond)
-	a.reload(t, file, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("new") + reuseRules(l, srv.Addr, "p02", "new")}))
+	a.reload(t, file, newConfig)
 	time.Sleep(200 * time.Millisecond)
 	close(stop)
 	sent := <-done

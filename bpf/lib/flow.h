@@ -183,15 +183,8 @@ static __always_inline void forwarded_count(__u32 line, __u32 flags, __u32 len, 
 {
 	struct line_stats *stats = line_stats_lookup(line);
 
-	if (stats) {
-		if (tx) {
-			stats->tx_packets++;
-			stats->tx_bytes += len;
-		} else {
-			stats->rx_packets++;
-			stats->rx_bytes += len;
-		}
-	}
+	if (stats)
+		stats_add(stats, len, tx);
 	policy_count(flags, len, tx);
 }
 

@@ -190,3 +190,16 @@ static __always_inline struct line_stats *line_stats_lookup(__u32 line)
 {
 	return bpf_map_lookup_elem(&ul_line_stats, &line);
 }
+
+/* Adds a forwarded packet of len bytes to stats: tx (LAN to Internet) or
+ * rx. */
+static __always_inline void stats_add(struct line_stats *stats, __u32 len, bool tx)
+{
+	if (tx) {
+		stats->tx_packets++;
+		stats->tx_bytes += len;
+	} else {
+		stats->rx_packets++;
+		stats->rx_bytes += len;
+	}
+}

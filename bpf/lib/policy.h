@@ -147,13 +147,6 @@ static __always_inline void policy_count(__u32 flags, __u32 len, bool tx)
 	if (!(flags & FLOW_F_CLASSIFIED))
 		return;
 	stats = bpf_map_lookup_elem(&ul_policy_stats, &policy);
-	if (!stats)
-		return;
-	if (tx) {
-		stats->tx_packets++;
-		stats->tx_bytes += len;
-	} else {
-		stats->rx_packets++;
-		stats->rx_bytes += len;
-	}
+	if (stats)
+		stats_add(stats, len, tx);
 }
