@@ -38,6 +38,7 @@ const (
 	v4DirTree          = 1 << 31      // UL_V4_DIR_TREE
 	v4DirLevelShift    = 24           // UL_V4_DIR_LEVEL_SHIFT
 	v6MaxPrefixes      = 65536 + 4096 // UL_V6_PREFIXES
+	stickyPerRule      = 0x10000      // UL_STICKY_PER_RULE
 	lanSlotCount       = 64           // UL_LAN_SLOTS
 	lanSlotShared      = ^uint32(0)   // UL_LAN_SLOT_SHARED
 	lanSlotEmpty       = ^uint32(1)   // UL_LAN_SLOT_EMPTY

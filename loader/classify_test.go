@@ -1117,6 +1117,38 @@ func TestForgetPolicies(t *testing.T) {
 	}
 }
 
+// A removed policy's sticky clients go with its id.
+func TestForgetPoliciesStickyClients(t *testing.T) {
+	d := classifying(t)
+	setRules(t, d, []testRule{
+		{dst: pfx("203.0.113.0/24"), policy: 1, sticky: time.Hour},
+		{protos: []uint8{protoUDP}, policy: 2, sticky: time.Hour},
+	})
+	runOn(t, d.objs.UplinkdLanIn, packet{src: client4, dst: netip.MustParseAddr("203.0.113.5"), proto: protoTCP, sport: 421, dport: 443}.bytes(), 0, testLAN)
+	runOn(t, d.objs.UplinkdLanIn, packet{src: client4, dst: netip.MustParseAddr("198.51.100.9"), proto: protoUDP, sport: 422, dport: 53}.bytes(), 0, testLAN)
+	scopes := func() map[uint32]int {
+		got := map[uint32]int{}
+		var k uplinkdStickyKey
+		it := d.objs.UlSticky.Iterate()
+		for it.Next(&k, new(uplinkdSticky)) {
+			got[k.Scope]++
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	if got := scopes(); got[1] != 1 || got[2] != 1 {
+		t.Fatalf("sticky clients by scope %v, want one of policy 1 and one of 2", got)
+	}
+	if _, err := d.ForgetPolicies([]int{1}); err != nil {
+		t.Fatal(err)
+	}
+	if got := scopes(); got[1] != 0 || got[2] != 1 {
+		t.Errorf("sticky clients by scope after forgetting policy 1: %v, want policy 2's only", got)
+	}
+}
+
 // After ForgetPolicies, the old rules may still pin flows under the
 // reused id until the new rules are in: ForgetStalePolicyFlows forgets
 // those (rule 0 gave them policy 1; the new rules give policy 1 by rule

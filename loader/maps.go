@@ -440,7 +440,8 @@ func (d *Datapath) flowsWhere(match func(*uplinkdFlow) bool) ([]uplinkdFlowKey, 
 
 // ForgetPolicies makes the pinned flows of the policies ids no policy's
 // (they then move, off a dead line, within policy 0, as a removed
-// policy's flows do) and of no rule: before their ids go to new policies,
+// policy's flows do) and of no rule, zeroes the policies' counters and
+// removes their sticky clients: before their ids go to new policies,
 // which must not inherit them. It returns how many flows it changed.
 func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 	forget := map[int]bool{}
@@ -460,7 +461,33 @@ func (d *Datapath) ForgetPolicies(ids []int) (int, error) {
 	}
 	// The counters after the flows: a packet of a forgotten flow counts
 	// no more.
-	return n, d.zeroPolicyCounters(ids)
+	if err := d.zeroPolicyCounters(ids); err != nil {
+		return n, err
+	}
+	return n, d.forgetStickyClients(forget)
+}
+
+// forgetStickyClients removes the sticky clients of the policies forget
+// holds: a new policy with one's id must not send a client to the line
+// the removed policy gave it.
+func (d *Datapath) forgetStickyClients(forget map[int]bool) error {
+	var k uplinkdStickyKey
+	var doomed []uplinkdStickyKey
+	it := d.objs.UlSticky.Iterate()
+	for it.Next(&k, new(uplinkdSticky)) {
+		if k.Scope&stickyPerRule == 0 && forget[int(k.Scope)] {
+			doomed = append(doomed, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading sticky clients: %w", err)
+	}
+	for _, k := range doomed {
+		if err := d.w.del(d.objs.UlSticky, &k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("forgetting a sticky client: %w", err)
+		}
+	}
+	return nil
 }
 
 // ForgetStalePolicyFlows makes no policy's the pinned flows of policies
