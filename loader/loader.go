@@ -201,24 +201,43 @@ func Load(opts Options) (*Datapath, error) {
 	return d, nil
 }
 
-// distrustRuleShortcuts zeroes the classifier's shortcuts, the IPv4
+// distrustRuleShortcuts turns off the classifier's shortcuts, the IPv4
 // common cells and the LAN slots, in both generations: an uplinkd that
 // does not know them (an older one, run between two runs of this one)
 // may have rewritten a generation's tables under them, and this one's
-// programs read that generation until the agent installs its rules. Zero,
-// they send every lookup the long way (directory and tree, ul_rule_lan),
-// which every uplinkd writes; the next rule set writes them again.
+// programs read that generation until the agent installs its rules. Off
+// (a slot's ifindex 0, a table's set 0), they send every lookup the long
+// way (directory and tree, ul_rule_lan), which every uplinkd writes; the
+// next rule set writes them again. Only those words change, the ids stay:
+// a packet classifying meanwhile (the generation is in use) reads the
+// shortcut whole or not at all.
 func (d *Datapath) distrustRuleShortcuts() error {
 	keys := make([]uint32, ruleGens*lanSlotCount)
 	for i := range keys {
 		keys[i] = uint32(i)
 	}
-	if err := d.w.batchUpdate(d.objs.UlRuleLanSlots, keys, make([]uplinkdRuleLanSlot, len(keys))); err != nil {
+	slots := make([]uplinkdRuleLanSlot, len(keys))
+	for i, k := range keys {
+		if err := d.objs.UlRuleLanSlots.Lookup(k, &slots[i]); err != nil {
+			return fmt.Errorf("reading the LAN slots: %w", err)
+		}
+		slots[i].Ifindex = 0
+	}
+	if err := d.w.batchUpdate(d.objs.UlRuleLanSlots, keys, slots); err != nil {
 		return fmt.Errorf("resetting the LAN slots: %w", err)
 	}
-	keys = keys[:2*ruleGens]
-	if err := d.w.batchUpdate(d.objs.UlRuleV4Common, keys, make([]uplinkdV4Common, len(keys))); err != nil {
-		return fmt.Errorf("resetting the IPv4 common cells: %w", err)
+	for k := range uint32(2 * ruleGens) {
+		var c uplinkdV4Common
+		if err := d.objs.UlRuleV4Common.Lookup(k, &c); err != nil {
+			return fmt.Errorf("reading the IPv4 common cells: %w", err)
+		}
+		if c.Set == 0 {
+			continue
+		}
+		c.Set = 0
+		if err := d.w.put(d.objs.UlRuleV4Common, k, &c); err != nil {
+			return fmt.Errorf("resetting the IPv4 common cells: %w", err)
+		}
 	}
 	return nil
 }

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -20,11 +22,17 @@ import (
 // nothing of the removed one's: not its pinned flows, not its counters,
 // not the flows the old rules pin while the change is under way.
 
-// reusePolicies is 63 policies, the first named first.
+// reusePolicies is 63 policies, the first named first, of dsl1.
 func reusePolicies(first string) string {
+	return reusePoliciesOf(first, "      - {line: dsl1}\n")
+}
+
+// reusePoliciesOf is reusePolicies with the first one's members (YAML
+// list items).
+func reusePoliciesOf(first, members string) string {
 	var b strings.Builder
 	b.WriteString("policies:\n")
-	fmt.Fprintf(&b, "  - name: %s\n    members:\n      - {line: dsl1}\n", first)
+	fmt.Fprintf(&b, "  - name: %s\n    members:\n%s", first, members)
 	for i := 1; i < 63; i++ {
 		fmt.Fprintf(&b, "  - name: p%02d\n    members:\n      - {line: dsl%d}\n", i, 1+i%3)
 	}
@@ -180,5 +188,63 @@ func TestPolicyIDReuseDuringReload(t *testing.T) {
 	}
 	if leaked > 0 {
 		t.Errorf("%d flows of the removed policy old (pinned by the old rules during the reload) are policy new's", leaked)
+	}
+}
+
+// kill -9 of a start whose config gives old's id to new, as soon as
+// policies.json names new: the next start must still see the id reused
+// and free it. (policies.json named new before the datapath was loaded
+// and old's flows forgotten: a kill in between, which this caught every
+// time, left new with old's flows. It is written once the datapath is in
+// step now.)
+func TestPolicyIDReuseKilledStart(t *testing.T) {
+	t.Parallel()
+	l, a, srv, _, newConfig := reuseStart(t)
+	u := reuseFlow(t, l, srv)
+	oldID := policyID(t, a, "old")
+	a.stop(t)
+	file := writeConfig(t, newConfig)
+	b := spawnAgent(t, l, file)
+	names := filepath.Join(b.stateDir, "policies.json")
+	deadline := time.Now().Add(emulated(30 * time.Second))
+	for {
+		if data, _ := os.ReadFile(names); strings.Contains(string(data), `"new"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.kill9(t)
+			t.Fatalf("policies.json did not name policy new within %v", emulated(30*time.Second))
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	b.kill9(t)
+	c := startPolicyAgent(t, l, file)
+	queries(t, u, "r", 3)
+	checkInheritsNothing(t, c, "new", oldID)
+}
+
+// A new policy with a removed one's id does not inherit its sticky
+// clients: new gives dsl1 1 of 256 shares, old gave it all.
+func TestPolicyIDReuseSticky(t *testing.T) {
+	t.Parallel()
+	l, state := policyLab(t)
+	srv := echoServer(t, l)
+	rules := func(pol string) string {
+		return fmt.Sprintf("rules:\n  - name: to-srv\n    dst: %s\n    policy: %s\n    sticky: 1h\n", srv.Addr.Addr(), pol)
+	}
+	file := writeConfig(t, l.Config(lab.ConfigOptions{StateDir: state, Extra: reusePolicies("old") + rules("old")}))
+	a := startPolicyAgent(t, l, file)
+	c1 := dial{[]*lab.Host{l.Clients[0]}, srv.Addr, 0}
+	if got := newLines(t, l, c1, 2); !allOn(got, 1) {
+		t.Fatalf("c1 under old (dsl1 only): %s", fmtLines(got))
+	}
+	oldID := policyID(t, a, "old")
+	a.reload(t, file, l.Config(lab.ConfigOptions{StateDir: state,
+		Extra: reusePoliciesOf("new", "      - {line: dsl1, weight: 1}\n      - {line: dsl2, weight: 255}\n") + rules("new")}))
+	if id := policyID(t, a, "new"); id != oldID {
+		t.Fatalf("new took id %d, not old's %d: the test's premise failed", id, oldID)
+	}
+	if got := newLines(t, l, c1, 1); got[0] == 1 {
+		t.Errorf("c1's first flow under new left by dsl1, old's sticky line (new gives dsl1 1 of 256): new inherited old's sticky client")
 	}
 }

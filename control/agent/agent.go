@@ -87,6 +87,10 @@ type Agent struct {
 	// reused are the ids this run's policies take from policies the
 	// previous run had and this config removed: Run frees them.
 	reused []int
+	// namesPending says policies.json does not name the policies and
+	// rules by the numbers in force yet: the next Apply that succeeds
+	// writes it.
+	namesPending bool
 	// runCtx is Run's context, nil before Run: what the watches started
 	// by a reload live as long as.
 	runCtx context.Context
@@ -219,9 +223,6 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 		}
 		a.events.Add(events.Config, "", "removed policies' ids reused: their flows are no policy's now", "ids", reused, "flows", n)
 	}
-	if err := statefile.Write(cfg.StateDir, policyNamesFile, policyNames(ruleIDs, policyIDs)); err != nil {
-		return err
-	}
 	scope := a.scope.Union(plan.ScopeOf(cfg))
 	if err := writeScope(cfg.StateDir, scope); err != nil {
 		return err
@@ -254,6 +255,7 @@ func (a *Agent) reconfigure(cfg *config.Config) error {
 	}
 	a.cfg, a.lines = cfg, lines
 	a.scope, a.policyIDs, a.ruleIDs = scope, policyIDs, ruleIDs
+	a.namesPending = true // written by the next Apply that succeeds
 	// Its prefix sets' files, which may be others (SIGHUP and `uplinkd
 	// reload` alike).
 	a.restartPrefixSetWatch(a.runCtx)
@@ -604,9 +606,11 @@ func (a *Agent) Apply() (Report, error) {
 			errs = append(errs, err)
 		}
 	}
+	datapathSynced := true
 	if a.cfg.Datapath.On() {
 		if err := a.k.SyncDatapath(a.cfg, lines, lan, a.log, a.events); err != nil {
 			errs = append(errs, err)
+			datapathSynced = false
 		} else if a.cfg.HA != nil {
 			if a.ha.clearFailed.CompareAndSwap(true, false) && a.ha.role == RoleStandby {
 				a.ha.clearFlows = true
@@ -687,6 +691,16 @@ func (a *Agent) Apply() (Report, error) {
 	}
 	if err := a.syncProbes(); err != nil {
 		errs = append(errs, err)
+	}
+	// The policies' names by number once the datapath is in step (their
+	// flows forgotten where ids were reused): a run stopped before (kill
+	// -9) finds the previous names, and frees those ids again.
+	if a.namesPending && datapathSynced {
+		if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.ruleIDs, a.policyIDs)); err != nil {
+			errs = append(errs, err)
+		} else {
+			a.namesPending = false
+		}
 	}
 	return rep, errors.Join(errs...)
 }
@@ -837,9 +851,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := writeSlots(a.cfg.StateDir, a.cfg.Slots()); err != nil {
 		return err
 	}
-	if err := statefile.Write(a.cfg.StateDir, policyNamesFile, policyNames(a.ruleIDs, a.policyIDs)); err != nil {
-		return err
-	}
+	a.namesPending = true // written by Apply, once it succeeded
 	if err := writeScope(a.cfg.StateDir, a.scope); err != nil {
 		return err
 	}
