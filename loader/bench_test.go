@@ -78,13 +78,18 @@ func BenchmarkLANEgressReply(b *testing.B) {
 // newFlowPacket is the first packet of new flow i: a TCP SYN (which
 // skips the conntrack lookup) or a UDP datagram (which does it).
 func newFlowPacket(proto uint8, i int) []byte {
+	return newFlow(proto, i).bytes()
+}
+
+// newFlow is newFlowPacket's packet, before it is put into bytes.
+func newFlow(proto uint8, i int) packet {
 	p := tcp4(uint16(i))
 	p.tcpFlags = tcpSYN
 	if proto == protoUDP {
 		p = udp4(uint16(i))
 	}
 	p.src = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
-	return p.bytes()
+	return p
 }
 
 // floorFlows is where the floor's new flows start: apart from the
@@ -189,12 +194,7 @@ func benchPolicies(b *testing.B, d *Datapath) {
 // the unicast IPv4 space, so that the rules' address tries are walked
 // along many paths, as real destinations walk them.
 func newFlowPacketAnywhere(proto uint8, i int) []byte {
-	p := tcp4(uint16(i))
-	p.tcpFlags = tcpSYN
-	if proto == protoUDP {
-		p = udp4(uint16(i))
-	}
-	p.src = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+	p := newFlow(proto, i)
 	a := uint32(i) * 2654435761 // Knuth's multiplicative hash
 	p.dst = netip.AddrFrom4([4]byte{byte(1 + (a>>24)%223), byte(a >> 16), byte(a >> 8), byte(a)})
 	if p.dst.IsLinkLocalUnicast() {

@@ -109,17 +109,7 @@ const tcActUnspec = ^uint32(0)
 // output mark, failing the test unless the program returned TC_ACT_UNSPEC.
 func run(tb testing.TB, prog *ebpf.Program, pkt []byte, mark uint32) uint32 {
 	tb.Helper()
-	in := skbCtx{Mark: mark}
-	// The kernel returns all of __sk_buff, or ENOSPC.
-	out := make([]byte, skbCtxOutSize)
-	ret, err := prog.Run(&ebpf.RunOptions{Data: pkt, Context: in, ContextOut: out})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if ret != tcActUnspec {
-		tb.Fatalf("program returned %d, want TC_ACT_UNSPEC", int32(ret))
-	}
-	return skbMark(out)
+	return runOn(tb, prog, pkt, mark, 0)
 }
 
 // runOn runs prog on one packet as if it came in by the interface of
@@ -128,6 +118,7 @@ func run(tb testing.TB, prog *ebpf.Program, pkt []byte, mark uint32) uint32 {
 func runOn(tb testing.TB, prog *ebpf.Program, pkt []byte, mark, ifindex uint32) uint32 {
 	tb.Helper()
 	in := skbCtx{Mark: mark, IngressIfindex: ifindex}
+	// The kernel returns all of __sk_buff, or ENOSPC.
 	out := make([]byte, skbCtxOutSize)
 	ret, err := prog.Run(&ebpf.RunOptions{Data: pkt, Context: in, ContextOut: out})
 	if err != nil {
