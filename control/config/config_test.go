@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"unicode"
 )
 
 const seed = `lan:
@@ -310,5 +311,35 @@ func TestRenumberFollowsNames(t *testing.T) {
 	}
 	if err := c.Renumber(slots); err == nil || !strings.Contains(err.Error(), "its default table (routing.table_base + its number) 203 is also the table of uplinks[0]") {
 		t.Errorf("Renumber = %v, want the collision of c's table 203", err)
+	}
+}
+
+// controlCharInputs put a newline into text that error messages repeat: a
+// LAN interface, a line and a policy name listed in "unknown ..." errors,
+// a key, an interface in "listed twice". Found by FuzzParse in CI: the
+// newline split one error into a line that named no file.
+var controlCharInputs = []string{
+	"lan:\n  interfaces: [\"a\\n0\"]\nuplinks:\n  - {name: dsl1, interface: eth1, gateway: 203.0.113.1}\nrules:\n  - {lan: zz, line: dsl1}\n",
+	"lan:\n  interfaces: [eth0]\nuplinks:\n  - {name: \"d\\n0\", interface: eth1, gateway: 203.0.113.1}\nrules:\n  - {line: zz}\n",
+	"lan:\n  interfaces: [eth0]\nuplinks:\n  - {name: dsl1, interface: eth1, gateway: 203.0.113.1}\npolicies:\n  - {name: \"p\\n0\", members: [{line: dsl1}]}\nrules:\n  - {policy: zz}\n",
+	"lan:\n  interfaces: [eth0]\n\"a\\r\\n0\": 1\nuplinks:\n  - {name: dsl1, interface: eth1, gateway: 203.0.113.1}\n",
+	"lan:\n  interfaces: [\"e\\x1b[2J\", \"e\\x1b[2J\"]\nuplinks:\n  - {name: dsl1, interface: eth1, gateway: 203.0.113.1}\n",
+}
+
+func TestErrorsStayOneLine(t *testing.T) {
+	for _, in := range controlCharInputs {
+		_, err := Parse("x.yaml", []byte(in))
+		if err == nil {
+			t.Fatalf("accepted %q", in)
+		}
+		lines := strings.Split(err.Error(), "\n")
+		for _, line := range lines {
+			if !strings.HasPrefix(line, "x.yaml:") || strings.ContainsFunc(line, unicode.IsControl) {
+				t.Errorf("error line %q (of %q) does not name the file or holds a control character", line, err)
+			}
+		}
+		if !strings.Contains(err.Error(), `\n`) && !strings.Contains(err.Error(), `\x1b`) {
+			t.Errorf("error %q does not show the escaped character", err)
+		}
 	}
 }

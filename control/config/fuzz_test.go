@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"unicode"
 )
 
 // FuzzParse feeds mutated configs to Parse: it never panics, every error
@@ -32,6 +33,9 @@ func FuzzParse(f *testing.F) {
 	f.Add(noSets)
 	f.Add(noSets + "  - {src: [10.0.0.0/8, \"2001:db8::1\"], proto: [6, udp], src_port: 1-1023, dscp: [cs1, 9], line: dsl}\n")
 	f.Add(strings.Replace(policyConfig, "file: banks.txt", "file: /nonexistent/banks.txt", 1))
+	for _, in := range controlCharInputs {
+		f.Add(in)
+	}
 	f.Fuzz(func(t *testing.T, text string) {
 		c, err := Parse("fuzz.yaml", []byte(text))
 		_, err2 := Parse("fuzz.yaml", []byte(text))
@@ -40,8 +44,8 @@ func FuzzParse(f *testing.F) {
 		}
 		if err != nil {
 			for _, line := range strings.Split(err.Error(), "\n") {
-				if !strings.HasPrefix(line, "fuzz.yaml") {
-					t.Fatalf("error line %q does not name the file", line)
+				if !strings.HasPrefix(line, "fuzz.yaml") || strings.ContainsFunc(line, unicode.IsControl) {
+					t.Fatalf("error line %q does not name the file or holds a control character", line)
 				}
 			}
 			var fe *FieldError
